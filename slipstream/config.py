@@ -1,0 +1,27 @@
+"""Engine configuration: one dataclass, filled from the command line or `LLM(...)` keywords."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the embedded default model
+    tokenizer: str | None = None
+    dtype: str = "auto"  # auto | bfloat16 | float32 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: int | None = None  # None: the model's trained context
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None: a fraction of free memory
+    kv_cache_fraction: float = 0.25
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    chat_template: str | None = None
+    max_logprobs: int = 20
+    quantization: str | None = None
+    trust_remote_code: bool = False

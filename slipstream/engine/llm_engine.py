@@ -1,0 +1,143 @@
+"""The engine core: requests in, token outputs out. `step()` is schedule -> run -> postprocess."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from slipstream.config import EngineConfig
+from slipstream.engine.block_manager import BlockManager
+from slipstream.engine.output_processor import OutputProcessor, RequestOutput
+from slipstream.engine.scheduler import Scheduler
+from slipstream.engine.sequence import Sequence
+from slipstream.model.loader import hf_directory, load_config, load_tokenizer
+from slipstream.model.runner import ModelRunner
+from slipstream.model.sampler import Sampler
+from slipstream.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class ContextLengthError(ValueError):
+    """The prompt does not fit the context; carries both numbers for the API error."""
+
+    def __init__(self, num_tokens: int, max_model_len: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{num_tokens} tokens; shorten the prompt"
+        )
+        self.num_tokens = num_tokens
+        self.max_model_len = max_model_len
+
+
+def _eos_token_ids(model_dir: Path, hf_config, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen = model_dir / "generation_config.json"
+    sources = [getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id]
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for s in sources:
+        if isinstance(s, int):
+            ids.add(s)
+        elif isinstance(s, list):
+            ids.update(s)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        t0 = time.monotonic()
+        self.config = config
+        self.model_dir = hf_directory(config.model)
+        self.hf_config = load_config(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, config.tokenizer)
+        if config.chat_template:
+            path = Path(config.chat_template)
+            self.tokenizer.chat_template = path.read_text() if path.is_file() else config.chat_template
+        trained = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        self.max_model_len = config.max_model_len or trained
+        if self.max_model_len > trained:
+            logger.warning("--max-model-len %d exceeds the model's trained context %d; using %d",
+                           self.max_model_len, trained, trained)
+            self.max_model_len = trained
+        self.eos_token_ids = _eos_token_ids(self.model_dir, self.hf_config, self.tokenizer)
+        self.sampler = Sampler(self.eos_token_ids)
+        self.sampler.tokenize = self._bad_word_variants
+        self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.max_model_len, self.sampler)
+        bs = config.block_size
+        self.max_model_len = min(self.max_model_len, self.runner.num_blocks * bs)
+        self.block_manager = BlockManager(self.runner.num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.seqs: dict[str, Sequence] = {}
+        self.load_seconds = time.monotonic() - t0
+        logger.info(
+            "loaded %s: %s on %s, %d KV blocks x %d tokens (%.0f MiB), max model len %d, in %.1f s",
+            self.model_dir, str(self.runner.dtype).removeprefix("torch."), self.runner.device,
+            self.runner.num_blocks, bs, self.runner.kv_cache_bytes / 2**20, self.max_model_len, self.load_seconds,
+        )
+
+    def _bad_word_variants(self, word: str) -> list[list[int]]:
+        variants = {tuple(self.tokenizer.encode(w, add_special_tokens=False)) for w in (word, " " + word.lstrip())}
+        return [list(v) for v in variants if v]
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ContextLengthError(len(prompt_token_ids), self.max_model_len)
+        vocab = self.hf_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
+        self.seqs[request_id] = seq
+        self.output_processor.add(seq)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        return self.output_processor.abort(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        results = self.runner.run(batch)
+        for s in batch:
+            s.seq.num_computed_tokens += s.num_new_tokens
+        outputs = []
+        for s, token, logprobs in results:
+            seq = s.seq
+            seq.token_ids.append(token)
+            outputs.append(self.output_processor.process(seq, token, logprobs))
+        for s in batch:
+            self.block_manager.cache_full_blocks(s.seq)
+            if s.seq.finish_reason is not None:
+                self.scheduler.finish(s.seq)
+                del self.seqs[s.seq.request_id]
+        return outputs
+
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": bm.usage,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

@@ -1,0 +1,83 @@
+"""Offline API: `LLM(model=...).generate(prompts, SamplingParams(...))` and `.chat(messages)`."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+
+from slipstream.config import EngineConfig
+from slipstream.engine.llm_engine import LLMEngine
+from slipstream.engine.output_processor import RequestOutput
+from slipstream.engine.sequence import TokenLogprobs
+from slipstream.sampling_params import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        if out.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + out.logprobs
+        self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+
+
+@dataclass
+class GenerationResult:
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+
+
+def fan_out(params: SamplingParams) -> list[SamplingParams]:
+    """n > 1 becomes n single sequences; seeded ones get distinct, reproducible seeds."""
+    if params.n == 1:
+        return [params]
+    return [replace(params, n=1, seed=None if params.seed is None else params.seed + i) for i in range(params.n)]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts, params: SamplingParams | None = None) -> list[GenerationResult]:
+        """`prompts`: a string, a list of strings, or a list of token-id lists."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        results: list[GenerationResult] = []
+        owners: dict[str, CompletionOutput] = {}
+        for prompt in prompts:
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+            result = GenerationResult(ids, [])
+            for i, p in enumerate(fan_out(params)):
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, ids, p)
+                out = CompletionOutput(i)
+                result.outputs.append(out)
+                owners[rid] = out
+            results.append(result)
+        by_rid = {rid: r for r in results for rid, o in owners.items() if o in r.outputs}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                owners[out.request_id].add(out)
+                by_rid[out.request_id].num_cached_tokens = out.num_cached_tokens
+        return results
+
+    def chat(self, messages, params: SamplingParams | None = None, **template_kwargs) -> list[GenerationResult]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            self.tokenizer.apply_chat_template(m, tokenize=True, add_generation_prompt=True, return_dict=False,
+                                               **template_kwargs)
+            for m in conversations
+        ]
+        return self.generate(prompts, params)

@@ -1,0 +1,57 @@
+"""Attention over the paged KV cache.
+
+New keys/values are written into their cache slots first; then decode tokens attend to their
+gathered block tables in one batched call, and each prefill chunk attends causally to its own
+context (straight to the fresh keys when it has no cached prefix).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slipstream.model.context import get_context
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        # [num_blocks, block_size, num_kv_heads, head_dim] each; bound by the model runner.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]"""
+        ctx = get_context()
+        kc, vc = self.k_cache, self.v_cache
+        if kc.numel():
+            kc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k)
+            vc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v)
+        out = torch.empty_like(q)
+        nd = ctx.num_decode
+        if nd:
+            bt = ctx.decode_block_tables
+            kk = kc[bt].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+            vv = vc[bt].flatten(1, 2).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q[:nd].unsqueeze(2), kk, vv, attn_mask=ctx.decode_mask, enable_gqa=True
+            )
+            out[:nd] = o.squeeze(2)
+        for chunk in ctx.prefills:
+            s, e = chunk.start, chunk.start + chunk.length
+            qq = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, Tq, D]
+            if chunk.block_table is None:
+                kk = k[s:e].transpose(0, 1).unsqueeze(0)
+                vv = v[s:e].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
+            else:
+                n = chunk.context_len
+                kk = kc[chunk.block_table].flatten(0, 1)[:n].transpose(0, 1).unsqueeze(0)
+                vv = vc[chunk.block_table].flatten(0, 1)[:n].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=chunk.mask, enable_gqa=True)
+            out[s:e] = o.squeeze(0).transpose(0, 1)
+        return out.flatten(1)

@@ -1,0 +1,42 @@
+"""Attention metadata for one forward pass, set by the model runner and read by the attention
+layers, so model code never sees batch plumbing.
+
+The flat token batch is ordered: decode tokens first (one query each), then prefill chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # offset of the chunk's first token in the flat batch
+    length: int  # query tokens in this chunk
+    context_len: int  # tokens visible to the chunk's last query (cached + new)
+    block_table: torch.Tensor | None  # None: no earlier context, attend to the fresh keys only
+    mask: torch.Tensor | None  # [length, context_len] bool, True where attention is allowed
+
+
+@dataclass
+class AttentionContext:
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot each new key/value is written to
+    num_decode: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
+    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+_context: AttentionContext | None = None
+
+
+def set_context(ctx: AttentionContext | None) -> None:
+    global _context
+    _context = ctx
+
+
+def get_context() -> AttentionContext:
+    assert _context is not None, "attention called outside a model-runner step"
+    return _context

@@ -1,0 +1,170 @@
+"""Building blocks shared by every architecture. Linear and embedding layers are tensor-parallel:
+each parameter carries a `weight_loader` that copies just this rank's shard from a full tensor,
+so checkpoint loading never materialises another rank's weights on the device."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
+
+
+def _shard(t: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor:
+    return t.narrow(dim, rank * size, size)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp_dim: int | None) -> None:
+        super().__init__()
+        self.tp_dim = tp_dim
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if self.tp_dim is not None and (self.tp_dim == 0 or param.dim() > 1):
+            size = param.shape[self.tp_dim]
+            loaded = _shard(loaded, self.tp_dim, size, tp_rank())
+        param.data.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias, None)
+
+
+class ColumnParallelLinear(LinearBase):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        assert out_features % tp_size() == 0
+        super().__init__(in_features, out_features // tp_size(), bias, 0)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input in one matmul (gate and up)."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False) -> None:
+        self.out_sizes = out_sizes
+        super().__init__(in_features, sum(out_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        n = tp_size()
+        offset = sum(self.out_sizes[:shard_id]) // n
+        size = self.out_sizes[shard_id] // n
+        param.data.narrow(0, offset, size).copy_(_shard(loaded, 0, size, tp_rank()))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections fused. With more ranks than KV heads, KV heads are replicated so
+    that every rank holds the KV head its query heads attend to."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool) -> None:
+        n = tp_size()
+        self.head_dim = head_dim
+        self.num_heads = num_heads // n
+        self.num_kv_heads = max(1, num_kv_heads // n)
+        self.kv_replicas = max(1, n // num_kv_heads)
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * n
+        super().__init__(hidden, out, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str = "q") -> None:
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, rank = 0, q_size, tp_rank()
+        else:
+            offset = q_size if shard_id == "k" else q_size + kv_size
+            size, rank = kv_size, tp_rank() // self.kv_replicas
+        param.data.narrow(0, offset, size).copy_(_shard(loaded, 0, size, rank))
+
+
+class RowParallelLinear(LinearBase):
+    """Input dimension sharded; partial products are summed across ranks. The bias is added once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        assert in_features % tp_size() == 0
+        super().__init__(in_features // tp_size(), out_features, bias, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias if tp_rank() == 0 else None)
+        return all_reduce(y)
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, dim: int) -> None:
+        super().__init__()
+        n = tp_size()
+        self.vocab_size = vocab_size
+        self.shard_size = -(-vocab_size // n)
+        self.start = tp_rank() * self.shard_size
+        self.weight = nn.Parameter(torch.zeros(self.shard_size, dim), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        part = loaded[self.start : self.start + self.shard_size]
+        param.data[: part.shape[0]].copy_(part)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if tp_size() == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        valid = (local >= 0) & (local < self.shard_size)
+        y = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * valid.unsqueeze(-1)
+        return all_reduce(y)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = gather_last_dim(F.linear(x, self.weight))
+        return logits[..., : self.vocab_size]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics as transformers does, whatever the activation dtype.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding from a precomputed cos/sin table. `interleaved` rotates adjacent
+    pairs (GPT-J style, ERNIE); otherwise the two halves of the head (GPT-NeoX style, Llama)."""
+
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int, scaling: float, interleaved: bool) -> None:
+        super().__init__()
+        self.interleaved = interleaved
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq.float())
+        self.register_buffer("cos", freqs.cos() * scaling, persistent=False)
+        self.register_buffer("sin", freqs.sin() * scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos = self.cos[positions].unsqueeze(-2)  # [T, 1, rot/2]
+        sin = self.sin[positions].unsqueeze(-2)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        if self.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = x.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(dtype)

@@ -1,0 +1,231 @@
+"""The Llama family in one file: Llama, Qwen2 (qkv bias), Qwen3 (q/k RMSNorm) and ERNIE 4.5
+(decoupled head_dim, interleaved RoPE, tied embeddings). They differ only in the flags below."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slipstream.model.attention import PagedAttention
+from slipstream.model.layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from slipstream.model.parallel import tp_size
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Ernie4_5ForCausalLM": "ernie4_5",
+    "Ernie4_5_ForCausalLM": "ernie4_5",
+}
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    rope_interleaved: bool = False
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelArgs:
+        family = ARCHITECTURES[config.architectures[0]]
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        bias = bool(getattr(config, "attention_bias", False) or getattr(config, "use_bias", False))
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            qkv_bias=bias or family == "qwen2",
+            o_bias=bias,
+            mlp_bias=bool(getattr(config, "mlp_bias", False) or getattr(config, "use_bias", False)),
+            qk_norm=family == "qwen3",
+            rope_interleaved=family == "ernie4_5",
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads, args.qkv_bias
+        )
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = args.head_dim
+        self.o_proj = RowParallelLinear(args.num_heads * args.head_dim, args.hidden_size, args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+        self.qk_norm = args.qk_norm
+        self.rotary = rotary
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        size = args.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(args.hidden_size, [size, size], args.mlp_bias)
+        self.down_proj = RowParallelLinear(size, args.hidden_size, args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(torch.nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = Attention(args, rotary)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    # checkpoint name -> (our parameter name, shard id)
+    packed = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, args: ModelArgs, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, rotary) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Returns final hidden states [T, hidden]; `logits` projects the rows that need them."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load (transformers-style name, full tensor) pairs; each parameter takes its own shard."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.args.tie_word_embeddings:
+                continue
+            shard = None
+            for ckpt_name, (ours, shard_id) in self.packed.items():
+                if f".{ckpt_name}." in name:
+                    name, shard = name.replace(ckpt_name, ours), shard_id
+                    break
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
+            loader = getattr(param, "weight_loader", None)
+            tensor = tensor.to(param.dtype)
+            if loader is None:
+                param.data.copy_(tensor)
+            elif shard is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard)
+            loaded.add(name)
+        missing = {n for n in params if n not in loaded}
+        if self.args.tie_word_embeddings:
+            missing.discard("lm_head.weight")
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+
+def check_tp_compatible(args: ModelArgs, n: int) -> None:
+    """Heads must split evenly; KV heads must split evenly or be replicated evenly."""
+    if args.num_heads % n or (args.num_kv_heads % n and n % args.num_kv_heads):
+        raise ValueError(
+            f"--tensor-parallel-size {n} does not fit this model: it has {args.num_heads} attention "
+            f"heads and {args.num_kv_heads} KV heads; the size must divide the attention heads, and "
+            f"it and the KV heads must divide one another"
+        )
+    assert tp_size() in (1, n)
+
+
+def build_model(config, dtype: torch.dtype, device: torch.device, max_positions: int) -> CausalLM:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    args = ModelArgs.from_hf_config(config)
+    check_tp_compatible(args, tp_size())
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        base = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / base ** (torch.arange(0, args.head_dim, 2, dtype=torch.int64).float() / args.head_dim)
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+    with torch.device(device):
+        rotary = RotaryEmbedding(inv_freq, max(max_positions, args.max_position_embeddings), scaling,
+                                 args.rope_interleaved)
+        torch.set_default_dtype(dtype)
+        try:
+            model = CausalLM(args, rotary)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    rotary.to(device)
+    return model.eval()

