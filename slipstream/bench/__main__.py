@@ -1,0 +1,3 @@
+from slipstream.bench import main
+
+raise SystemExit(main())
