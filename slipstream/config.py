@@ -25,3 +25,8 @@ class EngineConfig:
     max_logprobs: int = 20
     quantization: str | None = None
     trust_remote_code: bool = False
+    # Multi-node tensor parallelism: node 0 runs the server and rank 0, other nodes run workers only.
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port (single node only)

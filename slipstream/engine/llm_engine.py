@@ -7,14 +7,20 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from slipstream.config import EngineConfig
 from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.output_processor import OutputProcessor, RequestOutput
 from slipstream.engine.scheduler import Scheduler
 from slipstream.engine.sequence import Sequence
+from slipstream.model.llama import ModelArgs, check_tp_compatible
 from slipstream.model.loader import hf_directory, load_config, load_tokenizer
-from slipstream.model.runner import ModelRunner
+from slipstream.model.parallel import init_distributed
+from slipstream.model.registry import check_supported
+from slipstream.model.runner import ModelRunner, resolve_device, trained_context
 from slipstream.model.sampler import Sampler
+from slipstream.model.worker import WorkerGroup, free_port, threads_per_rank
 from slipstream.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -52,11 +58,12 @@ class LLMEngine:
         self.config = config
         self.model_dir = hf_directory(config.model)
         self.hf_config = load_config(self.model_dir)
+        check_supported(self.hf_config)
         self.tokenizer = load_tokenizer(self.model_dir, config.tokenizer)
         if config.chat_template:
             path = Path(config.chat_template)
             self.tokenizer.chat_template = path.read_text() if path.is_file() else config.chat_template
-        trained = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        trained = trained_context(self.hf_config)
         self.max_model_len = config.max_model_len or trained
         if self.max_model_len > trained:
             logger.warning("--max-model-len %d exceeds the model's trained context %d; using %d",
@@ -65,6 +72,7 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.hf_config, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids)
         self.sampler.tokenize = self._bad_word_variants
+        self.workers = self._start_tensor_parallel() if config.tensor_parallel_size > 1 else None
         self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.max_model_len, self.sampler)
         bs = config.block_size
         self.max_model_len = min(self.max_model_len, self.runner.num_blocks * bs)
@@ -79,6 +87,30 @@ class LLMEngine:
             self.model_dir, str(self.runner.dtype).removeprefix("torch."), self.runner.device,
             self.runner.num_blocks, bs, self.runner.kv_cache_bytes / 2**20, self.max_model_len, self.load_seconds,
         )
+
+    def _start_tensor_parallel(self) -> WorkerGroup:
+        c = self.config
+        check_tp_compatible(ModelArgs.from_hf_config(self.hf_config), c.tensor_parallel_size)
+        if c.master_port is None:
+            if c.nnodes > 1:
+                raise ValueError("--master-port is required with --nnodes > 1")
+            c.master_port = free_port()
+        torch.set_num_threads(threads_per_rank(c))
+        workers = WorkerGroup(c, self.model_dir, self.max_model_len)
+        init_distributed(0, c.tensor_parallel_size, c.master_addr, c.master_port, resolve_device(c.device))
+        return workers
+
+    def dead_workers(self) -> list[str]:
+        """Tensor-parallel worker processes of this node that have exited (the engine is then unusable)."""
+        return self.workers.dead() if self.workers else []
+
+    def shutdown(self) -> None:
+        if self.workers is not None:
+            if not self.dead_workers():
+                self.runner.stop_workers()
+            self.workers.join()
+            torch.distributed.destroy_process_group()
+            self.workers = None
 
     def _bad_word_variants(self, word: str) -> list[list[int]]:
         variants = {tuple(self.tokenizer.encode(w, add_special_tokens=False)) for w in (word, " " + word.lstrip())}

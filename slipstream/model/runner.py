@@ -1,21 +1,30 @@
-"""Owns the model and its KV cache; turns a scheduled batch into sampled tokens."""
+"""Owns the model and its KV cache; turns a scheduled batch into sampled tokens.
+
+With tensor parallelism every rank has a ModelRunner holding its shard. Rank 0 prepares each
+step, broadcasts it as a StepInput, runs its share and samples; the other ranks sit in
+`worker_loop`, running whatever rank 0 sends until it sends the stop signal.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
+import torch.distributed as dist
 
 from slipstream.config import EngineConfig
 from slipstream.engine.scheduler import ScheduledSeq
 from slipstream.engine.sequence import TokenLogprobs
-from slipstream.model.context import AttentionContext, PrefillChunk, set_context
-from slipstream.model.llama import build_model
+from slipstream.model.context import set_context
 from slipstream.model.loader import iter_weights
+from slipstream.model.parallel import all_reduce_min, tp_rank, tp_size
+from slipstream.model.registry import build_model
 from slipstream.model.sampler import Sampler
+from slipstream.model.step_input import HEADER_LEN, StepInput
 
 logger = logging.getLogger(__name__)
+
+_STOP = torch.zeros(HEADER_LEN, dtype=torch.long)
 
 
 def cpu_has_bf16() -> bool:
@@ -43,6 +52,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
+def trained_context(hf_config) -> int:
+    return getattr(hf_config, "max_position_embeddings", None) or 2048
+
+
 def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -54,9 +67,12 @@ def available_memory(device: torch.device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, model_dir, max_model_len: int, sampler: Sampler) -> None:
+    def __init__(self, config: EngineConfig, hf_config, model_dir, max_model_len: int,
+                 sampler: Sampler | None = None) -> None:
         self.config = config
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and tp_size() > 1:
+            self.device = torch.device("cuda", tp_rank() % torch.cuda.device_count())
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         self.sampler = sampler
@@ -72,10 +88,10 @@ class ModelRunner:
         block_bytes = 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * elem
         budget = self.config.kv_cache_memory
         if budget is None:
-            budget = int(available_memory(self.device) * self.config.kv_cache_fraction)
+            budget = int(available_memory(self.device) * self.config.kv_cache_fraction / tp_size())
         # No point in more blocks than every sequence slot filled to the context length needs.
         useful = self.config.max_num_seqs * -(-max_model_len // self.block_size) + 1
-        num_blocks = min(budget // block_bytes, useful)
+        num_blocks = all_reduce_min(min(budget // block_bytes, useful))
         if num_blocks < 2:
             raise ValueError(f"KV cache budget of {budget} bytes holds fewer than 2 blocks of {block_bytes} bytes")
         kv = torch.empty(2, len(layers), num_blocks, self.block_size, a.num_kv_heads, a.head_dim,
@@ -86,69 +102,86 @@ class ModelRunner:
         self.kv_cache_bytes = kv.numel() * elem
         return num_blocks
 
-    def _prepare(self, batch: list[ScheduledSeq]):
-        dev, bs = self.device, self.block_size
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], StepInput]:
+        """Flatten the batch (decode tokens first, then prefill chunks) into a StepInput; also
+        returns the sequences that sample this step, in logits-row order."""
+        bs = self.block_size
         decodes = [s for s in batch if s.num_new_tokens == 1]
         prefills = [s for s in batch if s.num_new_tokens > 1]
-        order = decodes + prefills
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         sample_idx: list[int] = []
-        for s in order:
+        sampling: list[ScheduledSeq] = []
+        prefill_meta: list[list[int]] = []
+        for s in decodes + prefills:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
+            if s.num_new_tokens > 1:
+                prefill_meta.append([len(ids), s.num_new_tokens, start])
             ids.extend(seq.token_ids[start:end])
             bt = seq.block_table
-            for p in range(start, end):
-                positions.append(p)
-                slots.append(bt[p // bs] * bs + p % bs)
+            positions.extend(range(start, end))
+            slots.extend(bt[p // bs] * bs + p % bs for p in range(start, end))
             if s.samples:
                 sample_idx.append(len(ids) - 1)
-        ctx = AttentionContext(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev))
-        if decodes:
-            ctx.num_decode = len(decodes)
-            width = max(len(s.seq.block_table) for s in decodes)
-            tables = [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in decodes]
-            ctx.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
-            lens = torch.tensor([s.seq.num_computed_tokens + 1 for s in decodes], device=dev)
-            mask = torch.arange(width * bs, device=dev).unsqueeze(0) < lens.unsqueeze(1)
-            ctx.decode_mask = mask.view(len(decodes), 1, 1, -1)
-        offset = len(decodes)
-        for s in prefills:
-            n, computed = s.num_new_tokens, s.seq.num_computed_tokens
-            total = computed + n
-            chunk = PrefillChunk(offset, n, total, None, None)
-            if computed:
-                nblocks = -(-total // bs)
-                chunk.block_table = torch.tensor(s.seq.block_table[:nblocks], dtype=torch.long, device=dev)
-                q_pos = torch.arange(n, device=dev).unsqueeze(1) + computed
-                chunk.mask = torch.arange(total, device=dev).unsqueeze(0) <= q_pos
-            ctx.prefills.append(chunk)
-            offset += n
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        return order, input_ids, pos, ctx, torch.tensor(sample_idx, dtype=torch.long, device=dev)
+                sampling.append(s)
+
+        def table(rows: list[list[int]]) -> torch.Tensor:
+            width = max((len(r) for r in rows), default=0)
+            return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long).view(len(rows), width)
+
+        step = StepInput(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            decode_block_tables=table([s.seq.block_table for s in decodes]),
+            decode_lens=torch.tensor([s.seq.num_computed_tokens + 1 for s in decodes], dtype=torch.long),
+            prefill_meta=torch.tensor(prefill_meta, dtype=torch.long).view(len(prefills), 3),
+            prefill_block_tables=table([s.seq.block_table for s in prefills]),
+            sample_idx=torch.tensor(sample_idx, dtype=torch.long),
+        )
+        return sampling, step
 
     @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor | None:
+        """Forward one step on this rank; returns float32 logits of the sampled rows."""
+        step = StepInput(*(getattr(step, f).to(self.device) for f in step.__dataclass_fields__))
+        set_context(step.attention_context(self.block_size))
+        try:
+            hidden = self.model(step.input_ids, step.positions)
+        finally:
+            set_context(None)
+        if not len(step.sample_idx):
+            return None
+        return self.model.logits(hidden[step.sample_idx])
+
     def run(self, batch: list[ScheduledSeq]) -> list[tuple[ScheduledSeq, int, TokenLogprobs | None]]:
         """Forward the batch; returns (scheduled seq, sampled token, logprobs) for each sequence
         whose chunk reached the end of its known tokens."""
-        order, input_ids, positions, ctx, sample_idx = self._prepare(batch)
-        set_context(ctx)
-        try:
-            hidden = self.model(input_ids, positions)
-        finally:
-            set_context(None)
-        sampling = [s for s in order if s.samples]
-        if not sampling:
+        sampling, step = self.prepare(batch)
+        if tp_size() > 1:
+            header, payload = step.pack()
+            dist.broadcast(header, 0)
+            dist.broadcast(payload, 0)
+        logits = self.execute(step)
+        if logits is None:
             return []
-        logits = self.model.logits(hidden[sample_idx])
-        tokens, logprobs = self.sampler(logits, [s.seq for s in sampling])
+        with torch.inference_mode():
+            tokens, logprobs = self.sampler(logits, [s.seq for s in sampling])
         return list(zip(sampling, tokens, logprobs, strict=True))
 
+    def worker_loop(self) -> None:
+        """Ranks > 0: run the steps rank 0 broadcasts until it says stop."""
+        header = torch.empty(HEADER_LEN, dtype=torch.long)
+        while True:
+            dist.broadcast(header, 0)
+            if header[0].item() == 0:
+                return
+            payload = torch.empty(StepInput.payload_len(header), dtype=torch.long)
+            dist.broadcast(payload, 0)
+            self.execute(StepInput.unpack(header, payload, self.device))
 
-def set_cpu_threads(n: int | None = None) -> None:
-    if n is None:
-        n = int(os.environ.get("SLIPSTREAM_NUM_THREADS", os.cpu_count() or 1))
-    torch.set_num_threads(max(1, n))
+    def stop_workers(self) -> None:
+        if tp_size() > 1 and tp_rank() == 0:
+            dist.broadcast(_STOP.clone(), 0)

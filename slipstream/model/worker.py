@@ -1,0 +1,95 @@
+"""Tensor-parallel worker processes: one per rank other than 0, each holding its model shard."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from slipstream.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+def ranks_per_node(config: EngineConfig) -> int:
+    n, nodes = config.tensor_parallel_size, config.nnodes
+    if n % nodes:
+        raise ValueError(f"--tensor-parallel-size {n} must be a multiple of --nnodes {nodes}")
+    return n // nodes
+
+
+def threads_per_rank(config: EngineConfig) -> int:
+    """Each rank gets its share of this machine's cores, so ranks do not oversubscribe them."""
+    return max(1, (os.cpu_count() or 1) // ranks_per_node(config))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_main(config: EngineConfig, model_dir: Path, max_model_len: int, rank: int) -> None:
+    from slipstream.model.loader import load_config
+    from slipstream.model.parallel import init_distributed
+    from slipstream.model.runner import ModelRunner, resolve_device
+
+    torch.set_num_threads(threads_per_rank(config))
+    logging.basicConfig(level=logging.WARNING)
+    init_distributed(rank, config.tensor_parallel_size, config.master_addr, config.master_port,
+                     resolve_device(config.device))
+    runner = ModelRunner(config, load_config(model_dir), model_dir, max_model_len)
+    try:
+        runner.worker_loop()
+    except RuntimeError as e:  # rank 0 went away: nothing left to serve
+        logger.warning("tensor-parallel rank %d stops: %s", rank, e)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+class WorkerGroup:
+    """The worker processes of this node (all ranks of the node except rank 0)."""
+
+    def __init__(self, config: EngineConfig, model_dir: Path, max_model_len: int) -> None:
+        per_node = ranks_per_node(config)
+        first = config.node_rank * per_node
+        ranks = range(max(first, 1), first + per_node)
+        ctx = mp.get_context("spawn")
+        self.procs = [
+            ctx.Process(target=_worker_main, args=(config, Path(model_dir), max_model_len, r), daemon=True,
+                        name=f"slipstream-tp{r}")
+            for r in ranks
+        ]
+        for p in self.procs:
+            p.start()
+
+    def dead(self) -> list[str]:
+        return [f"{p.name} (exit code {p.exitcode})" for p in self.procs if not p.is_alive()]
+
+    def join(self, timeout: float = 10.0) -> None:
+        for p in self.procs:
+            p.join(timeout)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def run_node_workers(config: EngineConfig) -> int:
+    """Entry point of a node other than 0: run its ranks until rank 0 stops them."""
+    from slipstream.model.loader import hf_directory, load_config
+    from slipstream.model.runner import trained_context
+
+    if config.master_port is None:
+        raise ValueError("--master-port is required with --nnodes > 1")
+    model_dir = hf_directory(config.model)
+    hf_config = load_config(model_dir)
+    max_len = min(config.max_model_len or trained_context(hf_config), trained_context(hf_config))
+    group = WorkerGroup(config, model_dir, max_len)
+    for p in group.procs:
+        p.join()
+    dead = [p for p in group.procs if p.exitcode]
+    return 1 if dead else 0
