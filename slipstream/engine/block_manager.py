@@ -23,7 +23,7 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # hash -> block id
         # Unreferenced blocks, least recently freed first; may still hold cached content.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_queries = 0  # tokens of admitted sequences looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
 
     @property
@@ -39,7 +39,7 @@ class BlockManager:
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:
         """Blocks that already hold a prefix of `seq` (full blocks only; at least one token is left
-        to compute so the sequence still produces logits)."""
+        to compute so the sequence still produces logits). Pass them to `allocate` to use them."""
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
@@ -54,8 +54,6 @@ class BlockManager:
             hits.append(block)
             seq.block_hashes.append(h)
             parent = h
-        self.prefix_queries += seq.num_tokens
-        self.prefix_hits += len(hits) * bs
         return hits
 
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix_blocks: list[int] | None = None) -> bool:
@@ -84,6 +82,11 @@ class BlockManager:
             self.ref_counts[b] = 1
             seq.block_table.append(b)
         return True
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one prefix-cache lookup that admission used (not the retries of a sequence that had to wait)."""
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit_tokens
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks of `seq` that became full of computed tokens."""

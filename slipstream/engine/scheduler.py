@@ -4,6 +4,10 @@ One token budget per step covers decode tokens, prefill chunks and prefix-cache 
 shape): running sequences go first (oldest first), then waiting ones while budget, sequence slots
 and KV blocks last. When blocks run out, the newest running sequence is preempted: its blocks are
 freed and it is recomputed from its tokens later (prompt and output alike), so nothing is lost.
+
+A waiting sequence whose next full prompt block a running sequence is still computing (the other
+samples of an n > 1 request, or any shared system prompt) waits for it and then takes it from the
+prefix cache instead of computing the same keys and values again.
 """
 
 from __future__ import annotations
@@ -56,8 +60,16 @@ class Scheduler:
         self.num_preemptions += 1
 
     def schedule(self) -> list[ScheduledSeq]:
-        budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
+        budget, preempted = self._schedule_running(self.max_num_batched_tokens, scheduled)
+        # Admitting new work right after a preemption would only thrash the pool.
+        if not preempted:
+            self._admit_waiting(budget, scheduled)
+        return scheduled
+
+    def _schedule_running(self, budget: int, scheduled: list[ScheduledSeq]) -> tuple[int, bool]:
+        """Continue the running sequences, oldest first, preempting the newest when blocks run out.
+        Returns the budget left and whether anything was preempted."""
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -73,19 +85,27 @@ class Scheduler:
                 scheduled.append(ScheduledSeq(seq, num_new))
                 budget -= num_new
                 i += 1
-        # Admitting new work right after a preemption would only thrash the pool.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            seq = self.waiting[0]
-            prefix = self.block_manager.lookup_prefix(seq)
-            num_cached = len(prefix) * self.block_manager.block_size
+        return budget, preempted
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledSeq]) -> None:
+        """Start waiting sequences in arrival order while budget, sequence slots and blocks last."""
+        bm = self.block_manager
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            prefix = bm.lookup_prefix(seq)
+            num_cached = len(prefix) * bm.block_size
+            if self._block_in_flight(seq, num_cached):
+                continue
             num_new = seq.num_tokens - num_cached
             if num_new > budget:
                 if not self.enable_chunked_prefill and scheduled:
                     break
                 num_new = budget
-            if not self.block_manager.allocate(seq, num_new, prefix):
+            if not bm.allocate(seq, num_new, prefix):
                 break
-            self.waiting.popleft()
+            bm.record_lookup(seq.num_tokens, num_cached)
+            self.waiting.remove(seq)
             seq.num_computed_tokens = num_cached
             if seq.num_output_tokens == 0:
                 seq.num_cached_tokens = num_cached
@@ -93,7 +113,17 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
-        return scheduled
+
+    def _block_in_flight(self, seq: Sequence, num_cached: int) -> bool:
+        """Whether a running sequence has the same tokens as `seq` up to the end of `seq`'s first
+        uncached block and has not computed that block yet (it becomes a cache hit once it has)."""
+        if not self.block_manager.enable_prefix_caching:
+            return False
+        end = num_cached + self.block_manager.block_size
+        if end >= seq.num_tokens:  # not a block the prefix cache would serve
+            return False
+        head = seq.token_ids[:end]
+        return any(r.num_computed_tokens < end and r.token_ids[:end] == head for r in self.running)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence wherever it is and return its blocks."""

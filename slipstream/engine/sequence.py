@@ -28,7 +28,7 @@ class TokenLogprobs:
     top: list[tuple[int, float]]
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: the scheduler finds sequences in its queues by `is`
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]

@@ -10,6 +10,8 @@ logits), as vLLM and OpenAI report them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from slipstream.engine.sequence import Sequence, TokenLogprobs
@@ -18,21 +20,22 @@ NEG_INF = float("-inf")
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: set[int], bad_words_ids: dict[str, list[list[int]]] | None = None) -> None:
+    def __init__(self, eos_token_ids: set[int], tokenize: Callable[[str], list[list[int]]] | None = None) -> None:
         self.eos_token_ids = eos_token_ids
-        self._bad_words_cache: dict[str, list[list[int]]] = bad_words_ids or {}
-        self.tokenize = None  # set by the engine: str -> list of token-id variants for bad words
+        self.tokenize = tokenize  # bad word -> its token-id variants (e.g. with and without a leading space)
+        self._bad_words_cache: dict[str, list[list[int]]] = {}
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
         raw = logits
-        logits = self._apply_processors(logits.clone(), seqs)
+        logits = self.process_logits(logits.clone(), seqs)
         tokens = self._draw(logits, seqs)
         for i, seq in enumerate(seqs):
             if seq.forced_token_ids:
                 tokens[i] = seq.forced_token_ids.popleft()
         return tokens.tolist(), self._logprobs(raw, tokens, seqs)
 
-    def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def process_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Apply each row's logit processors in place (before temperature); returns `logits`."""
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.logit_bias:
@@ -85,7 +88,8 @@ class Sampler:
         logits = logits / temps.unsqueeze(1)
         top_k = [s.params.top_k for s in seqs]
         if any(top_k):
-            k = torch.tensor([t or logits.shape[1] for t in top_k], device=dev)
+            vocab = logits.shape[1]
+            k = torch.tensor([min(t, vocab) if t else vocab for t in top_k], device=dev)
             kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
             logits = logits.masked_fill(logits < kth, NEG_INF)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
