@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +53,16 @@ def _eos_token_ids(model_dir: Path, hf_config, tokenizer) -> set[int]:
     return ids
 
 
+@dataclass
+class ReasoningSpan:
+    """How the engine recognises a thinking span in a request's output and, once the thinking
+    budget (SamplingParams.reasoning_max_tokens) is spent, ends it by forcing `end_token_ids`."""
+
+    end_token_ids: list[int]
+    start_token_ids: list[int] = field(default_factory=list)
+    opened_by_prompt: bool = False
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         t0 = time.monotonic()
@@ -81,6 +92,7 @@ class LLMEngine:
                                    config.enable_chunked_prefill)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
+        self.reasoning: dict[str, ReasoningSpan] = {}  # requests whose thinking span is not over
         self.load_seconds = time.monotonic() - t0
         logger.info(
             "loaded %s: %s on %s, %d KV blocks x %d tokens (%.0f MiB), max model len %d, in %.1f s",
@@ -117,7 +129,7 @@ class LLMEngine:
         return [list(v) for v in variants if v]
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, reasoning: ReasoningSpan | None = None) -> None:
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already running")
         if not prompt_token_ids:
@@ -130,6 +142,9 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
+        if reasoning is not None:
+            self.reasoning[request_id] = reasoning
+            seq.in_reasoning = reasoning.opened_by_prompt
         self.seqs[request_id] = seq
         self.output_processor.add(seq)
         self.scheduler.add(seq)
@@ -139,7 +154,29 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq)
+        self.reasoning.pop(request_id, None)
         return self.output_processor.abort(seq)
+
+    def _track_reasoning(self, seq: Sequence) -> None:
+        """Count thinking tokens (the closing tag's own tokens excluded) and end thinking at the budget."""
+        span = self.reasoning[seq.request_id]
+        out = seq.output_token_ids
+        if not seq.in_reasoning:
+            if span.start_token_ids and out == span.start_token_ids:
+                seq.in_reasoning = True
+            elif len(out) >= len(span.start_token_ids):
+                del self.reasoning[seq.request_id]  # this answer does not think
+            return
+        seq.num_reasoning_tokens += 1
+        end = span.end_token_ids
+        if out[-len(end) :] == end:
+            seq.in_reasoning = False
+            seq.num_reasoning_tokens -= len(end)
+            del self.reasoning[seq.request_id]
+            return
+        budget = seq.params.reasoning_max_tokens
+        if budget is not None and seq.num_reasoning_tokens >= budget and not seq.forced_token_ids:
+            seq.forced_token_ids.extend(end)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -155,12 +192,15 @@ class LLMEngine:
         for s, token, logprobs in results:
             seq = s.seq
             seq.token_ids.append(token)
+            if seq.request_id in self.reasoning:
+                self._track_reasoning(seq)
             outputs.append(self.output_processor.process(seq, token, logprobs))
         for s in batch:
             self.block_manager.cache_full_blocks(s.seq)
             if s.seq.finish_reason is not None:
                 self.scheduler.finish(s.seq)
                 del self.seqs[s.seq.request_id]
+                self.reasoning.pop(s.seq.request_id, None)
         return outputs
 
     def stats(self) -> dict[str, float]:
