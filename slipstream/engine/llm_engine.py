@@ -81,8 +81,7 @@ class LLMEngine:
                            self.max_model_len, trained, trained)
             self.max_model_len = trained
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.hf_config, self.tokenizer)
-        self.sampler = Sampler(self.eos_token_ids)
-        self.sampler.tokenize = self._bad_word_variants
+        self.sampler = Sampler(self.eos_token_ids, self._bad_word_variants)
         self.workers = self._start_tensor_parallel() if config.tensor_parallel_size > 1 else None
         self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.max_model_len, self.sampler)
         bs = config.block_size
