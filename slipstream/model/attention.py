@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slipstream.kernels import cpu_ops
 from slipstream.model.context import get_context
 
 
@@ -33,7 +34,11 @@ class PagedAttention(nn.Module):
             vc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v)
         out = torch.empty_like(q)
         nd = ctx.num_decode
-        if nd:
+        ops = cpu_ops() if kc.device.type == "cpu" and kc.dtype == torch.float32 else None
+        if nd and ops is not None:
+            out[:nd] = ops.paged_attention_decode(q[:nd], kc, vc, ctx.decode_block_tables, ctx.decode_lens,
+                                                  self.head_dim**-0.5)
+        elif nd:
             bt = ctx.decode_block_tables
             kk = kc[bt].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
             vv = vc[bt].flatten(1, 2).transpose(1, 2)

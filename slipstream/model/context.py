@@ -25,6 +25,7 @@ class AttentionContext:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot each new key/value is written to
     num_decode: int = 0
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
+    decode_lens: torch.Tensor | None = None  # [num_decode] context length of each decode token
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size] bool
     prefills: list[PrefillChunk] = field(default_factory=list)
 

@@ -60,6 +60,7 @@ class StepInput:
         if d:
             ctx.num_decode = d
             ctx.decode_block_tables = self.decode_block_tables
+            ctx.decode_lens = self.decode_lens
             width = self.decode_block_tables.shape[1] * block_size
             mask = torch.arange(width, device=dev).unsqueeze(0) < self.decode_lens.unsqueeze(1)
             ctx.decode_mask = mask.view(d, 1, 1, width)

@@ -1,0 +1,138 @@
+// y = x @ W^T with W kept in its GGUF block quantization (Q4_0, Q4_1, Q8_0), for small batches.
+//
+// Each 32-weight block is expanded to fp32 in registers and multiplied with fp32 activations, so
+// the result equals x @ dequantize(W)^T up to summation order: the weights stay exactly what the
+// file holds, and only a quarter (Q4) or a half (Q8) of fp32's bytes cross the memory bus.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int QK = 32;
+constexpr int MAX_M = 8;
+
+enum class QType { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+template <QType T>
+constexpr int block_bytes() {
+  return T == QType::Q4_0 ? 18 : T == QType::Q4_1 ? 20 : 34;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The 32 weights of one block as four vectors of 8 floats, before scale (and min).
+template <QType T>
+inline void load_block(const uint8_t* q, __m256 w[4]) {
+  if constexpr (T == QType::Q8_0) {
+    for (int i = 0; i < 4; ++i) {
+      __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
+      w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    }
+  } else {
+    // Low nibbles are weights 0..15, high nibbles 16..31.
+    __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(bytes, mask);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    if constexpr (T == QType::Q4_0) {
+      __m256 eight = _mm256_set1_ps(8.0f);
+      for (int i = 0; i < 4; ++i) w[i] = _mm256_sub_ps(w[i], eight);
+    }
+  }
+}
+
+template <QType T>
+void linear_rows(const float* x, const uint8_t* w, const float* xsum, float* y, int64_t M, int64_t K,
+                 int64_t N, int64_t n0, int64_t n1) {
+  const int64_t nb = K / QK;
+  const int64_t row_bytes = nb * block_bytes<T>();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m256 acc[MAX_M];
+    float min_acc[MAX_M];
+    for (int64_t m = 0; m < M; ++m) {
+      acc[m] = _mm256_setzero_ps();
+      min_acc[m] = 0.0f;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * block_bytes<T>();
+      uint16_t dh;
+      std::memcpy(&dh, blk, 2);
+      const __m256 d = _mm256_set1_ps(half_to_float(dh));
+      __m256 wv[4];
+      load_block<T>(blk + (T == QType::Q4_1 ? 4 : 2), wv);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xb = x + m * K + b * QK;
+        __m256 dot = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xb));
+        dot = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xb + 8), dot);
+        dot = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xb + 16), dot);
+        dot = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xb + 24), dot);
+        acc[m] = _mm256_fmadd_ps(d, dot, acc[m]);
+      }
+      if constexpr (T == QType::Q4_1) {
+        uint16_t mh;
+        std::memcpy(&mh, blk + 2, 2);
+        const float mn = half_to_float(mh);
+        for (int64_t m = 0; m < M; ++m) min_acc[m] += mn * xsum[m * nb + b];
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = hsum(acc[m]) + min_acc[m];
+  }
+}
+
+template <QType T>
+void linear_impl(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K, int64_t N) {
+  const int64_t nb = K / QK;
+  std::vector<float> xsum;
+  if constexpr (T == QType::Q4_1) {  // sum of each activation block, for the blocks' minimum term
+    xsum.resize(M * nb);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < nb; ++b) {
+        float s = 0;
+        for (int i = 0; i < QK; ++i) s += x[m * K + b * QK + i];
+        xsum[m * nb + b] = s;
+      }
+  }
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+      const int64_t mc = std::min<int64_t>(MAX_M, M - m0);
+      linear_rows<T>(x + m0 * K, w, xsum.data() + (xsum.empty() ? 0 : m0 * nb), y + m0 * N, mc, K, N, n0, n1);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor gguf_linear(at::Tensor x, at::Tensor w, int64_t qtype, int64_t out_features) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "x must be a 2-D float32 tensor");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.size(0) == out_features, "bad weight");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  TORCH_CHECK(K % QK == 0, "in_features must be a multiple of 32");
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  switch (static_cast<QType>(qtype)) {
+    case QType::Q4_0: TORCH_CHECK(w.size(1) == K / QK * 18); linear_impl<QType::Q4_0>(xp, wp, yp, M, K, N); break;
+    case QType::Q4_1: TORCH_CHECK(w.size(1) == K / QK * 20); linear_impl<QType::Q4_1>(xp, wp, yp, M, K, N); break;
+    case QType::Q8_0: TORCH_CHECK(w.size(1) == K / QK * 34); linear_impl<QType::Q8_0>(xp, wp, yp, M, K, N); break;
+    default: TORCH_CHECK(false, "unsupported GGUF type ", qtype);
+  }
+  return y;
+}
+
