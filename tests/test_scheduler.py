@@ -1,0 +1,145 @@
+"""Scheduling decisions (token budget, chunked prefill, sequence slots, preemption), then the same
+machinery on the real model with a KV pool small enough to force preemption."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from slipstream import LLM, SamplingParams
+from slipstream.engine.block_manager import BlockManager
+from slipstream.engine.scheduler import Scheduler
+from slipstream.engine.sequence import Sequence, SequenceStatus
+
+
+def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16, chunked=True) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, budget, chunked)
+
+
+def add(sched: Scheduler, name: str, num_prompt: int, first_token: int = 0) -> Sequence:
+    seq = Sequence(name, list(range(first_token, first_token + num_prompt)), SamplingParams())
+    sched.add(seq)
+    return seq
+
+
+def advance(batch) -> None:
+    """What the engine does after the forward pass: count computed tokens, append sampled ones."""
+    sampling = [s.samples for s in batch]
+    for s in batch:
+        s.seq.num_computed_tokens += s.num_new_tokens
+    for s, samples in zip(batch, sampling, strict=True):
+        if samples:
+            s.seq.token_ids.append(7)
+
+
+def test_long_prompt_is_prefilled_in_budget_sized_chunks_and_samples_once():
+    sched = make_scheduler(budget=16)
+    seq = add(sched, "long", 50)
+    chunks = []
+    while seq.num_output_tokens == 0:
+        (s,) = sched.schedule()
+        chunks.append((s.num_new_tokens, s.samples))
+        advance([s])
+    assert chunks == [(16, False), (16, False), (16, False), (2, True)]
+
+
+def test_decodes_go_first_and_new_prompts_take_the_rest_of_the_budget():
+    sched = make_scheduler(budget=16)
+    a = add(sched, "a", 5)
+    advance(sched.schedule())
+    b = add(sched, "b", 40, first_token=100)
+    batch = sched.schedule()
+    assert [(s.seq, s.num_new_tokens) for s in batch] == [(a, 1), (b, 15)]
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_a_step_it_fits_in():
+    sched = make_scheduler(budget=16, chunked=False)
+    a = add(sched, "a", 5)
+    advance(sched.schedule())
+    add(sched, "b", 20, first_token=100)
+    assert [(s.seq, s.num_new_tokens) for s in sched.schedule()] == [(a, 1)]
+
+
+def test_sequence_slots_limit_admission():
+    sched = make_scheduler(max_num_seqs=2, budget=64)
+    seqs = [add(sched, str(i), 3, first_token=10 * i) for i in range(3)]
+    assert [s.seq for s in sched.schedule()] == seqs[:2] and seqs[2].status == SequenceStatus.WAITING
+
+
+def test_preemption_frees_the_newest_and_admits_nothing_that_step():
+    sched = make_scheduler(num_blocks=4, block_size=4, budget=64)
+    old = add(sched, "old", 7)
+    new = add(sched, "new", 8, first_token=100)
+    advance(sched.schedule())  # old: 2 blocks, new: 8 prompt tokens + 1 sampled -> 3 blocks wanted, has 2
+    late = add(sched, "late", 2, first_token=200)
+    batch = sched.schedule()
+    assert [s.seq for s in batch] == [old]
+    assert new.status == SequenceStatus.WAITING and new.block_table == [] and new.num_computed_tokens == 0
+    assert list(sched.waiting) == [new, late] and sched.num_preemptions == 1
+    # When it comes back, it recomputes its prompt and its output token.
+    sched.finish(old)
+    (resumed,) = [s for s in sched.schedule() if s.seq is new]
+    assert resumed.num_new_tokens == 9 and resumed.samples
+
+
+# --- the real model with a tiny KV pool ---------------------------------------------------------------
+
+PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "def add(a, b):",
+           "List three colors:", "My favourite food is"]
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(llm_fp32) -> LLM:
+    """The default model with 10 KV blocks of 4 tokens: five short requests cannot all fit."""
+    runner = llm_fp32.engine.runner
+    block_bytes = runner.kv_cache_bytes // runner.num_blocks // 4  # llm_fp32 has 16-token blocks
+    return LLM(dtype="float32", kv_cache_memory=10 * block_bytes, block_size=4, max_num_seqs=5)
+
+
+@pytest.fixture(scope="module")
+def reference(llm_fp32) -> list[list[int]]:
+    return [r.outputs[0].token_ids for r in llm_fp32.generate(PROMPTS, GREEDY)]
+
+
+def assert_pool_empty(engine) -> None:
+    bm = engine.block_manager
+    assert not engine.has_unfinished()
+    assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts)
+
+
+def test_preemption_and_aborts_lose_nothing_and_return_every_block(tiny_llm, reference):
+    engine = tiny_llm.engine
+    assert engine.block_manager.num_blocks == 10
+    preemptions = engine.stats()["num_preemptions"]
+    ids = {f"tiny-{i}": tiny_llm.tokenizer.encode(p) for i, p in enumerate(PROMPTS)}
+    for rid, prompt in ids.items():
+        engine.add_request(rid, prompt, GREEDY)
+    for victim in ("victim-0", "victim-1"):
+        engine.add_request(victim, tiny_llm.tokenizer.encode("A request that will be cancelled"), GREEDY)
+    outputs = {rid: [] for rid in ids}
+    aborted = []
+    for step in itertools.count():
+        if not engine.has_unfinished():
+            break
+        if step in (2, 4):
+            aborted.append(engine.abort_request(f"victim-{step // 2 - 1}"))
+        for out in engine.step():
+            outputs.get(out.request_id, []).extend(out.token_ids)
+    assert engine.stats()["num_preemptions"] > preemptions
+    assert [outputs[rid] for rid in ids] == reference
+    assert [(a.finished, a.finish_reason) for a in aborted] == [(True, "abort")] * 2
+    assert_pool_empty(engine)
+
+
+def test_prefix_cache_hit_gives_the_same_greedy_output(tiny_llm):
+    prompt = "Tell me a short story about a brave little robot"  # > 4 full blocks of 4 tokens
+    (first,) = tiny_llm.generate(prompt, GREEDY)
+    hits = tiny_llm.engine.stats()["prefix_cache_hits"]
+    (second,) = tiny_llm.generate(prompt, GREEDY)
+    expected = (len(first.prompt_token_ids) - 1) // 4 * 4
+    assert second.num_cached_tokens == expected >= 8
+    assert tiny_llm.engine.stats()["prefix_cache_hits"] - hits == expected
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    assert_pool_empty(tiny_llm.engine)
