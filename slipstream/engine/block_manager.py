@@ -2,12 +2,16 @@
 
 A block is identified by its index into the model runner's KV tensors. Full blocks are
 content-addressed by a hash chained over all tokens up to and including the block, so two
-sequences with the same prefix share physical blocks. Freed blocks keep their hash and stay
+sequences with the same prefix share physical blocks. The hash is SHA-256: Python's `hash` of ints
+is predictable, so a client could craft a prompt that collides with another's and read or poison
+its cache. Freed blocks keep their hash and stay
 findable until they are reused (LRU order), which is what makes prefix caching cheap.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from slipstream.engine.sequence import Sequence
@@ -19,8 +23,8 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # hash -> block id
         # Unreferenced blocks, least recently freed first; may still hold cached content.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.prefix_queries = 0  # tokens of admitted sequences looked up in the prefix cache
@@ -34,8 +38,8 @@ class BlockManager:
     def usage(self) -> float:
         return 1.0 - len(self.free) / self.num_blocks
 
-    def _chain_hash(self, parent: int | None, tokens: list[int]) -> int:
-        return hash((parent, tuple(tokens)))
+    def _chain_hash(self, parent: bytes | None, tokens: list[int]) -> bytes:
+        return hashlib.sha256((parent or b"") + array("q", tokens).tobytes()).digest()
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:
         """Blocks that already hold a prefix of `seq` (full blocks only; at least one token is left

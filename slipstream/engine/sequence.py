@@ -40,7 +40,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache on first schedule
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks of block_table already registered in the prefix cache
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     generator: torch.Generator | None = None
