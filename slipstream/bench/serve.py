@@ -156,7 +156,7 @@ def _body(args: argparse.Namespace, model: str, prompt: str) -> dict:
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
-    return body | json.loads(args.extra_body)
+    return body | args.extra_body
 
 
 async def _benchmark(args: argparse.Namespace, prompts: list[str], warmup: str) -> tuple[str, list, float]:
@@ -219,7 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-rate", type=float, default=math.inf,
                         help="requests per second, Poisson arrivals (default: inf, all at once)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
-    parser.add_argument("--extra-body", default="{}", help="JSON object merged into every request body")
+    parser.add_argument("--extra-body", type=json.loads, default={}, help="JSON object merged into every request body")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times (default: 0)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
