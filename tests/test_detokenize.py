@@ -83,6 +83,15 @@ def test_earliest_of_several_stop_strings_wins(tokenizer):
     assert "".join(o.text for o in outs) == "The quick " and outs[-1].stop_reason == "bro"
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_eos_text_is_shown_only_with_include_stop_str_in_output(tokenizer, include):
+    ids = tokenizer.encode("Fine.") + [tokenizer.eos_token_id, *tokenizer.encode(" more")]
+    params = SamplingParams(max_tokens=10, skip_special_tokens=False, include_stop_str_in_output=include)
+    outs = stream(tokenizer, ids, params)
+    assert outs[-1].finish_reason == "stop" and outs[-1].token_ids[-1] == tokenizer.eos_token_id
+    assert "".join(o.text for o in outs) == "Fine." + (tokenizer.eos_token if include else "")
+
+
 def test_model_output_in_chinese_and_emoji_streams_cleanly(llm_fp32):
     engine = llm_fp32.engine
     prompts = {f"detok-{next(_ids)}": p for p in ("Emoji party: 🎉🎈", "你好，世界！今天天气")}

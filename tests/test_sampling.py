@@ -266,13 +266,18 @@ def test_min_tokens_holds_off_eos_and_stop_tokens(llm_fp32, short_answer):
 def test_stop_token_ids_ignore_eos_and_max_tokens(llm_fp32, short_answer):
     ids, greedy = short_answer
     n = len(greedy)
-    stopped, ignoring, capped = run(llm_fp32, [
+    stopped, shown, ignoring, capped = run(llm_fp32, [
         (ids, SamplingParams(temperature=0, stop_token_ids=[greedy[1]], max_tokens=8)),
+        (ids, SamplingParams(temperature=0, stop_token_ids=[greedy[1]], max_tokens=8, include_stop_str_in_output=True)),
         (ids, SamplingParams(temperature=0, ignore_eos=True, max_tokens=n + 2)),
         (ids, SamplingParams(temperature=0, max_tokens=n - 1)),
     ])
-    assert stopped["token_ids"] == greedy[:2]
-    assert (stopped["finish_reason"], stopped["stop_reason"]) == ("stop", greedy[1])
+    for out in (stopped, shown):
+        assert out["token_ids"] == greedy[:2]
+        assert (out["finish_reason"], out["stop_reason"]) == ("stop", greedy[1])
+    # The stop token's text is left out unless include_stop_str_in_output asks for it (vLLM's behaviour).
+    decode = llm_fp32.tokenizer.decode
+    assert stopped["text"] == decode(greedy[:1]) and shown["text"] == decode(greedy[:2]) != decode(greedy[:1])
     assert ignoring["token_ids"][:n] == greedy and len(ignoring["token_ids"]) == n + 2
     assert ignoring["finish_reason"] == "length"
     assert capped["token_ids"] == greedy[: n - 1] and capped["finish_reason"] == "length"

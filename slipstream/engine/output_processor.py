@@ -64,39 +64,51 @@ class OutputProcessor:
             return full[len(prefix) :]
         return ""
 
-    def _check_stop(self, seq: Sequence, token: int, st: _Detokenizer, new_chars: int) -> None:
+    def _stop_token(self, seq: Sequence, token: int) -> bool:
+        """Whether `token` (EOS or a stop token id) ends the sequence; sets the finish reason if so."""
         p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", None
-                return
-            if token in p.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
-                return
-            if p.stop and new_chars:
-                start = max(0, len(st.text) - new_chars - max(map(len, p.stop)) + 1)
-                hits = [(st.text.find(s, start), s) for s in p.stop]
-                hits = [(i, s) for i, s in hits if i >= 0]
-                if hits:
-                    i, s = min(hits)
-                    st.text = st.text[: i + len(s)] if p.include_stop_str_in_output else st.text[:i]
-                    seq.finish_reason, seq.stop_reason = "stop", s
-                    return
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            seq.finish_reason = "length"
-        elif seq.num_tokens >= self.max_model_len:
+        if seq.num_output_tokens < p.min_tokens:
+            return False
+        if not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", None
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        return seq.finish_reason is not None
+
+    def _check_stop_string(self, seq: Sequence, st: _Detokenizer, new_chars: int) -> None:
+        """Look for a stop string ending in the new text (it may have begun in earlier tokens)."""
+        p = seq.params
+        if not p.stop or not new_chars or seq.num_output_tokens < p.min_tokens:
+            return
+        start = max(0, len(st.text) - new_chars - max(map(len, p.stop)) + 1)
+        hits = [(i, s) for s in p.stop if (i := st.text.find(s, start)) >= 0]
+        if hits:
+            i, s = min(hits)
+            st.text = st.text[: i + len(s)] if p.include_stop_str_in_output else st.text[:i]
+            seq.finish_reason, seq.stop_reason = "stop", s
+
+    def _check_length(self, seq: Sequence) -> None:
+        p = seq.params
+        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
     def process(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
-        """Account for one new token of `seq`; returns the output to send, if any."""
+        """Account for one new token of `seq` (already appended to it); returns the output to send."""
         st = self.state[seq.request_id]
-        delta = self._decode_step(seq, st)
-        st.text += delta
         st.pending_ids.append(token)
         st.pending_times.append(time.monotonic() - seq.arrival_time)
         if logprobs is not None:
             st.pending_logprobs.append(logprobs)
-        self._check_stop(seq, token, st, len(delta))
+        if self._stop_token(seq, token):
+            # As in vLLM: the text of the token that stopped generation is shown only on request.
+            if seq.params.include_stop_str_in_output:
+                st.text += self._decode_step(seq, st)
+        else:
+            delta = self._decode_step(seq, st)
+            st.text += delta
+            self._check_stop_string(seq, st, len(delta))
+            if seq.finish_reason is None:
+                self._check_length(seq)
         return self._emit(seq, st)
 
     def _emit(self, seq: Sequence, st: _Detokenizer) -> RequestOutput:
