@@ -168,7 +168,7 @@ def main() -> int:
     args = parser.parse_args()
 
     url = f"http://127.0.0.1:{args.port}"
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip()
     placeholders = bench_args(url, "C", f"max(8,{args.prompts_per_slot}C)", "1000C+round", args)
     report = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(), "commit": commit,
