@@ -42,6 +42,22 @@ def random_logits(vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * 3
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(n=0), dict(temperature=-0.1), dict(top_p=0.0), dict(min_p=1.5), dict(repetition_penalty=0.0),
+     dict(max_tokens=0), dict(min_tokens=5, max_tokens=4), dict(presence_penalty=2.5), dict(frequency_penalty=-3),
+     dict(stop=["ok", ""]), dict(logprobs=-1)],
+)
+def test_invalid_sampling_params_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_accept_api_shapes():
+    p = SamplingParams(stop="END", stop_token_ids=None, bad_words=None, logit_bias={"42": 1}, top_k=-1)
+    assert (p.stop, p.stop_token_ids, p.bad_words, p.logit_bias, p.top_k) == (["END"], [], [], {42: 1.0}, 0)
+
+
 @pytest.mark.parametrize("penalty", [1.7, 0.6])
 def test_repetition_penalty_is_transformers_over_prompt_and_output(penalty):
     logits = random_logits(32)

@@ -2,10 +2,11 @@
 
 A block is identified by its index into the model runner's KV tensors. Full blocks are
 content-addressed by a hash chained over all tokens up to and including the block, so two
-sequences with the same prefix share physical blocks. The hash is SHA-256: Python's `hash` of ints
-is predictable, so a client could craft a prompt that collides with another's and read or poison
-its cache. Freed blocks keep their hash and stay
+sequences with the same prefix share physical blocks. Freed blocks keep their hash and stay
 findable until they are reused (LRU order), which is what makes prefix caching cheap.
+
+The hash is SHA-256, not Python's `hash`: that one is predictable for ints, so a client could craft
+a prompt whose blocks collide with another client's and be served (or poison) their cache.
 """
 
 from __future__ import annotations
