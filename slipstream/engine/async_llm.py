@@ -1,0 +1,248 @@
+"""Asyncio front of the synchronous LLMEngine.
+
+The engine lives in ONE background thread that builds it, then loops: run the commands the event
+loop sent (add, abort, stop), step while there is work, block on the command queue when idle (no
+busy spin). torch releases the GIL inside its kernels, so the event loop keeps serving HTTP while a
+step runs. Outputs go back to the event loop with `call_soon_threadsafe`, one hop per step, into an
+asyncio queue per request group. If building the engine or a step raises, the engine is dead: every
+waiting request gets `EngineDeadError`, and so does every later call (the server's /health says 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+
+from slipstream.config import EngineConfig
+from slipstream.engine.llm_engine import LLMEngine
+from slipstream.engine.output_processor import RequestOutput
+from slipstream.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# (request id, prompt token ids, sampling params) of one engine request.
+EngineRequest = tuple[str, list[int], SamplingParams]
+_Command = tuple[Callable[[], object] | None, asyncio.Future | None]  # (None, None) stops the thread
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed, is still loading, or was shut down: nothing can be served."""
+
+
+class AsyncLLM:
+    def __init__(self, make_engine: Callable[[], LLMEngine],
+                 on_output: Callable[[RequestOutput], None] | None = None) -> None:
+        self._make_engine = make_engine
+        self._on_output = on_output  # sees every output on the event loop (metrics)
+        self._engine: LLMEngine | None = None
+        self._error: EngineDeadError | None = None
+        self._lock = threading.Lock()  # orders "submit a command" against "die and drain the commands"
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue] = {}  # request id -> its group's queue; event loop only
+        self._stats: dict[str, float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Future | None = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, on_output: Callable[[RequestOutput], None] | None = None) -> AsyncLLM:
+        return cls(partial(LLMEngine, config), on_output)
+
+    # ---- lifecycle (event loop side) ----
+
+    def start(self) -> None:
+        """Start the engine thread; call from the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, name="slipstream-engine", daemon=True)
+        self._thread.start()
+
+    async def wait_ready(self) -> None:
+        """Return once the engine is built; raises EngineDeadError if building it failed."""
+        await asyncio.shield(self._ready)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = EngineDeadError("the server is shutting down")
+            self._commands.put((None, None))
+        if self._thread is not None:
+            self._thread.join()
+        self._fail_all(self._error)
+
+    @property
+    def error(self) -> EngineDeadError | None:
+        """Why the engine cannot serve (still loading, failed, shut down), or None when it can."""
+        if self._error is None and self._engine is None:
+            return EngineDeadError("the model is still loading")
+        return self._error
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The engine, for what never changes after load (tokenizer, max_model_len, config)."""
+        if self.error is not None:
+            raise self.error
+        return self._engine
+
+    def stats(self) -> dict[str, float]:
+        """The engine's stats as of its last step."""
+        return self._stats
+
+    # ---- requests (event loop side) ----
+
+    async def generate(self, requests: list[EngineRequest]) -> AsyncIterator[RequestOutput]:
+        """Add a group of requests (one prompt's n samples, a batch of prompts) and return the stream
+        of their outputs in arrival order. Raises here, before any output, if the engine refuses one
+        (ContextLengthError, ValueError); none of the group runs then. Closing the stream early (a
+        client that went away) aborts what is left of the group."""
+        out_queue: asyncio.Queue = asyncio.Queue()
+        ids = [r[0] for r in requests]
+        for rid in ids:
+            self._queues[rid] = out_queue
+        try:
+            await self._call(partial(self._add_all, requests))
+        except BaseException as exc:
+            for rid in ids:
+                self._queues.pop(rid, None)
+            if isinstance(exc, asyncio.CancelledError):  # the add may still land: take it back
+                self._abort(ids)
+            raise
+        return self._stream(out_queue, ids)
+
+    async def _stream(self, out_queue: asyncio.Queue, ids: list[str]) -> AsyncIterator[RequestOutput]:
+        unfinished = set(ids)
+        try:
+            while unfinished:
+                item = await out_queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    unfinished.discard(item.request_id)
+                yield item
+        finally:
+            if unfinished:
+                for rid in unfinished:
+                    self._queues.pop(rid, None)
+                self._abort(list(unfinished))
+
+    def _abort(self, ids: list[str]) -> None:
+        try:
+            self._submit(partial(self._abort_all, ids))
+        except EngineDeadError:
+            pass  # nothing runs any more
+
+    async def _call(self, fn: Callable[[], object]) -> object:
+        fut = self._loop.create_future()
+        self._submit(fn, fut)
+        return await fut
+
+    def _submit(self, fn: Callable[[], object], fut: asyncio.Future | None = None) -> None:
+        with self._lock:
+            if self.error is not None:
+                raise self.error
+            self._commands.put((fn, fut))
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if self._on_output is not None:
+                self._on_output(out)
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+                if out.finished:
+                    del self._queues[out.request_id]
+
+    def _fail_all(self, error: EngineDeadError, pending: list[asyncio.Future] = ()) -> None:
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(error)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+        for q in set(self._queues.values()):
+            q.put_nowait(error)
+        self._queues.clear()
+
+    # ---- engine thread ----
+
+    def _add_all(self, requests: list[EngineRequest]) -> None:
+        added = []
+        try:
+            for rid, prompt_token_ids, params in requests:
+                self._engine.add_request(rid, prompt_token_ids, params)
+                added.append(rid)
+        except Exception:
+            for rid in added:
+                self._engine.abort_request(rid)
+            raise
+
+    def _abort_all(self, ids: list[str]) -> None:
+        outputs = [out for rid in ids if (out := self._engine.abort_request(rid)) is not None]
+        if outputs:  # nobody waits for them, but the metrics count them
+            self._post(self._dispatch, outputs)
+
+    def _post(self, fn: Callable, *args) -> None:
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def _run(self) -> None:
+        try:
+            self._engine = self._make_engine()
+        except Exception as exc:
+            self._die(EngineDeadError(f"failed to load the model: {exc}"), exc)
+            return
+        self._post(self._ready.set_result, None)
+        engine = self._engine
+        while True:
+            # Run every queued command before the next step; wait for one only when idle.
+            while True:
+                try:
+                    fn, fut = self._commands.get(block=not engine.has_unfinished())
+                except queue.Empty:
+                    break
+                if fn is None:
+                    return
+                self._run_command(fn, fut)
+                self._stats = engine.stats()  # an abort frees blocks and slots without a step
+            try:
+                outputs = engine.step()
+                self._stats = engine.stats()
+            except Exception as exc:
+                logger.exception("engine step failed; the engine is dead")
+                self._die(EngineDeadError(f"the engine failed: {exc}"), exc)
+                return
+            if outputs:
+                self._post(self._dispatch, outputs)
+
+    def _run_command(self, fn: Callable[[], object], fut: asyncio.Future | None) -> None:
+        try:
+            result, error = fn(), None
+        except Exception as exc:  # a refused request, not a broken engine
+            result, error = None, exc
+        if fut is not None:
+            self._post(_settle, fut, result, error)
+
+    def _die(self, error: EngineDeadError, cause: Exception) -> None:
+        error.__cause__ = cause
+        with self._lock:
+            self._error = error
+            pending = []
+            while True:
+                try:
+                    _, fut = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if fut is not None:
+                    pending.append(fut)
+        self._post(self._fail_all, error, pending)
+
+
+def _settle(fut: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if fut.done():  # the caller was cancelled meanwhile
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

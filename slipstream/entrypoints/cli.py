@@ -1,0 +1,29 @@
+"""The `slipstream` console script: `slipstream serve [flags]` and `slipstream bench [args]`."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: slipstream {serve,bench} ...
+
+  serve   start the OpenAI-compatible server (`slipstream serve --help` for its flags)
+  bench   benchmark a server or the offline engine (`slipstream bench --help`)"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    command, rest = (argv[0], argv[1:]) if argv else (None, [])
+    # Imported per command, so one command never pays for (or breaks on) the other's imports.
+    if command == "serve":
+        from slipstream.entrypoints.openai.api_server import main as serve
+
+        serve(rest, prog="slipstream serve")
+    elif command == "bench":
+        from slipstream.bench import main as bench
+
+        bench(rest)
+    elif command in ("-h", "--help"):
+        print(USAGE)
+    else:
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,126 @@
+"""The OpenAI-compatible HTTP server: `python -m slipstream.entrypoints.openai.api_server --model M --port 8188`.
+
+The port opens at once and the model loads in the engine thread meanwhile: /health answers 503 until
+it is up (and again if the engine dies). A model that fails to load stops the server with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from slipstream import __version__
+from slipstream.engine.async_llm import AsyncLLM
+from slipstream.entrypoints.openai.admission import ApiKeyMiddleware, ConcurrencyLimitMiddleware
+from slipstream.entrypoints.openai.args import engine_config, parse_args
+from slipstream.entrypoints.openai.errors import APIError, install_error_handlers
+from slipstream.entrypoints.openai.metrics import Metrics
+from slipstream.entrypoints.openai.protocol import ModelCard, ModelList
+from slipstream.entrypoints.openai.serving_chat import OpenAIServingChat
+from slipstream.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from slipstream.entrypoints.openai.serving_engine import ServingOptions
+from slipstream.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from slipstream.model.loader import DEFAULT_MODEL_FILE
+
+logger = logging.getLogger("slipstream.api_server")
+
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    return args.served_model_name or args.model or Path(DEFAULT_MODEL_FILE).stem
+
+
+def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> FastAPI:
+    """The routes over an AsyncLLM (started by the caller; shut down with the app)."""
+    options = ServingOptions(served_model_name(args), args.served_model_name is not None, args.enable_logprob,
+                             args.max_logprobs)
+    chat = OpenAIServingChat(llm, options)
+    completion = OpenAIServingCompletion(llm, options)
+    tokenization = OpenAIServingTokenization(llm, options)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        llm.shutdown()
+
+    app = FastAPI(title="slipstream", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+
+    async def health() -> Response:
+        if llm.error is not None:
+            return APIError(str(llm.error), status=503).response()
+        return JSONResponse({"status": "ok"})
+
+    app.get("/health")(health)
+    app.get("/ping")(health)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        engine = llm.engine
+        return ModelList(data=[ModelCard(id=options.model_name, root=str(engine.model_dir),
+                                         max_model_len=engine.max_model_len)])
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.post("/v1/chat/completions")(chat.create)
+    app.post("/v1/completions")(completion.create)
+    app.post("/tokenize")(tokenization.tokenize)
+    app.post("/detokenize")(tokenization.detokenize)
+
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=args.max_concurrency, max_wait=args.max_waiting_time,
+                       paths=GENERATION_PATHS)
+    if args.api_key:  # outermost: a request without a key learns nothing else
+        app.add_middleware(ApiKeyMiddleware, keys=args.api_key)
+    return app
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Run until a signal (0) or until the model fails to load (1)."""
+    model_name = served_model_name(args)
+    metrics = Metrics(model_name, lambda: llm.stats())
+    llm = AsyncLLM.from_config(engine_config(args), on_output=metrics.observe)
+    server = uvicorn.Server(uvicorn.Config(build_app(args, llm, metrics), host=args.host, port=args.port,
+                                           log_level=args.log_level, timeout_graceful_shutdown=5))
+    llm.start()
+    serving = asyncio.create_task(server.serve())
+    ready = asyncio.create_task(llm.wait_ready())
+    await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done() and ready.exception() is not None:
+        logger.error("%s", ready.exception())
+        server.should_exit = True
+        await serving
+        return 1
+    if ready.done():
+        logger.info("serving %s at http://%s:%d/v1", model_name, args.host, args.port)
+    await serving
+    ready.cancel()
+    return 0
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    args = parse_args(argv, prog)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(asyncio.run(serve(args)))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

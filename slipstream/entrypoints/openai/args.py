@@ -1,0 +1,118 @@
+"""The server's command line (FastDeploy's flag names). Bad values stop the start with argparse's
+one-line error, never a traceback. Imports nothing heavy, so `--help` and mistakes answer at once."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from slipstream.config import EngineConfig
+
+API_KEY_ENV = "SLIPSTREAM_API_KEY"
+# Names --reasoning-parser accepts; the parsers themselves arrive with thinking-model support.
+REASONING_PARSERS: tuple[str, ...] = ()
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30}
+
+
+def memory_size(text: str) -> int:
+    """Bytes from '268435456', '256MiB', '256Mi', '0.5GiB', '300MB' (KiB/MiB/GiB binary, KB/MB/GB decimal)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m and _SIZE_UNITS.get(m.group(2).lower())
+    if not unit:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use bytes or a size like 256MiB or 2GiB")
+    return int(float(m.group(1)) * unit)
+
+
+def _bounded(kind: type, low: float | None = None, high: float | None = None):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be {bounds}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"invalid device {text!r}: use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible LLM server.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    pos_int = _bounded(int, 1)
+    add("--model", default=None, help="a .gguf file or a Hugging Face model directory; default: the embedded "
+        "SmolLM2-135M-Instruct")
+    add("--served-model-name", default=None, help="the model's name in the API; when set, requests naming "
+        "another model get 404 (default: any name is accepted, /v1/models shows the model's file name)")
+    add("--host", default="0.0.0.0", help="address to listen on")
+    add("--port", type=_bounded(int, 1, 65535), default=8188, help="port to listen on")
+    add("--tensor-parallel-size", type=pos_int, default=1, help="number of tensor-parallel ranks")
+    add("--max-model-len", type=pos_int, default=None,
+        help="context length (prompt + output); capped to the model's trained context")
+    add("--max-num-seqs", type=pos_int, default=64, help="most sequences in one batch")
+    add("--max-num-batched-tokens", type=pos_int, default=2048, help="token budget of one engine step")
+    add("--block-size", type=pos_int, default=16, help="tokens per KV-cache block")
+    add("--kv-cache-memory", type=memory_size, default=None,
+        help="KV-cache budget: bytes or a size like 256MiB or 2GiB (default: a quarter of free memory)")
+    add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+        help="reuse the KV cache of shared prompt prefixes")
+    add("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+        help="split long prompts across engine steps")
+    add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+        help="weights and activations type (auto: bfloat16 on CUDA or CPUs with AVX512-BF16, else float32)")
+    add("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--seed", type=int, default=0, help="global random seed")
+    add("--chat-template", default=None, help="chat template (a file or the Jinja text) replacing the model's")
+    add("--reasoning-parser", default=None,
+        help="split thinking models' output into reasoning_content and content")
+    add("--enable-logprob", action="store_true", help="allow requests for logprobs")
+    add("--max-logprobs", type=_bounded(int, 0), default=20, help="most top logprobs a request may ask for")
+    add("--api-key", action="append", default=None,
+        help=f"accepted bearer key for /v1/* (repeatable; default: ${API_KEY_ENV} if set, else no auth)")
+    add("--max-concurrency", type=pos_int, default=512, help="most generation requests in flight; beyond, 429")
+    add("--max-waiting-time", type=_bounded(float, -1), default=0.0,
+        help="seconds a request over --max-concurrency waits for a slot before its 429 (-1: no limit)")
+    add("--log-level", choices=["debug", "info", "warning", "error", "critical"], default="info",
+        help="logging verbosity")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = make_arg_parser(prog)
+    args = parser.parse_args(argv)
+    if args.reasoning_parser is not None and args.reasoning_parser not in REASONING_PARSERS:
+        available = ", ".join(REASONING_PARSERS) or "none yet"
+        parser.error(f"argument --reasoning-parser: unknown parser {args.reasoning_parser!r} (available: {available})")
+    if args.api_key is None and os.environ.get(API_KEY_ENV):
+        args.api_key = [os.environ[API_KEY_ENV]]
+    return args
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        tensor_parallel_size=args.tensor_parallel_size,
+        seed=args.seed,
+        chat_template=args.chat_template,
+        max_logprobs=args.max_logprobs,
+    )

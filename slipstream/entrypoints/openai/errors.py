@@ -1,0 +1,81 @@
+"""Every failure leaves the server in OpenAI's envelope {"error": {message, type, param, code}} with
+the matching HTTP status: never FastAPI's 422, never a bare 500 page or a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from slipstream.engine.async_llm import EngineDeadError
+from slipstream.engine.llm_engine import ContextLengthError
+from slipstream.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+          429: "rate_limit_error", 503: "service_unavailable_error"}
+
+
+class APIError(Exception):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=_TYPES.get(self.status, "server_error"),
+                                             param=self.param, code=self.code))
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body().model_dump(), status_code=self.status)
+
+    def sse(self) -> str:
+        """The error as a server-sent event, for failures after a stream has started."""
+        return f"data: {self.body().model_dump_json()}\n\n"
+
+
+def from_validation_error(exc: ValidationError) -> APIError:
+    err = exc.errors(include_url=False)[0]
+    if err["type"] == "json_invalid":
+        return APIError(f"The request body is not valid JSON: {err['ctx']['error']}", code="invalid_json")
+    msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a rule across fields: the message names them
+        return APIError(msg, code="invalid_value")
+    where = ".".join(str(p) for p in err["loc"])
+    return APIError(f"{where}: {msg}", param=str(err["loc"][0]), code="invalid_value")
+
+
+def from_exception(exc: Exception, prompt_param: str | None = None) -> APIError:
+    """Map what the engine raises about a request to what the client sees."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ContextLengthError):
+        return APIError(str(exc), param=prompt_param, code="context_length_exceeded")
+    if isinstance(exc, EngineDeadError):
+        return APIError(str(exc), status=503)
+    if isinstance(exc, ValueError):
+        return APIError(str(exc))
+    logger.error("internal error", exc_info=exc)
+    return APIError(f"internal error: {type(exc).__name__}: {exc}", status=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_known(request: Request, exc: Exception) -> JSONResponse:
+        return from_exception(exc).response()
+
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return APIError(detail or HTTPStatus(exc.status_code).phrase, exc.status_code).response()
+
+    app.add_exception_handler(APIError, on_known)
+    app.add_exception_handler(EngineDeadError, on_known)  # e.g. /v1/models while the model loads
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_known)  # a bug: still the envelope, and the traceback in the log

@@ -1,0 +1,86 @@
+"""Prometheus metrics for /metrics: per-request latencies and token counts observed from the engine's
+outputs, plus the engine's own gauges and counters read at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from slipstream.engine.output_processor import RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100)
+_TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class _EngineCollector:
+    """Reads the engine's stats (as of its last step) at each scrape."""
+
+    def __init__(self, stats: Callable[[], dict[str, float]], model_name: str) -> None:
+        self.stats = stats
+        self.model_name = model_name
+
+    def collect(self):
+        s = self.stats()
+        label = [self.model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(f"slipstream:{name}", doc, labels=["model_name"])
+            g.add_metric(label, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(f"slipstream:{name}", doc, labels=["model_name"])
+            c.add_metric(label, value)
+            return c
+
+        queries, hits = s.get("prefix_cache_queries", 0), s.get("prefix_cache_hits", 0)
+        yield gauge("num_requests_running", "Requests in the running batch.", s.get("num_running", 0))
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s.get("num_waiting", 0))
+        yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", s.get("kv_cache_usage", 0))
+        yield counter("prefix_cache_queries", "Prefix-cache lookups.", queries)
+        yield counter("prefix_cache_hits", "Prefix-cache lookups that hit.", hits)
+        yield gauge("prefix_cache_hit_rate", "Prefix-cache hits / lookups so far.", hits / queries if queries else 0)
+        yield counter("num_preemptions", "Sequences preempted for lack of KV blocks.", s.get("num_preemptions", 0))
+
+
+class Metrics:
+    def __init__(self, model_name: str, engine_stats: Callable[[], dict[str, float]]) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels, reg = ["model_name"], self.registry
+        self.requests = Counter("slipstream:request_success", "Finished requests by finish reason.",
+                                labels + ["finished_reason"], registry=reg)
+        self.prompt_tokens = Counter("slipstream:prompt_tokens", "Prefilled prompt tokens.", labels, registry=reg)
+        self.generation_tokens = Counter("slipstream:generation_tokens", "Generated tokens.", labels, registry=reg)
+        self.ttft = Histogram("slipstream:time_to_first_token_seconds", "Time to the first token.", labels,
+                              buckets=_LATENCY_BUCKETS, registry=reg)
+        self.tpot = Histogram("slipstream:time_per_output_token_seconds", "Mean time per output token after the "
+                              "first, per request.", labels, buckets=_TOKEN_LATENCY_BUCKETS, registry=reg)
+        self.e2e = Histogram("slipstream:e2e_request_latency_seconds", "Arrival to last token.", labels,
+                             buckets=_LATENCY_BUCKETS, registry=reg)
+        reg.register(_EngineCollector(engine_stats, model_name))
+        self._first_token_time: dict[str, float] = {}  # request id -> TTFT, until it finishes
+
+    def observe(self, out: RequestOutput) -> None:
+        """Account for one engine output (called on the event loop for every output)."""
+        name = self.model_name
+        if out.token_ids:
+            self.generation_tokens.labels(name).inc(len(out.token_ids))
+            if out.num_output_tokens == len(out.token_ids):  # the request's first tokens
+                self.prompt_tokens.labels(name).inc(len(out.prompt_token_ids))
+                self._first_token_time[out.request_id] = out.arrival_times[0]
+                self.ttft.labels(name).observe(out.arrival_times[0])
+        if not out.finished:
+            return
+        self.requests.labels(name, out.finish_reason).inc()
+        ttft = self._first_token_time.pop(out.request_id, None)
+        if out.arrival_times and ttft is not None:
+            e2e = out.arrival_times[-1]
+            self.e2e.labels(name).observe(e2e)
+            if out.num_output_tokens > 1:
+                self.tpot.labels(name).observe((e2e - ttft) / (out.num_output_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,159 @@
+"""POST /v1/chat/completions: messages -> chat template -> engine -> chat.completion(.chunk) objects."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any, Protocol
+
+import jinja2
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from slipstream.engine.async_llm import AsyncLLM
+from slipstream.engine.output_processor import RequestOutput
+from slipstream.engine.sequence import TokenLogprobs
+from slipstream.entrypoints.llm import CompletionOutput
+from slipstream.entrypoints.openai.errors import APIError
+from slipstream.entrypoints.openai.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatMessageIn,
+    DeltaMessage,
+    StreamOptions,
+    TokenLogprob,
+    TopLogprob,
+)
+from slipstream.entrypoints.openai.serving_engine import (
+    OpenAIServing,
+    ServingOptions,
+    UsageCounter,
+    clamp_logprob,
+    parse_body,
+    sse_response,
+    until_disconnect,
+)
+
+
+class ReasoningParser(Protocol):
+    """Splits a thinking model's output into (reasoning_content, content); one instance per choice,
+    so a streaming parser may keep state between deltas."""
+
+    def extract(self, text: str, token_ids: list[int]) -> tuple[str | None, str | None]: ...
+
+    def extract_streaming(self, delta_text: str, delta_token_ids: list[int]) -> tuple[str | None, str | None]: ...
+
+
+def render_chat(tokenizer, messages: list[ChatMessageIn], add_generation_prompt: bool = True,
+                chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
+    """Token ids of the conversation through the (model's or given) chat template."""
+    try:
+        return tokenizer.apply_chat_template(
+            [m.template_dict() for m in messages], chat_template=chat_template, tokenize=True, return_dict=False,
+            add_generation_prompt=add_generation_prompt, **template_kwargs,
+        )
+    except (jinja2.TemplateError, ValueError) as exc:
+        raise APIError(f"the chat template failed on these messages: {exc}", param="messages") from exc
+
+
+class OpenAIServingChat(OpenAIServing):
+    def __init__(self, llm: AsyncLLM, options: ServingOptions,
+                 reasoning_parser: Callable[[], ReasoningParser] | None = None) -> None:
+        super().__init__(llm, options)
+        self.reasoning_parser = reasoning_parser  # makes one parser per choice (--reasoning-parser)
+
+    async def create(self, raw_request: Request) -> Response:
+        request = parse_body(ChatCompletionRequest, await raw_request.body())
+        self.check_model(request)
+        top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        self.check_logprobs(top_logprobs, "top_logprobs" if request.top_logprobs else "logprobs")
+        # enable_thinking (default true) at the top level, overridden by chat_template_kwargs.
+        template_kwargs = {"enable_thinking": request.enable_thinking is not False,
+                           **(request.chat_template_kwargs or {})}
+        prompt = request.prompt_token_ids
+        if prompt is None:
+            prompt = render_chat(self.llm.engine.tokenizer, request.messages, chat_template=request.chat_template,
+                                 **template_kwargs)
+        params = self.sampling_params(request, request.max_completion_tokens or request.max_tokens, top_logprobs)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        outputs = await self.generate(request_id, [prompt], params, "messages")
+        parse = self.reasoning_parser if template_kwargs["enable_thinking"] else None
+        if request.stream:
+            return sse_response(self._stream(request, request_id, prompt, outputs, parse))
+        result = await until_disconnect(raw_request, self._complete(request, request_id, prompt, outputs, parse))
+        return result if isinstance(result, Response) else JSONResponse(result.model_dump())
+
+    def _logprobs(self, logprobs: list[TokenLogprobs]) -> ChatLogprobs:
+        decode = self.llm.engine.tokenizer.decode
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = decode([token_id])
+            return {"token": text, "logprob": clamp_logprob(logprob), "bytes": list(text.encode())}
+
+        return ChatLogprobs(content=[
+            TokenLogprob(**entry(lp.token_id, lp.logprob), top_logprobs=[TopLogprob(**entry(*t)) for t in lp.top])
+            for lp in logprobs
+        ])
+
+    async def _complete(self, request: ChatCompletionRequest, request_id: str, prompt: list[int],
+                        outputs: AsyncIterator[tuple[int, RequestOutput]],
+                        parse: Callable[[], ReasoningParser] | None) -> ChatCompletionResponse:
+        choices = [CompletionOutput(i) for i in range(request.n)]
+        usage = UsageCounter([prompt], request.n)
+        async with aclosing(outputs):
+            async for i, out in outputs:
+                choices[i].add(out)
+                usage.add(i, out)
+        response_choices = []
+        for c in choices:
+            reasoning, content = parse().extract(c.text, c.token_ids) if parse else (None, c.text)
+            message = ChatMessage(content=content, reasoning_content=reasoning)
+            if request.return_token_ids:
+                message.prompt_token_ids, message.completion_token_ids = prompt, c.token_ids
+            logprobs = self._logprobs(c.logprobs or []) if request.logprobs else None
+            response_choices.append(ChatCompletionChoice(index=c.index, message=message, logprobs=logprobs,
+                                                         finish_reason=c.finish_reason))
+        return ChatCompletionResponse(id=request_id, model=self.options.model_name, choices=response_choices,
+                                      usage=usage.info())
+
+    async def _stream(self, request: ChatCompletionRequest, request_id: str, prompt: list[int],
+                      outputs: AsyncIterator[tuple[int, RequestOutput]],
+                      parse: Callable[[], ReasoningParser] | None) -> AsyncIterator[ChatCompletionStreamResponse]:
+        created = int(time.time())
+        options = request.stream_options or StreamOptions()
+        usage = UsageCounter([prompt], request.n)
+        parsers = [parse() for _ in range(request.n)] if parse else None
+
+        def chunk(*choices: ChatCompletionStreamChoice) -> ChatCompletionStreamResponse:
+            return ChatCompletionStreamResponse(id=request_id, created=created, model=self.options.model_name,
+                                                choices=list(choices),
+                                                usage=usage.info() if options.continuous_usage_stats else None)
+
+        for i in range(request.n):
+            delta = DeltaMessage(role="assistant", content="",
+                                 prompt_token_ids=prompt if request.return_token_ids else None)
+            yield chunk(ChatCompletionStreamChoice(index=i, delta=delta))
+        async with aclosing(outputs):
+            async for i, out in outputs:
+                usage.add(i, out)
+                if parsers:
+                    reasoning, content = parsers[i].extract_streaming(out.text, out.token_ids)
+                else:
+                    reasoning, content = None, out.text
+                delta = DeltaMessage(content=content, reasoning_content=reasoning,
+                                     completion_token_ids=out.token_ids if request.return_token_ids else None)
+                yield chunk(ChatCompletionStreamChoice(
+                    index=i, delta=delta, logprobs=self._logprobs(out.logprobs) if out.logprobs is not None else None,
+                    finish_reason=out.finish_reason if out.finished else None,
+                    arrival_time=out.arrival_times[-1] if out.arrival_times else None,
+                ))
+        if options.include_usage:
+            yield ChatCompletionStreamResponse(id=request_id, created=created, model=self.options.model_name,
+                                               choices=[], usage=usage.info())

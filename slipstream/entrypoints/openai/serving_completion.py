@@ -1,0 +1,127 @@
+"""POST /v1/completions: prompt(s) as text or token ids -> engine -> text_completion objects, with the
+legacy logprobs format and echo."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from slipstream.engine.output_processor import RequestOutput
+from slipstream.engine.sequence import TokenLogprobs
+from slipstream.entrypoints.llm import CompletionOutput
+from slipstream.entrypoints.openai.errors import APIError
+from slipstream.entrypoints.openai.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    StreamOptions,
+)
+from slipstream.entrypoints.openai.serving_engine import (
+    OpenAIServing,
+    UsageCounter,
+    clamp_logprob,
+    parse_body,
+    sse_response,
+    until_disconnect,
+)
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create(self, raw_request: Request) -> Response:
+        request = parse_body(CompletionRequest, await raw_request.body())
+        self.check_model(request)
+        self.check_logprobs(request.logprobs, "logprobs")
+        if request.echo and request.logprobs is not None:
+            raise APIError("echo together with logprobs is not supported yet: the engine does not return "
+                           "prompt logprobs", param="echo")
+        prompts, texts = self._prompts(request)
+        params = self.sampling_params(request, request.max_tokens, request.logprobs)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        outputs = await self.generate(request_id, prompts, params, "prompt")
+        echoes = [texts[i // request.n] if request.echo else "" for i in range(len(prompts) * request.n)]
+        if request.stream:
+            return sse_response(self._stream(request, request_id, prompts, echoes, outputs))
+        result = await until_disconnect(raw_request, self._complete(request, request_id, prompts, echoes, outputs))
+        return result if isinstance(result, Response) else JSONResponse(result.model_dump())
+
+    def _prompts(self, request: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+        """(token ids, text) of every prompt; `prompt_token_ids` overrides `prompt`."""
+        tokenizer = self.llm.engine.tokenizer
+        prompt = request.prompt if request.prompt_token_ids is None else request.prompt_token_ids
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        ids = [tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else p for p in prompt]
+        texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompt]
+        return ids, texts
+
+    def _logprobs(self, logprobs: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
+        """Legacy format; `offset` is where the first of these tokens starts in the choice's text."""
+        decode = self.llm.engine.tokenizer.decode
+        result = CompletionLogprobs()
+        for lp in logprobs:
+            token = decode([lp.token_id])
+            result.tokens.append(token)
+            result.token_logprobs.append(clamp_logprob(lp.logprob))
+            result.top_logprobs.append({token: clamp_logprob(lp.logprob)}
+                                       | {decode([t]): clamp_logprob(v) for t, v in lp.top})
+            result.text_offset.append(offset)
+            offset += len(token)
+        return result
+
+    async def _complete(self, request: CompletionRequest, request_id: str, prompts: list[list[int]],
+                        echoes: list[str], outputs: AsyncIterator[tuple[int, RequestOutput]]) -> CompletionResponse:
+        choices = [CompletionOutput(i) for i in range(len(echoes))]
+        usage = UsageCounter(prompts, request.n)
+        async with aclosing(outputs):
+            async for i, out in outputs:
+                choices[i].add(out)
+                usage.add(i, out)
+        response_choices = []
+        for c in choices:
+            choice = CompletionChoice(index=c.index, text=echoes[c.index] + c.text, finish_reason=c.finish_reason)
+            if request.logprobs is not None:
+                choice.logprobs = self._logprobs(c.logprobs or [], len(echoes[c.index]))
+            if request.return_token_ids:
+                choice.prompt_token_ids, choice.completion_token_ids = prompts[c.index // request.n], c.token_ids
+            response_choices.append(choice)
+        return CompletionResponse(id=request_id, model=self.options.model_name, choices=response_choices,
+                                  usage=usage.info())
+
+    async def _stream(self, request: CompletionRequest, request_id: str, prompts: list[list[int]],
+                      echoes: list[str], outputs: AsyncIterator[tuple[int, RequestOutput]]
+                      ) -> AsyncIterator[CompletionResponse]:
+        created = int(time.time())
+        options = request.stream_options or StreamOptions()
+        usage = UsageCounter(prompts, request.n)
+        offsets = [len(e) for e in echoes]  # text_offset of each choice's next token
+
+        def chunk(*choices: CompletionChoice) -> CompletionResponse:
+            return CompletionResponse(id=request_id, created=created, model=self.options.model_name,
+                                      choices=list(choices),
+                                      usage=usage.info() if options.continuous_usage_stats else None)
+
+        if request.echo or request.return_token_ids:
+            for i, echo in enumerate(echoes):
+                prompt_ids = prompts[i // request.n] if request.return_token_ids else None
+                yield chunk(CompletionChoice(index=i, text=echo, prompt_token_ids=prompt_ids))
+        async with aclosing(outputs):
+            async for i, out in outputs:
+                usage.add(i, out)
+                choice = CompletionChoice(
+                    index=i, text=out.text, finish_reason=out.finish_reason if out.finished else None,
+                    arrival_time=out.arrival_times[-1] if out.arrival_times else None,
+                    completion_token_ids=out.token_ids if request.return_token_ids else None,
+                )
+                if out.logprobs is not None:
+                    choice.logprobs = self._logprobs(out.logprobs, offsets[i])
+                    offsets[i] += sum(map(len, choice.logprobs.tokens))
+                yield chunk(choice)
+        if options.include_usage:
+            yield CompletionResponse(id=request_id, created=created, model=self.options.model_name, choices=[],
+                                     usage=usage.info())

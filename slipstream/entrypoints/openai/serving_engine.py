@@ -1,0 +1,181 @@
+"""What the chat and completions endpoints share: model-name and logprobs checks, request fields ->
+SamplingParams, fan-out of n samples into engine requests, SSE framing and disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from slipstream.engine.async_llm import AsyncLLM
+from slipstream.engine.output_processor import RequestOutput
+from slipstream.entrypoints.llm import fan_out
+from slipstream.entrypoints.openai.errors import APIError, from_exception, from_validation_error
+from slipstream.entrypoints.openai.protocol import (
+    CompletionTokensDetails,
+    PromptTokensDetails,
+    SamplingRequest,
+    UsageInfo,
+)
+from slipstream.sampling_params import SamplingParams
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+# Logprobs may be -inf (a token masked out); JSON has no -inf, so it is reported as this, as vLLM does.
+MIN_LOGPROB = -9999.0
+
+_OPTIONAL_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty",
+                             "presence_penalty", "repetition_penalty", "reasoning_max_tokens")
+
+
+@dataclass
+class ServingOptions:
+    model_name: str  # what responses and /v1/models call the model
+    require_model_name: bool  # --served-model-name was given: other names are a 404
+    enable_logprob: bool
+    max_logprobs: int
+
+
+def parse_body(model: type[M], body: bytes) -> M:
+    """Validate a JSON body whatever its content type; every failure is a 400 naming the field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def clamp_logprob(lp: float) -> float:
+    return max(lp, MIN_LOGPROB) if not math.isnan(lp) else MIN_LOGPROB
+
+
+async def until_disconnect(raw_request: Request, work: Awaitable[T]) -> T | Response:
+    """Run `work`, cancelling it (and so aborting its engine requests) if the client goes away."""
+
+    async def disconnected() -> None:
+        while (await raw_request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    return Response(status_code=499)  # nobody is listening any more
+
+
+def sse_response(events: AsyncIterator[BaseModel]) -> StreamingResponse:
+    """Server-sent events `data: {json}` ending in `data: [DONE]`; a failure after the stream has started
+    becomes an error event before the [DONE]."""
+
+    async def frames() -> AsyncIterator[str]:
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    yield f"data: {event.model_dump_json()}\n\n"
+        except Exception as exc:
+            yield from_exception(exc).sse()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(frames(), media_type="text/event-stream")
+
+
+class UsageCounter:
+    """Token counts of one API request: every prompt once, every choice's output."""
+
+    def __init__(self, prompts: list[list[int]], n: int) -> None:
+        self.n = n
+        self.prompt_tokens = sum(map(len, prompts))
+        self.completion_tokens = 0
+        self.cached = [0] * len(prompts)  # per prompt, as its first sample found it
+        self.reasoning: dict[int, int] = {}  # per choice
+
+    def add(self, index: int, out: RequestOutput) -> None:
+        self.completion_tokens += len(out.token_ids)
+        if index % self.n == 0:
+            self.cached[index // self.n] = out.num_cached_tokens
+        self.reasoning[index] = out.num_reasoning_tokens
+
+    def info(self) -> UsageInfo:
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached)),
+            completion_tokens_details=CompletionTokensDetails(reasoning_tokens=sum(self.reasoning.values())),
+        )
+
+
+class OpenAIServing:
+    def __init__(self, llm: AsyncLLM, options: ServingOptions) -> None:
+        self.llm = llm
+        self.options = options
+
+    def check_model(self, request: SamplingRequest) -> None:
+        if self.options.require_model_name and request.model != self.options.model_name:
+            raise APIError(f"The model `{request.model}` does not exist.", status=404, param="model",
+                           code="model_not_found")
+
+    def check_logprobs(self, k: int | None, param: str) -> None:
+        if k is None:
+            return
+        if not self.options.enable_logprob:
+            raise APIError("logprobs are disabled on this server: start it with --enable-logprob", param=param)
+        if k > self.options.max_logprobs:
+            raise APIError(f"{param}: at most {self.options.max_logprobs} top logprobs (--max-logprobs), got {k}",
+                           param=param)
+
+    def sampling_params(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        vocab = self.llm.engine.hf_config.vocab_size
+        for param, ids in (("stop_token_ids", request.stop_token_ids or []), ("logit_bias", request.logit_bias or {})):
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(f"{param}: token ids must be in [0, {vocab})", param=param)
+        optional = {f: v for f in _OPTIONAL_SAMPLING_FIELDS if (v := getattr(request, f)) is not None}
+        try:
+            return SamplingParams(
+                n=request.n,
+                max_tokens=max_tokens,
+                min_tokens=request.min_tokens,
+                stop=request.stop or [],
+                stop_token_ids=request.stop_token_ids or [],
+                include_stop_str_in_output=request.include_stop_str_in_output,
+                ignore_eos=request.ignore_eos,
+                bad_words=request.bad_words or [],
+                logit_bias=request.logit_bias or {},
+                logprobs=logprobs,
+                **optional,
+            )
+        except ValueError as exc:
+            raise APIError(str(exc)) from exc
+
+    async def generate(self, request_id: str, prompts: list[list[int]], params: SamplingParams,
+                       prompt_param: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Start every prompt x n samples; returns the stream of (choice index, output delta). Choice
+        index = prompt index * n + sample index, as OpenAI numbers them."""
+        samples = fan_out(params)
+        index: dict[str, int] = {}
+        requests = []
+        for p, prompt in enumerate(prompts):
+            for s, sample_params in enumerate(samples):
+                rid = f"{request_id}-{p * len(samples) + s}"
+                index[rid] = p * len(samples) + s
+                requests.append((rid, prompt, sample_params))
+        try:
+            outputs = await self.llm.generate(requests)
+        except Exception as exc:
+            raise from_exception(exc, prompt_param) from exc
+
+        async def indexed() -> AsyncIterator[tuple[int, RequestOutput]]:
+            async with aclosing(outputs):
+                async for out in outputs:
+                    yield index[out.request_id], out
+
+        return indexed()

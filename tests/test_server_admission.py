@@ -1,0 +1,79 @@
+"""Who gets in, on a real server process started with API keys, a served model name, one concurrent
+request at most and the seed's --max-model-len 32768 (beyond the default model's 8192)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+from server_utils import running_server
+
+KEYS = ("key-one", "key-two")
+NAME = "smol"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server("--api-key", KEYS[0], "--api-key", KEYS[1], "--served-model-name", NAME,
+                        "--max-concurrency", "1", "--max-model-len", "32768") as s:
+        yield s
+
+
+def client(server, key: str = KEYS[0]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, timeout=600)
+
+
+def test_start_up_reports_what_it_loaded_and_caps_the_context(server):
+    log = server.log()
+    assert "KV blocks" in log and "float32" in log
+    assert f"serving {NAME} at http://127.0.0.1:" in log
+    assert "exceeds the model's trained context 8192" in log
+    card = client(server).models.list().data[0]
+    assert card.id == NAME and card.model_extra["max_model_len"] <= 8192
+
+
+def test_every_key_works_and_others_get_401(server):
+    for key in KEYS:
+        assert client(server, key).chat.completions.create(model=NAME, messages=QUESTION, max_tokens=1).choices
+    with pytest.raises(openai.AuthenticationError) as e:
+        client(server, "wrong").chat.completions.create(model=NAME, messages=QUESTION, max_tokens=1)
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    r = httpx.post(f"{server.base_url}/completions", json={"prompt": "Hi", "max_tokens": 1})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{server.base_url}/models").status_code == 401
+
+
+def test_health_and_metrics_need_no_key(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+def test_an_unknown_model_is_404(server):
+    with pytest.raises(openai.NotFoundError) as e:
+        client(server).chat.completions.create(model="gpt-4o", messages=QUESTION, max_tokens=1)
+    assert e.value.body["code"] == "model_not_found" and "gpt-4o" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client(server).completions.create(model="null", prompt="Hi", max_tokens=1)
+
+
+def test_a_request_over_max_concurrency_is_429(server):
+    headers = {"Authorization": f"Bearer {KEYS[0]}"}
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=600) as http:
+        long = {"model": NAME, "messages": QUESTION, "max_tokens": 60, "ignore_eos": True, "stream": True}
+        with http.stream("POST", "/chat/completions", json=long) as r:
+            lines = r.iter_lines()  # (a dropped iterator would close the response)
+            assert next(lines).startswith("data: {")  # it holds the only slot now
+            with pytest.raises(openai.RateLimitError) as e:
+                client(server).chat.completions.create(model=NAME, messages=QUESTION, max_tokens=1)
+            assert e.value.body["code"] == "rate_limit_exceeded" and "--max-concurrency 1" in e.value.body["message"]
+            assert http.get("/models").status_code == 200  # only generation counts
+        # The slot comes back once the server has seen the disconnect.
+        deadline = time.monotonic() + 120
+        short = {"model": NAME, "prompt": "Hi", "max_tokens": 1}
+        while (r := http.post("/completions", json=short)).status_code == 429:
+            assert time.monotonic() < deadline, "the slot never came back"
+            time.sleep(0.1)
+        assert r.status_code == 200

@@ -1,0 +1,118 @@
+"""The server's command line: FastDeploy's flags, their defaults, and bad values that stop the start with
+a clear one-line message (no traceback), in-process and through the real entry points."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from server_utils import free_port
+
+from slipstream.entrypoints.openai.args import API_KEY_ENV, engine_config, memory_size, parse_args
+
+SERVER = [sys.executable, "-m", "slipstream.entrypoints.openai.api_server"]
+CLI = [str(Path(sys.executable).parent / "slipstream")]  # the console script
+
+
+@pytest.mark.parametrize(("text", "size"), [("268435456", 256 << 20), ("256MiB", 256 << 20), ("256Mi", 256 << 20),
+                                            ("0.5GiB", 512 << 20), ("300MB", 300_000_000), ("2g", 2_000_000_000)])
+def test_memory_sizes(text, size):
+    assert memory_size(text) == size
+
+
+def test_the_seed_command_line_maps_onto_the_engine_config():
+    args = parse_args(["--model", "baidu/ERNIE-4.5-0.3B-Paddle", "--port", "8188", "--tensor-parallel-size", "8",
+                       "--max-model-len", "32768", "--enable-logprob"])
+    config = engine_config(args)
+    assert (config.model, config.tensor_parallel_size, config.max_model_len) == ("baidu/ERNIE-4.5-0.3B-Paddle", 8,
+                                                                                  32768)
+    assert args.port == 8188 and args.enable_logprob
+
+
+def test_every_engine_flag_reaches_the_config():
+    args = parse_args(["--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--block-size", "32",
+                       "--kv-cache-memory", "1GiB", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
+                       "--dtype", "float32", "--device", "cpu", "--seed", "7", "--chat-template", "t.jinja",
+                       "--max-logprobs", "5"])
+    config = engine_config(args)
+    assert (config.max_num_seqs, config.max_num_batched_tokens, config.block_size) == (8, 512, 32)
+    assert config.kv_cache_memory == 1 << 30
+    assert not config.enable_prefix_caching and not config.enable_chunked_prefill
+    assert (config.dtype, config.device, config.seed, config.chat_template, config.max_logprobs) == (
+        "float32", "cpu", 7, "t.jinja", 5)
+
+
+def test_defaults():
+    args = parse_args([])
+    assert (args.host, args.port, args.model, args.served_model_name) == ("0.0.0.0", 8188, None, None)
+    assert args.max_logprobs == 20 and not args.enable_logprob and args.api_key is None
+    config = engine_config(args)
+    assert config.enable_prefix_caching and config.enable_chunked_prefill and config.dtype == "auto"
+
+
+def test_api_keys_repeat_and_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert parse_args(["--api-key", "a", "--api-key", "b"]).api_key == ["a", "b"]
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert parse_args([]).api_key == ["from-env"]
+    assert parse_args(["--api-key", "flag"]).api_key == ["flag"]  # the flag wins
+
+
+BAD = [
+    (["--port", "abc"], "--port"),
+    (["--port", "70000"], "--port"),
+    (["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
+    (["--max-model-len", "-5"], "--max-model-len"),
+    (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--kv-cache-memory", "lots"], "--kv-cache-memory"),
+    (["--dtype", "float8"], "--dtype"),
+    (["--device", "tpu"], "--device"),
+    (["--max-concurrency", "0"], "--max-concurrency"),
+    (["--max-waiting-time", "-2"], "--max-waiting-time"),
+    (["--log-level", "loud"], "--log-level"),
+    (["--reasoning-parser", "nonsense"], "--reasoning-parser"),
+    (["--no-such-flag"], "--no-such-flag"),
+]
+
+
+@pytest.mark.parametrize(("argv", "flag"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_values_stop_with_a_message_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_a_bad_flag_through_the_module_entry_point_is_one_clear_line():
+    r = subprocess.run([*SERVER, "--port", "abc"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2
+    assert "argument --port: invalid int value: 'abc'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_model_that_cannot_load_stops_the_server_with_its_reason(tmp_path):
+    r = subprocess.run([*SERVER, "--port", str(free_port()), "--model", str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1
+    assert "failed to load the model" in r.stderr and "missing" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_serve_help_documents_every_flag_with_its_default():
+    r = subprocess.run([*CLI, "serve", "--help"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0
+    assert r.stdout.startswith("usage: slipstream serve")
+    for flag in ("--model", "--port", "--host", "--tensor-parallel-size", "--max-model-len", "--enable-logprob",
+                 "--served-model-name", "--max-num-seqs", "--max-num-batched-tokens", "--block-size",
+                 "--kv-cache-memory", "--enable-prefix-caching", "--no-enable-prefix-caching",
+                 "--enable-chunked-prefill", "--dtype", "--device", "--seed", "--chat-template",
+                 "--reasoning-parser", "--api-key", "--max-concurrency", "--max-waiting-time", "--max-logprobs",
+                 "--log-level"):
+        assert flag in r.stdout, flag
+    assert "(default: 8188)" in r.stdout and "(default: 20)" in r.stdout
+
+
+def test_cli_without_a_command_prints_usage():
+    r = subprocess.run(CLI, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "serve" in r.stderr and "bench" in r.stderr
