@@ -93,9 +93,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8)
 @pytest.fixture(scope="module")
 def tiny_llm(llm_fp32) -> LLM:
     """The default model with 10 KV blocks of 4 tokens: five short requests cannot all fit."""
-    runner = llm_fp32.engine.runner
-    block_bytes = runner.kv_cache_bytes // runner.num_blocks // 4  # llm_fp32 has 16-token blocks
-    return LLM(dtype="float32", kv_cache_memory=10 * block_bytes, block_size=4, max_num_seqs=5)
+    engine = llm_fp32.engine
+    token_bytes = engine.runner.kv_cache_bytes // (engine.runner.num_blocks * engine.config.block_size)
+    return LLM(dtype="float32", kv_cache_memory=10 * 4 * token_bytes, block_size=4, max_num_seqs=5)
 
 
 @pytest.fixture(scope="module")
