@@ -138,6 +138,11 @@ class LLMEngine:
         vocab = self.hf_config.vocab_size
         if any(t < 0 or t >= vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            if any(t < 0 or t >= vocab for t in ids):
+                raise ValueError(f"{name} must be token ids in [0, {vocab})")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs must be at most {self.config.max_logprobs}")
         seq = Sequence(request_id, list(prompt_token_ids), params)
         if arrival_time is not None:
             seq.arrival_time = arrival_time

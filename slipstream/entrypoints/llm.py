@@ -70,7 +70,8 @@ class LLM:
         while self.engine.has_unfinished():
             for out in self.engine.step():
                 owners[out.request_id].add(out)
-                by_rid[out.request_id].num_cached_tokens = out.num_cached_tokens
+                if owners[out.request_id].index == 0:  # the sample that looked the prompt up first
+                    by_rid[out.request_id].num_cached_tokens = out.num_cached_tokens
         return results
 
     def chat(self, messages, params: SamplingParams | None = None, **template_kwargs) -> list[GenerationResult]:
