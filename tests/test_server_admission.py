@@ -1,14 +1,20 @@
 """Who gets in, on a real server process started with API keys, a served model name, one concurrent
-request at most and the seed's --max-model-len 32768 (beyond the default model's 8192)."""
+request at most, no --enable-logprob and the seed's --max-model-len 32768 (beyond the default model's 8192)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
 import openai
 import pytest
 from server_utils import running_server
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from slipstream.entrypoints.openai.admission import ConcurrencyLimitMiddleware
 
 KEYS = ("key-one", "key-two")
 NAME = "smol"
@@ -59,6 +65,19 @@ def test_an_unknown_model_is_404(server):
         client(server).completions.create(model="null", prompt="Hi", max_tokens=1)
 
 
+def test_logprobs_need_enable_logprob(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).chat.completions.create(model=NAME, messages=QUESTION, max_tokens=1, logprobs=True)
+    assert "--enable-logprob" in e.value.body["message"] and e.value.body["param"] == "logprobs"
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).chat.completions.create(model=NAME, messages=QUESTION, max_tokens=1, logprobs=True,
+                                               top_logprobs=2)
+    assert "--enable-logprob" in e.value.body["message"] and e.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).completions.create(model=NAME, prompt="Hi", max_tokens=1, logprobs=0)
+    assert "--enable-logprob" in e.value.body["message"] and e.value.body["param"] == "logprobs"
+
+
 def test_a_request_over_max_concurrency_is_429(server):
     headers = {"Authorization": f"Bearer {KEYS[0]}"}
     with httpx.Client(base_url=server.base_url, headers=headers, timeout=600) as http:
@@ -77,3 +96,39 @@ def test_a_request_over_max_concurrency_is_429(server):
             assert time.monotonic() < deadline, "the slot never came back"
             time.sleep(0.1)
         assert r.status_code == 200
+
+
+# ---- --max-waiting-time, in-process: the middleware over an endpoint that holds its slot until told ----
+
+
+def limited_app(max_wait: float) -> tuple[Starlette, asyncio.Event]:
+    release = asyncio.Event()
+
+    async def hold(request):
+        await release.wait()
+        return PlainTextResponse("done")
+
+    app = Starlette(routes=[Route("/v1/completions", hold, methods=["POST"])])
+    return ConcurrencyLimitMiddleware(app, limit=1, max_wait=max_wait, paths=("/v1/completions",)), release
+
+
+@pytest.mark.parametrize(("max_wait", "second_status"), [(0, 429), (0.05, 429), (-1, 200), (600, 200)])
+def test_max_waiting_time(max_wait, second_status):
+    async def go():
+        app, release = limited_app(max_wait)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            first = asyncio.create_task(http.post("/v1/completions"))
+            while not app.slots.locked():
+                await asyncio.sleep(0.01)
+            second = asyncio.create_task(http.post("/v1/completions"))
+            if second_status == 429:
+                assert (await second).status_code == 429
+                release.set()
+            else:
+                await asyncio.sleep(0.1)  # the second one waits meanwhile
+                assert not second.done()
+                release.set()
+                assert (await second).status_code == 200
+            assert (await first).status_code == 200
+
+    asyncio.run(go())

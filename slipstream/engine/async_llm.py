@@ -89,7 +89,7 @@ class AsyncLLM:
         return self._engine
 
     def stats(self) -> dict[str, float]:
-        """The engine's stats as of its last step."""
+        """The engine's stats as of its last step or command."""
         return self._stats
 
     # ---- requests (event loop side) ----
