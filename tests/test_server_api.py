@@ -481,8 +481,8 @@ INVALID_CHAT = [
     ({"top_logprobs": 2}, None),
     ({"stream_options": {"include_usage": True}}, None),
     ({"stop": ""}, "stop"),
-    ({"stop_token_ids": [10**7]}, "stop_token_ids"),
-    ({"logit_bias": {"10000000": 1}}, "logit_bias"),
+    ({"stop_token_ids": [10**7]}, None),
+    ({"logit_bias": {"10000000": 1}}, None),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"max_tokens": "many"}, "max_tokens"),
     ({"prompt_token_ids": [10**7]}, None),
@@ -494,10 +494,11 @@ INVALID_CHAT = [
 
 @pytest.mark.parametrize(("fields", "param"), INVALID_CHAT, ids=[json.dumps(f) for f, _ in INVALID_CHAT])
 def test_chat_invalid_values_are_400(http, fields, param):
+    """Each is a 400 whose message names the field; `param` names it too when one field alone is wrong."""
     error = post(http, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 1, **fields}, 400)["error"]
-    assert error["type"] == "invalid_request_error" and error["message"]
-    if param is not None:
-        assert error["param"] == param and param in error["message"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    name = param or next(iter(fields))
+    assert name.replace("_", " ") in error["message"].replace("_", " ")
 
 
 INVALID_COMPLETION = [

@@ -134,10 +134,6 @@ class OpenAIServing:
                            param=param)
 
     def sampling_params(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        vocab = self.llm.engine.hf_config.vocab_size
-        for param, ids in (("stop_token_ids", request.stop_token_ids or []), ("logit_bias", request.logit_bias or {})):
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(f"{param}: token ids must be in [0, {vocab})", param=param)
         optional = {f: v for f in _OPTIONAL_SAMPLING_FIELDS if (v := getattr(request, f)) is not None}
         try:
             return SamplingParams(
