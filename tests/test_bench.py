@@ -4,21 +4,15 @@ slipstream server process over HTTP."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
+from server_utils import running_server
 
 from slipstream.bench import main
 from slipstream.bench.report import emit
-
-SERVER_MODULE = "slipstream.entrypoints.openai.api_server"
 
 
 def run_json(*argv: str) -> dict:
@@ -31,7 +25,7 @@ def run_json(*argv: str) -> dict:
 @pytest.fixture(scope="module")
 def throughput() -> dict:
     return run_json("throughput", "--num-prompts", "2", "--input-len", "8", "--output-len", "4",
-                    "--dtype", "float32", "--kv-cache-memory", str(64 << 20))
+                    "--dtype", "float32", "--kv-cache-memory", "64MiB")
 
 
 def test_throughput_generates_exactly_the_requested_tokens(throughput):
@@ -53,32 +47,10 @@ def test_text_report_lists_every_figure(throughput, capsys):
     assert "output_tokens:" in text and "ttft_ms p99:" in text and "peak_rss_mib:" in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    if importlib.util.find_spec(SERVER_MODULE) is None:
-        pytest.skip(f"{SERVER_MODULE} does not exist yet: bench serve is tested against the real server only")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", SERVER_MODULE, "--host", "127.0.0.1", "--port", str(port)])
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "the server did not become ready in 180 s"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v1/models", timeout=2, trust_env=False).status_code == 200:
-                    break
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with running_server() as running:
+        yield running.url
 
 
 def test_serve_chat_closed_loop(server):

@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from slipstream.bench.report import emit, peak_rss_mib, summarize_ms
+from slipstream.entrypoints.openai.args import memory_size
 from slipstream.sampling_params import SamplingParams
 
 
@@ -24,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="engine batch size limit (default: engine's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="tokens per engine step (default: engine's)")
-    parser.add_argument("--kv-cache-memory", type=int, default=None,
-                        help="KV cache size in bytes (default: engine's share of free memory)")
+    parser.add_argument("--kv-cache-memory", type=memory_size, default=None,
+                        help="KV cache budget: bytes or a size like 256MiB (default: engine's share of free memory)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
