@@ -167,8 +167,11 @@ async def _benchmark(args: argparse.Namespace, prompts: list[str], warmup: str) 
                                  limits=limits, trust_env=False) as client:
         model = args.model
         if model is None:
-            response = await client.get("/v1/models")
-            response.raise_for_status()
+            try:
+                response = await client.get("/v1/models")
+                response.raise_for_status()
+            except httpx.HTTPError as e:
+                raise SystemExit(f"cannot list the models of {args.base_url}: {e}") from e
             model = response.json()["data"][0]["id"]
         path = ENDPOINTS[args.endpoint]
         check = await _request(client, path, _body(args, model, warmup))
