@@ -3,6 +3,7 @@ a clear one-line message (no traceback), in-process and through the real entry p
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,17 @@ def test_a_model_that_cannot_load_stops_the_server_with_its_reason(tmp_path):
     assert r.returncode == 1
     assert "failed to load the model" in r.stderr and "missing" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_taken_port_stops_the_start_before_loading_anything():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([*SERVER, "--host", "127.0.0.1", "--port", str(port)], capture_output=True, text=True,
+                           timeout=600)
+    assert r.returncode != 0
+    assert "Address already in use" in r.stderr and "Traceback" not in r.stderr and "loaded" not in r.stderr
 
 
 def test_cli_serve_help_documents_every_flag_with_its_default():

@@ -70,7 +70,7 @@ class AsyncLLM:
             if self._error is None:
                 self._error = EngineDeadError("the server is shutting down")
             self._commands.put((None, None))
-        if self._thread is not None:
+        if self._engine is not None:  # a thread still loading the model is a daemon: it ends with the process
             self._thread.join()
         self._fail_all(self._error)
 
@@ -193,7 +193,7 @@ class AsyncLLM:
         except Exception as exc:
             self._die(EngineDeadError(f"failed to load the model: {exc}"), exc)
             return
-        self._post(self._ready.set_result, None)
+        self._post(_settle, self._ready, None, None)  # (a shutdown during the load has settled it)
         engine = self._engine
         while True:
             # Run every queued command before the next step; wait for one only when idle.

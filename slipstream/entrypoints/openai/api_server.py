@@ -95,10 +95,12 @@ async def serve(args: argparse.Namespace) -> int:
     model_name = served_model_name(args)
     metrics = Metrics(model_name, lambda: llm.stats())
     llm = AsyncLLM.from_config(engine_config(args), on_output=metrics.observe)
-    server = uvicorn.Server(uvicorn.Config(build_app(args, llm, metrics), host=args.host, port=args.port,
-                                           log_level=args.log_level, timeout_graceful_shutdown=5))
+    config = uvicorn.Config(build_app(args, llm, metrics), host=args.host, port=args.port,
+                            log_level=args.log_level, timeout_graceful_shutdown=5)
+    sock = config.bind_socket()  # a taken port stops the start here (uvicorn's message), before any loading
+    server = uvicorn.Server(config)
     llm.start()
-    serving = asyncio.create_task(server.serve())
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     ready = asyncio.create_task(llm.wait_ready())
     await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
     if ready.done() and ready.exception() is not None:
