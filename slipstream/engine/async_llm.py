@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 # (request id, prompt token ids, sampling params) of one engine request.
 EngineRequest = tuple[str, list[int], SamplingParams]
+WORKER_CHECK_SECONDS = 1.0  # how often an idle engine checks that its tensor-parallel workers live
 _Command = tuple[Callable[[], object] | None, asyncio.Future | None]  # (None, None) stops the thread
 
 
@@ -46,6 +47,7 @@ class AsyncLLM:
         self._stats: dict[str, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future | None = None
+        self._died: asyncio.Future | None = None
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -58,12 +60,17 @@ class AsyncLLM:
         """Start the engine thread; call from the running event loop."""
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
+        self._died = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, name="slipstream-engine", daemon=True)
         self._thread.start()
 
     async def wait_ready(self) -> None:
         """Return once the engine is built; raises EngineDeadError if building it failed."""
         await asyncio.shield(self._ready)
+
+    async def wait_dead(self) -> EngineDeadError:
+        """Return once the engine has died (failed, lost a worker, or shut down), with the reason."""
+        return await asyncio.shield(self._died)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -165,6 +172,8 @@ class AsyncLLM:
         for q in set(self._queues.values()):
             q.put_nowait(error)
         self._queues.clear()
+        if self._died is not None and not self._died.done():
+            self._died.set_result(error)
 
     # ---- engine thread ----
 
@@ -198,11 +207,19 @@ class AsyncLLM:
         while True:
             # Run every queued command before the next step; wait for one only when idle.
             while True:
+                idle = not engine.has_unfinished()
                 try:
-                    fn, fut = self._commands.get(block=not engine.has_unfinished())
+                    fn, fut = self._commands.get(block=idle, timeout=WORKER_CHECK_SECONDS if idle else None)
                 except queue.Empty:
+                    if idle and (dead := engine.dead_workers()):
+                        self._die(EngineDeadError(f"tensor-parallel worker exited: {', '.join(dead)}"), None)
+                        engine.shutdown()
+                        return
+                    if idle:
+                        continue
                     break
                 if fn is None:
+                    engine.shutdown()
                     return
                 self._run_command(fn, fut)
                 self._stats = engine.stats()  # an abort frees blocks and slots without a step
@@ -212,6 +229,7 @@ class AsyncLLM:
             except Exception as exc:
                 logger.exception("engine step failed; the engine is dead")
                 self._die(EngineDeadError(f"the engine failed: {exc}"), exc)
+                engine.shutdown()
                 return
             if outputs:
                 self._post(self._dispatch, outputs)
@@ -224,7 +242,7 @@ class AsyncLLM:
         if fut is not None:
             self._post(_settle, fut, result, error)
 
-    def _die(self, error: EngineDeadError, cause: Exception) -> None:
+    def _die(self, error: EngineDeadError, cause: Exception | None) -> None:
         error.__cause__ = cause
         with self._lock:
             self._error = error

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "bench":
         from slipstream.bench import main as bench
 
-        bench(rest)
+        sys.exit(bench(rest))
     elif command in ("-h", "--help"):
         print(USAGE)
     else:

@@ -33,11 +33,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the process that started it dies, so no rank outlives the
+    server however it ends (a SIGKILL included)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _worker_main(config: EngineConfig, model_dir: Path, max_model_len: int, rank: int) -> None:
     from slipstream.model.loader import load_config
     from slipstream.model.parallel import init_distributed
     from slipstream.model.runner import ModelRunner, resolve_device
 
+    _die_with_parent()
     torch.set_num_threads(threads_per_rank(config))
     logging.basicConfig(level=logging.WARNING)
     init_distributed(rank, config.tensor_parallel_size, config.master_addr, config.master_port,

@@ -110,6 +110,16 @@ async def serve(args: argparse.Namespace) -> int:
         return 1
     if ready.done():
         logger.info("serving %s at http://%s:%d/v1", model_name, args.host, args.port)
+        # An engine that dies (a failed step, a lost tensor-parallel worker) takes the server down with
+        # it, so a supervisor can restart it; meanwhile /health has said 503.
+        died = asyncio.create_task(llm.wait_dead())
+        await asyncio.wait({serving, died}, return_when=asyncio.FIRST_COMPLETED)
+        if died.done() and not serving.done():
+            logger.error("stopping: %s", died.result())
+            server.should_exit = True
+            await serving
+            return 1
+        died.cancel()
     await serving
     ready.cancel()
     return 0
@@ -118,6 +128,10 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_args(argv, prog)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.node_rank > 0:  # a worker-only node of a multi-node tensor-parallel launch: no HTTP server
+        from slipstream.model.worker import run_node_workers
+
+        sys.exit(run_node_workers(engine_config(args)))
     try:
         sys.exit(asyncio.run(serve(args)))
     except KeyboardInterrupt:

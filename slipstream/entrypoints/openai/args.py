@@ -58,6 +58,12 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--host", default="0.0.0.0", help="address to listen on")
     add("--port", type=_bounded(int, 1, 65535), default=8188, help="port to listen on")
     add("--tensor-parallel-size", type=pos_int, default=1, help="number of tensor-parallel ranks")
+    add("--nnodes", type=pos_int, default=1, help="machines the tensor-parallel ranks are spread over")
+    add("--node-rank", type=_bounded(int, 0), default=0,
+        help="this machine's index; node 0 serves HTTP, the others run tensor-parallel workers only")
+    add("--master-addr", default="127.0.0.1", help="address of node 0 for the tensor-parallel rendezvous")
+    add("--master-port", type=_bounded(int, 1, 65535), default=None,
+        help="port of the tensor-parallel rendezvous on node 0 (required with --nnodes > 1; default: a free port)")
     add("--max-model-len", type=pos_int, default=None,
         help="context length (prompt + output); capped to the model's trained context")
     add("--max-num-seqs", type=pos_int, default=64, help="most sequences in one batch")
@@ -94,6 +100,13 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     if args.reasoning_parser is not None and args.reasoning_parser not in REASONING_PARSERS:
         available = ", ".join(REASONING_PARSERS) or "none yet"
         parser.error(f"argument --reasoning-parser: unknown parser {args.reasoning_parser!r} (available: {available})")
+    if args.node_rank >= args.nnodes:
+        parser.error(f"argument --node-rank: {args.node_rank} must be below --nnodes {args.nnodes}")
+    if args.nnodes > 1 and args.master_port is None:
+        parser.error("argument --master-port: required with --nnodes > 1")
+    if args.tensor_parallel_size % args.nnodes:
+        parser.error(f"argument --tensor-parallel-size: {args.tensor_parallel_size} is not a multiple of "
+                     f"--nnodes {args.nnodes}")
     if args.api_key is None and os.environ.get(API_KEY_ENV):
         args.api_key = [os.environ[API_KEY_ENV]]
     return args
@@ -112,6 +125,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill,
         tensor_parallel_size=args.tensor_parallel_size,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
         seed=args.seed,
         chat_template=args.chat_template,
         max_logprobs=args.max_logprobs,
