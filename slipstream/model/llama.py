@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +52,8 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, config) -> ModelArgs:
         family = ARCHITECTURES[config.architectures[0]]
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (the MLP is SwiGLU)")
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         bias = bool(getattr(config, "attention_bias", False) or getattr(config, "use_bias", False))
@@ -137,6 +139,11 @@ class CausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    # Paddle ERNIE checkpoints store these already fused: checkpoint name -> (our name, shard ids in order)
+    fused = {
+        "qkv_proj": ("qkv_proj", ("q", "k", "v")),
+        "up_gate_proj": ("gate_up_proj", (0, 1)),  # gate first, as Paddle's swiglu reads it
+    }
 
     def __init__(self, args: ModelArgs, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -161,33 +168,49 @@ class CausalLM(nn.Module):
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
 
+    def _shard_sizes(self) -> dict[str | int, int]:
+        a = self.args
+        kv = a.num_kv_heads * a.head_dim
+        return {"q": a.num_heads * a.head_dim, "k": kv, "v": kv, 0: a.intermediate_size, 1: a.intermediate_size}
+
+    def _to_params(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor, str | int | None]]:
+        """(our parameter name, tensor, shard id or None) for one checkpoint tensor."""
+        for ckpt_name, (ours, shard_id) in self.packed.items():
+            if f".{ckpt_name}." in name:
+                yield name.replace(ckpt_name, ours), tensor, shard_id
+                return
+        for ckpt_name, (ours, shard_ids) in self.fused.items():
+            if f".{ckpt_name}." in name:
+                sizes = self._shard_sizes()
+                parts = tensor.split([sizes[s] for s in shard_ids], dim=0)
+                for shard_id, part in zip(shard_ids, parts, strict=True):
+                    yield name.replace(ckpt_name, ours), part, shard_id
+                return
+        yield name, tensor, None
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (transformers-style name, full tensor) pairs; each parameter takes its own shard."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
-        for name, tensor in weights:
-            name = name.removeprefix("model.")
-            if "rotary_emb" in name:
+        for ckpt_name, ckpt_tensor in weights:
+            ckpt_name = ckpt_name.removeprefix("model.")
+            if "rotary_emb" in ckpt_name:
                 continue
-            if name == "lm_head.weight" and self.args.tie_word_embeddings:
+            if ckpt_name == "lm_head.weight" and self.args.tie_word_embeddings:
                 continue
-            shard = None
-            for ckpt_name, (ours, shard_id) in self.packed.items():
-                if f".{ckpt_name}." in name:
-                    name, shard = name.replace(ckpt_name, ours), shard_id
-                    break
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
-            loader = getattr(param, "weight_loader", None)
-            tensor = tensor.to(param.dtype)
-            if loader is None:
-                param.data.copy_(tensor)
-            elif shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard)
-            loaded.add(name)
+            for name, tensor, shard in self._to_params(ckpt_name, ckpt_tensor):
+                param = params.get(name)
+                if param is None:
+                    raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in this model")
+                loader = getattr(param, "weight_loader", None)
+                tensor = tensor.to(param.dtype)
+                if loader is None:
+                    param.data.copy_(tensor)
+                elif shard is None:
+                    loader(param, tensor)
+                else:
+                    loader(param, tensor, shard)
+                loaded.add(name)
         missing = {n for n in params if n not in loaded}
         if self.args.tie_word_embeddings:
             missing.discard("lm_head.weight")

@@ -178,21 +178,30 @@ def load_config(directory: Path):
     return AutoConfig.from_pretrained(directory)
 
 
+PADDLE_PREFIX = "ernie."
+
+
 def iter_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(transformers name, tensor) for every tensor of the checkpoint. Paddle-layout ERNIE files
-    (`ernie.` prefix, linear weights stored [in, out]) are mapped to the transformers layout."""
+    """(transformers name, tensor) for every tensor of the checkpoint. A Paddle-layout ERNIE
+    checkpoint (`ernie.` prefix, every linear weight, lm_head included, stored [in, out]) is mapped
+    to the transformers layout; its fused `qkv_proj` / `up_gate_proj` keep their names."""
     from safetensors import safe_open
 
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelNotFoundError(f"{directory} has no *.safetensors files")
+    paddle = False
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            paddle = paddle or any(name.startswith(PADDLE_PREFIX) for name in f.keys())
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)
-                if name.startswith("ernie."):
-                    name = "model." + name.removeprefix("ernie.")
-                    if name.endswith("proj.weight") and tensor.dim() == 2:
+                if paddle:
+                    if name.startswith(PADDLE_PREFIX):
+                        name = "model." + name.removeprefix(PADDLE_PREFIX)
+                    if tensor.dim() == 2 and "embed_tokens" not in name:
                         tensor = tensor.t()
                 yield name, tensor
 
