@@ -16,18 +16,26 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from functools import partial
+from typing import NamedTuple
 
 from slipstream.config import EngineConfig
-from slipstream.engine.llm_engine import LLMEngine
+from slipstream.engine.llm_engine import LLMEngine, ReasoningSpan
 from slipstream.engine.output_processor import RequestOutput
 from slipstream.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# (request id, prompt token ids, sampling params) of one engine request.
-EngineRequest = tuple[str, list[int], SamplingParams]
 WORKER_CHECK_SECONDS = 1.0  # how often an idle engine checks that its tensor-parallel workers live
 _Command = tuple[Callable[[], object] | None, asyncio.Future | None]  # (None, None) stops the thread
+
+
+class EngineRequest(NamedTuple):
+    """One engine request; a plain (request_id, prompt_token_ids, params) tuple is one too."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    reasoning: ReasoningSpan | None = None  # a thinking span to count and budget (--reasoning-parser)
 
 
 class EngineDeadError(RuntimeError):
@@ -180,8 +188,9 @@ class AsyncLLM:
     def _add_all(self, requests: list[EngineRequest]) -> None:
         added = []
         try:
-            for rid, prompt_token_ids, params in requests:
-                self._engine.add_request(rid, prompt_token_ids, params)
+            for request in requests:
+                rid, prompt_token_ids, params, reasoning = EngineRequest(*request)
+                self._engine.add_request(rid, prompt_token_ids, params, reasoning=reasoning)
                 added.append(rid)
         except Exception:
             for rid in added:

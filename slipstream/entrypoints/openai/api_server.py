@@ -30,6 +30,7 @@ from slipstream.entrypoints.openai.serving_completion import OpenAIServingComple
 from slipstream.entrypoints.openai.serving_engine import ServingOptions
 from slipstream.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from slipstream.model.loader import DEFAULT_MODEL_FILE
+from slipstream.reasoning import get_reasoning_parser
 
 logger = logging.getLogger("slipstream.api_server")
 
@@ -44,7 +45,8 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
     """The routes over an AsyncLLM (started by the caller; shut down with the app)."""
     options = ServingOptions(served_model_name(args), args.served_model_name is not None, args.enable_logprob,
                              args.max_logprobs)
-    chat = OpenAIServingChat(llm, options)
+    reasoning_parser = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
+    chat = OpenAIServingChat(llm, options, reasoning_parser)
     completion = OpenAIServingCompletion(llm, options)
     tokenization = OpenAIServingTokenization(llm, options)
 

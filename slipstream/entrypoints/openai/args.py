@@ -8,10 +8,9 @@ import os
 import re
 
 from slipstream.config import EngineConfig
+from slipstream.reasoning import REASONING_PARSERS, get_reasoning_parser
 
 API_KEY_ENV = "SLIPSTREAM_API_KEY"
-# Names --reasoning-parser accepts; the parsers themselves arrive with thinking-model support.
-REASONING_PARSERS: tuple[str, ...] = ()
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
                "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30}
@@ -80,8 +79,8 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     add("--seed", type=int, default=0, help="global random seed")
     add("--chat-template", default=None, help="chat template (a file or the Jinja text) replacing the model's")
-    add("--reasoning-parser", default=None,
-        help="split thinking models' output into reasoning_content and content")
+    add("--reasoning-parser", default=None, help="split thinking models' output into reasoning_content and "
+        f"content: {', '.join(sorted(REASONING_PARSERS))}")
     add("--enable-logprob", action="store_true", help="allow requests for logprobs")
     add("--max-logprobs", type=_bounded(int, 0), default=20, help="most top logprobs a request may ask for")
     add("--api-key", action="append", default=None,
@@ -97,9 +96,11 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     parser = make_arg_parser(prog)
     args = parser.parse_args(argv)
-    if args.reasoning_parser is not None and args.reasoning_parser not in REASONING_PARSERS:
-        available = ", ".join(REASONING_PARSERS) or "none yet"
-        parser.error(f"argument --reasoning-parser: unknown parser {args.reasoning_parser!r} (available: {available})")
+    if args.reasoning_parser is not None:
+        try:
+            get_reasoning_parser(args.reasoning_parser)
+        except ValueError as exc:
+            parser.error(f"argument --reasoning-parser: {exc}")
     if args.node_rank >= args.nnodes:
         parser.error(f"argument --node-rank: {args.node_rank} must be below --nnodes {args.nnodes}")
     if args.nnodes > 1 and args.master_port is None:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any, Protocol
+from typing import Any
 
 import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from slipstream.engine.async_llm import AsyncLLM
+from slipstream.engine.llm_engine import ReasoningSpan
 from slipstream.engine.output_processor import RequestOutput
 from slipstream.engine.sequence import TokenLogprobs
 from slipstream.entrypoints.llm import CompletionOutput
@@ -40,34 +41,55 @@ from slipstream.entrypoints.openai.serving_engine import (
     sse_response,
     until_disconnect,
 )
+from slipstream.reasoning import ReasoningParser, ReasoningStream
 
 
-class ReasoningParser(Protocol):
-    """Splits a thinking model's output into (reasoning_content, content); one instance per choice,
-    so a streaming parser may keep state between deltas."""
-
-    def extract(self, text: str, token_ids: list[int]) -> tuple[str | None, str | None]: ...
-
-    def extract_streaming(self, delta_text: str, delta_token_ids: list[int]) -> tuple[str | None, str | None]: ...
-
-
-def render_chat(tokenizer, messages: list[ChatMessageIn], add_generation_prompt: bool = True,
-                chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
-    """Token ids of the conversation through the (model's or given) chat template."""
+def render_chat_text(tokenizer, messages: list[ChatMessageIn], add_generation_prompt: bool = True,
+                     chat_template: str | None = None, **template_kwargs: Any) -> str:
+    """The conversation through the (model's or given) chat template."""
     try:
         return tokenizer.apply_chat_template(
-            [m.template_dict() for m in messages], chat_template=chat_template, tokenize=True, return_dict=False,
+            [m.template_dict() for m in messages], chat_template=chat_template, tokenize=False,
             add_generation_prompt=add_generation_prompt, **template_kwargs,
         )
     except (jinja2.TemplateError, ValueError) as exc:
         raise APIError(f"the chat template failed on these messages: {exc}", param="messages") from exc
 
 
+def render_chat(tokenizer, messages: list[ChatMessageIn], add_generation_prompt: bool = True,
+                chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
+    """Token ids of the conversation; special tokens come from the template's text alone, as in
+    `apply_chat_template(tokenize=True)`."""
+    text = render_chat_text(tokenizer, messages, add_generation_prompt, chat_template, **template_kwargs)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def thinking_span(parser: ReasoningParser, tokenizer, prompt_text: str) -> ReasoningSpan:
+    """How the engine recognises `parser`'s thinking in the reply to `prompt_text`, to count its tokens
+    and to end it at reasoning_max_tokens."""
+
+    def ids(tag: str) -> list[int]:
+        return tokenizer.encode(tag, add_special_tokens=False)
+
+    opened = parser.implicit_start or parser.prompt_opens_thinking(prompt_text)
+    return ReasoningSpan(ids(parser.end_tag), ids(parser.start_tag), opened_by_prompt=opened)
+
+
+def split_delta(stream: ReasoningStream | None, out: RequestOutput) -> tuple[str, str]:
+    """(reasoning, content) of one output delta; the last delta flushes what the parser held back."""
+    if stream is None:
+        return "", out.text
+    reasoning, content = stream.feed(out.text)
+    if out.finished:
+        more_reasoning, more_content = stream.finish()
+        reasoning, content = reasoning + more_reasoning, content + more_content
+    return reasoning, content
+
+
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, llm: AsyncLLM, options: ServingOptions,
-                 reasoning_parser: Callable[[], ReasoningParser] | None = None) -> None:
+    def __init__(self, llm: AsyncLLM, options: ServingOptions, reasoning_parser: ReasoningParser | None = None) -> None:
         super().__init__(llm, options)
-        self.reasoning_parser = reasoning_parser  # makes one parser per choice (--reasoning-parser)
+        self.reasoning_parser = reasoning_parser  # --reasoning-parser
 
     async def create(self, raw_request: Request) -> Response:
         request = parse_body(ChatCompletionRequest, await raw_request.body())
@@ -77,17 +99,24 @@ class OpenAIServingChat(OpenAIServing):
         # enable_thinking (default true) at the top level, overridden by chat_template_kwargs.
         template_kwargs = {"enable_thinking": request.enable_thinking is not False,
                            **(request.chat_template_kwargs or {})}
-        prompt = request.prompt_token_ids
-        if prompt is None:
-            prompt = render_chat(self.llm.engine.tokenizer, request.messages, chat_template=request.chat_template,
-                                 **template_kwargs)
+        tokenizer = self.llm.engine.tokenizer
+        if request.prompt_token_ids is None:
+            prompt_text = render_chat_text(tokenizer, request.messages, chat_template=request.chat_template,
+                                           **template_kwargs)
+            prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+        else:
+            prompt, prompt_text = request.prompt_token_ids, None
+        # Without thinking the template closes it (or the model has none): the output is all answer.
+        parser = self.reasoning_parser if template_kwargs["enable_thinking"] else None
+        span = thinking_span(parser, tokenizer, prompt_text or tokenizer.decode(prompt)) if parser else None
         params = self.sampling_params(request, request.max_completion_tokens or request.max_tokens, top_logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        outputs = await self.generate(request_id, [prompt], params, "messages")
-        parse = self.reasoning_parser if template_kwargs["enable_thinking"] else None
+        outputs = await self.generate(request_id, [prompt], params, "messages", span)
+        opened = span is not None and span.opened_by_prompt
         if request.stream:
-            return sse_response(self._stream(request, request_id, prompt, outputs, parse))
-        result = await until_disconnect(raw_request, self._complete(request, request_id, prompt, outputs, parse))
+            return sse_response(self._stream(request, request_id, prompt, outputs, parser, opened))
+        result = await until_disconnect(raw_request,
+                                        self._complete(request, request_id, prompt, outputs, parser, opened))
         return result if isinstance(result, Response) else JSONResponse(result.model_dump())
 
     def _logprobs(self, logprobs: list[TokenLogprobs]) -> ChatLogprobs:
@@ -103,8 +132,8 @@ class OpenAIServingChat(OpenAIServing):
         ])
 
     async def _complete(self, request: ChatCompletionRequest, request_id: str, prompt: list[int],
-                        outputs: AsyncIterator[tuple[int, RequestOutput]],
-                        parse: Callable[[], ReasoningParser] | None) -> ChatCompletionResponse:
+                        outputs: AsyncIterator[tuple[int, RequestOutput]], parser: ReasoningParser | None,
+                        prompt_opened: bool) -> ChatCompletionResponse:
         choices = [CompletionOutput(i) for i in range(request.n)]
         usage = UsageCounter([prompt], request.n)
         async with aclosing(outputs):
@@ -113,7 +142,7 @@ class OpenAIServingChat(OpenAIServing):
                 usage.add(i, out)
         response_choices = []
         for c in choices:
-            reasoning, content = parse().extract(c.text, c.token_ids) if parse else (None, c.text)
+            reasoning, content = parser.extract(c.text, prompt_opened) if parser else (None, c.text)
             message = ChatMessage(content=content, reasoning_content=reasoning)
             if request.return_token_ids:
                 message.prompt_token_ids, message.completion_token_ids = prompt, c.token_ids
@@ -124,12 +153,12 @@ class OpenAIServingChat(OpenAIServing):
                                       usage=usage.info())
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, prompt: list[int],
-                      outputs: AsyncIterator[tuple[int, RequestOutput]],
-                      parse: Callable[[], ReasoningParser] | None) -> AsyncIterator[ChatCompletionStreamResponse]:
+                      outputs: AsyncIterator[tuple[int, RequestOutput]], parser: ReasoningParser | None,
+                      prompt_opened: bool) -> AsyncIterator[ChatCompletionStreamResponse]:
         created = int(time.time())
         options = request.stream_options or StreamOptions()
         usage = UsageCounter([prompt], request.n)
-        parsers = [parse() for _ in range(request.n)] if parse else None
+        streams = [parser.stream(prompt_opened) if parser else None for _ in range(request.n)]
 
         def chunk(*choices: ChatCompletionStreamChoice) -> ChatCompletionStreamResponse:
             return ChatCompletionStreamResponse(id=request_id, created=created, model=self.options.model_name,
@@ -143,11 +172,9 @@ class OpenAIServingChat(OpenAIServing):
         async with aclosing(outputs):
             async for i, out in outputs:
                 usage.add(i, out)
-                if parsers:
-                    reasoning, content = parsers[i].extract_streaming(out.text, out.token_ids)
-                else:
-                    reasoning, content = None, out.text
-                delta = DeltaMessage(content=content, reasoning_content=reasoning,
+                reasoning, content = split_delta(streams[i], out)
+                # content stays a string ("" while thinking), as clients that print every delta expect.
+                delta = DeltaMessage(content=content, reasoning_content=reasoning or None,
                                      completion_token_ids=out.token_ids if request.return_token_ids else None)
                 yield chunk(ChatCompletionStreamChoice(
                     index=i, delta=delta, logprobs=self._logprobs(out.logprobs) if out.logprobs is not None else None,

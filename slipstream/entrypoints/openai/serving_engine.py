@@ -14,7 +14,8 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from slipstream.engine.async_llm import AsyncLLM
+from slipstream.engine.async_llm import AsyncLLM, EngineRequest
+from slipstream.engine.llm_engine import ReasoningSpan
 from slipstream.engine.output_processor import RequestOutput
 from slipstream.entrypoints.llm import fan_out
 from slipstream.entrypoints.openai.errors import APIError, from_exception, from_validation_error
@@ -135,6 +136,8 @@ class OpenAIServing:
 
     def sampling_params(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         optional = {f: v for f in _OPTIONAL_SAMPLING_FIELDS if (v := getattr(request, f)) is not None}
+        if "reasoning_max_tokens" in optional and max_tokens is not None:  # thinking is part of the output
+            optional["reasoning_max_tokens"] = min(optional["reasoning_max_tokens"], max_tokens)
         try:
             return SamplingParams(
                 n=request.n,
@@ -152,10 +155,11 @@ class OpenAIServing:
         except ValueError as exc:
             raise APIError(str(exc)) from exc
 
-    async def generate(self, request_id: str, prompts: list[list[int]], params: SamplingParams,
-                       prompt_param: str) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Start every prompt x n samples; returns the stream of (choice index, output delta). Choice
-        index = prompt index * n + sample index, as OpenAI numbers them."""
+    async def generate(self, request_id: str, prompts: list[list[int]], params: SamplingParams, prompt_param: str,
+                       reasoning: ReasoningSpan | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Start every prompt x n samples (each with the thinking span `reasoning`, if any); returns the
+        stream of (choice index, output delta). Choice index = prompt index * n + sample index, as OpenAI
+        numbers them."""
         samples = fan_out(params)
         index: dict[str, int] = {}
         requests = []
@@ -163,7 +167,7 @@ class OpenAIServing:
             for s, sample_params in enumerate(samples):
                 rid = f"{request_id}-{p * len(samples) + s}"
                 index[rid] = p * len(samples) + s
-                requests.append((rid, prompt, sample_params))
+                requests.append(EngineRequest(rid, prompt, sample_params, reasoning))
         try:
             outputs = await self.llm.generate(requests)
         except Exception as exc:
