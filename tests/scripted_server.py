@@ -4,36 +4,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from contextlib import AbstractContextManager
 
 import scripted_model
-from server_utils import DEFAULT_ARGS, RunningServer, _wait_healthy, free_port
+from server_utils import RunningServer, running_server
 
 
-@contextmanager
-def running_scripted_server(*args: str) -> Iterator[RunningServer]:
-    port = free_port()
-    cmd = [sys.executable, __file__, "--host", "127.0.0.1", "--port", str(port), *DEFAULT_ARGS, *args]
-    with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "server.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        server = RunningServer(f"http://127.0.0.1:{port}", proc, log_path)
-        try:
-            _wait_healthy(server)
-            yield server
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+def running_scripted_server(*args: str) -> AbstractContextManager[RunningServer]:
+    return running_server(*args, launcher=(__file__,))
 
 
 if __name__ == "__main__":

@@ -42,10 +42,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(*args: str, env: dict[str, str] | None = None) -> Iterator[RunningServer]:
+def running_server(*args: str, env: dict[str, str] | None = None,
+                   launcher: tuple[str, ...] = ("-m", "slipstream.entrypoints.openai.api_server"),
+                   ) -> Iterator[RunningServer]:
     port = free_port()
-    cmd = [sys.executable, "-m", "slipstream.entrypoints.openai.api_server", "--host", "127.0.0.1",
-           "--port", str(port), *DEFAULT_ARGS, *args]
+    cmd = [sys.executable, *launcher, "--host", "127.0.0.1", "--port", str(port), *DEFAULT_ARGS, *args]
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "server.log"
         with open(log_path, "wb") as log:
