@@ -1,9 +1,10 @@
 """Tiny random checkpoints made with transformers' own classes and saved as real ones are
 (config.json, model.safetensors, tokenizer files), so tests can run every architecture in seconds.
 
-Weights are drawn large enough that attention is sharp and every parameter (biases and norms
-included) matters: a wrong RoPE layout or a dropped bias moves the logits well beyond test
-tolerances, which transformers' default initialisation (std 0.02, zero biases) would hide.
+Weights are drawn so that activations stay near unit scale whatever the sizes, attention is sharp
+and every parameter (biases and norms included) matters: a wrong RoPE layout or a dropped bias
+moves the logits well beyond test tolerances, which transformers' default initialisation (std
+0.02, zero biases) would hide.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def save_tiny_model(
     head_dim: int | None = None,
     intermediate_size: int = 128,
     max_position_embeddings: int = 512,
-    weight_std: float = 0.15,
+    weight_gain: float = 1.5,
     seed: int = 0,
     **config_overrides,
 ) -> Path:
@@ -99,8 +100,8 @@ def save_tiny_model(
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(1.0, 0.2)
-            else:
-                p.normal_(0.0, weight_std)
+            else:  # matrices scaled by their input size, biases by the hidden size
+                p.normal_(0.0, weight_gain / (p.shape[-1] if p.dim() == 2 else hidden_size) ** 0.5)
     model.save_pretrained(directory)
     return directory
 
