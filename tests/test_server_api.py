@@ -430,6 +430,27 @@ def test_completion_echo(client, http):
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == r.choices[0].text
 
 
+def test_completion_echo_with_logprobs_scores_the_prompt(http):
+    ids = tokenize(http, prompt=PROMPT)
+    first = post(http, "/v1/completions", {"prompt": ids, "temperature": 0, "max_tokens": 1, "logprobs": 0,
+                                           "return_token_ids": True})["choices"][0]
+    # Echo the prompt plus the token the model chose after it: that token's echoed logprob is the one
+    # the model gave it when it generated it.
+    prompt = ids + first["completion_token_ids"]
+    body = {"prompt": prompt, "temperature": 0, "max_tokens": 2, "logprobs": 2, "echo": True}
+    full = post(http, "/v1/completions", body)["choices"][0]
+    lp = full["logprobs"]
+    n = len(prompt)
+    assert len(lp["tokens"]) == n + 2 and "".join(lp["tokens"]) == full["text"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing scores the first token
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert abs(lp["token_logprobs"][n - 1] - first["logprobs"]["token_logprobs"][0]) < 1e-4
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(n + 2)]
+    events = stream(http, "/v1/completions", body)
+    streamed = [t for e in events[:-1] for c in e["choices"] if c.get("logprobs") for t in c["logprobs"]["tokens"]]
+    assert streamed == lp["tokens"]
+
+
 def test_completion_legacy_logprobs_stream_and_non_stream(client, http):
     body = {"prompt": PROMPT, "temperature": 0, "max_tokens": 4, "logprobs": 2, "return_token_ids": True}
     full = post(http, "/v1/completions", body)["choices"][0]
@@ -506,7 +527,6 @@ INVALID_COMPLETION = [
     ({"prompt": []}, None),
     ({"prompt": None}, None),
     ({"prompt": [[1, 2], "mixed"]}, "prompt"),
-    ({"echo": True, "logprobs": 1}, "echo"),
     ({"prompt": ""}, None),
 ]
 

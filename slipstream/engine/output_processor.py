@@ -30,6 +30,9 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     num_reasoning_tokens: int = 0
+    # With SamplingParams.prompt_logprobs, on the first output only: one entry per prompt token,
+    # None for the first (nothing scores it).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass
@@ -41,6 +44,7 @@ class _Detokenizer:
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
     pending_times: list[float] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
 
 class OutputProcessor:
@@ -130,6 +134,9 @@ class OutputProcessor:
             num_cached_tokens=seq.num_cached_tokens,
             num_reasoning_tokens=seq.num_reasoning_tokens,
         )
+        if seq.params.prompt_logprobs is not None and not st.prompt_logprobs_sent:
+            out.prompt_logprobs = [None, *seq.prompt_logprobs]
+            st.prompt_logprobs_sent = True
         st.sent = end
         st.pending_ids, st.pending_logprobs, st.pending_times = [], [], []
         if finished:

@@ -93,7 +93,8 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            prefix = bm.lookup_prefix(seq)
+            # Prompt logprobs need every prompt position computed, so such requests skip the cache.
+            prefix = bm.lookup_prefix(seq) if seq.params.prompt_logprobs is None else []
             num_cached = len(prefix) * bm.block_size
             if self._block_in_flight(seq, num_cached):
                 continue

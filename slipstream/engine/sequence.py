@@ -47,6 +47,7 @@ class Sequence:
     # Tokens the engine must emit next regardless of the logits (e.g. the end of a thinking span).
     forced_token_ids: deque[int] = field(default_factory=deque)
     num_reasoning_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # of prompt tokens 1.., when asked
     in_reasoning: bool = False
 
     def __post_init__(self) -> None:

@@ -19,12 +19,13 @@ from slipstream.model.context import set_context
 from slipstream.model.loader import iter_weights
 from slipstream.model.parallel import all_reduce_min, tp_rank, tp_size
 from slipstream.model.registry import build_model
-from slipstream.model.sampler import Sampler
+from slipstream.model.sampler import Sampler, token_logprobs
 from slipstream.model.step_input import HEADER_LEN, StepInput
 
 logger = logging.getLogger(__name__)
 
 _STOP = torch.zeros(HEADER_LEN, dtype=torch.long)
+PromptRows = tuple[ScheduledSeq, int]  # a sequence and how many of its prompt positions get logprobs
 
 
 def cpu_has_bf16() -> bool:
@@ -102,9 +103,10 @@ class ModelRunner:
         self.kv_cache_bytes = kv.numel() * elem
         return num_blocks
 
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], StepInput]:
-        """Flatten the batch (decode tokens first, then prefill chunks) into a StepInput; also
-        returns the sequences that sample this step, in logits-row order."""
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[PromptRows], StepInput]:
+        """Flatten the batch (decode tokens first, then prefill chunks) into a StepInput. Also returns
+        the sequences that sample this step and the (sequence, row count) of prompt-logprob rows, in
+        the order of their logits rows."""
         bs = self.block_size
         decodes = [s for s in batch if s.num_new_tokens == 1]
         prefills = [s for s in batch if s.num_new_tokens > 1]
@@ -113,12 +115,21 @@ class ModelRunner:
         slots: list[int] = []
         sample_idx: list[int] = []
         sampling: list[ScheduledSeq] = []
+        prompt_idx: list[int] = []
+        prompt_rows: list[PromptRows] = []
         prefill_meta: list[list[int]] = []
         for s in decodes + prefills:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
             if s.num_new_tokens > 1:
                 prefill_meta.append([len(ids), s.num_new_tokens, start])
+            # Logits at position p score prompt token p + 1 (the last prompt position samples instead);
+            # positions scored before a preemption are not scored again.
+            first = max(start, len(seq.prompt_logprobs))
+            if seq.params.prompt_logprobs is not None and first < min(end, seq.num_prompt_tokens - 1):
+                n = min(end, seq.num_prompt_tokens - 1) - first
+                prompt_idx.extend(range(len(ids) + first - start, len(ids) + first - start + n))
+                prompt_rows.append((s, n))
             ids.extend(seq.token_ids[start:end])
             bt = seq.block_table
             positions.extend(range(start, end))
@@ -139,27 +150,28 @@ class ModelRunner:
             decode_lens=torch.tensor([s.seq.num_computed_tokens + 1 for s in decodes], dtype=torch.long),
             prefill_meta=torch.tensor(prefill_meta, dtype=torch.long).view(len(prefills), 3),
             prefill_block_tables=table([s.seq.block_table for s in prefills]),
-            sample_idx=torch.tensor(sample_idx, dtype=torch.long),
+            logits_idx=torch.tensor(sample_idx + prompt_idx, dtype=torch.long),
         )
-        return sampling, step
+        return sampling, prompt_rows, step
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor | None:
-        """Forward one step on this rank; returns float32 logits of the sampled rows."""
+        """Forward one step on this rank; returns float32 logits of the rows in `logits_idx`."""
         step = StepInput(*(getattr(step, f).to(self.device) for f in step.__dataclass_fields__))
         set_context(step.attention_context(self.block_size))
         try:
             hidden = self.model(step.input_ids, step.positions)
         finally:
             set_context(None)
-        if not len(step.sample_idx):
+        if not len(step.logits_idx):
             return None
-        return self.model.logits(hidden[step.sample_idx])
+        return self.model.logits(hidden[step.logits_idx])
 
+    @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> list[tuple[ScheduledSeq, int, TokenLogprobs | None]]:
         """Forward the batch; returns (scheduled seq, sampled token, logprobs) for each sequence
-        whose chunk reached the end of its known tokens."""
-        sampling, step = self.prepare(batch)
+        whose chunk reached the end of its known tokens. Prompt logprobs go onto the sequences."""
+        sampling, prompt_rows, step = self.prepare(batch)
         if tp_size() > 1:
             header, payload = step.pack()
             dist.broadcast(header, 0)
@@ -167,8 +179,16 @@ class ModelRunner:
         logits = self.execute(step)
         if logits is None:
             return []
-        with torch.inference_mode():
-            tokens, logprobs = self.sampler(logits, [s.seq for s in sampling])
+        row = len(sampling)
+        for s, n in prompt_rows:
+            seq = s.seq
+            first = len(seq.prompt_logprobs)
+            targets = seq.token_ids[first + 1 : first + 1 + n]
+            seq.prompt_logprobs += token_logprobs(logits[row : row + n], targets, seq.params.prompt_logprobs)
+            row += n
+        if not sampling:
+            return []
+        tokens, logprobs = self.sampler(logits[: len(sampling)], [s.seq for s in sampling])
         return list(zip(sampling, tokens, logprobs, strict=True))
 
     def worker_loop(self) -> None:

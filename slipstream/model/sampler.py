@@ -115,19 +115,29 @@ class Sampler:
         wanted = [s.params.logprobs for s in seqs]
         if all(w is None for w in wanted):
             return [None] * len(seqs)
-        lp = raw.log_softmax(dim=-1)
-        chosen = lp.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        ranks = (lp > chosen.unsqueeze(1)).sum(dim=-1) + 1
-        k = max(w or 0 for w in wanted)
-        top_vals, top_ids = lp.topk(k, dim=-1) if k else (None, None)
-        chosen_l, ranks_l, tokens_l = chosen.tolist(), ranks.tolist(), tokens.tolist()
-        top_vals_l = top_vals.tolist() if k else None
-        top_ids_l = top_ids.tolist() if k else None
+        rows = [i for i, w in enumerate(wanted) if w is not None]
+        k = max(wanted[i] for i in rows)
+        computed = iter(token_logprobs(raw[rows], tokens[rows].tolist(), k))
         out: list[TokenLogprobs | None] = []
-        for i, w in enumerate(wanted):
-            if w is None:
-                out.append(None)
-                continue
-            top = list(zip(top_ids_l[i][:w], top_vals_l[i][:w], strict=True)) if w else []
-            out.append(TokenLogprobs(tokens_l[i], chosen_l[i], ranks_l[i], top))
+        for w in wanted:
+            lp = None if w is None else next(computed)
+            if lp is not None:
+                lp.top = lp.top[:w]
+            out.append(lp)
         return out
+
+
+def token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
+    """The model's logprob and rank of each row's target token, plus the row's top-k alternatives."""
+    lp = logits.log_softmax(dim=-1)
+    t = torch.tensor(targets, dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, t.unsqueeze(1)).squeeze(1)
+    ranks = ((lp > chosen.unsqueeze(1)).sum(dim=-1) + 1).tolist()
+    if k:
+        top_vals, top_ids = (x.tolist() for x in lp.topk(k, dim=-1))
+    else:
+        top_vals = top_ids = [[] for _ in targets]
+    return [
+        TokenLogprobs(tok, val, rank, list(zip(ids, vals, strict=True)))
+        for tok, val, rank, ids, vals in zip(targets, chosen.tolist(), ranks, top_ids, top_vals, strict=True)
+    ]

@@ -25,13 +25,13 @@ class StepInput:
     decode_lens: torch.Tensor  # [D] context length of each decode token
     prefill_meta: torch.Tensor  # [P, 3] (start, length, tokens already computed)
     prefill_block_tables: torch.Tensor  # [P, W2]
-    sample_idx: torch.Tensor  # [S] rows of the batch whose logits are needed
+    logits_idx: torch.Tensor  # [S] rows whose logits are needed: sampled rows, then prompt-logprob rows
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(header, payload): header holds the shapes so receivers can size their buffers."""
         tensors = [getattr(self, f.name) for f in fields(self)]
         t, (d, w), (p, w2), s = len(self.input_ids), self.decode_block_tables.shape, \
-            self.prefill_block_tables.shape, len(self.sample_idx)
+            self.prefill_block_tables.shape, len(self.logits_idx)
         header = torch.tensor([1, t, d, w, p, w2, s, 0], dtype=torch.long)
         return header, torch.cat([x.reshape(-1).long().cpu() for x in tensors])
 

@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse, Response
 from slipstream.engine.output_processor import RequestOutput
 from slipstream.engine.sequence import TokenLogprobs
 from slipstream.entrypoints.llm import CompletionOutput
-from slipstream.entrypoints.openai.errors import APIError
 from slipstream.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -37,11 +36,10 @@ class OpenAIServingCompletion(OpenAIServing):
         request = parse_body(CompletionRequest, await raw_request.body())
         self.check_model(request)
         self.check_logprobs(request.logprobs, "logprobs")
-        if request.echo and request.logprobs is not None:
-            raise APIError("echo together with logprobs is not supported yet: the engine does not return "
-                           "prompt logprobs", param="echo")
         prompts, texts = self._prompts(request)
         params = self.sampling_params(request, request.max_tokens, request.logprobs)
+        if request.echo and request.logprobs is not None:  # the echoed prompt carries its logprobs too
+            params.prompt_logprobs = request.logprobs
         request_id = f"cmpl-{uuid.uuid4().hex}"
         outputs = await self.generate(request_id, prompts, params, "prompt")
         echoes = [texts[i // request.n] if request.echo else "" for i in range(len(prompts) * request.n)]
@@ -60,33 +58,49 @@ class OpenAIServingCompletion(OpenAIServing):
         texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompt]
         return ids, texts
 
-    def _logprobs(self, logprobs: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
-        """Legacy format; `offset` is where the first of these tokens starts in the choice's text."""
+    def _logprobs(self, logprobs: list[TokenLogprobs | None], offset: int, token_ids: list[int] | None = None
+                  ) -> CompletionLogprobs:
+        """Legacy format; `offset` is where the first of these tokens starts in the choice's text. A None
+        entry (the first prompt token, which nothing scores) takes its token from `token_ids`."""
         decode = self.llm.engine.tokenizer.decode
         result = CompletionLogprobs()
-        for lp in logprobs:
-            token = decode([lp.token_id])
+        for i, lp in enumerate(logprobs):
+            token = decode([token_ids[i] if lp is None else lp.token_id])
             result.tokens.append(token)
+            result.text_offset.append(offset)
+            offset += len(token)
+            if lp is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
             result.token_logprobs.append(clamp_logprob(lp.logprob))
             result.top_logprobs.append({token: clamp_logprob(lp.logprob)}
                                        | {decode([t]): clamp_logprob(v) for t, v in lp.top})
-            result.text_offset.append(offset)
-            offset += len(token)
         return result
+
+    def _echo_logprobs(self, prompt: list[int], out: RequestOutput) -> CompletionLogprobs:
+        return self._logprobs(out.prompt_logprobs, 0, prompt)
 
     async def _complete(self, request: CompletionRequest, request_id: str, prompts: list[list[int]],
                         echoes: list[str], outputs: AsyncIterator[tuple[int, RequestOutput]]) -> CompletionResponse:
         choices = [CompletionOutput(i) for i in range(len(echoes))]
+        echo_logprobs: dict[int, CompletionLogprobs] = {}
         usage = UsageCounter(prompts, request.n)
         async with aclosing(outputs):
             async for i, out in outputs:
                 choices[i].add(out)
                 usage.add(i, out)
+                if out.prompt_logprobs is not None:
+                    echo_logprobs[i] = self._echo_logprobs(prompts[i // request.n], out)
         response_choices = []
         for c in choices:
             choice = CompletionChoice(index=c.index, text=echoes[c.index] + c.text, finish_reason=c.finish_reason)
             if request.logprobs is not None:
                 choice.logprobs = self._logprobs(c.logprobs or [], len(echoes[c.index]))
+                if c.index in echo_logprobs:
+                    echoed = echo_logprobs[c.index]
+                    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                        setattr(choice.logprobs, field, getattr(echoed, field) + getattr(choice.logprobs, field))
             if request.return_token_ids:
                 choice.prompt_token_ids, choice.completion_token_ids = prompts[c.index // request.n], c.token_ids
             response_choices.append(choice)
@@ -118,6 +132,9 @@ class OpenAIServingCompletion(OpenAIServing):
                     arrival_time=out.arrival_times[-1] if out.arrival_times else None,
                     completion_token_ids=out.token_ids if request.return_token_ids else None,
                 )
+                if out.prompt_logprobs is not None:  # the echoed prompt's chunk came first; its logprobs now
+                    yield chunk(CompletionChoice(index=i, text="", logprobs=self._echo_logprobs(
+                        prompts[i // request.n], out)))
                 if out.logprobs is not None:
                     choice.logprobs = self._logprobs(out.logprobs, offsets[i])
                     offsets[i] += sum(map(len, choice.logprobs.tokens))
