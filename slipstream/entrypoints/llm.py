@@ -56,6 +56,7 @@ class LLM:
             prompts = [prompts]
         results: list[GenerationResult] = []
         owners: dict[str, CompletionOutput] = {}
+        by_rid: dict[str, GenerationResult] = {}
         for prompt in prompts:
             ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
             result = GenerationResult(ids, [])
@@ -65,8 +66,8 @@ class LLM:
                 out = CompletionOutput(i)
                 result.outputs.append(out)
                 owners[rid] = out
+                by_rid[rid] = result
             results.append(result)
-        by_rid = {rid: r for r in results for rid, o in owners.items() if o in r.outputs}
         while self.engine.has_unfinished():
             for out in self.engine.step():
                 owners[out.request_id].add(out)
