@@ -8,7 +8,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slipstream.kernels import cpu_ops
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
+
+# Up to this many rows (tokens), a matmul reads the weights' GGUF blocks (a quarter of fp32's
+# bytes for Q4) instead of the dense copy: small batches are bound by memory, large ones by compute.
+GGUF_KERNEL_MAX_ROWS = 8
+
+
+def attach_gguf_blocks(layer: nn.Module, blocks: torch.Tensor, qtype: int) -> None:
+    """Give `layer` (with a dense `weight`) the GGUF block form of the same weights."""
+    layer.gguf_blocks, layer.gguf_type = blocks, qtype
+
+
+def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    blocks = getattr(layer, "gguf_blocks", None)
+    if blocks is None or x.shape[0] > GGUF_KERNEL_MAX_ROWS or x.dtype != torch.float32:
+        return F.linear(x, layer.weight, bias)
+    y = cpu_ops().gguf_linear(x, blocks, layer.gguf_type, layer.weight.shape[0])
+    return y if bias is None else y + bias
 
 
 def _shard(t: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor:
@@ -34,7 +52,7 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return gguf_linear(self, x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -123,7 +141,7 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = gather_last_dim(F.linear(x, self.weight))
+        logits = gather_last_dim(gguf_linear(self, x, None))
         return logits[..., : self.vocab_size]
 
 

