@@ -112,7 +112,7 @@ class RowParallelLinear(LinearBase):
         super().__init__(in_features // tp_size(), out_features, bias, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if tp_rank() == 0 else None)
+        y = gguf_linear(self, x, self.bias if tp_rank() == 0 else None)
         return all_reduce(y)
 
 
