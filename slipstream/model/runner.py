@@ -82,7 +82,9 @@ class ModelRunner:
         self.model = build_model(hf_config, self.dtype, self.device, max_model_len)
         self.model.load_weights(iter_weights(model_dir))
         if self.device.type == "cpu" and self.dtype == torch.float32 and tp_size() == 1 and cpu_ops() is not None:
-            self.model.load_gguf_blocks(iter_gguf_blocks(model_dir))
+            blocks = list(iter_gguf_blocks(model_dir))  # only a converted GGUF has them
+            if blocks:
+                self.model.load_gguf_blocks(blocks)
         self.num_blocks = self._allocate_kv_cache(max_model_len)
 
     def _allocate_kv_cache(self, max_model_len: int) -> int:
