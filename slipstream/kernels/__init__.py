@@ -39,7 +39,8 @@ def cpu_ops():
         return load(
             name="slipstream_cpu_kernels",
             sources=[str(here / f) for f in ("bindings.cpp", "gguf_linear.cpp", "paged_attention.cpp")],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP inlined from the header: without it, one thread
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, ...: fall back to dense weights

@@ -12,7 +12,6 @@
 namespace {
 
 constexpr int QK = 32;
-constexpr int MAX_M = 8;
 
 enum class QType { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
 
@@ -55,43 +54,55 @@ inline void load_block(const uint8_t* q, __m256 w[4]) {
   }
 }
 
-template <QType T>
-void linear_rows(const float* x, const uint8_t* w, const float* xsum, float* y, int64_t M, int64_t K,
-                 int64_t N, int64_t n0, int64_t n1) {
+// MM activation rows times NR weight rows at a time, all accumulators in registers: several
+// independent FMA chains per block, and each block's weights (or activations) loaded once.
+template <QType T, int MM, int NR>
+void linear_tile(const float* x, const uint8_t* w, const float* xsum, float* y, int64_t K, int64_t N,
+                 int64_t n0, int64_t n1) {
   const int64_t nb = K / QK;
   const int64_t row_bytes = nb * block_bytes<T>();
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + n * row_bytes;
-    __m256 acc[MAX_M];
-    float min_acc[MAX_M];
-    for (int64_t m = 0; m < M; ++m) {
-      acc[m] = _mm256_setzero_ps();
-      min_acc[m] = 0.0f;
-    }
+  for (int64_t n = n0; n < n1; n += NR) {
+    __m256 acc[NR][MM];
+    float min_acc[NR][MM] = {};
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* blk = row + b * block_bytes<T>();
-      uint16_t dh;
-      std::memcpy(&dh, blk, 2);
-      const __m256 d = _mm256_set1_ps(half_to_float(dh));
-      __m256 wv[4];
-      load_block<T>(blk + (T == QType::Q4_1 ? 4 : 2), wv);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xb = x + m * K + b * QK;
-        __m256 dot = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xb));
-        dot = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xb + 8), dot);
-        dot = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xb + 16), dot);
-        dot = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xb + 24), dot);
-        acc[m] = _mm256_fmadd_ps(d, dot, acc[m]);
-      }
-      if constexpr (T == QType::Q4_1) {
-        uint16_t mh;
-        std::memcpy(&mh, blk + 2, 2);
-        const float mn = half_to_float(mh);
-        for (int64_t m = 0; m < M; ++m) min_acc[m] += mn * xsum[m * nb + b];
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* blk = w + (n + r) * row_bytes + b * block_bytes<T>();
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        const __m256 d = _mm256_set1_ps(half_to_float(dh));
+        __m256 wv[4];
+        load_block<T>(blk + (T == QType::Q4_1 ? 4 : 2), wv);
+        for (int m = 0; m < MM; ++m) {
+          const float* xb = x + m * K + b * QK;
+          __m256 dot = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xb));
+          dot = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xb + 8), dot);
+          dot = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xb + 16), dot);
+          dot = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xb + 24), dot);
+          acc[r][m] = _mm256_fmadd_ps(d, dot, acc[r][m]);
+        }
+        if constexpr (T == QType::Q4_1) {
+          uint16_t mh;
+          std::memcpy(&mh, blk + 2, 2);
+          const float mn = half_to_float(mh);
+          for (int m = 0; m < MM; ++m) min_acc[r][m] += mn * xsum[m * nb + b];
+        }
       }
     }
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = hsum(acc[m]) + min_acc[m];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MM; ++m) y[m * N + n + r] = hsum(acc[r][m]) + min_acc[r][m];
   }
+}
+
+// Rows [n0, n1) of y for MM activation rows; NR weight rows per tile where n1 - n0 allows.
+template <QType T, int MM>
+void linear_rows(const float* x, const uint8_t* w, const float* xsum, float* y, int64_t K, int64_t N,
+                 int64_t n0, int64_t n1) {
+  constexpr int NR = MM >= 4 ? 1 : 4 / MM;
+  const int64_t tiled = n0 + (n1 - n0) / NR * NR;
+  linear_tile<T, MM, NR>(x, w, xsum, y, K, N, n0, tiled);
+  linear_tile<T, MM, 1>(x, w, xsum, y, K, N, tiled, n1);
 }
 
 template <QType T>
@@ -108,9 +119,16 @@ void linear_impl(const float* x, const uint8_t* w, float* y, int64_t M, int64_t 
       }
   }
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
-      const int64_t mc = std::min<int64_t>(MAX_M, M - m0);
-      linear_rows<T>(x + m0 * K, w, xsum.data() + (xsum.empty() ? 0 : m0 * nb), y + m0 * N, mc, K, N, n0, n1);
+    // Activation rows in pieces of 8, 4, 2 and 1, each with its own fully unrolled tile.
+    for (int64_t m0 = 0; m0 < M;) {
+      const int64_t left = M - m0;
+      const float* xm = x + m0 * K;
+      const float* sm = xsum.empty() ? nullptr : xsum.data() + m0 * nb;
+      float* ym = y + m0 * N;
+      if (left >= 8) { linear_rows<T, 8>(xm, w, sm, ym, K, N, n0, n1); m0 += 8; }
+      else if (left >= 4) { linear_rows<T, 4>(xm, w, sm, ym, K, N, n0, n1); m0 += 4; }
+      else if (left >= 2) { linear_rows<T, 2>(xm, w, sm, ym, K, N, n0, n1); m0 += 2; }
+      else { linear_rows<T, 1>(xm, w, sm, ym, K, N, n0, n1); m0 += 1; }
     }
   });
 }
