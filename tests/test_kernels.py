@@ -40,3 +40,54 @@ def test_paged_attention_decode_matches_sdpa():
         v = v_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1)
         want = F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [64, 45])  # a multiple of the vector width, and one with a tail
+def test_norm_and_activation_kernels_match_pytorch(width):
+    torch.manual_seed(width)
+    x, residual, weight = torch.randn(5, width), torch.randn(5, width), torch.randn(width)
+
+    def rms_norm(t):
+        return weight * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), rms_norm(x))
+    summed = x + residual
+    torch.testing.assert_close(ops.add_rms_norm_(x, residual, weight, 1e-5), rms_norm(summed))
+    torch.testing.assert_close(residual, summed)  # the residual stream is updated in place
+    gate_up = torch.randn(5, 2 * width) * 10  # large inputs exercise exp's range
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_and_mul(gate_up), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_kernel_matches_pytorch(interleaved):
+    torch.manual_seed(1)
+    tokens, heads, kv_heads, dim = 4, 3, 1, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    q = qkv[:, : heads * dim].view(tokens, heads, dim)  # strided views, as the model passes them
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    angles = torch.outer(torch.arange(10.0), torch.rand(dim // 2))
+    positions = torch.tensor([0, 3, 7, 9])
+
+    def rotate(t):
+        c, s = angles.cos()[positions].unsqueeze(1), angles.sin()[positions].unsqueeze(1)
+        if interleaved:
+            x1, x2 = t[..., 0::2], t[..., 1::2]
+            return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+        x1, x2 = t.chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+    want_q, want_k = rotate(q), rotate(k)
+    ops.rotary_(q, k, positions, angles.cos(), angles.sin(), interleaved)
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(k, want_k)
+
+
+def test_write_kv_cache_fills_the_given_slots():
+    k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    k_cache, v_cache = torch.zeros(4, 4, 2, 8), torch.zeros(4, 4, 2, 8)
+    slots = torch.tensor([5, 0, 14])
+    ops.write_kv_cache(k, v, k_cache, v_cache, slots)
+    torch.testing.assert_close(k_cache.view(-1, 2, 8)[slots], k)
+    torch.testing.assert_close(v_cache.view(-1, 2, 8)[slots], v)
+    assert k_cache.abs().sum() == k.abs().sum()  # nothing else written

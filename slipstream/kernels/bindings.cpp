@@ -3,8 +3,20 @@
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t out_features);
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
+void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
+             bool interleaved);
+torch::Tensor silu_and_mul(torch::Tensor gate_up);
+void write_kv_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+                    torch::Tensor slots);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear", &gguf_linear, "x @ dequantize(W)^T with W in GGUF blocks (Q4_0, Q4_1, Q8_0)");
   m.def("paged_attention_decode", &paged_attention_decode, "one-token attention over the paged KV cache");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row");
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x in place, then RMSNorm of the residual");
+  m.def("rotary_", &rotary_, "rotary position embedding of q and k, in place");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [gate, up] row");
+  m.def("write_kv_cache", &write_kv_cache, "copy new keys and values into their cache slots");
 }

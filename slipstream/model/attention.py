@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slipstream.kernels import cpu_ops
 from slipstream.model.context import get_context
+from slipstream.model.layers import fused_ops
 
 
 class PagedAttention(nn.Module):
@@ -29,12 +29,17 @@ class PagedAttention(nn.Module):
         """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]"""
         ctx = get_context()
         kc, vc = self.k_cache, self.v_cache
-        if kc.numel():
+        ops = fused_ops(kc)
+        if kc.numel() and ops is not None:
+            ops.write_kv_cache(k, v, kc, vc, ctx.slot_mapping)
+        elif kc.numel():
             kc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k)
             vc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v)
-        out = torch.empty_like(q)
         nd = ctx.num_decode
-        ops = cpu_ops() if kc.device.type == "cpu" and kc.dtype == torch.float32 else None
+        if ops is not None and nd == len(q):  # decode only: the kernel's output is the whole result
+            scale = self.head_dim**-0.5
+            return ops.paged_attention_decode(q, kc, vc, ctx.decode_block_tables, ctx.decode_lens, scale).flatten(1)
+        out = torch.empty_like(q)
         if nd and ops is not None:
             out[:nd] = ops.paged_attention_decode(q[:nd], kc, vc, ctx.decode_block_tables, ctx.decode_lens,
                                                   self.head_dim**-0.5)

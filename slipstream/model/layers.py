@@ -29,6 +29,11 @@ def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
     return y if bias is None else y + bias
 
 
+def fused_ops(x: torch.Tensor):
+    """The compiled kernels when they can run on `x` (float32 on a CPU that has them), else None."""
+    return cpu_ops() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+
+
 def _shard(t: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor:
     return t.narrow(dim, rank * size, size)
 
@@ -151,7 +156,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, (norm(x + residual), x + residual), the sum written into
+        `residual` where the fused kernel runs."""
+        ops = fused_ops(x)
+        if residual is None:
+            if ops is None:
+                return self._norm(x)
+            return ops.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+        if ops is None:
+            residual = residual + x
+            return self._norm(residual), residual
+        return ops.add_rms_norm_(x, residual, self.weight, self.eps), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 statistics as transformers does, whatever the activation dtype.
         dtype = x.dtype
         x = x.float()
@@ -172,6 +190,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin() * scaling, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        ops = fused_ops(q)
+        if ops is not None:
+            ops.rotary_(q, k, positions, self.cos, self.sin, self.interleaved)
+            return q, k
         cos = self.cos[positions].unsqueeze(-2)  # [T, 1, rot/2]
         sin = self.sin[positions].unsqueeze(-2)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

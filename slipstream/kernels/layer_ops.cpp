@@ -1,0 +1,160 @@
+// The small per-layer operations of a decoder layer, each one call instead of the chain of tensor
+// ops PyTorch would run (at batch 1 the chain's per-op overhead costs more than the arithmetic).
+// Same float32 formulas as the reference (transformers), row by row.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1, name,
+              " must be a 2-D float32 tensor with contiguous rows");
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for 8 floats within ~2 ulp: 2^n * e^r with r = x - n ln2 (ln2 split in two for
+// accuracy) and a degree-6 polynomial for e^r on |r| <= ln2/2 (Cephes' coefficients).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// out = weight * x / sqrt(mean(x^2) + eps), one row.
+inline void rms_norm_row(const float* x, const float* w, float* out, int64_t n, float eps) {
+  const int64_t n8 = n / 8 * 8;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n8; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float ss = hsum(acc);
+  for (int64_t i = n8; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (int64_t i = 0; i < n8; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), iv)));
+  for (int64_t i = n8; i < n; ++i) out[i] = w[i] * (x[i] * inv);
+}
+
+}  // namespace
+
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
+  check_rows(x, "x");
+  const int64_t T = x.size(0), n = x.size(1);
+  auto out = at::empty({T, n}, x.options());
+  const float* w = weight.contiguous().data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      rms_norm_row(x.data_ptr<float>() + t * x.stride(0), w, out.data_ptr<float>() + t * n, n, eps);
+  });
+  return out;
+}
+
+// residual += x (in place), then returns rms_norm(residual): the pre-norm of the next sublayer.
+at::Tensor add_rms_norm_(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps) {
+  check_rows(x, "x");
+  check_rows(residual, "residual");
+  const int64_t T = x.size(0), n = x.size(1);
+  auto out = at::empty({T, n}, x.options());
+  const float* w = weight.contiguous().data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float* xr = x.data_ptr<float>() + t * x.stride(0);
+      float* r = residual.data_ptr<float>() + t * residual.stride(0);
+      for (int64_t i = 0; i < n; ++i) r[i] = r[i] + xr[i];
+      rms_norm_row(r, w, out.data_ptr<float>() + t * n, n, eps);
+    }
+  });
+  return out;
+}
+
+// Rotary embedding in place on q [T, H, D] and k [T, Hkv, D] (rows may be strided views of the
+// fused qkv output). cos/sin: [max_pos, D/2]. Interleaved rotates pairs (2i, 2i+1) (GPT-J style),
+// otherwise (i, i + D/2) (GPT-NeoX style).
+void rotary_(at::Tensor q, at::Tensor k, at::Tensor positions, at::Tensor cos, at::Tensor sin, bool interleaved) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && q.stride(2) == 1 &&
+              k.stride(2) == 1, "q and k must be float32 with contiguous heads");
+  positions = positions.to(at::kLong).contiguous();
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  const int64_t T = q.size(0), D = q.size(2), half = D / 2;
+  TORCH_CHECK(cos.size(1) == half && sin.size(1) == half, "the rotary tables must cover the whole head");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float* c = cos.data_ptr<float>() + pos[t] * half;
+      const float* s = sin.data_ptr<float>() + pos[t] * half;
+      for (const at::Tensor* x : {&q, &k}) {
+        float* base = x->data_ptr<float>() + t * x->stride(0);
+        for (int64_t h = 0; h < x->size(1); ++h) {
+          float* v = base + h * x->stride(1);
+          for (int64_t i = 0; i < half; ++i) {
+            float* a = interleaved ? v + 2 * i : v + i;
+            float* bb = interleaved ? v + 2 * i + 1 : v + i + half;
+            const float x1 = *a, x2 = *bb;
+            *a = x1 * c[i] - x2 * s[i];
+            *bb = x2 * c[i] + x1 * s[i];
+          }
+        }
+      }
+    }
+  });
+}
+
+// SwiGLU: gate_up [T, 2I] -> silu(gate) * up [T, I].
+at::Tensor silu_and_mul(at::Tensor gate_up) {
+  check_rows(gate_up, "gate_up");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto out = at::empty({T, I}, gate_up.options());
+  at::parallel_for(0, T, 4, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float* g = gate_up.data_ptr<float>() + t * gate_up.stride(0);
+      const float* u = g + I;
+      float* o = out.data_ptr<float>() + t * I;
+      const __m256 one = _mm256_set1_ps(1.0f);
+      const int64_t i8 = I / 8 * 8;
+      for (int64_t i = i8; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+      for (int64_t i = 0; i < i8; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+      }
+    }
+  });
+  return out;
+}
+
+// Writes each new token's key and value [T, Hkv, D] into its cache slot ([slots, Hkv, D] caches).
+void write_kv_cache(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat &&
+              k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "float32, contiguous caches");
+  slots = slots.to(at::kLong).contiguous();
+  const int64_t T = k.size(0), H = k.size(1), D = k.size(2);
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v must have contiguous heads");
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      std::memcpy(kc + (sl[t] * H + h) * D, kp + t * k.stride(0) + h * k.stride(1), D * sizeof(float));
+      std::memcpy(vc + (sl[t] * H + h) * D, vp + t * v.stride(0) + h * v.stride(1), D * sizeof(float));
+    }
+}
