@@ -1,6 +1,6 @@
 #include <torch/extension.h>
 
-torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t out_features);
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, torch::Tensor mins, int64_t qtype);
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);

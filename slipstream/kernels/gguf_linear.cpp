@@ -7,7 +7,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -15,11 +17,10 @@ constexpr int QK = 32;
 
 enum class QType { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
 
-inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
-
+// Bytes of one block's quants (its fp16 scale and min are stored apart).
 template <QType T>
-constexpr int block_bytes() {
-  return T == QType::Q4_0 ? 18 : T == QType::Q4_1 ? 20 : 34;
+constexpr int quant_bytes() {
+  return T == QType::Q8_0 ? 32 : 16;
 }
 
 inline float hsum(__m256 v) {
@@ -29,7 +30,7 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The 32 weights of one block as four vectors of 8 floats, before scale (and min).
+// The 32 quantized weights of one block as four vectors of 8 floats, before scale (and min).
 template <QType T>
 inline void load_block(const uint8_t* q, __m256 w[4]) {
   if constexpr (T == QType::Q8_0) {
@@ -54,50 +55,70 @@ inline void load_block(const uint8_t* q, __m256 w[4]) {
   }
 }
 
+// Eight fp16 values (n <= 8 of them valid, the rest zero) as floats.
+inline __m256 load_halves(const uint16_t* h, int64_t n) {
+  if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+  uint16_t buf[8] = {};
+  std::memcpy(buf, h, n * sizeof(uint16_t));
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(buf)));
+}
+
+// The weights arrive split by the loader: quants [N, nb * qbytes], scales [N, nb] and (Q4_1) mins
+// [N, nb] as fp16, so eight blocks' scales convert in one instruction and the min term
+// sum_b min_b * sum(x in block b) is a vector FMA over eight blocks.
+struct Weights {
+  const uint8_t* qs;
+  const uint16_t* scales;
+  const uint16_t* mins;
+};
+
 // MM activation rows times NR weight rows at a time, all accumulators in registers: several
 // independent FMA chains per block, and each block's weights (or activations) loaded once.
 template <QType T, int MM, int NR>
-void linear_tile(const float* x, const uint8_t* w, const float* xsum, float* y, int64_t K, int64_t N,
+void linear_tile(const float* x, Weights w, const float* xsum, float* y, int64_t K, int64_t N,
                  int64_t n0, int64_t n1) {
   const int64_t nb = K / QK;
-  const int64_t row_bytes = nb * block_bytes<T>();
+  const int64_t row_bytes = nb * quant_bytes<T>();
   for (int64_t n = n0; n < n1; n += NR) {
-    __m256 acc[NR][MM];
-    float min_acc[NR][MM] = {};
+    __m256 acc[NR][MM], min_acc[NR][MM];
     for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
+      for (int m = 0; m < MM; ++m) acc[r][m] = min_acc[r][m] = _mm256_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+      const int64_t count = std::min<int64_t>(8, nb - b0);
+      alignas(32) float d[NR][8];
       for (int r = 0; r < NR; ++r) {
-        const uint8_t* blk = w + (n + r) * row_bytes + b * block_bytes<T>();
-        uint16_t dh;
-        std::memcpy(&dh, blk, 2);
-        const __m256 d = _mm256_set1_ps(half_to_float(dh));
-        __m256 wv[4];
-        load_block<T>(blk + (T == QType::Q4_1 ? 4 : 2), wv);
-        for (int m = 0; m < MM; ++m) {
-          const float* xb = x + m * K + b * QK;
-          __m256 dot = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xb));
-          dot = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xb + 8), dot);
-          dot = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xb + 16), dot);
-          dot = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xb + 24), dot);
-          acc[r][m] = _mm256_fmadd_ps(d, dot, acc[r][m]);
-        }
+        _mm256_store_ps(d[r], load_halves(w.scales + (n + r) * nb + b0, count));
         if constexpr (T == QType::Q4_1) {
-          uint16_t mh;
-          std::memcpy(&mh, blk + 2, 2);
-          const float mn = half_to_float(mh);
-          for (int m = 0; m < MM; ++m) min_acc[r][m] += mn * xsum[m * nb + b];
+          const __m256 mins = load_halves(w.mins + (n + r) * nb + b0, count);
+          for (int m = 0; m < MM; ++m)
+            min_acc[r][m] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xsum + m * (nb + 8) + b0), min_acc[r][m]);
+        }
+      }
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t b = b0 + j;
+        for (int r = 0; r < NR; ++r) {
+          __m256 wv[4];
+          load_block<T>(w.qs + (n + r) * row_bytes + b * quant_bytes<T>(), wv);
+          const __m256 scale = _mm256_broadcast_ss(&d[r][j]);
+          for (int m = 0; m < MM; ++m) {
+            const float* xb = x + m * K + b * QK;
+            __m256 dot = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xb));
+            dot = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xb + 8), dot);
+            dot = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xb + 16), dot);
+            dot = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xb + 24), dot);
+            acc[r][m] = _mm256_fmadd_ps(scale, dot, acc[r][m]);
+          }
         }
       }
     }
     for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < MM; ++m) y[m * N + n + r] = hsum(acc[r][m]) + min_acc[r][m];
+      for (int m = 0; m < MM; ++m) y[m * N + n + r] = hsum(_mm256_add_ps(acc[r][m], min_acc[r][m]));
   }
 }
 
 // Rows [n0, n1) of y for MM activation rows; NR weight rows per tile where n1 - n0 allows.
 template <QType T, int MM>
-void linear_rows(const float* x, const uint8_t* w, const float* xsum, float* y, int64_t K, int64_t N,
+void linear_rows(const float* x, Weights w, const float* xsum, float* y, int64_t K, int64_t N,
                  int64_t n0, int64_t n1) {
   constexpr int NR = MM >= 4 ? 1 : 4 / MM;
   const int64_t tiled = n0 + (n1 - n0) / NR * NR;
@@ -106,16 +127,18 @@ void linear_rows(const float* x, const uint8_t* w, const float* xsum, float* y, 
 }
 
 template <QType T>
-void linear_impl(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K, int64_t N) {
+void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = K / QK;
+  // Sum of each activation block, for the blocks' minimum term; rows padded by 8 zeros so the
+  // vector loads of a partial last group of blocks stay in bounds (and add nothing).
   std::vector<float> xsum;
-  if constexpr (T == QType::Q4_1) {  // sum of each activation block, for the blocks' minimum term
-    xsum.resize(M * nb);
+  if constexpr (T == QType::Q4_1) {
+    xsum.assign(M * (nb + 8), 0.0f);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t b = 0; b < nb; ++b) {
         float s = 0;
         for (int i = 0; i < QK; ++i) s += x[m * K + b * QK + i];
-        xsum[m * nb + b] = s;
+        xsum[m * (nb + 8) + b] = s;
       }
   }
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -123,7 +146,7 @@ void linear_impl(const float* x, const uint8_t* w, float* y, int64_t M, int64_t 
     for (int64_t m0 = 0; m0 < M;) {
       const int64_t left = M - m0;
       const float* xm = x + m0 * K;
-      const float* sm = xsum.empty() ? nullptr : xsum.data() + m0 * nb;
+      const float* sm = xsum.empty() ? nullptr : xsum.data() + m0 * (nb + 8);
       float* ym = y + m0 * N;
       if (left >= 8) { linear_rows<T, 8>(xm, w, sm, ym, K, N, n0, n1); m0 += 8; }
       else if (left >= 4) { linear_rows<T, 4>(xm, w, sm, ym, K, N, n0, n1); m0 += 4; }
@@ -135,22 +158,26 @@ void linear_impl(const float* x, const uint8_t* w, float* y, int64_t M, int64_t 
 
 }  // namespace
 
-at::Tensor gguf_linear(at::Tensor x, at::Tensor w, int64_t qtype, int64_t out_features) {
+at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "x must be a 2-D float32 tensor");
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.size(0) == out_features, "bad weight");
   x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / QK;
   TORCH_CHECK(K % QK == 0, "in_features must be a multiple of 32");
+  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && scales.scalar_type() == at::kShort &&
+              scales.is_contiguous() && scales.size(0) == N && scales.size(1) == nb, "bad GGUF weight");
+  const bool q4_1 = static_cast<QType>(qtype) == QType::Q4_1;
+  TORCH_CHECK(!q4_1 || (mins.scalar_type() == at::kShort && mins.is_contiguous() && mins.sizes() == scales.sizes()),
+              "Q4_1 needs a min per block");
   auto y = at::empty({M, N}, x.options());
+  const Weights w{qs.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<int16_t>()),
+                  q4_1 ? reinterpret_cast<const uint16_t*>(mins.data_ptr<int16_t>()) : nullptr};
   const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   switch (static_cast<QType>(qtype)) {
-    case QType::Q4_0: TORCH_CHECK(w.size(1) == K / QK * 18); linear_impl<QType::Q4_0>(xp, wp, yp, M, K, N); break;
-    case QType::Q4_1: TORCH_CHECK(w.size(1) == K / QK * 20); linear_impl<QType::Q4_1>(xp, wp, yp, M, K, N); break;
-    case QType::Q8_0: TORCH_CHECK(w.size(1) == K / QK * 34); linear_impl<QType::Q8_0>(xp, wp, yp, M, K, N); break;
+    case QType::Q4_0: TORCH_CHECK(qs.size(1) == nb * 16); linear_impl<QType::Q4_0>(xp, w, yp, M, K, N); break;
+    case QType::Q4_1: TORCH_CHECK(qs.size(1) == nb * 16); linear_impl<QType::Q4_1>(xp, w, yp, M, K, N); break;
+    case QType::Q8_0: TORCH_CHECK(qs.size(1) == nb * 32); linear_impl<QType::Q8_0>(xp, w, yp, M, K, N); break;
     default: TORCH_CHECK(false, "unsupported GGUF type ", qtype);
   }
   return y;
 }
-

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slipstream.kernels import cpu_ops
+from slipstream.kernels import GGUF_KERNEL_TYPES, cpu_ops
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
 
 # Up to this many rows (tokens), a matmul reads the weights' GGUF blocks (a quarter of fp32's
@@ -17,15 +17,31 @@ GGUF_KERNEL_MAX_ROWS = 8
 
 
 def attach_gguf_blocks(layer: nn.Module, blocks: torch.Tensor, qtype: int) -> None:
-    """Give `layer` (with a dense `weight`) the GGUF block form of the same weights."""
-    layer.gguf_blocks, layer.gguf_type = blocks, qtype
+    """Give `layer` (with a dense `weight`) the GGUF block form of the same weights, split into the
+    kernel's layout: quants [out, blocks * quant bytes], fp16 scales and (Q4_1) mins [out, blocks]."""
+    layer.gguf_type = qtype
+    layer.gguf_weight = split_gguf_blocks(blocks, qtype)
+
+
+def split_gguf_blocks(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF rows of (fp16 scale, [fp16 min,] quants) blocks -> (quants, scales, mins) as gguf_linear takes them."""
+    head = 4 if GGUF_KERNEL_TYPES[qtype] == "Q4_1" else 2
+    quant_bytes = 32 if GGUF_KERNEL_TYPES[qtype] == "Q8_0" else 16
+    out = blocks.shape[0]
+    b = blocks.view(out, -1, head + quant_bytes)
+
+    def halves(offset: int) -> torch.Tensor:
+        return b[:, :, offset : offset + 2].contiguous().view(torch.int16).view(out, -1)
+
+    mins = halves(2) if head == 4 else torch.empty(0, dtype=torch.int16)
+    return b[:, :, head:].reshape(out, -1).contiguous(), halves(0), mins
 
 
 def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    blocks = getattr(layer, "gguf_blocks", None)
-    if blocks is None or x.shape[0] > GGUF_KERNEL_MAX_ROWS or x.dtype != torch.float32:
+    weight = getattr(layer, "gguf_weight", None)
+    if weight is None or x.shape[0] > GGUF_KERNEL_MAX_ROWS or x.dtype != torch.float32:
         return F.linear(x, layer.weight, bias)
-    y = cpu_ops().gguf_linear(x, blocks, layer.gguf_type, layer.weight.shape[0])
+    y = cpu_ops().gguf_linear(x, *weight, layer.gguf_type)
     return y if bias is None else y + bias
 
 
