@@ -12,8 +12,11 @@ void write_kv_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, tor
                     torch::Tensor slots);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gguf_linear", &gguf_linear, "x @ dequantize(W)^T with W in GGUF blocks (Q4_0, Q4_1, Q8_0)");
-  m.def("paged_attention_decode", &paged_attention_decode, "one-token attention over the paged KV cache");
+  // The matmul and attention kernels touch no Python object and hold most of a step's time: the HTTP
+  // thread runs meanwhile. The small ops keep the GIL (re-taking it after each would cost more).
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("gguf_linear", &gguf_linear, "x @ dequantize(W)^T with W in GGUF blocks (Q4_0, Q4_1, Q8_0)", nogil);
+  m.def("paged_attention_decode", &paged_attention_decode, "one-token attention over the paged KV cache", nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm of each row");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x in place, then RMSNorm of the residual");
   m.def("rotary_", &rotary_, "rotary position embedding of q and k, in place");
