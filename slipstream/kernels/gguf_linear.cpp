@@ -142,14 +142,14 @@ void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int6
       }
   }
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    // Activation rows in pieces of 8, 4, 2 and 1, each with its own fully unrolled tile.
+    // Activation rows in pieces of 4, 2 and 1, each with its own fully unrolled tile (at 8 rows
+    // the accumulators no longer fit the 16 vector registers).
     for (int64_t m0 = 0; m0 < M;) {
       const int64_t left = M - m0;
       const float* xm = x + m0 * K;
       const float* sm = xsum.empty() ? nullptr : xsum.data() + m0 * (nb + 8);
       float* ym = y + m0 * N;
-      if (left >= 8) { linear_rows<T, 8>(xm, w, sm, ym, K, N, n0, n1); m0 += 8; }
-      else if (left >= 4) { linear_rows<T, 4>(xm, w, sm, ym, K, N, n0, n1); m0 += 4; }
+      if (left >= 4) { linear_rows<T, 4>(xm, w, sm, ym, K, N, n0, n1); m0 += 4; }
       else if (left >= 2) { linear_rows<T, 2>(xm, w, sm, ym, K, N, n0, n1); m0 += 2; }
       else { linear_rows<T, 1>(xm, w, sm, ym, K, N, n0, n1); m0 += 1; }
     }
