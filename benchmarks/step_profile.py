@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Where an engine step's time goes, in steady decode: schedule, prepare (batch -> tensors), forward
+(model + logits), sampling, output processing (detokenisation, stops) and the rest of `step()`.
+
+    .venv/bin/python benchmarks/step_profile.py --batch 1 32
+
+Each phase is timed by wrapping the engine's own methods; the HTTP layer is not included (compare
+with `slipstream bench serve`'s ITL at the same concurrency to see what serving adds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+from slipstream import LLM, SamplingParams
+
+PHASES = {  # (engine attribute, method) -> label
+    ("scheduler", "schedule"): "schedule",
+    ("runner", "prepare"): "prepare",
+    ("runner", "execute"): "forward+logits",
+    ("runner", "sampler"): "sample",
+    ("output_processor", "process"): "output processing",
+}
+
+
+def profile(llm: LLM, batch: int, steps: int) -> None:
+    engine = llm.engine
+    spent: dict[str, float] = collections.defaultdict(float)
+    originals = []
+    for (owner_name, method), label in PHASES.items():
+        owner = getattr(engine, owner_name)
+        original = getattr(owner, method)
+        originals.append((owner, method, original))
+
+        def timed(*args, _f=original, _label=label, **kwargs):
+            t = time.perf_counter()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                spent[_label] += time.perf_counter() - t
+
+        setattr(owner, method, timed)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=steps + 16, ignore_eos=True)
+        prompt = llm.tokenizer.encode("Tell me a long story about a dragon and a lighthouse keeper.")
+        for i in range(batch):
+            engine.add_request(f"profile-{i}", prompt + [i + 10], params)
+        while any(s.num_output_tokens == 0 for s in engine.seqs.values()):  # prefill out of the way
+            engine.step()
+        spent.clear()
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        total = (time.perf_counter() - t) / steps * 1e3
+    finally:
+        for owner, method, original in originals:
+            setattr(owner, method, original)
+        for request_id in list(engine.seqs):
+            engine.abort_request(request_id)
+    print(f"batch {batch}: {total:.2f} ms per step, {batch / total * 1e3:.0f} tokens/s")
+    for label, seconds in spent.items():
+        print(f"  {label:18s} {seconds / steps * 1e3:8.2f} ms")
+    print(f"  {'rest of step()':18s} {total - sum(spent.values()) / steps * 1e3:8.2f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="decode batch sizes (default: 1 32)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per batch size (default: 20)")
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=256 << 20)
+    for batch in args.batch:
+        profile(llm, batch, args.steps)
+
+
+if __name__ == "__main__":
+    main()
