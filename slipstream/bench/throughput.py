@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=32, help="number of prompts (default: 32)")
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default: 128)")
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (default: 128)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks sharing the model (default: 1)")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="engine batch size limit (default: engine's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="tokens per engine step (default: engine's)")
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                "kv_cache_memory": args.kv_cache_memory}
-    llm = LLM(args.model, dtype=args.dtype, device=args.device,
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, tensor_parallel_size=args.tensor_parallel_size,
               **{k: v for k, v in options.items() if v is not None})
     engine = llm.engine
     # One extra prompt warms the kernels up (first calls of a shape are slow) outside the timing.
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     timings = _generate(engine, prompts, params, "bench")
     elapsed = time.perf_counter() - start
+    engine.shutdown()  # tensor-parallel workers
 
     output_tokens = sum(n for _, _, n in timings)
     tpots = [(latency - ttft) / (n - 1) for ttft, latency, n in timings if n > 1]
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model or DEFAULT_MODEL_NAME,
         "dtype": str(engine.runner.dtype).removeprefix("torch."),
         "device": str(engine.runner.device),
+        "tensor_parallel_size": args.tensor_parallel_size,
         "num_prompts": args.num_prompts,
         "input_len": args.input_len,
         "output_len": args.output_len,
