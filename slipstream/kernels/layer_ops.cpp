@@ -24,7 +24,7 @@ inline float hsum(__m256 v) {
 // exp(x) for 8 floats within ~2 ulp: 2^n * e^r with r = x - n ln2 (ln2 split in two for
 // accuracy) and a degree-6 polynomial for e^r on |r| <= ln2/2 (Cephes' coefficients).
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));  // 2^n stays finite
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
