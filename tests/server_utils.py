@@ -20,6 +20,12 @@ import httpx
 DEFAULT_ARGS = ["--dtype", "float32", "--kv-cache-memory", "256MiB", "--log-level", "info"]
 START_TIMEOUT_S = 600  # the model loads in seconds, but CI machines can be slow and busy
 
+# The seed's Python example (FastDeploy's docs) sends exactly this conversation.
+SEED_MESSAGES = [
+    {"role": "system", "content": "I'm a helpful AI assistant."},
+    {"role": "user", "content": "把李白的静夜思改写为现代诗"},
+]
+
 
 @dataclass
 class RunningServer:

@@ -11,7 +11,7 @@ import openai
 import pytest
 from scripted_model import CHAT_TEMPLATE, EOS, save_scripted_model
 from scripted_server import running_scripted_server
-from server_utils import running_server
+from server_utils import SEED_MESSAGES, running_server
 
 from slipstream.model.loader import load_tokenizer
 
@@ -142,10 +142,7 @@ def test_seed_python_example_with_enable_thinking_on_a_non_thinking_model(defaul
     client = openai.Client(base_url=f"http://{host}:{port}/v1", api_key="null")
     response = client.chat.completions.create(
         model="null",
-        messages=[
-            {"role": "system", "content": "I'm a helpful AI assistant."},
-            {"role": "user", "content": "把李白的静夜思改写为现代诗"},
-        ],
+        messages=SEED_MESSAGES,
         stream=True,
         extra_body={"enable_thinking": True},
     )

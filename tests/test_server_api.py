@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_utils import running_server
+from server_utils import SEED_MESSAGES, running_server
 
 MAX_MODEL_LEN = 128
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -128,10 +128,7 @@ def test_seed_python_streaming_example(server, capsys):
     client = openai.Client(base_url=f"http://{host}:{port}/v1", api_key="null")
     response = client.chat.completions.create(
         model="null",
-        messages=[
-            {"role": "system", "content": "I'm a helpful AI assistant."},
-            {"role": "user", "content": "把李白的静夜思改写为现代诗"},
-        ],
+        messages=SEED_MESSAGES,
         stream=True,
     )
     for chunk in response:

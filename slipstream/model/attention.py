@@ -21,6 +21,7 @@ class PagedAttention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.scale = head_dim**-0.5  # the same as SDPA's default, for the compiled kernel
         # [num_blocks, block_size, num_kv_heads, head_dim] each; bound by the model runner.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -37,12 +38,12 @@ class PagedAttention(nn.Module):
             vc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v)
         nd = ctx.num_decode
         if ops is not None and nd == len(q):  # decode only: the kernel's output is the whole result
-            scale = self.head_dim**-0.5
-            return ops.paged_attention_decode(q, kc, vc, ctx.decode_block_tables, ctx.decode_lens, scale).flatten(1)
+            return ops.paged_attention_decode(q, kc, vc, ctx.decode_block_tables, ctx.decode_lens,
+                                              self.scale).flatten(1)
         out = torch.empty_like(q)
         if nd and ops is not None:
             out[:nd] = ops.paged_attention_decode(q[:nd], kc, vc, ctx.decode_block_tables, ctx.decode_lens,
-                                                  self.head_dim**-0.5)
+                                                  self.scale)
         elif nd:
             bt = ctx.decode_block_tables
             kk = kc[bt].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
