@@ -27,13 +27,14 @@ def test_gguf_linear_matches_dequantized_matmul(qtype, rows):
     torch.testing.assert_close(got, F.linear(x, dense), rtol=1e-5, atol=1e-4)  # sums of ~320 terms of ~1
 
 
-def test_paged_attention_decode_matches_sdpa():
-    torch.manual_seed(0)
-    heads, kv_heads, dim, block_size, num_blocks = 6, 2, 64, 4, 16
+@pytest.mark.parametrize("dim", [16, 64, 128])  # under, at and over the 64 dimensions done per pass
+def test_paged_attention_decode_matches_sdpa(dim):
+    torch.manual_seed(dim)
+    heads, kv_heads, block_size, num_blocks = 6, 2, 4, 16
     k_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
-    lens = torch.tensor([1, 7, 13])
-    tables = torch.stack([torch.randperm(num_blocks)[:4] for _ in lens])
+    lens = torch.tensor([1, 7, 8, 13, 24])  # partial and whole groups of 8 keys
+    tables = torch.stack([torch.randperm(num_blocks)[:6] for _ in lens])
     q = torch.randn(len(lens), heads, dim)
     got = ops.paged_attention_decode(q, k_cache, v_cache, tables, lens, dim**-0.5)
     for i, n in enumerate(lens.tolist()):

@@ -11,7 +11,11 @@
 #include <cstring>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
+
+using slipstream::hsum;
 
 constexpr int QK = 32;
 
@@ -21,13 +25,6 @@ enum class QType { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
 template <QType T>
 constexpr int quant_bytes() {
   return T == QType::Q8_0 ? 32 : 16;
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // The 32 quantized weights of one block as four vectors of 8 floats, before scale (and min).

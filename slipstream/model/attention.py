@@ -22,6 +22,7 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5  # the same as SDPA's default, for the compiled kernel
+        self.kernel_fits = head_dim % 8 == 0  # the compiled attention works in whole vectors
         # [num_blocks, block_size, num_kv_heads, head_dim] each; bound by the model runner.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -30,7 +31,7 @@ class PagedAttention(nn.Module):
         """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]"""
         ctx = get_context()
         kc, vc = self.k_cache, self.v_cache
-        ops = fused_ops(kc)
+        ops = fused_ops(kc) if self.kernel_fits else None
         if kc.numel() and ops is not None:
             ops.write_kv_cache(k, v, kc, vc, ctx.slot_mapping)
         elif kc.numel():
