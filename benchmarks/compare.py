@@ -7,7 +7,7 @@ For each server: `benchmarks/peers/<name>.sh serve PORT` starts it on 127.0.0.1,
 server is stopped. Writes benchmarks/results/compare-<timestamp>.{md,json}.
 
 Run it with slipstream's venv on an otherwise idle machine, after `benchmarks/peers/<name>.sh install`:
-    .venv/bin/python benchmarks/compare.py [--servers slipstream vllm llama-server]
+    .venv/bin/python benchmarks/compare.py [--servers slipstream slipstream-w4a8 vllm llama-server]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent
 PEERS = ROOT / "peers"
-SERVERS = ("slipstream", "vllm", "llama-server")
+SERVERS = ("slipstream", "slipstream-w4a8", "vllm", "llama-server")
 # The figures kept per level: (label, path in the bench serve JSON).
 FIGURES = {
     "output_tok_per_s": ("output_tok_per_s",),
@@ -120,7 +120,8 @@ def machine() -> str:
 
 def markdown(report: dict) -> str:
     names = [n for n in report["servers"] if "levels" in report["servers"][n]]
-    peers = [n for n in names if n != "slipstream"]
+    ours = [n for n in names if n.startswith("slipstream")]
+    peers = [n for n in names if n not in ours]
     lines = [
         f"# Serving comparison, {report['date']}",
         "",
@@ -132,17 +133,16 @@ def markdown(report: dict) -> str:
         "",
         "Output tokens/s (TTFT p50, ITL p50):",
         "",
-        "| C | " + " | ".join(names) + "".join(f" | slipstream / {p}" for p in peers) + " |",
-        "|---" * (1 + len(names) + (len(peers) if "slipstream" in names else 0)) + "|",
+        "| C | " + " | ".join(names) + "".join(f" | {o} / {p}" for o in ours for p in peers) + " |",
+        "|---" * (1 + len(names) + len(ours) * len(peers)) + "|",
     ]
     for c in report["concurrency"]:
         row = [str(c)]
         for n in names:
             f = report["servers"][n]["levels"][str(c)]
             row.append(f"{f['output_tok_per_s']:.0f} ({f['ttft_p50_ms']:.0f} ms, {f['itl_p50_ms']:.1f} ms)")
-        if "slipstream" in names:
-            ours = report["servers"]["slipstream"]["levels"][str(c)]["output_tok_per_s"]
-            row += [f"{ours / report['servers'][p]['levels'][str(c)]['output_tok_per_s']:.2f}x" for p in peers]
+        tok_s = {n: report["servers"][n]["levels"][str(c)]["output_tok_per_s"] for n in names}
+        row += [f"{tok_s[o] / tok_s[p]:.2f}x" for o in ours for p in peers]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "| server | ready after start | peak RSS (process tree) |", "|---|---|---|"]
     for n, s in report["servers"].items():

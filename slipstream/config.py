@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# --quantization methods (FastDeploy's names). w4a8: a GGUF's 4-bit (and 8-bit) weight blocks times
+# activations rounded to int8 in blocks of 32, as llama.cpp computes: faster, no longer exact.
+QUANTIZATION_METHODS = ("w4a8",)
+
 
 @dataclass
 class EngineConfig:
@@ -30,3 +34,8 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int | None = None  # None: a free port (single node only)
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            methods = ", ".join(QUANTIZATION_METHODS)
+            raise ValueError(f"unknown quantization {self.quantization!r}: use one of {methods}")

@@ -93,3 +93,36 @@ def test_write_kv_cache_fills_the_given_slots():
     torch.testing.assert_close(k_cache.view(-1, 2, 8)[slots], k)
     torch.testing.assert_close(v_cache.view(-1, 2, 8)[slots], v)
     assert k_cache.abs().sum() == k.abs().sum()  # nothing else written
+
+
+def q8_reference(x: torch.Tensor, dense: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, qtype: int):
+    """What gguf_linear_q8 computes, in PyTorch: x rounded to int8 per 32-value block (scale = max|x| / 127)
+    times the dequantized weights, except that each block's offset term (Q4_1 min, Q4_0's -8 * scale) meets
+    the exact block sum of x."""
+    blocks = x.view(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    rounded = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0) * d
+    y = rounded.flatten(1) @ dense.T
+    name = GGUF_KERNEL_TYPES[qtype]
+    if name == "Q8_0":
+        return y
+    offset = mins.view(torch.float16).float() if name == "Q4_1" else -8 * scales.view(torch.float16).float()
+    return y + (blocks.sum(-1) - rounded.sum(-1)) @ offset.T
+
+
+@pytest.mark.parametrize("qtype", sorted(GGUF_KERNEL_TYPES))
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 13, 40])
+def test_gguf_linear_q8_matches_rounded_activations(qtype, rows):
+    rng = np.random.default_rng(qtype * 100 + rows)
+    out_features, in_features = 37, 320
+    weight = rng.standard_normal((out_features, in_features), dtype=np.float32)
+    blocks = quants.quantize(weight, GGMLQuantizationType(qtype))
+    dense = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType(qtype)).copy())
+    split = split_gguf_blocks(torch.from_numpy(blocks), qtype)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    x[0, :32] = 0  # an all-zero block has scale 0
+    got = ops.gguf_linear_q8(x, *split, qtype)
+    torch.testing.assert_close(got, q8_reference(x, dense, split[1], split[2], qtype), rtol=1e-5, atol=1e-4)
+    # and the rounding costs little against the exact product
+    exact = F.linear(x, dense)
+    assert (got - exact).abs().max() < 0.03 * exact.abs().max()

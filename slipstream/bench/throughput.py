@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model to load (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 (default: auto)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--quantization", default=None, help="w4a8 (default: none, exact)")
     parser.add_argument("--num-prompts", type=int, default=32, help="number of prompts (default: 32)")
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default: 128)")
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (default: 128)")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     options = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                "kv_cache_memory": args.kv_cache_memory}
     llm = LLM(args.model, dtype=args.dtype, device=args.device, tensor_parallel_size=args.tensor_parallel_size,
-              **{k: v for k, v in options.items() if v is not None})
+              quantization=args.quantization, **{k: v for k, v in options.items() if v is not None})
     engine = llm.engine
     # One extra prompt warms the kernels up (first calls of a shape are slow) outside the timing.
     warmup, *prompts = random_prompts(llm.tokenizer, engine.hf_config.vocab_size, args.num_prompts + 1,
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "model": args.model or DEFAULT_MODEL_NAME,
         "dtype": str(engine.runner.dtype).removeprefix("torch."),
+        "quantization": args.quantization,
         "device": str(engine.runner.device),
         "tensor_parallel_size": args.tensor_parallel_size,
         "num_prompts": args.num_prompts,

@@ -34,6 +34,7 @@ class GenerationResult:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with SamplingParams.prompt_logprobs
 
 
 def fan_out(params: SamplingParams) -> list[SamplingParams]:
@@ -73,6 +74,8 @@ class LLM:
                 owners[out.request_id].add(out)
                 if owners[out.request_id].index == 0:  # the sample that looked the prompt up first
                     by_rid[out.request_id].num_cached_tokens = out.num_cached_tokens
+                    if out.prompt_logprobs is not None:
+                        by_rid[out.request_id].prompt_logprobs = out.prompt_logprobs
         return results
 
     def chat(self, messages, params: SamplingParams | None = None, **template_kwargs) -> list[GenerationResult]:

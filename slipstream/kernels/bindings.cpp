@@ -1,6 +1,8 @@
 #include <torch/extension.h>
 
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, torch::Tensor mins, int64_t qtype);
+torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, torch::Tensor mins,
+                             int64_t qtype);
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
@@ -16,6 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // thread runs meanwhile. The small ops keep the GIL (re-taking it after each would cost more).
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("gguf_linear", &gguf_linear, "x @ dequantize(W)^T with W in GGUF blocks (Q4_0, Q4_1, Q8_0)", nogil);
+  m.def("gguf_linear_q8", &gguf_linear_q8, "gguf_linear with x rounded to int8 blocks (Q8 activations)", nogil);
   m.def("paged_attention_decode", &paged_attention_decode, "one-token attention over the paged KV cache", nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm of each row");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x in place, then RMSNorm of the residual");

@@ -11,21 +11,12 @@
 #include <cstring>
 #include <vector>
 
+#include "gguf_blocks.h"
 #include "vec.h"
 
 namespace {
 
-using slipstream::hsum;
-
-constexpr int QK = 32;
-
-enum class QType { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
-
-// Bytes of one block's quants (its fp16 scale and min are stored apart).
-template <QType T>
-constexpr int quant_bytes() {
-  return T == QType::Q8_0 ? 32 : 16;
-}
+using namespace slipstream;
 
 // The 32 quantized weights of one block as four vectors of 8 floats, before scale (and min).
 template <QType T>
@@ -51,23 +42,6 @@ inline void load_block(const uint8_t* q, __m256 w[4]) {
     }
   }
 }
-
-// Eight fp16 values (n <= 8 of them valid, the rest zero) as floats.
-inline __m256 load_halves(const uint16_t* h, int64_t n) {
-  if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
-  uint16_t buf[8] = {};
-  std::memcpy(buf, h, n * sizeof(uint16_t));
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(buf)));
-}
-
-// The weights arrive split by the loader: quants [N, nb * qbytes], scales [N, nb] and (Q4_1) mins
-// [N, nb] as fp16, so eight blocks' scales convert in one instruction and the min term
-// sum_b min_b * sum(x in block b) is a vector FMA over eight blocks.
-struct Weights {
-  const uint8_t* qs;
-  const uint16_t* scales;
-  const uint16_t* mins;
-};
 
 // MM activation rows times NR weight rows at a time, all accumulators in registers: several
 // independent FMA chains per block, and each block's weights (or activations) loaded once.
@@ -156,25 +130,16 @@ void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int6
 }  // namespace
 
 at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "x must be a 2-D float32 tensor");
   x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), nb = K / QK;
-  TORCH_CHECK(K % QK == 0, "in_features must be a multiple of 32");
-  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && scales.scalar_type() == at::kShort &&
-              scales.is_contiguous() && scales.size(0) == N && scales.size(1) == nb, "bad GGUF weight");
-  const bool q4_1 = static_cast<QType>(qtype) == QType::Q4_1;
-  TORCH_CHECK(!q4_1 || (mins.scalar_type() == at::kShort && mins.is_contiguous() && mins.sizes() == scales.sizes()),
-              "Q4_1 needs a min per block");
+  const Weights w = check_weights(x, qs, scales, mins, qtype);
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   auto y = at::empty({M, N}, x.options());
-  const Weights w{qs.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<int16_t>()),
-                  q4_1 ? reinterpret_cast<const uint16_t*>(mins.data_ptr<int16_t>()) : nullptr};
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   switch (static_cast<QType>(qtype)) {
-    case QType::Q4_0: TORCH_CHECK(qs.size(1) == nb * 16); linear_impl<QType::Q4_0>(xp, w, yp, M, K, N); break;
-    case QType::Q4_1: TORCH_CHECK(qs.size(1) == nb * 16); linear_impl<QType::Q4_1>(xp, w, yp, M, K, N); break;
-    case QType::Q8_0: TORCH_CHECK(qs.size(1) == nb * 32); linear_impl<QType::Q8_0>(xp, w, yp, M, K, N); break;
-    default: TORCH_CHECK(false, "unsupported GGUF type ", qtype);
+    case QType::Q4_0: linear_impl<QType::Q4_0>(xp, w, yp, M, K, N); break;
+    case QType::Q4_1: linear_impl<QType::Q4_1>(xp, w, yp, M, K, N); break;
+    case QType::Q8_0: linear_impl<QType::Q8_0>(xp, w, yp, M, K, N); break;
   }
   return y;
 }

@@ -17,11 +17,16 @@ from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_s
 GGUF_KERNEL_MAX_ROWS = 32
 
 
-def attach_gguf_blocks(layer: nn.Module, blocks: torch.Tensor, qtype: int) -> None:
+def attach_gguf_blocks(layer: nn.Module, blocks: torch.Tensor, qtype: int, int8_activations: bool) -> None:
     """Give `layer` (with a dense `weight`) the GGUF block form of the same weights, split into the
-    kernel's layout: quants [out, blocks * quant bytes], fp16 scales and (Q4_1) mins [out, blocks]."""
+    kernel's layout: quants [out, blocks * quant bytes], fp16 scales and (Q4_1) mins [out, blocks].
+    With `int8_activations` (`--quantization w4a8`) every matmul uses the blocks, so a linear layer's
+    dense copy is dropped (an LM head tied to the embeddings keeps it for the lookups)."""
     layer.gguf_type = qtype
     layer.gguf_weight = split_gguf_blocks(blocks, qtype)
+    layer.int8_activations = int8_activations
+    if int8_activations and isinstance(layer, LinearBase):
+        layer.weight.data = torch.empty(0)
 
 
 def split_gguf_blocks(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,9 +45,12 @@ def split_gguf_blocks(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, t
 
 def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     weight = getattr(layer, "gguf_weight", None)
-    if weight is None or x.shape[0] > GGUF_KERNEL_MAX_ROWS or x.dtype != torch.float32:
+    if weight is not None and layer.int8_activations:
+        y = cpu_ops().gguf_linear_q8(x, *weight, layer.gguf_type)
+    elif weight is not None and x.shape[0] <= GGUF_KERNEL_MAX_ROWS:
+        y = cpu_ops().gguf_linear(x, *weight, layer.gguf_type)
+    else:
         return F.linear(x, layer.weight, bias)
-    y = cpu_ops().gguf_linear(x, *weight, layer.gguf_type)
     return y if bias is None else y + bias
 
 

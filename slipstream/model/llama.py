@@ -200,7 +200,7 @@ class CausalLM(nn.Module):
                 return
         yield name, tensor, None
 
-    def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]]) -> None:
+    def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]], int8_activations: bool) -> None:
         """Attach the GGUF block form of linear weights (one rank only), fusing q/k/v and gate/up rows in
         their shard order; a fused layer whose parts differ in type keeps its dense path."""
         modules = dict(self.named_modules())
@@ -217,12 +217,13 @@ class CausalLM(nn.Module):
                     break
             else:
                 if name in modules:
-                    attach_gguf_blocks(modules[name], rows, qtype)
+                    attach_gguf_blocks(modules[name], rows, qtype, int8_activations)
         for name, shards in parts.items():
             order = ("q", "k", "v") if name.endswith("qkv_proj") else (0, 1)
             types = {shards[s][1] for s in order if s in shards}
             if len(shards) == len(order) and len(types) == 1:
-                attach_gguf_blocks(modules[name], torch.cat([shards[s][0] for s in order]), types.pop())
+                attach_gguf_blocks(modules[name], torch.cat([shards[s][0] for s in order]), types.pop(),
+                                   int8_activations)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (transformers-style name, full tensor) pairs; each parameter takes its own shard."""

@@ -81,10 +81,14 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.model = build_model(hf_config, self.dtype, self.device, max_model_len)
         self.model.load_weights(iter_weights(model_dir))
+        blocks = []
         if self.device.type == "cpu" and self.dtype == torch.float32 and tp_size() == 1 and cpu_ops() is not None:
             blocks = list(iter_gguf_blocks(model_dir))  # only a converted GGUF has them
-            if blocks:
-                self.model.load_gguf_blocks(blocks)
+        if config.quantization == "w4a8" and not blocks:
+            raise ValueError("--quantization w4a8 needs a GGUF model (Q4_0/Q4_1/Q8_0 weights), float32 on a CPU "
+                             "with AVX2 and one tensor-parallel rank")
+        if blocks:
+            self.model.load_gguf_blocks(blocks, int8_activations=config.quantization == "w4a8")
         self.num_blocks = self._allocate_kv_cache(max_model_len)
 
     def _allocate_kv_cache(self, max_model_len: int) -> int:

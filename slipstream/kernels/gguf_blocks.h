@@ -1,0 +1,55 @@
+// GGUF block weights as the matmul kernels take them: the loader splits each row of 32-weight
+// blocks into quants [N, nb * quant bytes], fp16 scales [N, nb] and (Q4_1) fp16 mins [N, nb], so
+// eight blocks' scales convert in one instruction and the min term is a vector FMA over eight blocks.
+#pragma once
+#include <ATen/ATen.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+
+namespace slipstream {
+
+constexpr int QK = 32;  // weights per block
+
+enum class QType { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // GGML type ids
+
+// Bytes of one block's quants.
+template <QType T>
+constexpr int quant_bytes() {
+  return T == QType::Q8_0 ? 32 : 16;
+}
+
+struct Weights {
+  const uint8_t* qs;
+  const uint16_t* scales;
+  const uint16_t* mins;
+};
+
+// Eight fp16 values (n <= 8 of them valid, the rest zero) as floats.
+inline __m256 load_halves(const uint16_t* h, int64_t n) {
+  if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+  uint16_t buf[8] = {};
+  std::memcpy(buf, h, n * sizeof(uint16_t));
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(buf)));
+}
+
+// Checks x [M, K] float32 against the split weights and returns their pointers.
+inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+                             const at::Tensor& mins, int64_t qtype) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous 2-D float32 tensor");
+  const int64_t K = x.size(1), N = qs.size(0), nb = K / QK;
+  TORCH_CHECK(K % QK == 0, "in_features must be a multiple of 32");
+  const auto type = static_cast<QType>(qtype);
+  TORCH_CHECK(type == QType::Q4_0 || type == QType::Q4_1 || type == QType::Q8_0, "unsupported GGUF type ", qtype);
+  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) == nb * (type == QType::Q8_0 ? 32 : 16) &&
+              scales.scalar_type() == at::kShort && scales.is_contiguous() && scales.size(0) == N &&
+              scales.size(1) == nb, "bad GGUF weight");
+  const bool q4_1 = type == QType::Q4_1;
+  TORCH_CHECK(!q4_1 || (mins.scalar_type() == at::kShort && mins.is_contiguous() && mins.sizes() == scales.sizes()),
+              "Q4_1 needs a min per block");
+  return {qs.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<int16_t>()),
+          q4_1 ? reinterpret_cast<const uint16_t*>(mins.data_ptr<int16_t>()) : nullptr};
+}
+
+}  // namespace slipstream

@@ -1,0 +1,163 @@
+// y ~= x @ dequantize(W)^T with the activations quantized as well (opt-in, `--quantization w4a8`).
+//
+// Each row of x is cut into 32-value blocks and rounded to int8 with one fp32 scale per block, as
+// llama.cpp does; a block's dot product with a GGUF weight block is then integer multiply-adds
+// (maddubs + madd: 32 products in two instructions) rather than expanding the weights to fp32,
+// about half the instructions of gguf_linear. Block sums for the min term (Q4_1) and the -8 offset
+// (Q4_0) use the exact fp32 activations, so rounding x is the only error this adds.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "gguf_blocks.h"
+#include "vec.h"
+
+namespace {
+
+using namespace slipstream;
+
+// x as int8 blocks: quants [M, K], and per block its scale and exact sum, rows padded with 8
+// zero blocks so vector loads of a last partial group of 8 blocks stay in bounds.
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> scale, sum;
+  int64_t stride;
+};
+
+inline void quantize_block(const float* x, int8_t* q, float* scale, float* sum) {
+  __m256 v[4];
+  for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + 8 * i);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 amax = _mm256_andnot_ps(sign, v[0]);
+  for (int i = 1; i < 4; ++i) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  *scale = mx / 127.0f;
+  *sum = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+  const __m256 inv = _mm256_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
+  __m256i i[4];
+  for (int k = 0; k < 4; ++k) i[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], inv));  // rounds to nearest
+  // The packs work within 128-bit lanes; the permute puts the 32 bytes back in order.
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t nb = K / QK;
+  QuantizedRows r{std::vector<int8_t>(M * K), std::vector<float>(M * (nb + 8)), std::vector<float>(M * (nb + 8)),
+                  nb + 8};
+  at::parallel_for(0, M * nb, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m = i / nb, b = i % nb;
+      quantize_block(x + i * QK, r.q.data() + i * QK, &r.scale[m * r.stride + b], &r.sum[m * r.stride + b]);
+    }
+  });
+  return r;
+}
+
+// A weight block's 32 quants as bytes in the activations' order (Q4: low nibbles are weights
+// 0..15, high nibbles 16..31).
+template <QType T>
+inline __m256i load_quants(const uint8_t* q) {
+  if constexpr (T == QType::Q8_0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  } else {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+  }
+}
+
+// MM activation rows times NR weight rows, accumulators in registers. The integer dot of a block
+// goes to fp32 once (8 lanes of int32 partial sums) and is scaled by weight scale x row scale.
+template <QType T, int MM, int NR>
+void q8_tile(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K, int64_t N, int64_t n0,
+             int64_t n1) {
+  const int64_t nb = K / QK, row_bytes = nb * quant_bytes<T>();
+  const int8_t* xb = xq.q.data() + m0 * K;
+  const float* xd = xq.scale.data() + m0 * xq.stride;
+  const float* xs = xq.sum.data() + m0 * xq.stride;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; n += NR) {
+    __m256 acc[NR][MM];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+      const int64_t count = std::min<int64_t>(8, nb - b0);
+      alignas(32) float scale[NR][MM][8];
+      for (int r = 0; r < NR; ++r) {
+        const __m256 d = load_halves(w.scales + (n + r) * nb + b0, count);
+        // Q4_1: + min * sum(x); Q4_0: quants are offset by 8, so - 8 * d * sum(x).
+        __m256 offset = _mm256_setzero_ps();
+        if constexpr (T == QType::Q4_1) offset = load_halves(w.mins + (n + r) * nb + b0, count);
+        if constexpr (T == QType::Q4_0) offset = _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
+        for (int m = 0; m < MM; ++m) {
+          _mm256_store_ps(scale[r][m], _mm256_mul_ps(d, _mm256_loadu_ps(xd + m * xq.stride + b0)));
+          if constexpr (T != QType::Q8_0)
+            acc[r][m] = _mm256_fmadd_ps(offset, _mm256_loadu_ps(xs + m * xq.stride + b0), acc[r][m]);
+        }
+      }
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t b = b0 + j;
+        for (int r = 0; r < NR; ++r) {
+          const __m256i wq = load_quants<T>(w.qs + (n + r) * row_bytes + b * quant_bytes<T>());
+          // maddubs multiplies unsigned by signed bytes: Q8_0 moves the weights' signs onto x.
+          const __m256i wu = T == QType::Q8_0 ? _mm256_sign_epi8(wq, wq) : wq;
+          for (int m = 0; m < MM; ++m) {
+            __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + m * K + b * QK));
+            if constexpr (T == QType::Q8_0) xv = _mm256_sign_epi8(xv, wq);
+            const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), ones));
+            acc[r][m] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(&scale[r][m][j]), acc[r][m]);
+          }
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MM; ++m) y[(m0 + m) * N + n + r] = hsum(acc[r][m]);
+  }
+}
+
+template <QType T, int MM>
+void q8_rows(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K, int64_t N, int64_t n0,
+             int64_t n1) {
+  constexpr int NR = MM >= 8 ? 1 : MM >= 2 ? 2 : 4;
+  const int64_t tiled = n0 + (n1 - n0) / NR * NR;
+  q8_tile<T, MM, NR>(xq, m0, w, y, K, N, n0, tiled);
+  q8_tile<T, MM, 1>(xq, m0, w, y, K, N, tiled, n1);
+}
+
+template <QType T>
+void q8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
+  const QuantizedRows xq = quantize_rows(x, M, K);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M;) {
+      const int64_t left = M - m0;
+      if (left >= 8) { q8_rows<T, 8>(xq, m0, w, y, K, N, n0, n1); m0 += 8; }
+      else if (left >= 4) { q8_rows<T, 4>(xq, m0, w, y, K, N, n0, n1); m0 += 4; }
+      else if (left >= 2) { q8_rows<T, 2>(xq, m0, w, y, K, N, n0, n1); m0 += 2; }
+      else { q8_rows<T, 1>(xq, m0, w, y, K, N, n0, n1); m0 += 1; }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
+  x = x.contiguous();
+  const Weights w = check_weights(x, qs, scales, mins, qtype);
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  switch (static_cast<QType>(qtype)) {
+    case QType::Q4_0: q8_linear_impl<QType::Q4_0>(xp, w, yp, M, K, N); break;
+    case QType::Q4_1: q8_linear_impl<QType::Q4_1>(xp, w, yp, M, K, N); break;
+    case QType::Q8_0: q8_linear_impl<QType::Q8_0>(xp, w, yp, M, K, N); break;
+  }
+  return y;
+}

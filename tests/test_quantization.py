@@ -1,0 +1,56 @@
+"""`--quantization w4a8` (activations rounded to int8 per 32 values, as llama.cpp computes) has its
+own fidelity bound against the exact engine on the default model, which is what test_fidelity.py
+holds equal to transformers. Teacher-forced: both engines score the same token sequences (the exact
+engine's greedy continuations), so one early difference does not decide every later position."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_models import save_tiny_model
+
+from slipstream import LLM, SamplingParams
+from slipstream.kernels import cpu_ops
+
+pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="w4a8 needs the compiled CPU kernels")
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
+             "List three uses of copper.", "How do I reverse a list in Python?", "Tell me a short story about a cat.",
+             "What causes rain?", "Give me a recipe for pancakes."]
+# Measured on this model: 0.94 agreement, 0.46 max error. A 4-bit model's top two tokens are often
+# close, so some positions flip; a broken kernel scores far below (random ~0, shifted logits ~0.5).
+MIN_TOP1_AGREEMENT = 0.88
+MAX_LOGPROB_ERROR = 1.0
+
+
+def scores(llm: LLM, sequences: list[list[int]], start: list[int]) -> list[tuple[int, float]]:
+    """(top-1 token, logprob of the sequence's own token) at each position from `start` on."""
+    results = llm.generate(sequences, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))
+    return [(r.prompt_logprobs[pos].top[0][0], r.prompt_logprobs[pos].logprob)
+            for r, s in zip(results, start, strict=True) for pos in range(s, len(r.prompt_token_ids))]
+
+
+def test_w4a8_stays_within_its_fidelity_bound_of_the_exact_engine():
+    exact = LLM(dtype="float32", kv_cache_memory=128 << 20)
+    greedy = exact.chat([[{"role": "user", "content": q}] for q in QUESTIONS],
+                        SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    sequences = [r.prompt_token_ids + r.outputs[0].token_ids for r in greedy]
+    start = [len(r.prompt_token_ids) for r in greedy]
+    want = scores(exact, sequences, start)
+    exact.engine.shutdown()
+    got = scores(LLM(dtype="float32", kv_cache_memory=128 << 20, quantization="w4a8"), sequences, start)
+    agreement = sum(g[0] == w[0] for g, w in zip(got, want, strict=True)) / len(want)
+    error = max(abs(g[1] - w[1]) for g, w in zip(got, want, strict=True))
+    assert agreement >= MIN_TOP1_AGREEMENT, f"top-1 agreement {agreement:.3f}"
+    assert error <= MAX_LOGPROB_ERROR, f"max logprob error {error:.3f}"
+    assert agreement < 1 or error > 0, "w4a8 gave exactly the exact engine's numbers: was it applied?"
+
+
+def test_w4a8_refuses_a_model_without_gguf_blocks(tmp_path):
+    model = save_tiny_model("llama", tmp_path / "tiny")
+    with pytest.raises(ValueError, match="w4a8 needs a GGUF model"):
+        LLM(str(model), dtype="float32", kv_cache_memory=16 << 20, quantization="w4a8")
+
+
+def test_an_unknown_quantization_is_refused():
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        LLM(quantization="int3")
