@@ -1,17 +1,8 @@
 #include <torch/extension.h>
 
-torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, torch::Tensor mins, int64_t qtype);
-torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, torch::Tensor mins,
-                             int64_t qtype);
-torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale);
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
-torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
-void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
-             bool interleaved);
-torch::Tensor silu_and_mul(torch::Tensor gate_up);
-void write_kv_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
-                    torch::Tensor slots);
+#include "kernels.h"
+
+void register_decode_stack(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The matmul and attention kernels touch no Python object and hold most of a step's time: the HTTP
@@ -25,4 +16,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotary position embedding of q and k, in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [gate, up] row");
   m.def("write_kv_cache", &write_kv_cache, "copy new keys and values into their cache slots");
+  register_decode_stack(m);
 }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "gguf_blocks.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace {

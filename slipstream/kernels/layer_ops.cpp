@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels.h"
 #include "vec.h"
 
 namespace {

@@ -9,8 +9,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slipstream.kernels import cpu_ops
 from slipstream.model.attention import PagedAttention
+from slipstream.model.context import get_context
 from slipstream.model.layers import (
+    GGUF_KERNEL_MAX_ROWS,
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
@@ -166,13 +169,28 @@ class CausalLM(nn.Module):
         self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._decode_stack = None  # built on the first decode step (the KV cache is bound by then)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Returns final hidden states [T, hidden]; `logits` projects the rows that need them."""
         x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual)
+        ctx = get_context()
+        if ctx.num_decode == len(input_ids) and (stack := self.decode_stack(len(input_ids))) is not None:
+            x, residual = stack.forward(x, positions, ctx.decode_block_tables, ctx.decode_lens, ctx.slot_mapping)
+        else:
+            for layer in self.layers:
+                x, residual = layer(positions, x, residual)
         return self.norm(x, residual)[0]
+
+    def decode_stack(self, rows: int):
+        """The compiled kernels' DecodeStack for a decode-only step of `rows` tokens: all layers in one
+        call, the same kernels as the Python layers run. None where a layer needs its Python path."""
+        if self._decode_stack is None:
+            self._decode_stack = build_decode_stack(self) or False
+        if not self._decode_stack:
+            return None
+        int8 = self.layers[0].self_attn.qkv_proj.int8_activations  # no dense fallback for large batches
+        return self._decode_stack if int8 or rows <= GGUF_KERNEL_MAX_ROWS else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -253,6 +271,28 @@ class CausalLM(nn.Module):
             missing.discard("lm_head.weight")
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+
+def build_decode_stack(model: CausalLM):
+    """A DecodeStack over `model`'s weights and KV cache, or None when some layer has what the stack
+    does not run: dense-only weights, biases, q/k norms, several ranks, head_dim not a multiple of 8."""
+    ops, args = cpu_ops(), model.args
+    attn = model.layers[0].self_attn
+    if ops is None or tp_size() > 1 or args.qk_norm or not attn.attn.kernel_fits or not attn.attn.k_cache.numel():
+        return None
+    linears = [lin for layer in model.layers for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    if any(getattr(lin, "gguf_weight", None) is None or lin.bias is not None for lin in linears):
+        return None
+    return ops.DecodeStack(
+        [layer.input_layernorm.weight for layer in model.layers],
+        [layer.post_attention_layernorm.weight for layer in model.layers],
+        [list(lin.gguf_weight) for lin in linears], [lin.gguf_type for lin in linears],
+        [layer.self_attn.attn.k_cache for layer in model.layers],
+        [layer.self_attn.attn.v_cache for layer in model.layers],
+        attn.rotary.cos, attn.rotary.sin, args.rms_norm_eps, attn.num_heads, attn.num_kv_heads, args.head_dim,
+        args.rope_interleaved, attn.attn.scale, linears[0].int8_activations,
+    )
 
 
 def check_tp_compatible(args: ModelArgs, n: int) -> None:
