@@ -25,7 +25,7 @@ PHASES = {  # (engine attribute, method) -> label
 }
 
 
-def profile(llm: LLM, batch: int, steps: int) -> None:
+def profile(llm: LLM, batch: int, steps: int, prompt_len: int) -> None:
     engine = llm.engine
     spent: dict[str, float] = collections.defaultdict(float)
     originals = []
@@ -44,7 +44,8 @@ def profile(llm: LLM, batch: int, steps: int) -> None:
         setattr(owner, method, timed)
     try:
         params = SamplingParams(temperature=0, max_tokens=steps + 16, ignore_eos=True)
-        prompt = llm.tokenizer.encode("Tell me a long story about a dragon and a lighthouse keeper.")
+        sentence = llm.tokenizer.encode("Tell me a long story about a dragon and a lighthouse keeper.")
+        prompt = (sentence * (prompt_len // len(sentence) + 1))[: prompt_len - 1]
         for i in range(batch):
             engine.add_request(f"profile-{i}", prompt + [i + 10], params)
         while any(s.num_output_tokens == 0 for s in engine.seqs.values()):  # prefill out of the way
@@ -71,10 +72,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per batch size (default: 20)")
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantization", default=None, help="w4a8 (default: none, exact)")
+    parser.add_argument("--prompt-len", type=int, default=100, help="prompt tokens per sequence (default: 100)")
     args = parser.parse_args()
-    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=256 << 20)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_memory=256 << 20)
     for batch in args.batch:
-        profile(llm, batch, args.steps)
+        profile(llm, batch, args.steps, args.prompt_len)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ at::Tensor paged_attention_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H, kvh = h / G, L = lens[b];
       rows.resize(L);
-      for (int64_t t = 0; t < L; ++t) rows[t] = ((bt[b * W + t / bs] * bs + t % bs) * Hkv + kvh) * D;
+      for (int64_t t = 0, j = 0; t < L; ++j)  // block by block: no division per token
+        for (int64_t slot = bt[b * W + j] * bs, o = 0; o < bs && t < L; ++o, ++t) rows[t] = ((slot + o) * Hkv + kvh) * D;
       scores.resize((L + 7) / 8 * 8);
       key_scores(qp + task * D, kp, rows.data(), L, D, static_cast<float>(scale), scores.data());
       softmax(scores.data(), L);
