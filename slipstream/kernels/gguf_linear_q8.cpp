@@ -126,7 +126,7 @@ void q8_tile(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K
 template <QType T, int MM>
 void q8_rows(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K, int64_t N, int64_t n0,
              int64_t n1) {
-  constexpr int NR = MM >= 8 ? 1 : MM >= 2 ? 2 : 4;
+  constexpr int NR = MM >= 8 ? 1 : MM >= 4 ? 2 : MM >= 2 ? 4 : 8;
   const int64_t tiled = n0 + (n1 - n0) / NR * NR;
   q8_tile<T, MM, NR>(xq, m0, w, y, K, N, n0, tiled);
   q8_tile<T, MM, 1>(xq, m0, w, y, K, N, tiled, n1);
