@@ -6,6 +6,7 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace slipstream {
 
@@ -50,6 +51,25 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
               "Q4_1 needs a min per block");
   return {qs.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<int16_t>()),
           q4_1 ? reinterpret_cast<const uint16_t*>(mins.data_ptr<int16_t>()) : nullptr};
+}
+
+// y [M, N] = impl(type, x, weights, y, M, K, N) with the weight type as a compile-time constant
+// (std::integral_constant<QType, ...>): the checks, allocation and dispatch every GGUF matmul shares.
+template <typename Impl>
+at::Tensor run_gguf_linear(at::Tensor x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
+                           int64_t qtype, Impl impl) {
+  x = x.contiguous();
+  const Weights w = check_weights(x, qs, scales, mins, qtype);
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  switch (static_cast<QType>(qtype)) {
+    case QType::Q4_0: impl(std::integral_constant<QType, QType::Q4_0>{}, xp, w, yp, M, K, N); break;
+    case QType::Q4_1: impl(std::integral_constant<QType, QType::Q4_1>{}, xp, w, yp, M, K, N); break;
+    case QType::Q8_0: impl(std::integral_constant<QType, QType::Q8_0>{}, xp, w, yp, M, K, N); break;
+  }
+  return y;
 }
 
 }  // namespace slipstream

@@ -131,16 +131,6 @@ void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int6
 }  // namespace
 
 at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
-  x = x.contiguous();
-  const Weights w = check_weights(x, qs, scales, mins, qtype);
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  auto y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  switch (static_cast<QType>(qtype)) {
-    case QType::Q4_0: linear_impl<QType::Q4_0>(xp, w, yp, M, K, N); break;
-    case QType::Q4_1: linear_impl<QType::Q4_1>(xp, w, yp, M, K, N); break;
-    case QType::Q8_0: linear_impl<QType::Q8_0>(xp, w, yp, M, K, N); break;
-  }
-  return y;
+  return run_gguf_linear(x, qs, scales, mins, qtype,
+                         [](auto type, auto... args) { linear_impl<decltype(type)::value>(args...); });
 }
