@@ -93,9 +93,10 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.reasoning: dict[str, ReasoningSpan] = {}  # requests whose thinking span is not over
         self.load_seconds = time.monotonic() - t0
+        numerics = " ".join(filter(None, [str(self.runner.dtype).removeprefix("torch."), config.quantization]))
         logger.info(
             "loaded %s: %s on %s, %d KV blocks x %d tokens (%.0f MiB), max model len %d, in %.1f s",
-            self.model_dir, str(self.runner.dtype).removeprefix("torch."), self.runner.device,
+            self.model_dir, numerics, self.runner.device,
             self.runner.num_blocks, bs, self.runner.kv_cache_bytes / 2**20, self.max_model_len, self.load_seconds,
         )
 
