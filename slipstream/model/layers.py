@@ -21,7 +21,7 @@ def attach_gguf_blocks(layer: nn.Module, blocks: torch.Tensor, qtype: int, int8_
     """Give `layer` (with a dense `weight`) the GGUF block form of the same weights, split into the
     kernel's layout: quants [out, blocks * quant bytes], fp16 scales and (Q4_1) mins [out, blocks].
     With `int8_activations` (`--quantization w4a8`) every matmul uses the blocks, so a linear layer's
-    dense copy is dropped (an LM head tied to the embeddings keeps it for the lookups)."""
+    dense copy is dropped (the LM head keeps its own: it may be the embedding table too)."""
     layer.gguf_type = qtype
     layer.gguf_weight = split_gguf_blocks(blocks, qtype)
     layer.int8_activations = int8_activations
