@@ -8,7 +8,6 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "gguf_blocks.h"

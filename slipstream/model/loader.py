@@ -151,7 +151,7 @@ def convert_gguf(path: Path) -> Path:
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             w = _unpermute(w, heads)
             raw = None if raw is None else _unpermute(raw, heads)
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+        tensors[name] = torch.from_numpy(np.require(w, requirements=["C", "W"]))  # F32 tensors: read-only mmap
         if raw is not None:
             blocks[name] = torch.from_numpy(np.ascontiguousarray(raw))
             block_types[name] = str(int(t.tensor_type))
