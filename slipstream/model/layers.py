@@ -43,14 +43,16 @@ def split_gguf_blocks(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, t
     return b[:, :, head:].reshape(out, -1).contiguous(), halves(0), mins
 
 
+def gguf_kernel_serves(layer: nn.Module, rows: int) -> bool:
+    """Whether a matmul of `rows` rows through `layer` runs on its GGUF blocks (else on its dense weight)."""
+    return getattr(layer, "gguf_weight", None) is not None and (layer.int8_activations or rows <= GGUF_KERNEL_MAX_ROWS)
+
+
 def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    weight = getattr(layer, "gguf_weight", None)
-    if weight is not None and layer.int8_activations:
-        y = cpu_ops().gguf_linear_q8(x, *weight, layer.gguf_type)
-    elif weight is not None and x.shape[0] <= GGUF_KERNEL_MAX_ROWS:
-        y = cpu_ops().gguf_linear(x, *weight, layer.gguf_type)
-    else:
+    if not gguf_kernel_serves(layer, x.shape[0]):
         return F.linear(x, layer.weight, bias)
+    kernel = cpu_ops().gguf_linear_q8 if layer.int8_activations else cpu_ops().gguf_linear
+    y = kernel(x, *layer.gguf_weight, layer.gguf_type)
     return y if bias is None else y + bias
 
 

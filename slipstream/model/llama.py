@@ -13,7 +13,6 @@ from slipstream.kernels import cpu_ops
 from slipstream.model.attention import PagedAttention
 from slipstream.model.context import get_context
 from slipstream.model.layers import (
-    GGUF_KERNEL_MAX_ROWS,
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
@@ -23,6 +22,7 @@ from slipstream.model.layers import (
     VocabParallelEmbedding,
     attach_gguf_blocks,
     fused_ops,
+    gguf_kernel_serves,
 )
 from slipstream.model.parallel import tp_size
 
@@ -187,10 +187,9 @@ class CausalLM(nn.Module):
         call, the same kernels as the Python layers run. None where a layer needs its Python path."""
         if self._decode_stack is None:
             self._decode_stack = build_decode_stack(self) or False
-        if not self._decode_stack:
-            return None
-        int8 = self.layers[0].self_attn.qkv_proj.int8_activations  # no dense fallback for large batches
-        return self._decode_stack if int8 or rows <= GGUF_KERNEL_MAX_ROWS else None
+        # The stack has only the block kernels: where a layer would take its dense path, so must the step.
+        serves = self._decode_stack and gguf_kernel_serves(self.layers[0].self_attn.qkv_proj, rows)
+        return self._decode_stack if serves else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
