@@ -43,58 +43,44 @@ inline void load_block(const uint8_t* q, __m256 w[4]) {
   }
 }
 
-// MM activation rows times NR weight rows at a time, all accumulators in registers: several
-// independent FMA chains per block, and each block's weights (or activations) loaded once.
-template <QType T, int MM, int NR>
-void linear_tile(const float* x, Weights w, const float* xsum, float* y, int64_t K, int64_t N,
-                 int64_t n0, int64_t n1) {
+// One weight row times MM activation rows, accumulators in registers: MM independent FMA chains
+// per block, each block's weights expanded once. One row at a time reads the weights in order,
+// which the hardware prefetchers follow; tiles of several rows (hopping between them) did not.
+template <QType T, int MM>
+void linear_rows(const float* x, Weights w, const float* xsum, float* y, int64_t K, int64_t N, int64_t n0,
+                 int64_t n1) {
   const int64_t nb = K / QK;
   const int64_t row_bytes = nb * quant_bytes<T>();
-  for (int64_t n = n0; n < n1; n += NR) {
-    __m256 acc[NR][MM], min_acc[NR][MM];
-    for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < MM; ++m) acc[r][m] = min_acc[r][m] = _mm256_setzero_ps();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qs = w.qs + n * row_bytes;
+    __m256 acc[MM], min_acc[MM];
+    for (int m = 0; m < MM; ++m) acc[m] = min_acc[m] = _mm256_setzero_ps();
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
       const int64_t count = std::min<int64_t>(8, nb - b0);
-      alignas(32) float d[NR][8];
-      for (int r = 0; r < NR; ++r) {
-        _mm256_store_ps(d[r], load_halves(w.scales + (n + r) * nb + b0, count));
-        if constexpr (T == QType::Q4_1) {
-          const __m256 mins = load_halves(w.mins + (n + r) * nb + b0, count);
-          for (int m = 0; m < MM; ++m)
-            min_acc[r][m] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xsum + m * (nb + 8) + b0), min_acc[r][m]);
-        }
+      alignas(32) float d[8];
+      _mm256_store_ps(d, load_halves(w.scales + n * nb + b0, count));
+      if constexpr (T == QType::Q4_1) {
+        const __m256 mins = load_halves(w.mins + n * nb + b0, count);
+        for (int m = 0; m < MM; ++m)
+          min_acc[m] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xsum + m * (nb + 8) + b0), min_acc[m]);
       }
       for (int64_t j = 0; j < count; ++j) {
         const int64_t b = b0 + j;
-        for (int r = 0; r < NR; ++r) {
-          __m256 wv[4];
-          load_block<T>(w.qs + (n + r) * row_bytes + b * quant_bytes<T>(), wv);
-          const __m256 scale = _mm256_broadcast_ss(&d[r][j]);
-          for (int m = 0; m < MM; ++m) {
-            const float* xb = x + m * K + b * QK;
-            __m256 dot = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xb));
-            dot = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xb + 8), dot);
-            dot = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xb + 16), dot);
-            dot = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xb + 24), dot);
-            acc[r][m] = _mm256_fmadd_ps(scale, dot, acc[r][m]);
-          }
+        __m256 wv[4];
+        load_block<T>(qs + b * quant_bytes<T>(), wv);
+        const __m256 scale = _mm256_broadcast_ss(&d[j]);
+        for (int m = 0; m < MM; ++m) {
+          const float* xb = x + m * K + b * QK;
+          __m256 dot = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xb));
+          dot = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xb + 8), dot);
+          dot = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xb + 16), dot);
+          dot = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xb + 24), dot);
+          acc[m] = _mm256_fmadd_ps(scale, dot, acc[m]);
         }
       }
     }
-    for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < MM; ++m) y[m * N + n + r] = hsum(_mm256_add_ps(acc[r][m], min_acc[r][m]));
+    for (int m = 0; m < MM; ++m) y[m * N + n] = hsum(_mm256_add_ps(acc[m], min_acc[m]));
   }
-}
-
-// Rows [n0, n1) of y for MM activation rows; NR weight rows per tile where n1 - n0 allows.
-template <QType T, int MM>
-void linear_rows(const float* x, Weights w, const float* xsum, float* y, int64_t K, int64_t N,
-                 int64_t n0, int64_t n1) {
-  constexpr int NR = MM >= 4 ? 1 : 4 / MM;
-  const int64_t tiled = n0 + (n1 - n0) / NR * NR;
-  linear_tile<T, MM, NR>(x, w, xsum, y, K, N, n0, tiled);
-  linear_tile<T, MM, 1>(x, w, xsum, y, K, N, tiled, n1);
 }
 
 template <QType T>
@@ -112,17 +98,21 @@ void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int6
         xsum[m * (nb + 8) + b] = s;
       }
   }
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    // Activation rows in pieces of 4, 2 and 1, each with its own fully unrolled tile (at 8 rows
-    // the accumulators no longer fit the 16 vector registers).
-    for (int64_t m0 = 0; m0 < M;) {
-      const int64_t left = M - m0;
-      const float* xm = x + m0 * K;
-      const float* sm = xsum.empty() ? nullptr : xsum.data() + m0 * (nb + 8);
-      float* ym = y + m0 * N;
-      if (left >= 4) { linear_rows<T, 4>(xm, w, sm, ym, K, N, n0, n1); m0 += 4; }
-      else if (left >= 2) { linear_rows<T, 2>(xm, w, sm, ym, K, N, n0, n1); m0 += 2; }
-      else { linear_rows<T, 1>(xm, w, sm, ym, K, N, n0, n1); m0 += 1; }
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    // 16 weight rows at a time stay in L1 while every piece of the activation rows passes them:
+    // pieces of 4, 2 and 1 rows, each fully unrolled (at 8 the accumulators no longer fit the 16
+    // vector registers).
+    for (int64_t n0 = begin; n0 < end; n0 += 16) {
+      const int64_t n1 = std::min(n0 + 16, end);
+      for (int64_t m0 = 0; m0 < M;) {
+        const int64_t left = M - m0;
+        const float* xm = x + m0 * K;
+        const float* sm = xsum.empty() ? nullptr : xsum.data() + m0 * (nb + 8);
+        float* ym = y + m0 * N;
+        if (left >= 4) { linear_rows<T, 4>(xm, w, sm, ym, K, N, n0, n1); m0 += 4; }
+        else if (left >= 2) { linear_rows<T, 2>(xm, w, sm, ym, K, N, n0, n1); m0 += 2; }
+        else { linear_rows<T, 1>(xm, w, sm, ym, K, N, n0, n1); m0 += 1; }
+      }
     }
   });
 }
