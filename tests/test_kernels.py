@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType, quants
 
 from slipstream.kernels import GGUF_KERNEL_TYPES, cpu_ops
-from slipstream.model.layers import split_gguf_blocks
+from slipstream.model.layers import interleave_q4_rows, split_gguf_blocks
 
 ops = cpu_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="this CPU has no AVX2/FMA/F16C or no compiler")
@@ -126,3 +126,20 @@ def test_gguf_linear_q8_matches_rounded_activations(qtype, rows):
     # and the rounding costs little against the exact product
     exact = F.linear(x, dense)
     assert (got - exact).abs().max() < 0.03 * exact.abs().max()
+
+
+@pytest.mark.parametrize("qtype", [t for t, name in GGUF_KERNEL_TYPES.items() if name != "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13])
+def test_gguf_linear_q8_interleaved_q4_matches_rounded_activations(qtype, rows):
+    rng = np.random.default_rng(qtype * 10 + rows)
+    out_features, in_features = 56, 288  # 7 groups of 8 rows, 9 blocks
+    blocks = quants.quantize(rng.standard_normal((out_features, in_features), dtype=np.float32),
+                             GGMLQuantizationType(qtype))
+    dense = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType(qtype)).copy())
+    split = split_gguf_blocks(torch.from_numpy(blocks), qtype)
+    interleaved = interleave_q4_rows(*split)
+    assert interleaved[0].shape == (7, 9, 128)
+    x = 3 * torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    x[0, 32:64] = 0
+    got = ops.gguf_linear_q8(x, *interleaved, qtype)
+    torch.testing.assert_close(got, q8_reference(x, dense, split[1], split[2], qtype), rtol=1e-5, atol=1e-4)

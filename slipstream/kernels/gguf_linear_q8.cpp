@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <vector>
 
@@ -121,6 +122,76 @@ void q8_rows(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K
   }
 }
 
+// Q4 weights interleaved by 8 rows (`interleave_q4_rows` in layers.py): for rows 8g..8g+7 and
+// block b, 128 bytes hold four vectors whose low nibbles are quads 2t and high nibbles quads 2t+1,
+// lane i (4 bytes) of quad k being row 8g+i's weights 4k..4k+3. One maddubs against a broadcast
+// quad of x then advances eight rows at once, the block's eight products add up in int16 (|sum| <=
+// 8 * 2 * 15 * 127 < 2^15), and converting and scaling happen once per block for all eight rows:
+// about half the multiply-unit work of the row layout, which bounds large batches.
+template <QType T, int MM>
+void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K, int64_t N, int64_t g0,
+                 int64_t g1) {
+  const int64_t nb = K / QK;
+  const int8_t* xb = xq.q.data() + m0 * K;
+  const float* xd = xq.scale.data() + m0 * xq.stride;
+  const float* xs = xq.sum.data() + m0 * xq.stride;
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
+  for (int64_t g = g0; g < g1; ++g) {
+    __m256 acc[MM];
+    for (int m = 0; m < MM; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t gb = g * nb + b;
+      const uint8_t* q = w.qs + gb * 128;
+      __m256i sum[MM];
+      for (int m = 0; m < MM; ++m) sum[m] = _mm256_setzero_si256();
+      // Not unrolled: unrolled, GCC interleaves the four vectors' products and spills them.
+#pragma GCC unroll 1
+      for (int t = 0; t < 4; ++t) {
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * t));
+        const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+        for (int m = 0; m < MM; ++m) {
+          const int8_t* quad = xb + m * K + b * QK + 8 * t;
+          int32_t x0, x1;
+          std::memcpy(&x0, quad, 4);
+          std::memcpy(&x1, quad + 4, 4);
+          sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)));
+          sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
+        }
+      }
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + gb * 8)));
+      // Q4_1: + min * sum(x); Q4_0: quants are offset by 8, so - 8 * d * sum(x).
+      __m256 offset;
+      if constexpr (T == QType::Q4_1)
+        offset = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.mins + gb * 8)));
+      else
+        offset = _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
+      for (int m = 0; m < MM; ++m) {
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[m], ones));
+        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(xd[m * xq.stride + b])), acc[m]);
+        acc[m] = _mm256_fmadd_ps(offset, _mm256_set1_ps(xs[m * xq.stride + b]), acc[m]);
+      }
+    }
+    for (int m = 0; m < MM; ++m) _mm256_storeu_ps(y + (m0 + m) * N + 8 * g, acc[m]);
+  }
+}
+
+template <QType T>
+void q4x8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
+  const QuantizedRows xq = quantize_rows(x, M, K);
+  at::parallel_for(0, N / 8, 2, [&](int64_t begin, int64_t end) {
+    // 16 weight rows at a time stay in L1 while every piece of the activation rows passes them.
+    for (int64_t g0 = begin; g0 < end; g0 += 2) {
+      const int64_t g1 = std::min(g0 + 2, end);
+      for (int64_t m0 = 0; m0 < M;) {
+        const int64_t left = M - m0;
+        if (left >= 4) { q4x8_groups<T, 4>(xq, m0, w, y, K, N, g0, g1); m0 += 4; }
+        else if (left >= 2) { q4x8_groups<T, 2>(xq, m0, w, y, K, N, g0, g1); m0 += 2; }
+        else { q4x8_groups<T, 1>(xq, m0, w, y, K, N, g0, g1); m0 += 1; }
+      }
+    }
+  });
+}
+
 template <QType T>
 void q8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const QuantizedRows xq = quantize_rows(x, M, K);
@@ -142,6 +213,14 @@ void q8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, i
 }  // namespace
 
 at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
+  if (qs.dim() == 3) {  // Q4 rows interleaved by 8: [N / 8, blocks, 128]
+    TORCH_CHECK(qtype != static_cast<int64_t>(QType::Q8_0) && qs.size(2) == 128, "bad interleaved Q4 weight");
+    return run_gguf_linear(x, qs.view({qs.size(0) * 8, -1}), scales.view({qs.size(0) * 8, -1}),
+                           mins.numel() ? mins.view({qs.size(0) * 8, -1}) : mins, qtype,
+                           [](auto type, auto... args) {
+                             if constexpr (decltype(type)::value != QType::Q8_0) q4x8_linear_impl<decltype(type)::value>(args...);
+                           });
+  }
   return run_gguf_linear(x, qs, scales, mins, qtype,
                          [](auto type, auto... args) { q8_linear_impl<decltype(type)::value>(args...); });
 }

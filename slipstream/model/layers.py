@@ -24,6 +24,8 @@ def attach_gguf_blocks(layer: nn.Module, blocks: torch.Tensor, qtype: int, int8_
     dense copy is dropped (the LM head keeps its own: it may be the embedding table too)."""
     layer.gguf_type = qtype
     layer.gguf_weight = split_gguf_blocks(blocks, qtype)
+    if int8_activations and GGUF_KERNEL_TYPES[qtype] != "Q8_0" and blocks.shape[0] % 8 == 0:
+        layer.gguf_weight = interleave_q4_rows(*layer.gguf_weight)
     layer.int8_activations = int8_activations
     if int8_activations and isinstance(layer, LinearBase):
         layer.weight.data = torch.empty(0)
@@ -41,6 +43,24 @@ def split_gguf_blocks(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, t
 
     mins = halves(2) if head == 4 else torch.empty(0, dtype=torch.int16)
     return b[:, :, head:].reshape(out, -1).contiguous(), halves(0), mins
+
+
+def interleave_q4_rows(
+    quants: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split Q4 blocks -> the layout gguf_linear_q8 multiplies eight rows at a time: quants
+    [out / 8, blocks, 128], where for each group of 8 rows and block, vector t (32 bytes) holds in
+    its low nibbles quad 2t and in its high nibbles quad 2t + 1, and quad k's 4-byte lane i is row
+    8g + i's weights 4k..4k+3; scales and mins [out / 8, blocks, 8], row-minor likewise."""
+    out, nb = scales.shape
+    q = quants.view(out, nb, 16)
+    weights = torch.cat([q & 0x0F, q >> 4], dim=2)  # [out, nb, 32]: a block's low nibbles are weights 0..15
+    quads = weights.view(out // 8, 8, nb, 8, 4).permute(0, 2, 3, 1, 4)  # [group, block, quad, row, 4]
+    packed = quads[:, :, 0::2] | (quads[:, :, 1::2] << 4)  # [group, block, 4, row, 4]
+    def by_group(t: torch.Tensor) -> torch.Tensor:
+        return t.view(out // 8, 8, nb).transpose(1, 2).contiguous() if t.numel() else t
+
+    return packed.reshape(out // 8, nb, 128).contiguous(), by_group(scales), by_group(mins)
 
 
 def gguf_kernel_serves(layer: nn.Module, rows: int) -> bool:
