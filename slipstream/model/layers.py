@@ -21,7 +21,8 @@ def attach_gguf_blocks(layer: nn.Module, blocks: torch.Tensor, qtype: int, int8_
     """Give `layer` (with a dense `weight`) the GGUF block form of the same weights, split into the
     kernel's layout: quants [out, blocks * quant bytes], fp16 scales and (Q4_1) mins [out, blocks].
     With `int8_activations` (`--quantization w4a8`) every matmul uses the blocks, so a linear layer's
-    dense copy is dropped (the LM head keeps its own: it may be the embedding table too)."""
+    dense copy is dropped (the LM head keeps its own: it may be the embedding table too), and Q4
+    blocks are interleaved by 8 rows for the int8 kernel (`interleave_q4_rows`)."""
     layer.gguf_type = qtype
     layer.gguf_weight = split_gguf_blocks(blocks, qtype)
     if int8_activations and GGUF_KERNEL_TYPES[qtype] != "Q8_0" and blocks.shape[0] % 8 == 0:
@@ -57,6 +58,7 @@ def interleave_q4_rows(
     weights = torch.cat([q & 0x0F, q >> 4], dim=2)  # [out, nb, 32]: a block's low nibbles are weights 0..15
     quads = weights.view(out // 8, 8, nb, 8, 4).permute(0, 2, 3, 1, 4)  # [group, block, quad, row, 4]
     packed = quads[:, :, 0::2] | (quads[:, :, 1::2] << 4)  # [group, block, 4, row, 4]
+
     def by_group(t: torch.Tensor) -> torch.Tensor:
         return t.view(out // 8, 8, nb).transpose(1, 2).contiguous() if t.numel() else t
 
