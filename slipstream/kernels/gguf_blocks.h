@@ -34,6 +34,21 @@ inline __m256 load_halves(const uint16_t* h, int64_t n) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(buf)));
 }
 
+// Calls piece(std::integral_constant<int, MM>{}, m0) over M activation rows in pieces of MaxMM
+// rows while that many are left, then of halves down to 1: each size is its own unrolled kernel.
+template <int MM, typename Piece>
+inline int64_t run_piece(int64_t left, int64_t m0, Piece& piece) {
+  if constexpr (MM > 1)
+    if (left < MM) return run_piece<MM / 2>(left, m0, piece);
+  piece(std::integral_constant<int, MM>{}, m0);
+  return MM;
+}
+
+template <int MaxMM, typename Piece>
+inline void for_row_pieces(int64_t M, Piece piece) {
+  for (int64_t m0 = 0; m0 < M;) m0 += run_piece<MaxMM>(M - m0, m0, piece);
+}
+
 // Checks x [M, K] float32 against the split weights and returns their pointers.
 inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
                              const at::Tensor& mins, int64_t qtype) {

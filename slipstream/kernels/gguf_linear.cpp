@@ -104,15 +104,10 @@ void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int6
     // vector registers).
     for (int64_t n0 = begin; n0 < end; n0 += 16) {
       const int64_t n1 = std::min(n0 + 16, end);
-      for (int64_t m0 = 0; m0 < M;) {
-        const int64_t left = M - m0;
-        const float* xm = x + m0 * K;
+      for_row_pieces<4>(M, [&](auto mm, int64_t m0) {
         const float* sm = xsum.empty() ? nullptr : xsum.data() + m0 * (nb + 8);
-        float* ym = y + m0 * N;
-        if (left >= 4) { linear_rows<T, 4>(xm, w, sm, ym, K, N, n0, n1); m0 += 4; }
-        else if (left >= 2) { linear_rows<T, 2>(xm, w, sm, ym, K, N, n0, n1); m0 += 2; }
-        else { linear_rows<T, 1>(xm, w, sm, ym, K, N, n0, n1); m0 += 1; }
-      }
+        linear_rows<T, decltype(mm)::value>(x + m0 * K, w, sm, y + m0 * N, K, N, n0, n1);
+      });
     }
   });
 }

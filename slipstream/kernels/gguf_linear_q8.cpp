@@ -182,12 +182,7 @@ void q4x8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K,
     // 16 weight rows at a time stay in L1 while every piece of the activation rows passes them.
     for (int64_t g0 = begin; g0 < end; g0 += 2) {
       const int64_t g1 = std::min(g0 + 2, end);
-      for (int64_t m0 = 0; m0 < M;) {
-        const int64_t left = M - m0;
-        if (left >= 4) { q4x8_groups<T, 4>(xq, m0, w, y, K, N, g0, g1); m0 += 4; }
-        else if (left >= 2) { q4x8_groups<T, 2>(xq, m0, w, y, K, N, g0, g1); m0 += 2; }
-        else { q4x8_groups<T, 1>(xq, m0, w, y, K, N, g0, g1); m0 += 1; }
-      }
+      for_row_pieces<4>(M, [&](auto mm, int64_t m0) { q4x8_groups<T, decltype(mm)::value>(xq, m0, w, y, K, N, g0, g1); });
     }
   });
 }
@@ -199,13 +194,7 @@ void q8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, i
     // 16 weight rows at a time stay in L1 while every piece of the activation rows passes them.
     for (int64_t n0 = begin; n0 < end; n0 += 16) {
       const int64_t n1 = std::min(n0 + 16, end);
-      for (int64_t m0 = 0; m0 < M;) {
-        const int64_t left = M - m0;
-        if (left >= 8) { q8_rows<T, 8>(xq, m0, w, y, K, N, n0, n1); m0 += 8; }
-        else if (left >= 4) { q8_rows<T, 4>(xq, m0, w, y, K, N, n0, n1); m0 += 4; }
-        else if (left >= 2) { q8_rows<T, 2>(xq, m0, w, y, K, N, n0, n1); m0 += 2; }
-        else { q8_rows<T, 1>(xq, m0, w, y, K, N, n0, n1); m0 += 1; }
-      }
+      for_row_pieces<8>(M, [&](auto mm, int64_t m0) { q8_rows<T, decltype(mm)::value>(xq, m0, w, y, K, N, n0, n1); });
     }
   });
 }
