@@ -47,7 +47,7 @@ def profile(llm: LLM, batch: int, steps: int, prompt_len: int) -> None:
         sentence = llm.tokenizer.encode("Tell me a long story about a dragon and a lighthouse keeper.")
         prompt = (sentence * (prompt_len // len(sentence) + 1))[: prompt_len - 1]
         for i in range(batch):
-            engine.add_request(f"profile-{i}", prompt + [i + 10], params)
+            engine.add_request(f"profile-{i}", [i + 10] + prompt, params)  # distinct: no shared prefix blocks
         while any(s.num_output_tokens == 0 for s in engine.seqs.values()):  # prefill out of the way
             engine.step()
         spent.clear()
@@ -73,9 +73,11 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantization", default=None, help="w4a8 (default: none, exact)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto | float16 | float32 | bfloat16")
     parser.add_argument("--prompt-len", type=int, default=100, help="prompt tokens per sequence (default: 100)")
     args = parser.parse_args()
-    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_memory=256 << 20)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=512 << 20)
     for batch in args.batch:
         profile(llm, batch, args.steps, args.prompt_len)
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 # --quantization methods (FastDeploy's names). w4a8: a GGUF's 4-bit (and 8-bit) weight blocks times
 # activations rounded to int8 in blocks of 32, as llama.cpp computes: faster, no longer exact.
 QUANTIZATION_METHODS = ("w4a8",)
+# --kv-cache-dtype: auto is the model's dtype, except float16 under w4a8 (llama.cpp's default).
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -21,6 +23,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: a fraction of free memory
     kv_cache_fraction: float = 0.25
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     tensor_parallel_size: int = 1
@@ -39,3 +42,5 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             methods = ", ".join(QUANTIZATION_METHODS)
             raise ValueError(f"unknown quantization {self.quantization!r}: use one of {methods}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}: use one of {', '.join(KV_CACHE_DTYPES)}")

@@ -27,19 +27,20 @@ def test_gguf_linear_matches_dequantized_matmul(qtype, rows):
     torch.testing.assert_close(got, F.linear(x, dense), rtol=1e-5, atol=1e-4)  # sums of ~320 terms of ~1
 
 
-@pytest.mark.parametrize("dim", [16, 64, 128])  # under, at and over the 64 dimensions done per pass
-def test_paged_attention_decode_matches_sdpa(dim):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dim", [16, 64, 120, 128])  # pieces of 64, 32, 16 and 8 dimensions
+def test_paged_attention_decode_matches_sdpa(dim, cache_dtype):
     torch.manual_seed(dim)
     heads, kv_heads, block_size, num_blocks = 6, 2, 4, 16
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim).to(cache_dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim).to(cache_dtype)
     lens = torch.tensor([1, 7, 8, 13, 24])  # partial and whole groups of 8 keys
     tables = torch.stack([torch.randperm(num_blocks)[:6] for _ in lens])
     q = torch.randn(len(lens), heads, dim)
     got = ops.paged_attention_decode(q, k_cache, v_cache, tables, lens, dim**-0.5)
     for i, n in enumerate(lens.tolist()):
-        k = k_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1)  # [Hkv, n, D]
-        v = v_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1)
+        k = k_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()  # [Hkv, n, D]
+        v = v_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()
         want = F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
 
@@ -85,14 +86,16 @@ def test_rotary_kernel_matches_pytorch(interleaved):
     torch.testing.assert_close(k, want_k)
 
 
-def test_write_kv_cache_fills_the_given_slots():
-    k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
-    k_cache, v_cache = torch.zeros(4, 4, 2, 8), torch.zeros(4, 4, 2, 8)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_write_kv_cache_fills_the_given_slots(cache_dtype):
+    k, v = torch.randn(3, 2, 16) * 1000, torch.randn(3, 2, 16) * 1000  # values float16 must round
+    k_cache, v_cache = (torch.zeros(4, 4, 2, 16, dtype=cache_dtype) for _ in range(2))
     slots = torch.tensor([5, 0, 14])
     ops.write_kv_cache(k, v, k_cache, v_cache, slots)
-    torch.testing.assert_close(k_cache.view(-1, 2, 8)[slots], k)
-    torch.testing.assert_close(v_cache.view(-1, 2, 8)[slots], v)
-    assert k_cache.abs().sum() == k.abs().sum()  # nothing else written
+    # Bitwise what the Python path stores (torch's rounding to nearest even).
+    assert torch.equal(k_cache.view(-1, 2, 16)[slots], k.to(cache_dtype))
+    assert torch.equal(v_cache.view(-1, 2, 16)[slots], v.to(cache_dtype))
+    assert k_cache.float().abs().sum() == k.to(cache_dtype).float().abs().sum()  # nothing else written
 
 
 def q8_reference(x: torch.Tensor, dense: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, qtype: int):

@@ -36,14 +36,14 @@ def test_every_engine_flag_reaches_the_config():
     args = parse_args(["--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--block-size", "32",
                        "--kv-cache-memory", "1GiB", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
                        "--dtype", "float32", "--device", "cpu", "--seed", "7", "--chat-template", "t.jinja",
-                       "--max-logprobs", "5", "--quantization", "w4a8"])
+                       "--max-logprobs", "5", "--quantization", "w4a8", "--kv-cache-dtype", "float32"])
     config = engine_config(args)
     assert (config.max_num_seqs, config.max_num_batched_tokens, config.block_size) == (8, 512, 32)
     assert config.kv_cache_memory == 1 << 30
     assert not config.enable_prefix_caching and not config.enable_chunked_prefill
     assert (config.dtype, config.device, config.seed, config.chat_template, config.max_logprobs) == (
         "float32", "cpu", 7, "t.jinja", 5)
-    assert config.quantization == "w4a8"
+    assert config.quantization == "w4a8" and config.kv_cache_dtype == "float32"
 
 
 def test_defaults():
@@ -52,7 +52,7 @@ def test_defaults():
     assert args.max_logprobs == 20 and not args.enable_logprob and args.api_key is None
     config = engine_config(args)
     assert config.enable_prefix_caching and config.enable_chunked_prefill and config.dtype == "auto"
-    assert config.quantization is None  # exact unless asked
+    assert config.quantization is None and config.kv_cache_dtype == "auto"  # exact unless asked
 
 
 def test_api_keys_repeat_and_come_from_the_environment(monkeypatch):
@@ -72,6 +72,7 @@ BAD = [
     (["--kv-cache-memory", "lots"], "--kv-cache-memory"),
     (["--dtype", "float8"], "--dtype"),
     (["--quantization", "int3"], "--quantization"),
+    (["--kv-cache-dtype", "int8"], "--kv-cache-dtype"),
     (["--device", "tpu"], "--device"),
     (["--max-concurrency", "0"], "--max-concurrency"),
     (["--max-waiting-time", "-2"], "--max-waiting-time"),

@@ -127,17 +127,30 @@ at::Tensor silu_and_mul(at::Tensor gate_up) {
 
 // Writes each new token's key and value [T, Hkv, D] into its cache slot ([slots, Hkv, D] caches).
 void write_kv_cache(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots) {
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat &&
-              k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "float32, contiguous caches");
+  const bool half = k_cache.scalar_type() == at::kHalf;
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type() &&
+              (half || k_cache.scalar_type() == at::kFloat) && k.scalar_type() == at::kFloat &&
+              v.scalar_type() == at::kFloat, "float32 keys and values, contiguous float32 or float16 caches");
   slots = slots.to(at::kLong).contiguous();
   const int64_t T = k.size(0), H = k.size(1), D = k.size(2);
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v must have contiguous heads");
+  TORCH_CHECK(!half || D % 8 == 0, "a float16 cache needs head_dim a multiple of 8");
   const int64_t* sl = slots.data_ptr<int64_t>();
   const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  const int64_t elem = k_cache.element_size();
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  // Rounds to nearest even, as torch's float -> half conversion does.
+  auto store = [&](const float* src, char* dst) {
+    if (!half) return void(std::memcpy(dst, src, D * sizeof(float)));
+    for (int64_t d = 0; d < D; d += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst) + d / 8,
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+  };
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < H; ++h) {
-      std::memcpy(kc + (sl[t] * H + h) * D, kp + t * k.stride(0) + h * k.stride(1), D * sizeof(float));
-      std::memcpy(vc + (sl[t] * H + h) * D, vp + t * v.stride(0) + h * v.stride(1), D * sizeof(float));
+      const int64_t dst = (sl[t] * H + h) * D * elem;
+      store(kp + t * k.stride(0) + h * k.stride(1), kc + dst);
+      store(vp + t * v.stride(0) + h * v.stride(1), vc + dst);
     }
 }

@@ -31,12 +31,14 @@ class PagedAttention(nn.Module):
         """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]"""
         ctx = get_context()
         kc, vc = self.k_cache, self.v_cache
-        ops = fused_ops(kc) if self.kernel_fits else None
+        # The compiled kernels take float32 or float16 caches; the cache may differ from the model's
+        # dtype (--kv-cache-dtype), so the fallbacks convert on the way in and out.
+        ops = fused_ops(q) if self.kernel_fits and kc.dtype in (torch.float32, torch.float16) else None
         if kc.numel() and ops is not None:
             ops.write_kv_cache(k, v, kc, vc, ctx.slot_mapping)
         elif kc.numel():
-            kc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k)
-            vc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v)
+            kc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
+            vc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
         nd = ctx.num_decode
         if ops is not None and nd == len(q):  # decode only: the kernel's output is the whole result
             return ops.paged_attention_decode(q, kc, vc, ctx.decode_block_tables, ctx.decode_lens,
@@ -47,8 +49,8 @@ class PagedAttention(nn.Module):
                                                   self.scale)
         elif nd:
             bt = ctx.decode_block_tables
-            kk = kc[bt].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
-            vv = vc[bt].flatten(1, 2).transpose(1, 2)
+            kk = kc[bt].flatten(1, 2).transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
+            vv = vc[bt].flatten(1, 2).transpose(1, 2).to(q.dtype)
             o = F.scaled_dot_product_attention(
                 q[:nd].unsqueeze(2), kk, vv, attn_mask=ctx.decode_mask, enable_gqa=True
             )
@@ -62,8 +64,8 @@ class PagedAttention(nn.Module):
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
             else:
                 n = chunk.context_len
-                kk = kc[chunk.block_table].flatten(0, 1)[:n].transpose(0, 1).unsqueeze(0)
-                vv = vc[chunk.block_table].flatten(0, 1)[:n].transpose(0, 1).unsqueeze(0)
+                kk = kc[chunk.block_table].flatten(0, 1)[:n].transpose(0, 1).unsqueeze(0).to(q.dtype)
+                vv = vc[chunk.block_table].flatten(0, 1)[:n].transpose(0, 1).unsqueeze(0).to(q.dtype)
                 o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=chunk.mask, enable_gqa=True)
             out[s:e] = o.squeeze(0).transpose(0, 1)
         return out.flatten(1)

@@ -91,10 +91,18 @@ class ModelRunner:
             self.model.load_gguf_blocks(blocks, int8_activations=config.quantization == "w4a8")
         self.num_blocks = self._allocate_kv_cache(max_model_len)
 
+    def _kv_cache_dtype(self) -> torch.dtype:
+        if self.config.kv_cache_dtype != "auto":
+            return resolve_dtype(self.config.kv_cache_dtype, self.device)
+        # w4a8 computes as llama.cpp does, which keeps its KV cache in float16: half the bytes that
+        # decode attention reads, its cost at large batches.
+        return torch.float16 if self.config.quantization == "w4a8" else self.dtype
+
     def _allocate_kv_cache(self, max_model_len: int) -> int:
         layers = self.model.attention_layers()
         a = layers[0]
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        kv_dtype = self._kv_cache_dtype()
+        elem = torch.tensor([], dtype=kv_dtype).element_size()
         block_bytes = 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * elem
         budget = self.config.kv_cache_memory
         if budget is None:
@@ -105,7 +113,7 @@ class ModelRunner:
         if num_blocks < 2:
             raise ValueError(f"KV cache budget of {budget} bytes holds fewer than 2 blocks of {block_bytes} bytes")
         kv = torch.empty(2, len(layers), num_blocks, self.block_size, a.num_kv_heads, a.head_dim,
-                         dtype=self.dtype, device=self.device)
+                         dtype=kv_dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = kv[0, i], kv[1, i]
         self.kv_cache = kv

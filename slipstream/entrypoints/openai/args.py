@@ -7,7 +7,7 @@ import argparse
 import os
 import re
 
-from slipstream.config import QUANTIZATION_METHODS, EngineConfig
+from slipstream.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineConfig
 from slipstream.reasoning import REASONING_PARSERS, get_reasoning_parser
 
 API_KEY_ENV = "SLIPSTREAM_API_KEY"
@@ -76,6 +76,8 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="split long prompts across engine steps")
     add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
         help="weights and activations type (auto: bfloat16 on CUDA or CPUs with AVX512-BF16, else float32)")
+    add("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+        help="KV-cache type (auto: the model's dtype; float16 with --quantization w4a8, as llama.cpp keeps it)")
     add("--quantization", choices=QUANTIZATION_METHODS, default=None,
         help="w4a8: multiply a GGUF's 4-bit weight blocks with activations rounded to int8 (as llama.cpp "
         "does): faster on CPU, no longer token-for-token equal to the reference (default: exact)")
@@ -120,6 +122,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization,
         device=args.device,
         max_model_len=args.max_model_len,

@@ -1,0 +1,38 @@
+"""`--kv-cache-dtype float16` halves the bytes decode attention reads; keys and values are rounded to
+float16 on the way in and computed in the model's dtype on the way out, by the compiled kernels
+(float32 model on a CPU that has them) and by the PyTorch fallback (here a bfloat16 model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import save_tiny_model
+
+from slipstream import LLM, SamplingParams
+from slipstream.kernels import cpu_ops
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_float16_kv_cache_decodes_as_the_model_dtype_cache_does(tmp_path, dtype):
+    model = save_tiny_model("llama", tmp_path / "tiny")
+    prompts = [[1, 5, 9, 200 + i] * 6 for i in range(3)]  # 24 tokens: decode reads several blocks
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    runs = {}
+    for kv_dtype in ("auto", "float16"):
+        llm = LLM(str(model), dtype=dtype, kv_cache_memory=16 << 20, kv_cache_dtype=kv_dtype)
+        want = torch.float16 if kv_dtype == "float16" else getattr(torch, dtype)
+        assert llm.engine.runner.kv_cache.dtype == want
+        runs[kv_dtype] = [r.outputs[0] for r in llm.generate(prompts, params)]
+        llm.engine.shutdown()
+    for same, half in zip(runs["auto"], runs["float16"], strict=True):
+        assert half.token_ids == same.token_ids
+        error = max(abs(a.logprob - b.logprob) for a, b in zip(same.logprobs, half.logprobs, strict=True))
+        assert error < 0.05, f"max logprob difference {error:.4f}"
+
+
+@pytest.mark.skipif(cpu_ops() is None, reason="w4a8 needs the compiled CPU kernels")
+def test_w4a8_keeps_its_kv_cache_in_float16_unless_told():
+    for kv_dtype, want in (("auto", torch.float16), ("float32", torch.float32)):
+        llm = LLM(dtype="float32", kv_cache_memory=16 << 20, quantization="w4a8", kv_cache_dtype=kv_dtype)
+        assert llm.engine.runner.kv_cache.dtype == want
+        llm.engine.shutdown()
