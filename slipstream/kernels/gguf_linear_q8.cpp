@@ -179,11 +179,16 @@ template <QType T>
 void q4x8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const QuantizedRows xq = quantize_rows(x, M, K);
   at::parallel_for(0, N / 8, 2, [&](int64_t begin, int64_t end) {
-    // 16 weight rows at a time stay in L1 while every piece of the activation rows passes them.
-    for (int64_t g0 = begin; g0 < end; g0 += 2) {
-      const int64_t g1 = std::min(g0 + 2, end);
-      for_row_pieces<4>(M, [&](auto mm, int64_t m0) { q4x8_groups<T, decltype(mm)::value>(xq, m0, w, y, K, N, g0, g1); });
-    }
+    // 16 weight rows at a time stay in L1 while the pieces of 64 activation rows (in L2) pass them.
+    // Without the 64-row chunks a prompt's 2048 rows (1.2 MB at K = 576) came from L3 for every 16
+    // weight rows: 15 % slower.
+    for (int64_t mc = 0; mc < M; mc += 64)
+      for (int64_t g0 = begin; g0 < end; g0 += 2) {
+        const int64_t g1 = std::min(g0 + 2, end);
+        for_row_pieces<4>(std::min<int64_t>(64, M - mc), [&](auto mm, int64_t m0) {
+          q4x8_groups<T, decltype(mm)::value>(xq, mc + m0, w, y, K, N, g0, g1);
+        });
+      }
   });
 }
 
