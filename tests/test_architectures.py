@@ -111,3 +111,15 @@ def test_greedy_generation_matches_transformers(case, checkpoints, references):
             top = want.topk(TOP_K)
             assert [t for t, _ in lp.top] == top.indices.tolist()
             torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), top.values, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize(("overrides", "want"), [
+    ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1}, 64),  # layer 1 slides
+    ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 2}, 512),  # no layer slides
+    ({}, 512),
+])
+def test_a_sliding_window_caps_the_context_to_what_full_attention_computes_exactly(tmp_path, overrides, want):
+    model = save_tiny_model("qwen2", tmp_path / "tiny", **overrides)
+    llm = LLM(str(model), dtype="float32", kv_cache_memory=16 << 20)
+    assert llm.engine.max_model_len == want
+    llm.engine.shutdown()

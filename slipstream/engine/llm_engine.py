@@ -15,7 +15,7 @@ from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.output_processor import OutputProcessor, RequestOutput
 from slipstream.engine.scheduler import Scheduler
 from slipstream.engine.sequence import Sequence
-from slipstream.model.llama import ModelArgs, check_tp_compatible
+from slipstream.model.llama import ModelArgs, attention_window, check_tp_compatible
 from slipstream.model.loader import hf_directory, load_config, load_tokenizer
 from slipstream.model.parallel import init_distributed
 from slipstream.model.registry import check_supported
@@ -80,6 +80,12 @@ class LLMEngine:
             logger.warning("--max-model-len %d exceeds the model's trained context %d; using %d",
                            self.max_model_len, trained, trained)
             self.max_model_len = trained
+        window = attention_window(self.hf_config)
+        if window is not None and self.max_model_len > window:
+            logger.warning("the model attends within a sliding window of %d tokens, which slipstream does not "
+                           "implement (full attention is the same up to the window); max_model_len %d -> %d",
+                           window, self.max_model_len, window)
+            self.max_model_len = window
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.hf_config, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, self._bad_word_variants)
         self.workers = self._start_tensor_parallel() if config.tensor_parallel_size > 1 else None

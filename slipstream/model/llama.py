@@ -297,6 +297,18 @@ def build_decode_stack(model: CausalLM):
     )
 
 
+def attention_window(config) -> int | None:
+    """The sliding window some layers attend within, or None where every layer sees the whole context.
+    Mistral slides whenever `sliding_window` is set; Qwen2/Qwen3 mark the sliding layers in
+    `layer_types` (older configs: `use_sliding_window`). slipstream computes full attention only,
+    which is the same as sliding attention for contexts up to the window."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if window and "sliding_attention" in layer_types else None
+    return window if window and getattr(config, "use_sliding_window", True) else None
+
+
 def check_tp_compatible(args: ModelArgs, n: int) -> None:
     """Heads must split evenly; KV heads must split evenly or be replicated evenly."""
     if args.num_heads % n or (args.num_kv_heads % n and n % args.num_kv_heads):
