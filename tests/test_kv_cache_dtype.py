@@ -25,9 +25,13 @@ def test_a_float16_kv_cache_decodes_as_the_model_dtype_cache_does(tmp_path, dtyp
         runs[kv_dtype] = [r.outputs[0] for r in llm.generate(prompts, params)]
         llm.engine.shutdown()
     for same, half in zip(runs["auto"], runs["float16"], strict=True):
-        assert half.token_ids == same.token_ids
-        error = max(abs(a.logprob - b.logprob) for a, b in zip(same.logprobs, half.logprobs, strict=True))
-        assert error < 0.05, f"max logprob difference {error:.4f}"
+        # A random tiny model has near-ties that the caches' different rounding may flip. Up to the
+        # first differing token both runs saw the same context, so their logprobs agree, the flipped
+        # position included (its two top tokens were nearly tied); a cache read wrong is far off.
+        pairs = list(zip(same.token_ids, half.token_ids, strict=True))
+        n = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs) - 1)
+        error = max(abs(a.logprob - b.logprob) for a, b in zip(same.logprobs[: n + 1], half.logprobs[: n + 1]))
+        assert error < 0.05, f"max logprob difference {error:.4f} over the first {n + 1} tokens"
 
 
 @pytest.mark.skipif(cpu_ops() is None, reason="w4a8 needs the compiled CPU kernels")
