@@ -30,7 +30,8 @@ def test_a_float16_kv_cache_decodes_as_the_model_dtype_cache_does(tmp_path, dtyp
         # position included (its two top tokens were nearly tied); a cache read wrong is far off.
         pairs = list(zip(same.token_ids, half.token_ids, strict=True))
         n = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs) - 1)
-        error = max(abs(a.logprob - b.logprob) for a, b in zip(same.logprobs[: n + 1], half.logprobs[: n + 1]))
+        shared = zip(same.logprobs[: n + 1], half.logprobs[: n + 1], strict=True)
+        error = max(abs(a.logprob - b.logprob) for a, b in shared)
         assert error < 0.05, f"max logprob difference {error:.4f} over the first {n + 1} tokens"
 
 
