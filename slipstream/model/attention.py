@@ -22,18 +22,22 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5  # the same as SDPA's default, for the compiled kernel
-        self.kernel_fits = head_dim % 8 == 0  # the compiled attention works in whole vectors
         # [num_blocks, block_size, num_kv_heads, head_dim] each; bound by the model runner.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+
+    @property
+    def kernel_fits(self) -> bool:
+        """Whether the compiled kernels can work on this layer's cache: whole vectors per head, and
+        float32 or float16 (--kv-cache-dtype may make it differ from the model's dtype)."""
+        return self.head_dim % 8 == 0 and self.k_cache.dtype in (torch.float32, torch.float16)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]"""
         ctx = get_context()
         kc, vc = self.k_cache, self.v_cache
-        # The compiled kernels take float32 or float16 caches; the cache may differ from the model's
-        # dtype (--kv-cache-dtype), so the fallbacks convert on the way in and out.
-        ops = fused_ops(q) if self.kernel_fits and kc.dtype in (torch.float32, torch.float16) else None
+        # The fallbacks convert on the way in and out: the cache may differ from the model's dtype.
+        ops = fused_ops(q) if self.kernel_fits else None
         if kc.numel() and ops is not None:
             ops.write_kv_cache(k, v, kc, vc, ctx.slot_mapping)
         elif kc.numel():

@@ -274,13 +274,11 @@ class CausalLM(nn.Module):
 
 def build_decode_stack(model: CausalLM):
     """A DecodeStack over `model`'s weights and KV cache, or None when some layer has what the stack
-    does not run: dense-only weights, biases, q/k norms, several ranks, head_dim not a multiple of 8,
-    a bfloat16 KV cache."""
+    does not run: dense-only weights, biases, q/k norms, several ranks, a cache the attention kernel
+    does not take (head_dim not a multiple of 8, bfloat16)."""
     ops, args = cpu_ops(), model.args
     attn = model.layers[0].self_attn
-    cache = attn.attn.k_cache
-    if (ops is None or tp_size() > 1 or args.qk_norm or not attn.attn.kernel_fits or not cache.numel()
-            or cache.dtype not in (torch.float32, torch.float16)):
+    if ops is None or tp_size() > 1 or args.qk_norm or not attn.attn.kernel_fits or not attn.attn.k_cache.numel():
         return None
     linears = [lin for layer in model.layers for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                           layer.mlp.gate_up_proj, layer.mlp.down_proj)]
