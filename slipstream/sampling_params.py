@@ -2,7 +2,47 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must match (vLLM's `structured_outputs`): exactly one of these fields.
+
+    `json` is a JSON schema (a dict or its text), `regex` a regular expression, `choice` a list of
+    exact strings, `grammar` an EBNF (GBNF) grammar, `json_object` any JSON object, `structural_tag`
+    an xgrammar structural tag (dict or text). `param` names the request field it came from, so an
+    invalid one is a 400 naming that field.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    structural_tag: str | dict | None = None
+    param: str = "structured_outputs"
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [k for k in ("json", "regex", "choice", "grammar", "structural_tag") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"{self.param}: give exactly one of json, regex, choice, grammar, json_object and "
+                             f"structural_tag, got {', '.join(given) or 'none'}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar", "structural_tag", "json_object")
+                    if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """What identifies the compiled grammar: same key, same grammar."""
+        value: Any = getattr(self, self.kind)
+        return self.kind, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 @dataclass
@@ -29,6 +69,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # Thinking budget: after this many generated tokens inside a thinking span, force the end of it.
     reasoning_max_tokens: int | None = None
+    # Constrained decoding: the answer (after any thinking span) must match this.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # API layers pass None for "not given" and JSON gives logit_bias keys as strings.

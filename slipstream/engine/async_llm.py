@@ -124,7 +124,7 @@ class AsyncLLM:
             for rid in ids:
                 self._queues.pop(rid, None)
             if isinstance(exc, asyncio.CancelledError):  # the add may still land: take it back
-                self._abort(ids)
+                self.abort(ids)
             raise
         return self._stream(out_queue, ids)
 
@@ -142,9 +142,10 @@ class AsyncLLM:
             if unfinished:
                 for rid in unfinished:
                     self._queues.pop(rid, None)
-                self._abort(list(unfinished))
+                self.abort(list(unfinished))
 
-    def _abort(self, ids: list[str]) -> None:
+    def abort(self, ids: list[str]) -> None:
+        """End these requests wherever they are (their streams end with finish_reason abort)."""
         try:
             self._submit(partial(self._abort_all, ids))
         except EngineDeadError:

@@ -15,6 +15,7 @@ from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.output_processor import OutputProcessor, RequestOutput
 from slipstream.engine.scheduler import Scheduler
 from slipstream.engine.sequence import Sequence
+from slipstream.engine.structured_output import StructuredOutputManager
 from slipstream.model.llama import ModelArgs, attention_window, check_tp_compatible
 from slipstream.model.loader import hf_directory, load_config, load_tokenizer
 from slipstream.model.parallel import init_distributed
@@ -87,14 +88,16 @@ class LLMEngine:
                            window, self.max_model_len, window)
             self.max_model_len = window
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.hf_config, self.tokenizer)
-        self.sampler = Sampler(self.eos_token_ids, self._bad_word_variants)
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size,
+                                                         self.eos_token_ids)
+        self.sampler = Sampler(self.eos_token_ids, self._bad_word_variants, self.structured_output)
         self.workers = self._start_tensor_parallel() if config.tensor_parallel_size > 1 else None
         self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.max_model_len, self.sampler)
         bs = config.block_size
         self.max_model_len = min(self.max_model_len, self.runner.num_blocks * bs)
         self.block_manager = BlockManager(self.runner.num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_chunked_prefill)
+                                   config.enable_chunked_prefill, self.structured_output.can_sample)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self.reasoning: dict[str, ReasoningSpan] = {}  # requests whose thinking span is not over
@@ -123,6 +126,7 @@ class LLMEngine:
         return self.workers.dead() if self.workers else []
 
     def shutdown(self) -> None:
+        self.structured_output.shutdown()
         if self.workers is not None:
             if not self.dead_workers():
                 self.runner.stop_workers()
@@ -157,6 +161,7 @@ class LLMEngine:
             self.reasoning[request_id] = reasoning
             seq.in_reasoning = reasoning.opened_by_prompt
         self.seqs[request_id] = seq
+        self.structured_output.add(seq)
         self.output_processor.add(seq)
         self.scheduler.add(seq)
 
@@ -166,6 +171,7 @@ class LLMEngine:
             return None
         self.scheduler.finish(seq)
         self.reasoning.pop(request_id, None)
+        self.structured_output.remove(seq)
         return self.output_processor.abort(seq)
 
     def _track_reasoning(self, seq: Sequence) -> None:
@@ -193,16 +199,19 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
+        # A grammar that failed to compile ends its request (the API layer has reported why).
+        outputs = [out for rid in self.structured_output.failed() if (out := self.abort_request(rid)) is not None]
         batch = self.scheduler.schedule()
         if not batch:
-            return []
+            return outputs
         results = self.runner.run(batch)
         for s in batch:
             s.seq.num_computed_tokens += s.num_new_tokens
-        outputs = []
         for s, token, logprobs in results:
             seq = s.seq
             seq.token_ids.append(token)
+            if not self.structured_output.accept(seq, token):  # its grammar is complete
+                seq.finish_reason = "stop"
             if seq.request_id in self.reasoning:
                 self._track_reasoning(seq)
             outputs.append(self.output_processor.process(seq, token, logprobs))
@@ -212,6 +221,7 @@ class LLMEngine:
                 self.scheduler.finish(s.seq)
                 del self.seqs[s.seq.request_id]
                 self.reasoning.pop(s.seq.request_id, None)
+                self.structured_output.remove(s.seq)
         return outputs
 
     def stats(self) -> dict[str, float]:

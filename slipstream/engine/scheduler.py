@@ -13,6 +13,7 @@ prefix cache instead of computing the same keys and values again.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from slipstream.engine.block_manager import BlockManager
@@ -37,8 +38,12 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        can_sample: Callable[[Sequence], bool] = lambda seq: True,
     ) -> None:
         self.block_manager = block_manager
+        # False while a sequence may not sample yet (its grammar still compiling): it runs every
+        # chunk but the one that reaches the end of its tokens.
+        self.can_sample = can_sample
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -74,7 +79,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(self._num_runnable(seq, seq.num_computed_tokens), budget)
+            if num_new <= 0:
+                i += 1
+                continue
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -98,7 +106,9 @@ class Scheduler:
             num_cached = len(prefix) * bm.block_size
             if self._block_in_flight(seq, num_cached):
                 continue
-            num_new = seq.num_tokens - num_cached
+            num_new = self._num_runnable(seq, num_cached)
+            if num_new <= 0:
+                continue
             if num_new > budget:
                 if not self.enable_chunked_prefill and scheduled:
                     break
@@ -114,6 +124,10 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
+
+    def _num_runnable(self, seq: Sequence, num_computed: int) -> int:
+        """Tokens of `seq` that may run after its first `num_computed`."""
+        return seq.num_tokens - num_computed - (0 if self.can_sample(seq) else 1)
 
     def _block_in_flight(self, seq: Sequence, num_cached: int) -> bool:
         """Whether a running sequence has the same tokens as `seq` up to the end of `seq`'s first

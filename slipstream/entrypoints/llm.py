@@ -53,6 +53,8 @@ class LLM:
     def generate(self, prompts, params: SamplingParams | None = None) -> list[GenerationResult]:
         """`prompts`: a string, a list of strings, or a list of token-id lists."""
         params = params or SamplingParams()
+        if params.structured_outputs is not None:  # an invalid grammar raises here, before anything runs
+            self.engine.structured_output.compile(params.structured_outputs).result()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         results: list[GenerationResult] = []

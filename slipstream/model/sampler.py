@@ -5,7 +5,8 @@ transformers; presence/frequency as in OpenAI's docs), then temperature, top-k, 
 draw. Drawing is argmax(p / q) with q ~ Exp(1) (the exponential race, equivalent to sampling from p),
 so a seeded row draws its noise from its own generator and gets the same tokens whatever else
 shares the batch. Returned logprobs are the model's own distribution (log-softmax of the raw
-logits), as vLLM and OpenAI report them.
+logits), as vLLM and OpenAI report them; a row that a grammar constrains first has the tokens its
+grammar forbids masked out (-inf), and its logprobs are those of the masked distribution.
 """
 
 from __future__ import annotations
@@ -15,27 +16,38 @@ from collections.abc import Callable
 import torch
 
 from slipstream.engine.sequence import Sequence, TokenLogprobs
+from slipstream.engine.structured_output import StructuredOutputManager, apply_bitmask
 
 NEG_INF = float("-inf")
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: set[int], tokenize: Callable[[str], list[list[int]]] | None = None) -> None:
+    def __init__(self, eos_token_ids: set[int], tokenize: Callable[[str], list[list[int]]] | None = None,
+                 structured_output: StructuredOutputManager | None = None) -> None:
         self.eos_token_ids = eos_token_ids
         self.tokenize = tokenize  # bad word -> its token-id variants (e.g. with and without a leading space)
+        self.structured_output = structured_output
         self._bad_words_cache: dict[str, list[list[int]]] = {}
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
         raw = logits
-        logits = self.process_logits(logits.clone(), seqs)
+        masks = self.structured_output.bitmask(seqs) if self.structured_output is not None else None
+        constrained: set[int] = set()
+        if masks is not None:
+            raw = raw.clone()
+            apply_bitmask(raw, *masks)
+            constrained = set(masks[1])
+        logits = self.process_logits(raw.clone(), seqs, constrained)
         tokens = self._draw(logits, seqs)
         for i, seq in enumerate(seqs):
             if seq.forced_token_ids:
                 tokens[i] = seq.forced_token_ids.popleft()
         return tokens.tolist(), self._logprobs(raw, tokens, seqs)
 
-    def process_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Apply each row's logit processors in place (before temperature); returns `logits`."""
+    def process_logits(self, logits: torch.Tensor, seqs: list[Sequence], constrained: set[int] = frozenset()
+                       ) -> torch.Tensor:
+        """Apply each row's logit processors in place (before temperature); returns `logits`. Rows in
+        `constrained` follow a grammar, which alone decides when they may end."""
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.logit_bias:
@@ -46,7 +58,7 @@ class Sampler:
                 banned = self._banned_tokens(seq)
                 if banned:
                     logits[i, banned] = NEG_INF
-            if seq.num_output_tokens < p.min_tokens:
+            if seq.num_output_tokens < p.min_tokens and i not in constrained:
                 stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
                 if stops:
                     logits[i, list(stops)] = NEG_INF

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from slipstream.sampling_params import StructuredOutputsParams
+
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
@@ -29,6 +31,46 @@ class ErrorResponse(BaseModel):
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`; vLLM's structural_tag form carries the tag in its other keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema")
+        return self
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's `structured_outputs` (its other keys, such as whitespace_pattern, are ignored)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
+
+
+# The guided forms one request may use, and the field each one came in.
+_GUIDED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                  "guided_grammar", "guided_json_object", "structural_tag")
 
 
 class SamplingRequest(BaseModel):
@@ -58,12 +100,50 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
+    # Structured outputs: OpenAI's, vLLM's and FastDeploy's forms; at most one per request.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
+
+    @model_validator(mode="after")
+    def _one_guided_form(self):
+        given = [f for f in _GUIDED_FIELDS if getattr(self, f) not in (None, False)]
+        if self.response_format is not None and self.response_format.type == "text":
+            given.remove("response_format")
+        if len(given) > 1:
+            raise ValueError(f"give at most one structured-output form, got {', '.join(given)}")
+        return self
+
+    def structured_output_spec(self) -> StructuredOutputsParams | None:
+        """The constraint the request asks for, whichever form it used."""
+        rf = self.response_format
+        if rf is not None and rf.type == "json_schema":
+            return StructuredOutputsParams(json=rf.json_schema.schema_ or {}, param="response_format")
+        if rf is not None and rf.type == "json_object":
+            return StructuredOutputsParams(json_object=True, param="response_format")
+        if rf is not None and rf.type == "structural_tag":
+            return StructuredOutputsParams(structural_tag=rf.model_dump(exclude={"json_schema"}),
+                                           param="response_format")
+        if (so := self.structured_outputs) is not None:
+            return StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                                           json_object=bool(so.json_object), structural_tag=so.structural_tag)
+        forms = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar", "guided_json_object": "json_object", "structural_tag": "structural_tag"}
+        for name, kind in forms.items():
+            if getattr(self, name) not in (None, False):
+                return StructuredOutputsParams(**{kind: getattr(self, name)}, param=name)
+        return None
 
 
 class TextPart(BaseModel):

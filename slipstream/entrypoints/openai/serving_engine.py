@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import Future
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TypeVar
@@ -14,9 +15,10 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from slipstream.engine.async_llm import AsyncLLM, EngineRequest
+from slipstream.engine.async_llm import AsyncLLM, EngineDeadError, EngineRequest
 from slipstream.engine.llm_engine import ReasoningSpan
 from slipstream.engine.output_processor import RequestOutput
+from slipstream.engine.structured_output import StructuredOutputError
 from slipstream.entrypoints.llm import fan_out
 from slipstream.entrypoints.openai.errors import APIError, from_exception, from_validation_error
 from slipstream.entrypoints.openai.protocol import (
@@ -25,10 +27,13 @@ from slipstream.entrypoints.openai.protocol import (
     SamplingRequest,
     UsageInfo,
 )
-from slipstream.sampling_params import SamplingParams
+from slipstream.sampling_params import SamplingParams, StructuredOutputsParams
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
+
+# A grammar that takes longer than this to compile is refused (400), so a hostile schema cannot hold a request.
+GRAMMAR_COMPILE_TIMEOUT_S = 30.0
 
 # Logprobs may be -inf (a token masked out); JSON has no -inf, so it is reported as this, as vLLM does.
 MIN_LOGPROB = -9999.0
@@ -134,8 +139,15 @@ class OpenAIServing:
             raise APIError(f"{param}: at most {self.options.max_logprobs} top logprobs (--max-logprobs), got {k}",
                            param=param)
 
-    def sampling_params(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None,
+                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
+        """The engine's settings for `request`; `structured_outputs` overrides the request's own form."""
         optional = {f: v for f in _OPTIONAL_SAMPLING_FIELDS if (v := getattr(request, f)) is not None}
+        if structured_outputs is None:
+            try:
+                structured_outputs = request.structured_output_spec()
+            except ValueError as exc:
+                raise APIError(str(exc), param="structured_outputs") from exc
         if "reasoning_max_tokens" in optional and max_tokens is not None:  # thinking is part of the output
             optional["reasoning_max_tokens"] = min(optional["reasoning_max_tokens"], max_tokens)
         try:
@@ -150,6 +162,7 @@ class OpenAIServing:
                 bad_words=request.bad_words or [],
                 logit_bias=request.logit_bias or {},
                 logprobs=logprobs,
+                structured_outputs=structured_outputs,
                 **optional,
             )
         except ValueError as exc:
@@ -160,6 +173,8 @@ class OpenAIServing:
         """Start every prompt x n samples (each with the thinking span `reasoning`, if any); returns the
         stream of (choice index, output delta). Choice index = prompt index * n + sample index, as OpenAI
         numbers them."""
+        spec = params.structured_outputs
+        grammar = self.llm.engine.structured_output.compile(spec) if spec is not None else None
         samples = fan_out(params)
         index: dict[str, int] = {}
         requests = []
@@ -172,6 +187,8 @@ class OpenAIServing:
             outputs = await self.llm.generate(requests)
         except Exception as exc:
             raise from_exception(exc, prompt_param) from exc
+        if grammar is not None:  # compiled meanwhile, overlapping the prefill; a refused one is a 400
+            await self._check_grammar(grammar, spec, [r.request_id for r in requests])
 
         async def indexed() -> AsyncIterator[tuple[int, RequestOutput]]:
             async with aclosing(outputs):
@@ -179,3 +196,17 @@ class OpenAIServing:
                     yield index[out.request_id], out
 
         return indexed()
+
+    async def _check_grammar(self, grammar: Future, spec: StructuredOutputsParams, request_ids: list[str]) -> None:
+        """Wait for the grammar to compile; if it fails or takes too long, end the requests and raise a 400."""
+        done, _ = await asyncio.wait({asyncio.wrap_future(grammar)}, timeout=GRAMMAR_COMPILE_TIMEOUT_S)
+        if done and not grammar.cancelled() and grammar.exception() is None:
+            return
+        self.llm.abort(request_ids)
+        if not done:
+            raise APIError(f"{spec.param}: the {spec.kind.replace('_', ' ')} did not compile within "
+                           f"{GRAMMAR_COMPILE_TIMEOUT_S:.0f} s", param=spec.param)
+        exc = grammar.exception() if not grammar.cancelled() else EngineDeadError("the server is shutting down")
+        if isinstance(exc, StructuredOutputError):
+            raise APIError(str(exc), param=exc.param) from exc
+        raise from_exception(exc) from exc
