@@ -86,6 +86,10 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--chat-template", default=None, help="chat template (a file or the Jinja text) replacing the model's")
     add("--reasoning-parser", default=None, help="split thinking models' output into reasoning_content and "
         f"content: {', '.join(sorted(REASONING_PARSERS))}")
+    add("--tool-call-parser", default=None, help="read tool calls out of the model's text for tool_choice=auto "
+        "(hermes, llama3_json, ernie-x1, ernie-45); without it, auto answers are plain text")
+    add("--enable-auto-tool-choice", action="store_true",
+        help="vLLM's flag: tool_choice=auto parses calls with --tool-call-parser (which it needs)")
     add("--enable-logprob", action="store_true", help="allow requests for logprobs")
     add("--max-logprobs", type=_bounded(int, 0), default=20, help="most top logprobs a request may ask for")
     add("--api-key", action="append", default=None,
@@ -106,6 +110,15 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
             get_reasoning_parser(args.reasoning_parser)
         except ValueError as exc:
             parser.error(f"argument --reasoning-parser: {exc}")
+    if args.tool_call_parser is not None:
+        from slipstream.tools import get_tool_parser
+
+        try:
+            get_tool_parser(args.tool_call_parser)
+        except ValueError as exc:
+            parser.error(f"argument --tool-call-parser: {exc}")
+    elif args.enable_auto_tool_choice:
+        parser.error("argument --enable-auto-tool-choice: needs --tool-call-parser")
     if args.node_rank >= args.nnodes:
         parser.error(f"argument --node-rank: {args.node_rank} must be below --nnodes {args.nnodes}")
     if args.nnodes > 1 and args.master_port is None:

@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -27,9 +28,13 @@ from slipstream.entrypoints.openai.protocol import (
     ChatLogprobs,
     ChatMessage,
     ChatMessageIn,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     StreamOptions,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
 )
 from slipstream.entrypoints.openai.serving_engine import (
@@ -41,18 +46,20 @@ from slipstream.entrypoints.openai.serving_engine import (
     sse_response,
     until_disconnect,
 )
+from slipstream.entrypoints.openai.tool_calling import plan_tools, template_renders_tools
 from slipstream.reasoning import ReasoningParser, ReasoningStream
+from slipstream.tools.base import ToolCallStream, ToolParser
 
 
-def render_chat_text(tokenizer, messages: list[ChatMessageIn], add_generation_prompt: bool = True,
+def render_chat_text(tokenizer, messages: list[ChatMessageIn | dict[str, Any]], add_generation_prompt: bool = True,
                      chat_template: str | None = None, **template_kwargs: Any) -> str:
     """The conversation through the (model's or given) chat template."""
     try:
         return tokenizer.apply_chat_template(
-            [m.template_dict() for m in messages], chat_template=chat_template, tokenize=False,
-            add_generation_prompt=add_generation_prompt, **template_kwargs,
+            [m.template_dict() if isinstance(m, ChatMessageIn) else m for m in messages], chat_template=chat_template,
+            tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs,
         )
-    except (jinja2.TemplateError, ValueError) as exc:
+    except (jinja2.TemplateError, ValueError, TypeError) as exc:
         raise APIError(f"the chat template failed on these messages: {exc}", param="messages") from exc
 
 
@@ -75,6 +82,55 @@ def thinking_span(parser: ReasoningParser, tokenizer, prompt_text: str) -> Reaso
     return ReasoningSpan(ids(parser.end_tag), ids(parser.start_tag), opened_by_prompt=opened)
 
 
+@dataclass
+class _ChatSetup:
+    """What one request's choices are read with."""
+
+    reasoning: ReasoningParser | None
+    prompt_opened: bool  # the prompt opened a thinking span
+    tools: ToolParser | None
+    max_calls: int | None  # parallel_tool_calls false: the first call only
+
+
+def _tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _finish_reason(reason: str | None, has_calls: bool) -> str | None:
+    return "tool_calls" if has_calls and reason == "stop" else reason
+
+
+class _ChoiceStream:
+    """One streamed choice: output deltas -> (reasoning, content, tool-call deltas), each piece handed
+    out once, in the same split as the whole-text path (the parsers guarantee it)."""
+
+    def __init__(self, setup: _ChatSetup) -> None:
+        self.reasoning = setup.reasoning.stream(setup.prompt_opened) if setup.reasoning else None
+        self.tools: ToolCallStream | None = setup.tools.stream() if setup.tools else None
+        self.max_calls = setup.max_calls
+        self.ids: dict[int, str] = {}
+
+    def feed(self, out: RequestOutput) -> tuple[str, str, list[DeltaToolCall]]:
+        reasoning, content = split_delta(self.reasoning, out)
+        if self.tools is None:
+            return reasoning, content, []
+        content, deltas = self.tools.feed(content)
+        if out.finished:
+            more_content, more = self.tools.finish()
+            content, deltas = content + more_content, deltas + more
+        calls = []
+        for d in deltas:
+            if self.max_calls is not None and d.index >= self.max_calls:
+                continue
+            first = d.index not in self.ids
+            if first:
+                self.ids[d.index] = _tool_call_id()
+            calls.append(DeltaToolCall(index=d.index, id=self.ids[d.index] if first else None,
+                                       type="function" if first else None,
+                                       function=DeltaFunctionCall(name=d.name, arguments=d.arguments)))
+        return reasoning, content, calls
+
+
 def split_delta(stream: ReasoningStream | None, out: RequestOutput) -> tuple[str, str]:
     """(reasoning, content) of one output delta; the last delta flushes what the parser held back."""
     if stream is None:
@@ -87,12 +143,24 @@ def split_delta(stream: ReasoningStream | None, out: RequestOutput) -> tuple[str
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, llm: AsyncLLM, options: ServingOptions, reasoning_parser: ReasoningParser | None = None) -> None:
+    def __init__(self, llm: AsyncLLM, options: ServingOptions, reasoning_parser: ReasoningParser | None = None,
+                 tool_call_parser: str | None = None) -> None:
         super().__init__(llm, options)
         self.reasoning_parser = reasoning_parser  # --reasoning-parser
+        self.tool_call_parser = tool_call_parser  # --tool-call-parser
+        self._renders_tools: dict[str | None, bool] = {}
 
     async def create(self, raw_request: Request) -> Response:
         request = parse_body(ChatCompletionRequest, await raw_request.body())
+        if request.stream:
+            return sse_response(await self.generate_chat(request))
+        result = await until_disconnect(raw_request, self.generate_chat(request))
+        return result if isinstance(result, Response) else JSONResponse(result.model_dump())
+
+    async def generate_chat(self, request: ChatCompletionRequest
+                            ) -> ChatCompletionResponse | AsyncIterator[ChatCompletionStreamResponse]:
+        """Run a chat request: the whole response, or (with `stream`) its chunks once the engine has
+        taken it. Raises APIError before anything runs if the request cannot be served."""
         self.check_model(request)
         top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         self.check_logprobs(top_logprobs, "top_logprobs" if request.top_logprobs else "logprobs")
@@ -100,8 +168,11 @@ class OpenAIServingChat(OpenAIServing):
         template_kwargs = {"enable_thinking": request.enable_thinking is not False,
                            **(request.chat_template_kwargs or {})}
         tokenizer = self.llm.engine.tokenizer
+        plan = plan_tools(request, self.renders_tools(request.chat_template), self.tool_call_parser)
         if request.prompt_token_ids is None:
-            prompt_text = render_chat_text(tokenizer, request.messages, chat_template=request.chat_template,
+            if plan.template_tools is not None:
+                template_kwargs["tools"] = plan.template_tools
+            prompt_text = render_chat_text(tokenizer, plan.messages, chat_template=request.chat_template,
                                            **template_kwargs)
             prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
         else:
@@ -109,15 +180,21 @@ class OpenAIServingChat(OpenAIServing):
         # Without thinking the template closes it (or the model has none): the output is all answer.
         parser = self.reasoning_parser if template_kwargs["enable_thinking"] else None
         span = thinking_span(parser, tokenizer, prompt_text or tokenizer.decode(prompt)) if parser else None
-        params = self.sampling_params(request, request.max_completion_tokens or request.max_tokens, top_logprobs)
+        params = self.sampling_params(request, request.max_completion_tokens or request.max_tokens, top_logprobs,
+                                      plan.structured_outputs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         outputs = await self.generate(request_id, [prompt], params, "messages", span)
-        opened = span is not None and span.opened_by_prompt
+        setup = _ChatSetup(parser, span is not None and span.opened_by_prompt, plan.parser,
+                           None if request.parallel_tool_calls else 1)
         if request.stream:
-            return sse_response(self._stream(request, request_id, prompt, outputs, parser, opened))
-        result = await until_disconnect(raw_request,
-                                        self._complete(request, request_id, prompt, outputs, parser, opened))
-        return result if isinstance(result, Response) else JSONResponse(result.model_dump())
+            return self._stream(request, request_id, prompt, outputs, setup)
+        return await self._complete(request, request_id, prompt, outputs, setup)
+
+    def renders_tools(self, chat_template: str | None) -> bool:
+        """Whether the (model's or request's) chat template shows tools to the model; cached per template."""
+        if chat_template not in self._renders_tools:
+            self._renders_tools[chat_template] = template_renders_tools(self.llm.engine.tokenizer, chat_template)
+        return self._renders_tools[chat_template]
 
     def _logprobs(self, logprobs: list[TokenLogprobs]) -> ChatLogprobs:
         decode = self.llm.engine.tokenizer.decode
@@ -132,8 +209,8 @@ class OpenAIServingChat(OpenAIServing):
         ])
 
     async def _complete(self, request: ChatCompletionRequest, request_id: str, prompt: list[int],
-                        outputs: AsyncIterator[tuple[int, RequestOutput]], parser: ReasoningParser | None,
-                        prompt_opened: bool) -> ChatCompletionResponse:
+                        outputs: AsyncIterator[tuple[int, RequestOutput]], setup: _ChatSetup
+                        ) -> ChatCompletionResponse:
         choices = [CompletionOutput(i) for i in range(request.n)]
         usage = UsageCounter([prompt], request.n)
         async with aclosing(outputs):
@@ -142,23 +219,29 @@ class OpenAIServingChat(OpenAIServing):
                 usage.add(i, out)
         response_choices = []
         for c in choices:
-            reasoning, content = parser.extract(c.text, prompt_opened) if parser else (None, c.text)
-            message = ChatMessage(content=content, reasoning_content=reasoning)
+            reasoning, content = (setup.reasoning.extract(c.text, setup.prompt_opened) if setup.reasoning
+                                  else (None, c.text))
+            calls = []
+            if setup.tools is not None:
+                content, parsed = setup.tools.extract(content or "")
+                calls = [ToolCall(id=_tool_call_id(), function=FunctionCall(name=t.name, arguments=t.arguments))
+                         for t in parsed[: setup.max_calls]]
+            message = ChatMessage(content=content, reasoning_content=reasoning, tool_calls=calls)
             if request.return_token_ids:
                 message.prompt_token_ids, message.completion_token_ids = prompt, c.token_ids
             logprobs = self._logprobs(c.logprobs or []) if request.logprobs else None
             response_choices.append(ChatCompletionChoice(index=c.index, message=message, logprobs=logprobs,
-                                                         finish_reason=c.finish_reason))
+                                                         finish_reason=_finish_reason(c.finish_reason, bool(calls))))
         return ChatCompletionResponse(id=request_id, model=self.options.model_name, choices=response_choices,
                                       usage=usage.info())
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, prompt: list[int],
-                      outputs: AsyncIterator[tuple[int, RequestOutput]], parser: ReasoningParser | None,
-                      prompt_opened: bool) -> AsyncIterator[ChatCompletionStreamResponse]:
+                      outputs: AsyncIterator[tuple[int, RequestOutput]], setup: _ChatSetup
+                      ) -> AsyncIterator[ChatCompletionStreamResponse]:
         created = int(time.time())
         options = request.stream_options or StreamOptions()
         usage = UsageCounter([prompt], request.n)
-        streams = [parser.stream(prompt_opened) if parser else None for _ in range(request.n)]
+        streams = [_ChoiceStream(setup) for _ in range(request.n)]
 
         def chunk(*choices: ChatCompletionStreamChoice) -> ChatCompletionStreamResponse:
             return ChatCompletionStreamResponse(id=request_id, created=created, model=self.options.model_name,
@@ -172,13 +255,13 @@ class OpenAIServingChat(OpenAIServing):
         async with aclosing(outputs):
             async for i, out in outputs:
                 usage.add(i, out)
-                reasoning, content = split_delta(streams[i], out)
+                reasoning, content, calls = streams[i].feed(out)
                 # content stays a string ("" while thinking), as clients that print every delta expect.
-                delta = DeltaMessage(content=content, reasoning_content=reasoning or None,
+                delta = DeltaMessage(content=content, reasoning_content=reasoning or None, tool_calls=calls or None,
                                      completion_token_ids=out.token_ids if request.return_token_ids else None)
                 yield chunk(ChatCompletionStreamChoice(
                     index=i, delta=delta, logprobs=self._logprobs(out.logprobs) if out.logprobs is not None else None,
-                    finish_reason=out.finish_reason if out.finished else None,
+                    finish_reason=_finish_reason(out.finish_reason, bool(streams[i].ids)) if out.finished else None,
                     arrival_time=out.arrival_times[-1] if out.arrival_times else None,
                 ))
         if options.include_usage:

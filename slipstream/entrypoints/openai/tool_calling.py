@@ -1,0 +1,133 @@
+"""How a chat request's tools reach the model and come back as calls: the one place that decides.
+
+Two ways to show tools to the model:
+- the chat template renders them (`apply_chat_template(tools=...)`), in the model's own format;
+- the template knows nothing of tools (the embedded model's ChatML is one): they are described in a
+  system message and the model writes calls in llama.cpp's "generic" JSON format, under a grammar.
+
+Three ways to read calls back, by tool_choice:
+- "required" or a named function: a grammar forces the calls, as vLLM does (a JSON list of calls, or
+  the named function's arguments; in the generic format, its `tool_calls` object), so any model
+  returns well-formed calls whose arguments validate against the function's schema;
+- "auto": the `--tool-call-parser` reads the model's own markup (hermes, llama3_json, ...), or, in
+  the generic format, a grammar lets the model answer text or calls; without a parser the answer is
+  plain text;
+- "none": tools are shown but the output is plain text (vLLM's default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from slipstream.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessageIn, NamedToolChoice
+from slipstream.sampling_params import StructuredOutputsParams
+from slipstream.tools import get_tool_parser
+from slipstream.tools.base import ToolParser
+from slipstream.tools.formats import (
+    CallListFormat,
+    GenericFormat,
+    NamedCallFormat,
+    call_list_schema,
+    generic_schema,
+    generic_system_prompt,
+    render_generic_calls,
+)
+
+logger = logging.getLogger(__name__)
+
+_PROBE = "slipstream_probe_function"
+
+
+def template_renders_tools(tokenizer, chat_template: str | None = None) -> bool:
+    """Whether the chat template shows a `tools` list to the model (a probe function's name appears)."""
+    tool = {"type": "function", "function": {"name": _PROBE, "description": "probe", "parameters": {}}}
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[tool], tokenize=False,
+                                             add_generation_prompt=True, chat_template=chat_template)
+    except Exception:  # a template that cannot take tools at all
+        return False
+    return _PROBE in text
+
+
+@dataclass
+class ToolPlan:
+    """What one request's tools change: the messages and template arguments, the grammar, the parser."""
+
+    messages: list[dict[str, Any]]
+    template_tools: list[dict[str, Any]] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    parser: ToolParser | None = None
+
+
+def describe_tool_format(renders_tools: bool, parser_name: str | None) -> str:
+    """A line for the start-up log: which tool format the model got."""
+    if not renders_tools:
+        return ("tool calls: the chat template knows no tools; they are described in a system message and calls "
+                "are written in llama.cpp's generic JSON format under a grammar")
+    if parser_name is None:
+        return ("tool calls: the chat template renders tools; tool_choice=auto answers are plain text (no "
+                "--tool-call-parser); required and named choices are enforced with a grammar")
+    return f"tool calls: the chat template renders tools; tool_choice=auto is parsed with {parser_name}"
+
+
+def _template_message(message: ChatMessageIn, generic: bool) -> dict[str, Any]:
+    """A message for the template. Earlier calls' arguments become objects (templates `tojson` them);
+    in the generic format an assistant's calls become the JSON text it is asked to write."""
+    d = message.template_dict()
+    calls = d.get("tool_calls")
+    if not calls:
+        return d
+    if generic:
+        text = render_generic_calls(calls)
+        d.pop("tool_calls")
+        d["content"] = f"{d['content']}\n{text}" if d.get("content") else text
+        return d
+    d["tool_calls"] = [_with_parsed_arguments(c) for c in calls]
+    return d
+
+
+def _with_parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(fn["arguments"])
+    except json.JSONDecodeError:
+        return call
+    return {**call, "function": {**fn, "arguments": arguments}}
+
+
+def plan_tools(request: ChatCompletionRequest, renders_tools: bool, parser_name: str | None) -> ToolPlan:
+    generic = bool(request.tools) and not renders_tools
+    messages = [_template_message(m, generic) for m in request.messages or []]
+    if not request.tools:
+        return ToolPlan(messages)
+    functions = [t.function.model_dump(exclude_none=True) for t in request.tools]
+    choice = request.tool_choice or "auto"
+    parallel = request.parallel_tool_calls
+    if isinstance(choice, NamedToolChoice):
+        functions = [f for f in functions if f["name"] == choice.function.name]
+    if choice == "none":
+        return ToolPlan(messages, None if generic else [t.model_dump(exclude_none=True) for t in request.tools])
+    if generic:
+        allow_response = choice == "auto"
+        system = generic_system_prompt(functions, parallel, allow_response)
+        if messages and messages[0]["role"] in ("system", "developer"):
+            messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{system}"}
+        else:
+            messages.insert(0, {"role": "system", "content": system})
+        schema = generic_schema(functions, parallel, allow_response)
+        return ToolPlan(messages, None, StructuredOutputsParams(json=schema, param="tools"), GenericFormat())
+    template_tools = [t.model_dump(exclude_none=True) for t in request.tools]
+    if isinstance(choice, NamedToolChoice):
+        schema = functions[0].get("parameters") or {"type": "object"}
+        return ToolPlan(messages, template_tools, StructuredOutputsParams(json=schema, param="tools"),
+                        NamedCallFormat(functions[0]["name"]))
+    if choice == "required":
+        schema = call_list_schema(functions, parallel)
+        return ToolPlan(messages, template_tools, StructuredOutputsParams(json=schema, param="tools"),
+                        CallListFormat())
+    return ToolPlan(messages, template_tools, None, get_tool_parser(parser_name) if parser_name else None)

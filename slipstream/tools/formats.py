@@ -1,0 +1,156 @@
+"""The JSON formats the server makes a model write tool calls in when it constrains the output with a grammar.
+
+`tool_choice="required"` and a named `tool_choice` use vLLM's formats: a list of calls, or just the named
+function's arguments. A chat template that knows nothing of tools gets llama.cpp's "generic" format: the
+system prompt lists the functions and the model answers with one JSON object, either calls or a response.
+Each format is read by a parser like the model-specific ones (not registered: the server picks them), and
+comes with the JSON schema that the grammar engine turns into the grammar.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from slipstream.tools.base import ToolCall, ToolParser, read_call_list
+from slipstream.tools.json_scan import JSONScanError, decode_string, scan_object, skip_space, value_end
+
+
+def _call_list(text: str, pos: int, final: bool) -> tuple[str, list[ToolCall]]:
+    """(content, calls) of a JSON list of calls whose `[` is at `pos`: no content, unless the text turns out
+    not to be such a list before a call is known, when it is all content."""
+    calls, stop = read_call_list(text, pos + 1, ",", final)
+    if not calls and stop is not None and not text.startswith("]", stop):
+        return text, []
+    return "", calls
+
+
+class CallListFormat(ToolParser):
+    """The whole output is a list of calls, `[{"name": …, "parameters": {…}}, …]` (`tool_choice="required"`)."""
+
+    def _split(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
+        start = skip_space(text, 0)
+        if start == len(text) or text[start] != "[":
+            return ("" if start == len(text) and not final else text), []
+        return _call_list(text, start, final)
+
+
+class NamedCallFormat(ToolParser):
+    """The whole output is the arguments object of the function `tool_choice` names: one call to it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _split(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
+        # Stripping both ends of a growing text only ever extends it: whitespace at its end is merely held.
+        arguments = text.strip()
+        try:
+            complete = value_end(arguments, 0) == len(arguments)
+        except JSONScanError:
+            complete = False
+        return "", [ToolCall(self.name, arguments, complete)]
+
+
+class GenericFormat(ToolParser):
+    """llama.cpp's generic format: `{"tool_calls": [{"name": …, "arguments": {…}}, …]}`, or `{"response": "…"}`
+    whose string is the content, streamed as it grows."""
+
+    def _split(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
+        start = skip_space(text, 0)
+        if start == len(text) or text[start] != "{":
+            return ("" if start == len(text) and not final else text), []
+        scan = scan_object(text, start)
+        if not scan.members:  # the first key is still being written, or there is none
+            waiting = not final and scan.end is None and scan.error is None
+            return ("" if waiting else text), []
+        key, value, end = scan.members[0]
+        if value == len(text):
+            return ("" if not final else text), []
+        if key == "response" and text[value] == '"':
+            body = text[value + 1 : len(text) if end is None else end - 1]
+            return decode_string(body, complete=end is not None), []
+        if key == "tool_calls" and text[value] == "[":
+            return _call_list(text, value, final)
+        return text, []
+
+
+def _parameters(function: dict[str, Any]) -> dict[str, Any]:
+    return function.get("parameters") or {"type": "object"}
+
+
+def _calls_array(functions: list[dict[str, Any]], parallel: bool, arguments_key: str) -> dict[str, Any]:
+    """Schema of a list of calls, each `{"name": <one of the functions>, <arguments_key>: <its parameters>}`."""
+    items = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": f["name"]}, arguments_key: _parameters(f)},
+            "required": ["name", arguments_key],
+            "additionalProperties": False,
+        }
+        for f in functions
+    ]
+    schema: dict[str, Any] = {"type": "array", "items": {"anyOf": items}, "minItems": 1}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def call_list_schema(functions: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    """JSON schema of `CallListFormat` for these OpenAI function dicts (`{"name", "description"?, "parameters"?}`)."""
+    return _calls_array(functions, parallel, "parameters")
+
+
+def generic_schema(functions: list[dict[str, Any]], parallel: bool, allow_response: bool) -> dict[str, Any]:
+    """JSON schema of `GenericFormat`: calls to these functions or, when `allow_response`, a response."""
+    alternatives = [
+        {
+            "type": "object",
+            "properties": {"tool_calls": _calls_array(functions, parallel, "arguments")},
+            "required": ["tool_calls"],
+            "additionalProperties": False,
+        }
+    ]
+    if allow_response:
+        alternatives.append(
+            {
+                "type": "object",
+                "properties": {"response": {"type": "string"}},
+                "required": ["response"],
+                "additionalProperties": False,
+            }
+        )
+    return {"anyOf": alternatives}
+
+
+def generic_system_prompt(functions: list[dict[str, Any]], parallel: bool, allow_response: bool) -> str:
+    """The instruction that tells a model without native tool calling about the functions and `GenericFormat`."""
+    lines = ["You can call these functions, each given with its name, what it does and the JSON schema of its "
+             "arguments:", ""]
+    for f in functions:
+        lines.append(f"- {f['name']}" + (f": {f['description']}" if f.get("description") else ""))
+        lines.append(f"  Arguments: {json.dumps(_parameters(f), ensure_ascii=False)}")
+    how_many = "listing one or more calls" if parallel else "with exactly one call in the list"
+    lines += [
+        "",
+        "Reply with exactly one JSON object and nothing else.",
+        f'To call functions, reply {{"tool_calls": [{{"name": "<function name>", "arguments": {{<its arguments>}}}}]}}'
+        f", {how_many}.",
+        'To answer the user directly instead, reply {"response": "<your answer>"}.' if allow_response
+        else "Always call a function: do not answer with text.",
+    ]
+    return "\n".join(lines)
+
+
+def render_generic_calls(tool_calls: list[dict[str, Any]]) -> str:
+    """An assistant message's OpenAI `tool_calls` as `GenericFormat` text, so that a conversation shows the model
+    its earlier calls in the format it is asked to write."""
+    calls = []
+    for tc in tool_calls:
+        arguments = tc["function"].get("arguments") or "{}"
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                pass  # not JSON: shown as the string it is
+        calls.append({"name": tc["function"]["name"], "arguments": arguments})
+    return json.dumps({"tool_calls": calls}, ensure_ascii=False)
