@@ -135,7 +135,8 @@ def generic_system_prompt(functions: list[dict[str, Any]], parallel: bool, allow
         "Reply with exactly one JSON object and nothing else.",
         f'To call functions, reply {{"tool_calls": [{{"name": "<function name>", "arguments": {{<its arguments>}}}}]}}'
         f", {how_many}.",
-        'To answer the user directly instead, reply {"response": "<your answer>"}.' if allow_response
+        'To answer the user directly instead, reply {"response": "<your answer>"}; once the results of your '
+        "calls (the tool messages) hold what the user asked for, answer with them that way." if allow_response
         else "Always call a function: do not answer with text.",
     ]
     return "\n".join(lines)

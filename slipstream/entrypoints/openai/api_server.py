@@ -28,13 +28,15 @@ from slipstream.entrypoints.openai.protocol import ModelCard, ModelList
 from slipstream.entrypoints.openai.serving_chat import OpenAIServingChat
 from slipstream.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from slipstream.entrypoints.openai.serving_engine import ServingOptions
+from slipstream.entrypoints.openai.serving_responses import OpenAIServingResponses
 from slipstream.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from slipstream.entrypoints.openai.tool_calling import describe_tool_format
 from slipstream.model.loader import DEFAULT_MODEL_FILE
 from slipstream.reasoning import get_reasoning_parser
 
 logger = logging.getLogger("slipstream.api_server")
 
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 def served_model_name(args: argparse.Namespace) -> str:
@@ -46,9 +48,10 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
     options = ServingOptions(served_model_name(args), args.served_model_name is not None, args.enable_logprob,
                              args.max_logprobs)
     reasoning_parser = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
-    chat = OpenAIServingChat(llm, options, reasoning_parser)
+    chat = OpenAIServingChat(llm, options, reasoning_parser, args.tool_call_parser)
     completion = OpenAIServingCompletion(llm, options)
     tokenization = OpenAIServingTokenization(llm, options)
+    responses = OpenAIServingResponses(chat)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,6 +59,7 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
         llm.shutdown()
 
     app = FastAPI(title="slipstream", version=__version__, lifespan=lifespan)
+    app.state.chat = chat
     install_error_handlers(app)
 
     async def health() -> Response:
@@ -84,6 +88,9 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
     app.post("/v1/completions")(completion.create)
     app.post("/tokenize")(tokenization.tokenize)
     app.post("/detokenize")(tokenization.detokenize)
+    app.post("/v1/responses")(responses.create)
+    app.get("/v1/responses/{response_id}")(responses.retrieve)
+    app.delete("/v1/responses/{response_id}")(responses.delete)
 
     app.add_middleware(ConcurrencyLimitMiddleware, limit=args.max_concurrency, max_wait=args.max_waiting_time,
                        paths=GENERATION_PATHS)
@@ -97,7 +104,8 @@ async def serve(args: argparse.Namespace) -> int:
     model_name = served_model_name(args)
     metrics = Metrics(model_name, lambda: llm.stats())
     llm = AsyncLLM.from_config(engine_config(args), on_output=metrics.observe)
-    config = uvicorn.Config(build_app(args, llm, metrics), host=args.host, port=args.port,
+    app = build_app(args, llm, metrics)
+    config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.log_level, timeout_graceful_shutdown=5)
     sock = config.bind_socket()  # a taken port stops the start here (uvicorn's message), before any loading
     server = uvicorn.Server(config)
@@ -111,6 +119,7 @@ async def serve(args: argparse.Namespace) -> int:
         await serving
         return 1
     if ready.done():
+        logger.info("%s", describe_tool_format(app.state.chat.renders_tools(None), args.tool_call_parser))
         logger.info("serving %s at http://%s:%d/v1", model_name, args.host, args.port)
         # An engine that dies (a failed step, a lost tensor-parallel worker) takes the server down with
         # it, so a supervisor can restart it; meanwhile /health has said 503.

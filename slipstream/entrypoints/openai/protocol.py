@@ -206,12 +206,6 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("messages is required")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
-        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
-            raise ValueError("tool_choice needs tools")
-        if isinstance(self.tool_choice, NamedToolChoice):
-            name = self.tool_choice.function.name
-            if name not in {t.function.name for t in self.tools}:
-                raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools")
         return self
 
 

@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from slipstream.entrypoints.openai.errors import APIError
 from slipstream.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessageIn, NamedToolChoice
 from slipstream.sampling_params import StructuredOutputsParams
 from slipstream.tools import get_tool_parser
@@ -100,7 +101,21 @@ def _with_parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
     return {**call, "function": {**fn, "arguments": arguments}}
 
 
+def check_tools(request: ChatCompletionRequest) -> None:
+    """A tool_choice that the tools cannot satisfy is a 400 naming it."""
+    choice = request.tool_choice
+    if choice is not None and choice != "none" and not request.tools:
+        raise APIError("tool_choice needs tools", param="tool_choice")
+    names = [t.function.name for t in request.tools or []]
+    if len(set(names)) < len(names):
+        raise APIError("tools: two functions share a name", param="tools")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise APIError(f"tool_choice names the function {choice.function.name!r}, which is not among the tools",
+                       param="tool_choice")
+
+
 def plan_tools(request: ChatCompletionRequest, renders_tools: bool, parser_name: str | None) -> ToolPlan:
+    check_tools(request)
     generic = bool(request.tools) and not renders_tools
     messages = [_template_message(m, generic) for m in request.messages or []]
     if not request.tools:

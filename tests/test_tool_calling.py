@@ -1,0 +1,196 @@
+"""Tool calling on the default model, whose ChatML template knows nothing of tools: the server
+describes them in a system message and the grammar makes every call well formed (llama.cpp's generic
+format). Driven by the official `openai` client and by LangChain's ChatOpenAI over real HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from langchain_core.messages import AIMessage
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel, Field
+from server_utils import running_server
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30},
+                           "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The current time in a timezone",
+        "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 30}},
+                       "required": ["timezone"], "additionalProperties": False},
+    },
+}
+TOOLS = [WEATHER, TIME]
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server("--max-model-len", "1024") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=600)
+
+
+def check_call(name: str, arguments: str) -> dict:
+    """The call names a tool and its arguments validate against that tool's schema."""
+    args = json.loads(arguments)
+    if name == "get_weather":
+        assert set(args) == {"city", "unit"} and isinstance(args["city"], str)
+        assert args["unit"] in ("celsius", "fahrenheit")
+    else:
+        assert name == "get_time" and set(args) == {"timezone"}
+    return args
+
+
+def reassemble(chunks) -> tuple[str, list[tuple[str, str, str]], str | None]:
+    """(content, [(id, name, arguments)], finish_reason) of a streamed chat; checks the delta shapes."""
+    content, calls, finish = "", {}, None
+    for chunk in chunks:
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for d in choice.delta.tool_calls or []:
+            if d.index not in calls:
+                assert d.id and d.id.startswith("call_") and d.type == "function" and d.function.name
+                calls[d.index] = [d.id, d.function.name, ""]
+            else:
+                assert d.id is None and d.function.name is None
+            calls[d.index][2] += d.function.arguments or ""
+        finish = choice.finish_reason or finish
+    return content, [tuple(c) for _, c in sorted(calls.items())], finish
+
+
+def create(client, stream: bool = False, **kwargs):
+    return client.chat.completions.create(model="default", messages=kwargs.pop("messages", QUESTION), tools=TOOLS,
+                                          temperature=0, max_tokens=80, stream=stream, **kwargs)
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_forced_calls_are_valid_streamed_or_not(client, tool_choice):
+    response = create(client, tool_choice=tool_choice)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    calls = choice.message.tool_calls
+    assert calls and len({c.id for c in calls}) == len(calls)
+    for c in calls:
+        assert c.type == "function" and c.id.startswith("call_")
+        check_call(c.function.name, c.function.arguments)
+    if isinstance(tool_choice, dict):
+        assert [c.function.name for c in calls] == ["get_time"]
+    content, streamed, finish = reassemble(create(client, stream=True, tool_choice=tool_choice))
+    assert (content, finish) == ("", "tool_calls")
+    assert [(name, args) for _, name, args in streamed] == [(c.function.name, c.function.arguments) for c in calls]
+
+
+def test_parallel_tool_calls_false_gives_one_call(client):
+    calls = create(client, tool_choice="required", parallel_tool_calls=False).choices[0].message.tool_calls
+    assert len(calls) == 1
+
+
+def test_auto_answers_text_or_calls_in_the_generic_format(client):
+    """Under the generic format's grammar, auto gives text or valid calls, never the JSON itself."""
+    for messages in (QUESTION, [{"role": "user", "content": "Say hello to me."}]):
+        choice = create(client, messages=messages, tool_choice="auto").choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason in ("tool_calls", "length") and choice.message.content is None
+            for c in choice.message.tool_calls[:-1]:
+                check_call(c.function.name, c.function.arguments)
+        else:
+            assert choice.message.content and not choice.message.content.startswith("{")
+        content, calls, finish = reassemble(create(client, stream=True, messages=messages, tool_choice="auto"))
+        assert content == (choice.message.content or "") and finish == choice.finish_reason
+        assert [(n, a) for _, n, a in calls] == [(c.function.name, c.function.arguments)
+                                                 for c in choice.message.tool_calls]
+
+
+def test_tool_result_round_trip(client, server):
+    call = create(client, tool_choice="required", parallel_tool_calls=False).choices[0].message.tool_calls[0]
+    messages = [*QUESTION,
+                {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18, "sky": "cloudy"})}]
+    answer = create(client, messages=messages, tool_choice="none").choices[0]
+    assert answer.message.content and not answer.message.tool_calls
+    # auto after a result: valid either way (a small model may call again).
+    again = create(client, messages=messages, tool_choice="auto").choices[0]
+    assert again.message.content or again.message.tool_calls
+
+
+def test_startup_log_names_the_tool_format(server):
+    assert "tool calls: the chat template knows no tools" in server.log()
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"tool_choice": {"type": "function", "function": {"name": "no_such_function"}}}, "tool_choice"),
+    ({"tools": None, "tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+    ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools"),
+    ({"tools": [WEATHER, WEATHER]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+      "tool_choice": "required"}, "tools"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+])
+def test_bad_tools_are_400s(client, server, kwargs, param):
+    body = {"model": "default", "messages": QUESTION, "tools": TOOLS, **kwargs}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**body)
+    assert info.value.body["param"] == param, info.value.body
+    assert server.process.poll() is None
+
+
+# ---- LangChain's ChatOpenAI against the real server ----
+
+
+class GetWeather(BaseModel):
+    """Get the current weather in a city."""
+
+    city: str = Field(max_length=30, description="the city")
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=30)
+    age: int
+
+
+@pytest.fixture(scope="module")
+def chat_model(server):
+    return ChatOpenAI(base_url=server.base_url, api_key="unused", model="default", temperature=0, max_tokens=80,
+                      max_retries=0)
+
+
+def test_langchain_bind_tools(chat_model):
+    message = chat_model.bind_tools([GetWeather], tool_choice="required").invoke("What is the weather in Paris?")
+    assert isinstance(message, AIMessage)
+    assert message.tool_calls and message.tool_calls[0]["name"] == "GetWeather"
+    assert isinstance(message.tool_calls[0]["args"]["city"], str)
+    streamed = None
+    for chunk in chat_model.bind_tools([GetWeather], tool_choice="GetWeather").stream("Weather in Rome?"):
+        streamed = chunk if streamed is None else streamed + chunk
+    assert streamed.tool_calls[0]["name"] == "GetWeather" and "city" in streamed.tool_calls[0]["args"]
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_with_structured_output(chat_model, method):
+    person = chat_model.with_structured_output(Person, method=method).invoke(
+        "Invent a person and give their name and age as JSON.")
+    assert isinstance(person, Person)
