@@ -108,6 +108,27 @@ def save_scripted_model(path: Path, scripts: list[str], texts: Iterable[str] = (
     return path
 
 
+def save_scripted_model_from_tokens(path: Path, scripts: list[list[str]], texts: Iterable[str] = ()) -> Path:
+    """`save_scripted_model` with each script given as the texts of its tokens rather than as one text, so that a
+    script may write a word as several tokens (a tag split in two, as subword tokenizers do) where encoding the
+    text would give one token. Each token text must be one piece (`PIECE`) or one of the tags."""
+    from safetensors.torch import save_file
+    from transformers import PreTrainedTokenizerFast
+
+    tags = {BOS, EOS, *THINK_TAGS}
+    for token in (t for s in scripts for t in s):
+        if token not in tags and not re.fullmatch(PIECE, token):
+            raise ValueError(f"{token!r} is not one token of the scripted tokenizer")
+    save_scripted_model(path, [], texts=[*(t for s in scripts for t in s), *texts])
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    ids = [tokenizer.convert_tokens_to_ids(s) for s in scripts]
+    if any(tokenizer.unk_token_id in s for s in ids):
+        raise ValueError("a token text holds a tag among other text")
+    after_pair, after_token = next_token_tables(ids, len(tokenizer), tokenizer.eos_token_id)
+    save_file({"next_after_pair": after_pair, "next_after_token": after_token}, path / "model.safetensors")
+    return path
+
+
 class ScriptedForCausalLM(nn.Module):
     def __init__(self, vocab_size: int, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
