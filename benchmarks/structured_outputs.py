@@ -163,6 +163,56 @@ def compile_times() -> dict:
     return {"tokenizer_info_ms": tokenizer_info_ms, "compile_ms": times}
 
 
+def engine_steps(args: argparse.Namespace) -> dict:
+    """Median decode-step time of the engine alone (no HTTP, so far less noise), for the same three
+    batches: what the grammar work (bitmask fill, masking, matcher advance) adds to a step."""
+    import slipstream.model.sampler as sampler_module
+    from slipstream import LLM, SamplingParams
+    from slipstream.sampling_params import StructuredOutputsParams
+
+    llm = LLM(dtype="float32", kv_cache_memory=512 << 20)
+    engine, factory = llm.engine, PromptFactory(llm.tokenizer, chat=True, seed=args.seed)
+    # Time the grammar work itself: the manager's bitmask and accept, the sampler's masking.
+    grammar_s = [0.0]
+
+    def timed(fn):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                grammar_s[0] += time.perf_counter() - t0
+        return call
+
+    manager = engine.structured_output
+    manager.bitmask, manager.accept = timed(manager.bitmask), timed(manager.accept)
+    sampler_module.apply_bitmask = timed(sampler_module.apply_bitmask)
+    spec = StructuredOutputsParams(json=LONG_SCHEMA)
+    b = args.batch
+    configs = {"unconstrained": [None] * b, "json_schema": [spec] * b,
+               "mixed": [spec if i % 2 == 0 else None for i in range(b)]}
+    steps: dict[str, list[float]] = {name: [] for name in configs}
+    grammar: dict[str, list[float]] = {name: [] for name in configs}
+    for r in range(args.rounds):
+        for name, specs in configs.items():
+            for i, s in enumerate(specs):
+                prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": factory.make(args.input_len)}],
+                                                           add_generation_prompt=True, return_dict=False)
+                engine.add_request(f"{name}-{r}-{i}", prompt, SamplingParams(
+                    temperature=0, max_tokens=args.output_len, ignore_eos=True, structured_outputs=s))
+            while engine.has_unfinished():
+                decoding = len(engine.scheduler.running) == b and not engine.scheduler.waiting and all(
+                    seq.num_computed_tokens == seq.num_tokens - 1 for seq in engine.scheduler.running)
+                grammar_s[0] = 0.0
+                t0 = time.perf_counter()
+                engine.step()
+                if decoding:
+                    steps[name].append(1e3 * (time.perf_counter() - t0))
+                    grammar[name].append(1e3 * grammar_s[0])
+    return {name: statistics.median(v) for name, v in steps.items()} | {
+        f"{name}_grammar_work": statistics.median(v) for name, v in grammar.items()}
+
+
 def report(result: dict, args: argparse.Namespace) -> str:
     t = result["tpot_ms"]
     base = t["unconstrained"]
@@ -170,7 +220,11 @@ def report(result: dict, args: argparse.Namespace) -> str:
     def pct(x: float) -> str:
         return f"{100 * (x / base - 1):+.1f} %"
 
-    c = result["compile"]
+    c, e = result["compile"], result["engine_step_ms"]
+
+    def step_pct(x: float) -> str:
+        return f"{100 * (x / e['unconstrained'] - 1):+.1f} %"
+
     return "\n".join([
         f"# Structured outputs ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
@@ -185,6 +239,15 @@ def report(result: dict, args: argparse.Namespace) -> str:
         f"| {args.batch} with a json_schema | {t['json_schema']:.2f} | {pct(t['json_schema'])} |",
         f"| mixed: the constrained half | {t['mixed_constrained']:.2f} | {pct(t['mixed_constrained'])} |",
         f"| mixed: the unconstrained half | {t['mixed_unconstrained']:.2f} | {pct(t['mixed_unconstrained'])} |",
+        "",
+        f"The engine alone (no HTTP), median decode step of the same batches: unconstrained {e['unconstrained']:.2f} "
+        f"ms, all with the json_schema {e['json_schema']:.2f} ms ({step_pct(e['json_schema'])}), mixed "
+        f"{e['mixed']:.2f} ms ({step_pct(e['mixed'])}: what the unconstrained half of a mixed batch pays). Of "
+        f"those steps, the grammar work itself (bitmask fill, masking, matcher advance; timed around it) takes "
+        f"{e['json_schema_grammar_work']:.2f} ms for {args.batch} constrained rows "
+        f"({100 * e['json_schema_grammar_work'] / e['json_schema']:.1f} % of the step) and "
+        f"{e['mixed_grammar_work']:.2f} ms for {args.batch // 2} "
+        f"({100 * e['mixed_grammar_work'] / e['mixed']:.1f} %).",
         "",
         f"Compiling (xgrammar, one thread): tokenizer info once per server {c['tokenizer_info_ms']:.0f} ms; "
         f"a typical schema (5 fields, nested object, array) {c['compile_ms']['typical']:.1f} ms; the benchmark's "
@@ -206,7 +269,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8197)
     p.add_argument("--server-args", type=shlex.split, default=[], help="extra server flags, one string")
     args = p.parse_args()
-    result = {"compile": compile_times(), "cpu": cpu_name(), "args": vars(args)}
+    result = {"compile": compile_times(), "engine_step_ms": engine_steps(args), "cpu": cpu_name(), "args": vars(args)}
     proc = start_server(args.port, args.server_args)
     try:
         result |= asyncio.run(measure(args, f"http://127.0.0.1:{args.port}"))

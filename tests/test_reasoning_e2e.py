@@ -7,6 +7,8 @@ default (non-thinking) model with the same parser.
 
 from __future__ import annotations
 
+import re
+
 import openai
 import pytest
 from scripted_model import CHAT_TEMPLATE, EOS, save_scripted_model
@@ -121,6 +123,19 @@ def test_reasoning_max_tokens_ends_thinking_after_exactly_that_many_tokens(clien
     assert THINKING.startswith(message.reasoning_content) and len(message.reasoning_content) < len(THINKING.strip())
     assert message.content == ANSWER  # the model answers after the forced end of thinking
     assert r.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("extra", [{}, {"enable_thinking": False}, {"reasoning_max_tokens": 5}],
+                         ids=["thinking", "off", "budget"])
+def test_a_grammar_constrains_the_answer_not_the_thinking(client, extra):
+    """The regex admits only the answer: were it applied to the thinking, no thinking could be written."""
+    guided = {"guided_regex": re.escape(ANSWER), **extra}
+    whole = chat(client, **guided)
+    message = whole.choices[0].message
+    assert message.content == ANSWER and whole.choices[0].finish_reason == "stop"
+    plain = chat(client, **extra).choices[0].message
+    assert message.reasoning_content == plain.reasoning_content
+    assert stream_chat(client, **guided)[:2] == (message.reasoning_content, ANSWER)
 
 
 def test_completions_leave_the_text_as_is(client, tokenizer):
