@@ -1,8 +1,8 @@
 """slipstream: an OpenAI-compatible LLM inference server on PyTorch."""
 
-from slipstream.sampling_params import SamplingParams
+from slipstream.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams"]
 __version__ = "0.1.0"
 
 

@@ -42,6 +42,11 @@ class StructuredOutputsParams:
     def key(self) -> tuple[str, str]:
         """What identifies the compiled grammar: same key, same grammar."""
         value: Any = getattr(self, self.kind)
+        if isinstance(value, str) and self.kind in ("json", "structural_tag"):
+            try:  # a schema given as text shares the compiled grammar of the same schema given as an object
+                value = json.loads(value)
+            except ValueError:
+                return self.kind, value
         return self.kind, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 

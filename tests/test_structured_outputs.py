@@ -202,7 +202,7 @@ def small_cache_llm():
 
 
 # Derandomized and without shrinking: each example runs the model for a few seconds.
-@settings(max_examples=2, deadline=None, derandomize=True, phases=[Phase.generate],
+@settings(max_examples=3, deadline=None, derandomize=True, phases=[Phase.generate],
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(constrained=st.lists(st.sampled_from(range(len(SPECS) + 1)), min_size=5, max_size=5),
        seed=st.integers(0, 2**16), temperature=st.sampled_from([0.7, 1.5]))
@@ -212,15 +212,17 @@ def test_constrained_sequences_never_leave_their_grammar(small_cache_llm, constr
     preemptions = engine.scheduler.num_preemptions
     prompt = llm.tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
     requests = {}
+    # First, long unconstrained sequences that are admitted together and outgrow the cache, so that the
+    # newer (constrained) sequences are preempted whatever they do.
+    for i in range(3):
+        engine.add_request(f"long{seed}-{i}", llm.tokenizer.encode(prompt),
+                           SamplingParams(temperature=temperature, max_tokens=60, ignore_eos=True))
+        requests[f"long{seed}-{i}"] = None
     for i, which in enumerate(constrained):
         spec = SPECS[which] if which < len(SPECS) else None  # the last index: unconstrained
         params = SamplingParams(temperature=temperature, seed=seed + i, max_tokens=40, structured_outputs=spec)
         engine.add_request(f"r{seed}-{i}", llm.tokenizer.encode(prompt), params)
         requests[f"r{seed}-{i}"] = spec
-    for i in range(2):  # long unconstrained ones that fill the cache, whatever the others do
-        engine.add_request(f"long{seed}-{i}", llm.tokenizer.encode(prompt),
-                           SamplingParams(temperature=temperature, max_tokens=40, ignore_eos=True))
-        requests[f"long{seed}-{i}"] = None
     tokens: dict[str, list[int]] = {rid: [] for rid in requests}
     finish: dict[str, str] = {}
     while engine.has_unfinished():
@@ -238,3 +240,13 @@ def test_constrained_sequences_never_leave_their_grammar(small_cache_llm, constr
         for t in tokens[rid]:
             assert matcher.accept_token(t), (rid, spec.kind, llm.tokenizer.decode(tokens[rid]))
         assert (finish[rid] == "stop") == matcher.is_terminated(), (finish[rid], llm.tokenizer.decode(tokens[rid]))
+
+
+def test_a_schema_compiles_once(small_cache_llm):
+    manager = small_cache_llm.engine.structured_output
+    first = manager.compile(StructuredOutputsParams(json=PERSON_SCHEMA, param="guided_json"))
+    # The same schema in another form (its text, keys reordered) shares the compiled grammar.
+    same = json.dumps(dict(reversed(PERSON_SCHEMA.items())))
+    assert manager.compile(StructuredOutputsParams(json=same, param="response_format")) is first
+    assert manager.compile(StructuredOutputsParams(regex=REGEX)) is not first
+    assert first.result() is not None

@@ -11,8 +11,9 @@ decode step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import ClassVar
+
+from slipstream.parser_registry import ParserRegistry
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -114,27 +115,6 @@ class ReasoningStream:
         return out
 
 
-REASONING_PARSERS: dict[str, type[ReasoningParser]] = {}
-
-
-def _key(name: str) -> str:
-    return name.strip().lower().replace("_", "-")
-
-
-def register_reasoning_parser(*names: str) -> Callable[[type[ReasoningParser]], type[ReasoningParser]]:
-    """Class decorator: make a parser available to `--reasoning-parser` under `names`."""
-
-    def add(cls: type[ReasoningParser]) -> type[ReasoningParser]:
-        for name in names:
-            REASONING_PARSERS[_key(name)] = cls
-        return cls
-
-    return add
-
-
-def get_reasoning_parser(name: str) -> ReasoningParser:
-    """The parser called `name` (case, `-` and `_` do not matter); ValueError naming the choices."""
-    cls = REASONING_PARSERS.get(_key(name))
-    if cls is None:
-        raise ValueError(f"unknown reasoning parser {name!r}; choose one of: {', '.join(sorted(REASONING_PARSERS))}")
-    return cls()
+REASONING_PARSERS: ParserRegistry[ReasoningParser] = ParserRegistry("reasoning parser")
+register_reasoning_parser = REASONING_PARSERS.register  # class decorator: the parser's names
+get_reasoning_parser = REASONING_PARSERS.create  # the parser called `name`; ValueError naming the choices

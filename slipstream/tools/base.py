@@ -13,10 +13,10 @@ content; once a call is reported it stays one, and whatever breaks it later only
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from slipstream.parser_registry import ParserRegistry
 from slipstream.tools.json_scan import decode_string, scan_object, skip_space
 
 ARGUMENT_KEYS = ("arguments", "parameters")
@@ -211,27 +211,6 @@ class ToolCallStream:
         return out, deltas
 
 
-TOOL_PARSERS: dict[str, type[ToolParser]] = {}
-
-
-def _key(name: str) -> str:
-    return name.strip().lower().replace("_", "-")
-
-
-def register_tool_parser(*names: str) -> Callable[[type[ToolParser]], type[ToolParser]]:
-    """Class decorator: make a parser available to `--tool-call-parser` under `names`."""
-
-    def add(cls: type[ToolParser]) -> type[ToolParser]:
-        for name in names:
-            TOOL_PARSERS[_key(name)] = cls
-        return cls
-
-    return add
-
-
-def get_tool_parser(name: str) -> ToolParser:
-    """The parser called `name` (case, `-` and `_` do not matter); ValueError naming the choices."""
-    cls = TOOL_PARSERS.get(_key(name))
-    if cls is None:
-        raise ValueError(f"unknown tool parser {name!r}; choose one of: {', '.join(sorted(TOOL_PARSERS))}")
-    return cls()
+TOOL_PARSERS: ParserRegistry[ToolParser] = ParserRegistry("tool parser")
+register_tool_parser = TOOL_PARSERS.register  # class decorator: the parser's names
+get_tool_parser = TOOL_PARSERS.create  # the parser called `name`; ValueError naming the choices

@@ -240,16 +240,6 @@ class ResponsesRequest(BaseModel):
                              f"got type {value.get('type')!r}")
         return value
 
-    def check(self) -> None:
-        """Rules across fields, each a 400 naming its parameter."""
-        if self.tool_choice not in (None, "none") and not self.tools:
-            raise APIError("tool_choice needs tools", param="tool_choice", code="invalid_value")
-        if isinstance(self.tool_choice, ToolChoiceFunctionIn):
-            name = self.tool_choice.name
-            if name not in {t.name for t in self.tools or []}:
-                raise APIError(f"tool_choice names the function {name!r}, which is not among the tools",
-                               param="tool_choice", code="invalid_value")
-
 
 # ---- input items -> chat messages ----
 
@@ -532,7 +522,6 @@ class OpenAIServingResponses:
     def chat_request(self, request: ResponsesRequest) -> tuple[ChatCompletionRequest, list[dict]]:
         """The chat request of a Responses request, and the conversation it continues (the previous
         response's messages and the new input items; not the instructions, which OpenAI does not carry)."""
-        request.check()
         base: list[dict] = []
         if request.previous_response_id is not None:
             previous = self.store.get(request.previous_response_id)
