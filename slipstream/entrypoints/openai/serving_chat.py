@@ -48,7 +48,7 @@ from slipstream.entrypoints.openai.serving_engine import (
 )
 from slipstream.entrypoints.openai.tool_calling import plan_tools, template_renders_tools
 from slipstream.reasoning import ReasoningParser, ReasoningStream
-from slipstream.tools.base import ToolCallStream, ToolParser
+from slipstream.tools import ToolCallStream, ToolParser
 
 
 def render_chat_text(tokenizer, messages: list[ChatMessageIn | dict[str, Any]], add_generation_prompt: bool = True,

@@ -18,26 +18,14 @@ Three ways to read calls back, by tool_choice:
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from typing import Any
 
+from slipstream import tools
 from slipstream.entrypoints.openai.errors import APIError
 from slipstream.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessageIn, NamedToolChoice
 from slipstream.sampling_params import StructuredOutputsParams
-from slipstream.tools import get_tool_parser
-from slipstream.tools.base import ToolParser
-from slipstream.tools.formats import (
-    CallListFormat,
-    GenericFormat,
-    NamedCallFormat,
-    call_list_schema,
-    generic_schema,
-    generic_system_prompt,
-    render_generic_calls,
-)
-
-logger = logging.getLogger(__name__)
+from slipstream.tools import ToolParser
 
 _PROBE = "slipstream_probe_function"
 
@@ -82,7 +70,7 @@ def _template_message(message: ChatMessageIn, generic: bool) -> dict[str, Any]:
     if not calls:
         return d
     if generic:
-        text = render_generic_calls(calls)
+        text = tools.render_generic_calls(calls)
         d.pop("tool_calls")
         d["content"] = f"{d['content']}\n{text}" if d.get("content") else text
         return d
@@ -129,20 +117,20 @@ def plan_tools(request: ChatCompletionRequest, renders_tools: bool, parser_name:
         return ToolPlan(messages, None if generic else [t.model_dump(exclude_none=True) for t in request.tools])
     if generic:
         allow_response = choice == "auto"
-        system = generic_system_prompt(functions, parallel, allow_response)
+        system = tools.generic_system_prompt(functions, parallel, allow_response)
         if messages and messages[0]["role"] in ("system", "developer"):
             messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{system}"}
         else:
             messages.insert(0, {"role": "system", "content": system})
-        schema = generic_schema(functions, parallel, allow_response)
-        return ToolPlan(messages, None, StructuredOutputsParams(json=schema, param="tools"), GenericFormat())
+        schema = tools.generic_schema(functions, parallel, allow_response)
+        return ToolPlan(messages, None, StructuredOutputsParams(json=schema, param="tools"), tools.GenericFormat())
     template_tools = [t.model_dump(exclude_none=True) for t in request.tools]
     if isinstance(choice, NamedToolChoice):
         schema = functions[0].get("parameters") or {"type": "object"}
         return ToolPlan(messages, template_tools, StructuredOutputsParams(json=schema, param="tools"),
-                        NamedCallFormat(functions[0]["name"]))
+                        tools.NamedCallFormat(functions[0]["name"]))
     if choice == "required":
-        schema = call_list_schema(functions, parallel)
+        schema = tools.call_list_schema(functions, parallel)
         return ToolPlan(messages, template_tools, StructuredOutputsParams(json=schema, param="tools"),
-                        CallListFormat())
-    return ToolPlan(messages, template_tools, None, get_tool_parser(parser_name) if parser_name else None)
+                        tools.CallListFormat())
+    return ToolPlan(messages, template_tools, None, tools.get_tool_parser(parser_name) if parser_name else None)
