@@ -210,7 +210,7 @@ class LLMEngine:
         for s, token, logprobs in results:
             seq = s.seq
             seq.token_ids.append(token)
-            if not self.structured_output.accept(seq, token):  # its grammar is complete
+            if not self.structured_output.accept(seq, token):  # its grammar is complete (or refused it)
                 seq.finish_reason = "stop"
             if seq.request_id in self.reasoning:
                 self._track_reasoning(seq)

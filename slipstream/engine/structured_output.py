@@ -34,11 +34,8 @@ CACHE_SIZE = 256  # compiled grammars kept (each a few hundred KiB for a JSON sc
 
 
 class StructuredOutputError(ValueError):
-    """A schema, regex, grammar or choice list the grammar engine refuses; `param` names the field."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
+    """A schema, regex, grammar or choice list the grammar engine refuses (the API layer names the
+    request field: a cached failure may come from another field than the request at hand)."""
 
 
 def build_grammar(spec: StructuredOutputsParams) -> xgr.Grammar:
@@ -63,8 +60,7 @@ def build_grammar(spec: StructuredOutputsParams) -> xgr.Grammar:
     except (RuntimeError, ValueError, TypeError) as exc:
         # xgrammar's messages start with a time and its source line: "[11:56:21] /project/cpp/x.cc:94: ..."
         reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc).strip()) or type(exc).__name__
-        raise StructuredOutputError(f"{spec.param}: invalid {spec.kind.replace('_', ' ')}: {reason}",
-                                    spec.param) from None
+        raise StructuredOutputError(f"invalid {spec.kind.replace('_', ' ')}: {reason}") from None
 
 
 @dataclass

@@ -208,5 +208,5 @@ class OpenAIServing:
                            f"{GRAMMAR_COMPILE_TIMEOUT_S:.0f} s", param=spec.param)
         exc = grammar.exception() if not grammar.cancelled() else EngineDeadError("the server is shutting down")
         if isinstance(exc, StructuredOutputError):
-            raise APIError(str(exc), param=exc.param) from exc
+            raise APIError(f"{spec.param}: {exc}", param=spec.param) from exc
         raise from_exception(exc) from exc
