@@ -7,6 +7,7 @@ concurrency slot is held until the whole response (a stream included) has gone o
 from __future__ import annotations
 
 import asyncio
+import hmac
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -17,11 +18,16 @@ from slipstream.entrypoints.openai.errors import APIError
 class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:
         self.app = app
-        self.accepted = {f"Bearer {k}" for k in keys}
+        self.accepted = [f"Bearer {k}".encode() for k in keys]
+
+    def _authorized(self, scope: Scope) -> bool:
+        """Every key is compared in constant time, so response times tell nothing about any key."""
+        # Header values arrive decoded as latin-1: encoding back gives the bytes the client sent.
+        given = Headers(scope=scope).get("authorization", "").encode("latin-1")
+        return sum(hmac.compare_digest(given, key) for key in self.accepted) > 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["path"].startswith("/v1/")
-                and Headers(scope=scope).get("authorization") not in self.accepted):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and not self._authorized(scope):
             error = APIError("Invalid or missing API key: send `Authorization: Bearer <key>`", status=401,
                              code="invalid_api_key")
             await error.response()(scope, receive, send)
