@@ -18,13 +18,15 @@ from slipstream.entrypoints.openai.admission import ConcurrencyLimitMiddleware
 
 KEYS = ("key-one", "key-two")
 NAME = "smol"
+ALLOWED_ORIGIN = "https://app.example"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
 def server():
     with running_server("--api-key", KEYS[0], "--api-key", KEYS[1], "--served-model-name", NAME,
-                        "--max-concurrency", "1", "--max-model-len", "32768") as s:
+                        "--max-concurrency", "1", "--max-model-len", "32768",
+                        "--allowed-origins", ALLOWED_ORIGIN) as s:
         yield s
 
 
@@ -55,6 +57,18 @@ def test_every_key_works_and_others_get_401(server):
 def test_health_and_metrics_need_no_key(server):
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+def test_cors_only_for_allowed_origins(server):
+    """A browser's preflight needs no key and is answered for the allowed origin alone."""
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    ok = httpx.options(f"{server.base_url}/chat/completions", headers={"Origin": ALLOWED_ORIGIN, **preflight})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    other = httpx.options(f"{server.base_url}/chat/completions", headers={"Origin": "https://evil.example",
+                                                                          **preflight})
+    assert "access-control-allow-origin" not in other.headers
+    r = httpx.get(f"{server.url}/health", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
 
 
 def test_an_unknown_model_is_404(server):

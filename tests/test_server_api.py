@@ -630,3 +630,10 @@ def test_client_disconnect_aborts_a_non_stream_request(http):
     with pytest.raises(httpx.ReadTimeout):
         http.post("/v1/chat/completions", json=LONG_REQUEST, timeout=0.5)  # gives up long before 80 tokens
     _wait_for_abort(http, aborted)
+
+
+def test_cors_is_off_by_default(http):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    r = http.options("/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    assert "access-control-allow-origin" not in http.get("/health", headers={"Origin": "https://app.example"}).headers

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -94,8 +95,11 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
 
     app.add_middleware(ConcurrencyLimitMiddleware, limit=args.max_concurrency, max_wait=args.max_waiting_time,
                        paths=GENERATION_PATHS)
-    if args.api_key:  # outermost: a request without a key learns nothing else
+    if args.api_key:  # a request without a key learns nothing else
         app.add_middleware(ApiKeyMiddleware, keys=args.api_key)
+    if args.allowed_origins:  # outermost: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"])
     return app
 
 

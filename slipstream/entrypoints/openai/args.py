@@ -94,6 +94,8 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--max-logprobs", type=_bounded(int, 0), default=20, help="most top logprobs a request may ask for")
     add("--api-key", action="append", default=None,
         help=f"accepted bearer key for /v1/* (repeatable; default: ${API_KEY_ENV} if set, else no auth)")
+    add("--allowed-origins", action="append", default=None, metavar="ORIGIN",
+        help="origin a browser page may call the API from (repeatable; '*' for any); default: none (CORS off)")
     add("--max-concurrency", type=pos_int, default=512, help="most generation requests in flight; beyond, 429")
     add("--max-waiting-time", type=_bounded(float, -1), default=0.0,
         help="seconds a request over --max-concurrency waits for a slot before its 429 (-1: no limit)")
