@@ -637,3 +637,12 @@ def test_cors_is_off_by_default(http):
     r = http.options("/v1/chat/completions", headers=preflight)
     assert "access-control-allow-origin" not in r.headers
     assert "access-control-allow-origin" not in http.get("/health", headers={"Origin": "https://app.example"}).headers
+
+
+def test_a_request_chat_template_runs_in_the_sandbox(http):
+    """A template that reaches for Python internals (the way out to files and processes) is a 400."""
+    body = {"messages": QUESTION, "max_tokens": 1,
+            "chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}"}
+    error = post(http, "/v1/chat/completions", body, status=400)["error"]
+    assert error["param"] == "messages" and "unsafe" in error["message"]
+    assert post(http, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 1})["choices"]
