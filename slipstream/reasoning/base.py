@@ -13,19 +13,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from slipstream.parser_registry import ParserRegistry
+from slipstream.parsing import ParserRegistry, partial_tag_len
 
 
 def _skip_space(text: str, pos: int) -> int:
     return len(text) - len(text[pos:].lstrip())
 
-
-def _partial_tag_len(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper beginning of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
 
 
 class ReasoningParser:
@@ -85,7 +78,7 @@ class ReasoningParser:
             return text[start:end].rstrip(), end + len(closer), True
         if final or not closer:
             return text[start:], len(text), False
-        stable = len(text) - _partial_tag_len(text, closer)
+        stable = len(text) - partial_tag_len(text, closer)
         return text[start:stable].rstrip(), len(text), False
 
 

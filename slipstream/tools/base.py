@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from slipstream.parser_registry import ParserRegistry
+from slipstream.parsing import ParserRegistry, partial_tag_len
 from slipstream.tools.json_scan import decode_string, scan_object, skip_space
 
 ARGUMENT_KEYS = ("arguments", "parameters")
@@ -42,20 +42,13 @@ class ToolCallDelta:
     arguments: str  # the arguments text added since its last delta
 
 
-def _partial_tag_len(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper beginning of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
-
 
 def _before(text: str, tag: str, final: bool) -> str:
     """`text` up to the first `tag` in it or, unless `final`, up to a beginning of `tag` at its end."""
     at = text.find(tag)
     if at >= 0:
         return text[:at]
-    return text if final else text[: len(text) - _partial_tag_len(text, tag)]
+    return text if final else text[: len(text) - partial_tag_len(text, tag)]
 
 
 @dataclass
@@ -151,7 +144,7 @@ class ToolParser:
         while True:
             tag = text.find(self.start_tag, look)
             if tag < 0:
-                held = 0 if final else _partial_tag_len(text[look:], self.start_tag)
+                held = 0 if final else partial_tag_len(text[look:], self.start_tag)
                 piece = text[start : len(text) - held]
                 pieces.append(piece if final else piece.rstrip())  # trailing whitespace may touch a tag
                 break

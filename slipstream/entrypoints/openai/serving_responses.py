@@ -482,14 +482,19 @@ class OpenAIServingResponses:
 
     # ---- the work ----
 
-    async def generate_response(self, request: ResponsesRequest) -> SDKResponse:
-        """The whole response (and kept, with `store`). Raises APIError if the request cannot be served."""
+    async def _run_chat(self, request: ResponsesRequest) -> tuple[str, int, list[dict], Any]:
+        """(response id, creation time, conversation, chat's result) of a Responses request; chat's errors
+        are named by the Responses parameters."""
         response_id, created = _new_id("resp"), int(time.time())
         chat_request, conversation = self.chat_request(request)
         try:
-            result = await self.chat.generate_chat(chat_request)
+            return response_id, created, conversation, await self.chat.generate_chat(chat_request)
         except APIError as exc:
             raise _remap(exc) from None
+
+    async def generate_response(self, request: ResponsesRequest) -> SDKResponse:
+        """The whole response (and kept, with `store`). Raises APIError if the request cannot be served."""
+        response_id, created, conversation, result = await self._run_chat(request)
         assert isinstance(result, ChatCompletionResponse)
         choice = result.choices[0]
         message = choice.message
@@ -511,12 +516,7 @@ class OpenAIServingResponses:
     async def generate_stream(self, request: ResponsesRequest) -> AsyncIterator[SDKModel]:
         """The response's stream events, once the engine has taken the request. Raises APIError before
         anything runs if the request cannot be served."""
-        response_id, created = _new_id("resp"), int(time.time())
-        chat_request, conversation = self.chat_request(request)
-        try:
-            chunks = await self.chat.generate_chat(chat_request)
-        except APIError as exc:
-            raise _remap(exc) from None
+        response_id, created, conversation, chunks = await self._run_chat(request)
         return self._events(request, response_id, created, conversation, chunks)
 
     def chat_request(self, request: ResponsesRequest) -> tuple[ChatCompletionRequest, list[dict]]:

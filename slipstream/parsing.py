@@ -1,5 +1,5 @@
-"""Parsers chosen by name on the command line (`--reasoning-parser`, `--tool-call-parser`): one registry
-shape for both, so a name is spelled and refused the same way everywhere."""
+"""What the output parsers (`--reasoning-parser`, `--tool-call-parser`) share: one registry shape, so a
+name is spelled and refused the same way everywhere, and the hold-back of a tag that may still be arriving."""
 
 from __future__ import annotations
 
@@ -7,6 +7,14 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def partial_tag_len(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `tag` (to hold back in a stream)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
 
 
 def _key(name: str) -> str:
