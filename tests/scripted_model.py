@@ -40,6 +40,8 @@ CHAT_TEMPLATE = (
     "{% else %}<think>\n{% endif %}{% endif %}"
 )
 SCRIPT_LOGIT = 30.0  # the scripted token's logit; every other token's is 0
+# The fault-injection hook: a forward pass over this word (a prompt holding it) raises.
+FAULT = "FAULT"
 
 
 def build_tokenizer(texts: Iterable[str]):
@@ -86,7 +88,7 @@ def save_scripted_model(path: Path, scripts: list[str], texts: Iterable[str] = (
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer([*scripts, *texts])
+    tokenizer = build_tokenizer([*scripts, *texts, f"{FAULT} {FAULT}"])
     tokenizer.save_pretrained(path)
     vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
     ids = [tokenizer.encode(s, add_special_tokens=False) for s in scripts]
@@ -103,6 +105,7 @@ def save_scripted_model(path: Path, scripts: list[str], texts: Iterable[str] = (
         "max_position_embeddings": 4096,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": eos,
+        "fault_token_ids": tokenizer.convert_tokens_to_ids([FAULT, f" {FAULT}"]),
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
@@ -130,9 +133,10 @@ def save_scripted_model_from_tokens(path: Path, scripts: list[list[str]], texts:
 
 
 class ScriptedForCausalLM(nn.Module):
-    def __init__(self, vocab_size: int, max_positions: int, dtype: torch.dtype) -> None:
+    def __init__(self, vocab_size: int, max_positions: int, dtype: torch.dtype, fault_ids: list[int]) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.register_buffer("fault_ids", torch.tensor(fault_ids, dtype=torch.long), persistent=False)
         self.dtype = dtype
         # Frequencies pi / 2**m: any offset d != 0 below 2**(m_max) is an odd multiple of pi at some m,
         # so the score of a wrong position trails the right one by at least 2 * scale.
@@ -152,6 +156,8 @@ class ScriptedForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden state [T, 2V]: one-hot of the current token, then (near) one-hot of the previous one."""
+        if torch.isin(input_ids, self.fault_ids).any():
+            raise RuntimeError(f"injected fault: the batch holds {FAULT}")
         current = F.one_hot(input_ids, self.vocab_size).to(self.dtype)
         value = F.pad(current, (0, self.attn.head_dim - self.vocab_size)).unsqueeze(1)
         previous = self.attn(self._position_code(positions - 1), self._position_code(positions), value)
@@ -176,7 +182,7 @@ class ScriptedForCausalLM(nn.Module):
 def build_scripted_model(hf_config, dtype: torch.dtype, device: torch.device, max_positions: int) -> nn.Module:
     with torch.device(device):
         model = ScriptedForCausalLM(hf_config.vocab_size, max(max_positions, hf_config.max_position_embeddings),
-                                    dtype)
+                                    dtype, getattr(hf_config, "fault_token_ids", []))
     return model.eval()
 
 

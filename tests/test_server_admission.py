@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from slipstream.entrypoints.openai.admission import ConcurrencyLimitMiddleware
+from slipstream.entrypoints.openai.admission import GenerationGate, GenerationGateMiddleware
 
 KEYS = ("key-one", "key-two")
 NAME = "smol"
@@ -102,6 +102,7 @@ def test_a_request_over_max_concurrency_is_429(server):
             with pytest.raises(openai.RateLimitError) as e:
                 client(server).chat.completions.create(model=NAME, messages=QUESTION, max_tokens=1)
             assert e.value.body["code"] == "rate_limit_exceeded" and "--max-concurrency 1" in e.value.body["message"]
+            assert e.value.response.headers["retry-after"] == "1"  # the openai SDK's retries wait this long
             assert http.get("/models").status_code == 200  # only generation counts
         # The slot comes back once the server has seen the disconnect.
         deadline = time.monotonic() + 120
@@ -123,7 +124,8 @@ def limited_app(max_wait: float) -> tuple[Starlette, asyncio.Event]:
         return PlainTextResponse("done")
 
     app = Starlette(routes=[Route("/v1/completions", hold, methods=["POST"])])
-    return ConcurrencyLimitMiddleware(app, limit=1, max_wait=max_wait, paths=("/v1/completions",)), release
+    gate = GenerationGate(limit=1, max_wait=max_wait)
+    return GenerationGateMiddleware(app, gate, paths=("/v1/completions",)), release
 
 
 @pytest.mark.parametrize(("max_wait", "second_status"), [(0, 429), (0.05, 429), (-1, 200), (600, 200)])
@@ -132,7 +134,7 @@ def test_max_waiting_time(max_wait, second_status):
         app, release = limited_app(max_wait)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
             first = asyncio.create_task(http.post("/v1/completions"))
-            while not app.slots.locked():
+            while not app.gate.slots.locked():
                 await asyncio.sleep(0.01)
             second = asyncio.create_task(http.post("/v1/completions"))
             if second_status == 429:

@@ -17,13 +17,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server_utils import SEED_MESSAGES, running_server
 
+from slipstream.entrypoints.openai.protocol import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+
 MAX_MODEL_LEN = 128
+MAX_BODY_SIZE = 2**20
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server("--enable-logprob", "--max-model-len", str(MAX_MODEL_LEN)) as s:
+    with running_server("--enable-logprob", "--max-model-len", str(MAX_MODEL_LEN),
+                        "--max-body-size", str(MAX_BODY_SIZE)) as s:
         yield s
 
 
@@ -499,11 +503,19 @@ INVALID_CHAT = [
     ({"top_logprobs": 2}, None),
     ({"stream_options": {"include_usage": True}}, None),
     ({"stop": ""}, "stop"),
-    ({"stop_token_ids": [10**7]}, None),
-    ({"logit_bias": {"10000000": 1}}, None),
+    ({"stop_token_ids": [10**7]}, "stop_token_ids"),
+    ({"logit_bias": {"10000000": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"max_tokens": "many"}, "max_tokens"),
-    ({"prompt_token_ids": [10**7]}, None),
+    ({"prompt_token_ids": [10**7]}, "prompt_token_ids"),
+    ({"stop": ["x"] * (MAX_STOP_STRINGS + 1)}, "stop"),
+    ({"stop": "x" * (MAX_STOP_STRING_CHARS + 1)}, "stop"),
+    ({"bad_words": ["x" * (MAX_STOP_STRING_CHARS + 1)]}, "bad_words"),
+    ({"n": 129}, "n"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages"),
+    ({"messages": [{"role": "system", "content": None}, *QUESTION]}, "messages"),
+    ({"messages": [{"content": "hi"}]}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"messages": None}, None),
@@ -540,6 +552,48 @@ def test_bodies_that_are_not_json_objects_are_400(http):
     for body in (b"[1, 2]", b"", b"{", b"null"):
         r = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_body_over_the_size_limit_is_413(http):
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * MAX_BODY_SIZE}]}).encode()
+    r = http.post("/v1/chat/completions", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit is found while the body arrives
+        for i in range(0, len(big), 65536):
+            yield big[i : i + 65536]
+
+    r = http.post("/v1/chat/completions", content=chunked(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert post(http, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 1})["choices"]
+
+
+def test_deeply_nested_json_is_400(http):
+    for depth in (50_000, 300):
+        body = '{"messages": [{"role": "user", "content": "hi"}], "metadata": ' + "[" * depth + "]" * depth + "}"
+        r = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    # A deep but parseable JSON schema compiles or is refused: never a 500.
+    schema = {}
+    for _ in range(60):
+        schema = {"type": "array", "items": schema}
+    body = {"messages": QUESTION, "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "deep", "schema": schema}}}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code in (200, 400), r.text
+
+
+UNUSUAL_TEXT = "a\x00b\x01c\x1b[31m 静夜思 😀\u200b\ufeff e\u0301 \U0001f1eb\U0001f1f7"
+
+
+def test_unusual_characters_round_trip(http):
+    """NUL and other control characters, CJK, emoji, zero-width and combining characters: tokenized and
+    detokenized unchanged, and a prompt holding them is served."""
+    assert detokenize(http, tokenize(http, prompt=UNUSUAL_TEXT, add_special_tokens=False)) == UNUSUAL_TEXT
+    body = {"messages": [{"role": "user", "content": UNUSUAL_TEXT}], "max_tokens": 3}
+    assert post(http, "/v1/chat/completions", body)["choices"][0]["message"]["content"] is not None
+    out = post(http, "/v1/completions", {"prompt": UNUSUAL_TEXT, "max_tokens": 2, "echo": True})
+    assert out["choices"][0]["text"].startswith(UNUSUAL_TEXT)
 
 
 def test_prompt_longer_than_the_context_is_400_context_length_exceeded(client):

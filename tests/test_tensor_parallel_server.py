@@ -151,3 +151,16 @@ def test_a_dead_worker_takes_the_server_down(ernie_dir):
         while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [pid for pid in children if _alive(pid)], children
+
+
+def test_sigterm_exits_0_and_leaves_no_process(ernie_dir):
+    with running_server("--model", str(ernie_dir), "--tensor-parallel-size", "2") as server:
+        assert _chat(server.base_url)
+        children = _children(server.process.pid)
+        assert any("spawn_main" in args for args in children.values()), children
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0, server.log()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in children if _alive(pid)], children

@@ -4,8 +4,10 @@ The engine lives in ONE background thread that builds it, then loops: run the co
 loop sent (add, abort, stop), step while there is work, block on the command queue when idle (no
 busy spin). torch releases the GIL inside its kernels, so the event loop keeps serving HTTP while a
 step runs. Outputs go back to the event loop with `call_soon_threadsafe`, one hop per step, into an
-asyncio queue per request group. If building the engine or a step raises, the engine is dead: every
-waiting request gets `EngineDeadError`, and so does every later call (the server's /health says 503).
+asyncio queue per request group. A step that fails ends its own requests (`EngineStepError`). If building
+the engine fails, or a step fails in a way the engine cannot survive (under tensor parallelism), the
+engine is dead: every waiting request gets `EngineDeadError`, and so does every later call (the
+server's /health says 503).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class EngineRequest(NamedTuple):
 
 class EngineDeadError(RuntimeError):
     """The engine failed, is still loading, or was shut down: nothing can be served."""
+
+
+class EngineStepError(RuntimeError):
+    """The engine step that ran this request failed (the engine goes on with the others)."""
 
 
 class AsyncLLM:
@@ -137,6 +143,8 @@ class AsyncLLM:
                     raise item
                 if item.finished:
                     unfinished.discard(item.request_id)
+                if item.finish_reason == "error":
+                    raise EngineStepError(f"the engine step running this request failed: {item.error}")
                 yield item
         finally:
             if unfinished:

@@ -40,6 +40,15 @@ class ContextLengthError(ValueError):
         self.max_model_len = max_model_len
 
 
+class TokenIdError(ValueError):
+    """A token id outside the vocabulary; `field` is "prompt", "stop_token_ids" or "logit_bias"."""
+
+    def __init__(self, field: str, vocab_size: int) -> None:
+        super().__init__(f"{field}: token ids must be in [0, {vocab_size})")
+        self.field = field
+        self.vocab_size = vocab_size
+
+
 def _eos_token_ids(model_dir: Path, hf_config, tokenizer) -> set[int]:
     ids: set[int] = set()
     gen = model_dir / "generation_config.json"
@@ -147,11 +156,10 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ContextLengthError(len(prompt_token_ids), self.max_model_len)
         vocab = self.hf_config.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+        for name, ids in (("prompt", prompt_token_ids), ("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias", params.logit_bias)):
             if any(t < 0 or t >= vocab for t in ids):
-                raise ValueError(f"{name} must be token ids in [0, {vocab})")
+                raise TokenIdError(name, vocab)
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"logprobs must be at most {self.config.max_logprobs}")
         seq = Sequence(request_id, list(prompt_token_ids), params)
@@ -165,14 +173,14 @@ class LLMEngine:
         self.output_processor.add(seq)
         self.scheduler.add(seq)
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
+    def abort_request(self, request_id: str, reason: str = "abort") -> RequestOutput | None:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return None
         self.scheduler.finish(seq)
         self.reasoning.pop(request_id, None)
         self.structured_output.remove(seq)
-        return self.output_processor.abort(seq)
+        return self.output_processor.abort(seq, reason)
 
     def _track_reasoning(self, seq: Sequence) -> None:
         """Count thinking tokens (the closing tag's own tokens excluded) and end thinking at the budget."""
@@ -204,7 +212,19 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
-        results = self.runner.run(batch)
+        try:
+            results = self.runner.run(batch)
+        except Exception as exc:
+            if self.workers is not None:  # the ranks are out of step: nothing more can run
+                raise
+            # One bad batch (a kernel fault, an out-of-memory) fails its requests, not the server: their
+            # blocks go back to the pool (none was cached yet) and the next step runs the others.
+            logger.exception("an engine step failed; ending the %d requests in it", len(batch))
+            for s in batch:
+                if (out := self.abort_request(s.seq.request_id, "error")) is not None:
+                    out.error = f"{type(exc).__name__}: {exc}"
+                    outputs.append(out)
+            return outputs
         for s in batch:
             s.seq.num_computed_tokens += s.num_new_tokens
         for s, token, logprobs in results:

@@ -25,7 +25,8 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None
     arrival_times: list[float]  # seconds since the request arrived, one per new token
     finished: bool = False
-    finish_reason: str | None = None  # stop | length | abort
+    finish_reason: str | None = None  # stop | length | abort | error
+    error: str | None = None  # with finish_reason error: what failed
     stop_reason: str | int | None = None
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
@@ -143,9 +144,9 @@ class OutputProcessor:
             del self.state[seq.request_id]
         return out
 
-    def abort(self, seq: Sequence) -> RequestOutput | None:
+    def abort(self, seq: Sequence, reason: str = "abort") -> RequestOutput | None:
         st = self.state.get(seq.request_id)
         if st is None:
             return None
-        seq.finish_reason = "abort"
+        seq.finish_reason = reason
         return self._emit(seq, st)

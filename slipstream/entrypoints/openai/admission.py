@@ -1,7 +1,8 @@
-"""Who gets in: API keys on /v1/* (401) and a cap on generation requests in flight (429).
+"""Who gets in: API keys on /v1/* (401), bodies up to a size (413), a cap on generation requests in
+flight (429), none once the server drains for a shutdown (503).
 
 Plain ASGI middleware rather than route dependencies: they answer before the body is read, and the
-concurrency slot is held until the whole response (a stream included) has gone out.
+generation slot is held until the whole response (a stream included) has gone out.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import hmac
 
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slipstream.entrypoints.openai.errors import APIError
 
@@ -35,39 +36,104 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-class ConcurrencyLimitMiddleware:
-    """At most `limit` requests to `paths` at once; one over waits up to `max_wait` seconds for a slot
-    (0: not at all, -1: without limit), then gets a 429."""
+RETRY_AFTER_S = 1  # what a 429 tells a client to wait: a slot frees whenever any request ends
 
-    def __init__(self, app: ASGIApp, limit: int, max_wait: float, paths: tuple[str, ...]) -> None:
-        self.app = app
+
+class GenerationGate:
+    """Generation requests in flight: at most `limit`; one over waits up to `max_wait` seconds for a slot
+    (0: not at all, -1: without limit), then gets a 429. Closed by a drain: new ones get a 503."""
+
+    def __init__(self, limit: int, max_wait: float) -> None:
         self.limit = limit
         self.max_wait = max_wait
-        self.paths = paths
         self.slots = asyncio.Semaphore(limit)
+        self.in_flight = 0
+        self.closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    async def _acquire(self) -> bool:
-        if not self.slots.locked() or self.max_wait < 0:
+    async def acquire(self) -> bool:
+        if self.max_wait < 0 or not self.slots.locked():
             await self.slots.acquire()
-            return True
-        if self.max_wait == 0:
+        elif self.max_wait == 0:
             return False
+        else:
+            try:
+                await asyncio.wait_for(self.slots.acquire(), self.max_wait)
+            except asyncio.TimeoutError:
+                return False
+        self.in_flight += 1
+        self._idle.clear()
+        return True
+
+    def release(self) -> None:
+        self.slots.release()
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Close the gate and wait up to `timeout` seconds for the requests in flight; False if some remain."""
+        self.closed = True
         try:
-            await asyncio.wait_for(self.slots.acquire(), self.max_wait)
+            await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:
             return False
         return True
+
+
+class GenerationGateMiddleware:
+    def __init__(self, app: ASGIApp, gate: GenerationGate, paths: tuple[str, ...]) -> None:
+        self.app = app
+        self.gate = gate
+        self.paths = paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        if not await self._acquire():
-            error = APIError(f"Too many requests in flight (--max-concurrency {self.limit}); retry later",
-                             status=429, code="rate_limit_exceeded")
-            await error.response()(scope, receive, send)
+        if self.gate.closed:
+            error = APIError("The server is shutting down", status=503, code="shutting_down")
+        elif not await self.gate.acquire():
+            error = APIError(f"Too many requests in flight (--max-concurrency {self.gate.limit}); retry later",
+                             status=429, code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
+        else:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.gate.release()
             return
-        try:
+        await error.response()(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """A body over `max_bytes` is a 413: at once when its Content-Length says so, else (a chunked body)
+    as soon as what arrived passes the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> APIError:
+        return APIError(f"The request body is larger than {self.max_bytes} bytes (--max-body-size)", status=413,
+                        code="request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
-        finally:
-            self.slots.release()
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large().response()(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise self._too_large()  # inside the route's body read: the error handlers answer it
+            return message
+
+        await self.app(scope, counted, send)

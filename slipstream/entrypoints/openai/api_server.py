@@ -2,6 +2,8 @@
 
 The port opens at once and the model loads in the engine thread meanwhile: /health answers 503 until
 it is up (and again if the engine dies). A model that fails to load stops the server with its reason.
+The first SIGTERM (or Ctrl-C) drains: new generation requests and /health get 503, those in flight
+may finish within --shutdown-timeout seconds, then the rest end with an error; a second one stops at once.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -21,7 +26,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from slipstream import __version__
 from slipstream.engine.async_llm import AsyncLLM
-from slipstream.entrypoints.openai.admission import ApiKeyMiddleware, ConcurrencyLimitMiddleware
+from slipstream.entrypoints.openai.admission import (
+    ApiKeyMiddleware,
+    BodySizeLimitMiddleware,
+    GenerationGate,
+    GenerationGateMiddleware,
+)
 from slipstream.entrypoints.openai.args import engine_config, parse_args
 from slipstream.entrypoints.openai.errors import APIError, install_error_handlers
 from slipstream.entrypoints.openai.metrics import Metrics
@@ -38,6 +48,7 @@ from slipstream.reasoning import get_reasoning_parser
 logger = logging.getLogger("slipstream.api_server")
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+UVICORN_GRACE_S = 5  # after a drain, for responses to go out and connections to close
 
 
 def served_model_name(args: argparse.Namespace) -> str:
@@ -61,11 +72,14 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
 
     app = FastAPI(title="slipstream", version=__version__, lifespan=lifespan)
     app.state.chat = chat
+    app.state.gate = gate = GenerationGate(args.max_concurrency, args.max_waiting_time)
     install_error_handlers(app)
 
     async def health() -> Response:
         if llm.error is not None:
             return APIError(str(llm.error), status=503).response()
+        if gate.closed:
+            return APIError("the server is shutting down", status=503, code="shutting_down").response()
         return JSONResponse({"status": "ok"})
 
     app.get("/health")(health)
@@ -93,14 +107,44 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
     app.get("/v1/responses/{response_id}")(responses.retrieve)
     app.delete("/v1/responses/{response_id}")(responses.delete)
 
-    app.add_middleware(ConcurrencyLimitMiddleware, limit=args.max_concurrency, max_wait=args.max_waiting_time,
-                       paths=GENERATION_PATHS)
+    app.add_middleware(GenerationGateMiddleware, gate=gate, paths=GENERATION_PATHS)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.max_body_size)
     if args.api_key:  # a request without a key learns nothing else
         app.add_middleware(ApiKeyMiddleware, keys=args.api_key)
     if args.allowed_origins:  # outermost: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"])
     return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT runs `drain` (which sets should_exit when done) instead of
+    closing the port at once; a second signal is uvicorn's own: stop now."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[uvicorn.Server], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.draining: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining is not None or self.should_exit:
+            self.force_exit = True
+            super().handle_exit(sig, frame)
+            return
+        # Not recorded as a captured signal: uvicorn re-raises those on exit, and the exit status would not be 0.
+        loop = asyncio.get_running_loop()
+        loop.call_soon_threadsafe(lambda: setattr(self, "draining", loop.create_task(self.drain(self))))
+
+
+async def drain(server: uvicorn.Server, gate: GenerationGate, llm: AsyncLLM, timeout: float) -> None:
+    """Let the generation requests in flight finish within `timeout` seconds, end the rest, then stop."""
+    logger.info("shutting down: waiting up to %.0f s for %d requests in flight", timeout, gate.in_flight)
+    if not await gate.drain(timeout):
+        logger.warning("shutting down: ending %d requests still in flight after --shutdown-timeout",
+                       gate.in_flight)
+        llm.shutdown()  # their streams end with an error event, the others with a 503
+        await gate.drain(UVICORN_GRACE_S)
+    server.should_exit = True
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -110,9 +154,9 @@ async def serve(args: argparse.Namespace) -> int:
     llm = AsyncLLM.from_config(engine_config(args), on_output=metrics.observe)
     app = build_app(args, llm, metrics)
     config = uvicorn.Config(app, host=args.host, port=args.port,
-                            log_level=args.log_level, timeout_graceful_shutdown=5)
+                            log_level=args.log_level, timeout_graceful_shutdown=UVICORN_GRACE_S)
     sock = config.bind_socket()  # a taken port stops the start here (uvicorn's message), before any loading
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, partial(drain, gate=app.state.gate, llm=llm, timeout=args.shutdown_timeout))
     llm.start()
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     ready = asyncio.create_task(llm.wait_ready())
@@ -129,7 +173,7 @@ async def serve(args: argparse.Namespace) -> int:
         # it, so a supervisor can restart it; meanwhile /health has said 503.
         died = asyncio.create_task(llm.wait_dead())
         await asyncio.wait({serving, died}, return_when=asyncio.FIRST_COMPLETED)
-        if died.done() and not serving.done():
+        if died.done() and not serving.done() and server.draining is None:
             logger.error("stopping: %s", died.result())
             server.should_exit = True
             await serving

@@ -99,6 +99,10 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--max-concurrency", type=pos_int, default=512, help="most generation requests in flight; beyond, 429")
     add("--max-waiting-time", type=_bounded(float, -1), default=0.0,
         help="seconds a request over --max-concurrency waits for a slot before its 429 (-1: no limit)")
+    add("--max-body-size", type=memory_size, default="16MiB",
+        help="largest request body (bytes or a size like 16MiB); larger ones get a 413")
+    add("--shutdown-timeout", "--timeout-graceful-shutdown", type=_bounded(float, 0), default=30.0,
+        help="seconds a SIGTERM lets requests in flight finish (new ones get 503) before ending them")
     add("--log-level", choices=["debug", "info", "warning", "error", "critical"], default="info",
         help="logging verbosity")
     return p

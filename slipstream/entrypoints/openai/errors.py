@@ -12,30 +12,32 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from slipstream.engine.async_llm import EngineDeadError
-from slipstream.engine.llm_engine import ContextLengthError
+from slipstream.engine.async_llm import EngineDeadError, EngineStepError
+from slipstream.engine.llm_engine import ContextLengthError, TokenIdError
 from slipstream.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable_error"}
+          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
 
 
 class APIError(Exception):
-    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=_TYPES.get(self.status, "server_error"),
                                              param=self.param, code=self.code))
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status)
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
 
     def sse(self) -> str:
         """The error as a server-sent event, for failures after a stream has started."""
@@ -59,8 +61,13 @@ def from_exception(exc: Exception, prompt_param: str | None = None) -> APIError:
         return exc
     if isinstance(exc, ContextLengthError):
         return APIError(str(exc), param=prompt_param, code="context_length_exceeded")
+    if isinstance(exc, TokenIdError):
+        param = prompt_param if exc.field == "prompt" else exc.field
+        return APIError(f"{param}: token ids must be in [0, {exc.vocab_size})", param=param, code="invalid_value")
     if isinstance(exc, EngineDeadError):
         return APIError(str(exc), status=503)
+    if isinstance(exc, EngineStepError):  # (the engine has logged the traceback)
+        return APIError(str(exc), status=500, code="engine_step_failed")
     if isinstance(exc, ValueError):
         return APIError(str(exc))
     logger.error("internal error", exc_info=exc)

@@ -13,8 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from slipstream.sampling_params import StructuredOutputsParams
 
-NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 TokenIds = list[Annotated[int, Field(ge=0)]]
+
+# Stop strings and bad words are matched against every new token: a request may not make that unbounded.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+StopStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+StopList = Annotated[list[StopStr], Field(max_length=MAX_STOP_STRINGS)]
 
 
 class ErrorInfo(BaseModel):
@@ -86,11 +91,11 @@ class SamplingRequest(BaseModel):
     min_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     n: int = Field(default=1, ge=1, le=128)
-    stop: NonEmptyStr | list[NonEmptyStr] | None = None
+    stop: StopStr | StopList | None = None
     stop_token_ids: TokenIds | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    bad_words: list[NonEmptyStr] | None = None
+    bad_words: StopList | None = None
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -157,7 +162,13 @@ class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = None  # only an assistant message (with tool_calls) may omit it
+
+    @model_validator(mode="after")
+    def _content_given(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def template_dict(self) -> dict[str, Any]:
         d = self.model_dump(exclude_none=True)
@@ -189,7 +200,7 @@ class NamedToolChoice(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessageIn] | None = None
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1)] | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
     parallel_tool_calls: bool = True

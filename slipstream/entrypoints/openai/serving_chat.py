@@ -183,7 +183,8 @@ class OpenAIServingChat(OpenAIServing):
         params = self.sampling_params(request, request.max_completion_tokens or request.max_tokens, top_logprobs,
                                       plan.structured_outputs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        outputs = await self.generate(request_id, [prompt], params, "messages", span)
+        prompt_param = "messages" if request.prompt_token_ids is None else "prompt_token_ids"
+        outputs = await self.generate(request_id, [prompt], params, prompt_param, span)
         setup = _ChatSetup(parser, span is not None and span.opened_by_prompt, plan.parser,
                            None if request.parallel_tool_calls else 1)
         if request.stream:

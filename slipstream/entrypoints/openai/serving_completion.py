@@ -41,7 +41,8 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.echo and request.logprobs is not None:  # the echoed prompt carries its logprobs too
             params.prompt_logprobs = request.logprobs
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        outputs = await self.generate(request_id, prompts, params, "prompt")
+        outputs = await self.generate(request_id, prompts, params,
+                                      "prompt" if request.prompt_token_ids is None else "prompt_token_ids")
         echoes = [texts[i // request.n] if request.echo else "" for i in range(len(prompts) * request.n)]
         if request.stream:
             return sse_response(self._stream(request, request_id, prompts, echoes, outputs))
