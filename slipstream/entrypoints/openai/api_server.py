@@ -23,6 +23,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 from slipstream import __version__
 from slipstream.engine.async_llm import AsyncLLM
@@ -35,11 +37,18 @@ from slipstream.entrypoints.openai.admission import (
 from slipstream.entrypoints.openai.args import engine_config, parse_args
 from slipstream.entrypoints.openai.errors import APIError, install_error_handlers
 from slipstream.entrypoints.openai.metrics import Metrics
-from slipstream.entrypoints.openai.protocol import ModelCard, ModelList
+from slipstream.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
 from slipstream.entrypoints.openai.serving_chat import OpenAIServingChat
 from slipstream.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from slipstream.entrypoints.openai.serving_engine import ServingOptions
-from slipstream.entrypoints.openai.serving_responses import OpenAIServingResponses
+from slipstream.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponsesRequest
 from slipstream.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from slipstream.entrypoints.openai.tool_calling import describe_tool_format
 from slipstream.model.loader import DEFAULT_MODEL_FILE
@@ -53,6 +62,27 @@ UVICORN_GRACE_S = 5  # after a drain, for responses to go out and connections to
 
 def served_model_name(args: argparse.Namespace) -> str:
     return args.served_model_name or args.model or Path(DEFAULT_MODEL_FILE).stem
+
+
+def body_schema(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def document_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """FastAPI documents the bodies it validates; these are validated by hand (a 400 naming the field, not
+    FastAPI's 422), so their schemas join /openapi.json here, for clients and fuzzers."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = generate()
+            _, defs = models_json_schema([(m, "validation") for m in models],
+                                         ref_template="#/components/schemas/{model}")
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> FastAPI:
@@ -99,11 +129,14 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.post("/v1/chat/completions")(chat.create)
-    app.post("/v1/completions")(completion.create)
-    app.post("/tokenize")(tokenization.tokenize)
-    app.post("/detokenize")(tokenization.detokenize)
-    app.post("/v1/responses")(responses.create)
+    bodies = {"/v1/chat/completions": (ChatCompletionRequest, chat.create),
+              "/v1/completions": (CompletionRequest, completion.create),
+              "/v1/responses": (ResponsesRequest, responses.create),
+              "/tokenize": (TokenizeRequest, tokenization.tokenize),
+              "/detokenize": (DetokenizeRequest, tokenization.detokenize)}
+    for path, (model, handler) in bodies.items():
+        app.post(path, openapi_extra=body_schema(model))(handler)
+    document_bodies(app, [model for model, _ in bodies.values()])
     app.get("/v1/responses/{response_id}")(responses.retrieve)
     app.delete("/v1/responses/{response_id}")(responses.delete)
 
