@@ -32,6 +32,7 @@ class EngineConfig:
     max_logprobs: int = 20
     quantization: str | None = None
     trust_remote_code: bool = False
+    cpu_threads: int | None = None  # compute threads on this node (split among its ranks); None: see worker.py
     # Multi-node tensor parallelism: node 0 runs the server and rank 0, other nodes run workers only.
     nnodes: int = 1
     node_rank: int = 0

@@ -26,7 +26,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def server():
     with running_server("--api-key", KEYS[0], "--api-key", KEYS[1], "--served-model-name", NAME,
                         "--max-concurrency", "1", "--max-model-len", "32768",
-                        "--allowed-origins", ALLOWED_ORIGIN) as s:
+                        "--allowed-origins", ALLOWED_ORIGIN, "--cpu-threads", "1") as s:
         yield s
 
 
@@ -36,7 +36,7 @@ def client(server, key: str = KEYS[0]) -> openai.OpenAI:
 
 def test_start_up_reports_what_it_loaded_and_caps_the_context(server):
     log = server.log()
-    assert "KV blocks" in log and "float32" in log
+    assert "KV blocks" in log and "float32" in log and "(1 threads)" in log
     assert f"serving {NAME} at http://127.0.0.1:" in log
     assert "exceeds the model's trained context 8192" in log
     card = client(server).models.list().data[0]

@@ -3,6 +3,7 @@ a clear one-line message (no traceback), in-process and through the real entry p
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 from server_utils import free_port
 
+from slipstream.config import EngineConfig
 from slipstream.entrypoints.openai.args import API_KEY_ENV, engine_config, memory_size, parse_args
+from slipstream.model.worker import cpu_threads, threads_per_rank
 
 SERVER = [sys.executable, "-m", "slipstream.entrypoints.openai.api_server"]
 CLI = [str(Path(sys.executable).parent / "slipstream")]  # the console script
@@ -36,7 +39,8 @@ def test_every_engine_flag_reaches_the_config():
     args = parse_args(["--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--block-size", "32",
                        "--kv-cache-memory", "1GiB", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
                        "--dtype", "float32", "--device", "cpu", "--seed", "7", "--chat-template", "t.jinja",
-                       "--max-logprobs", "5", "--quantization", "w4a8", "--kv-cache-dtype", "float32"])
+                       "--max-logprobs", "5", "--quantization", "w4a8", "--kv-cache-dtype", "float32",
+                       "--cpu-threads", "3"])
     config = engine_config(args)
     assert (config.max_num_seqs, config.max_num_batched_tokens, config.block_size) == (8, 512, 32)
     assert config.kv_cache_memory == 1 << 30
@@ -44,6 +48,16 @@ def test_every_engine_flag_reaches_the_config():
     assert (config.dtype, config.device, config.seed, config.chat_template, config.max_logprobs) == (
         "float32", "cpu", 7, "t.jinja", 5)
     assert config.quantization == "w4a8" and config.kv_cache_dtype == "float32"
+    assert config.cpu_threads == 3
+
+
+def test_cpu_threads_come_from_the_flag_then_omp_num_threads_then_the_affinity_mask(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads(EngineConfig()) == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(EngineConfig()) == 1
+    assert cpu_threads(EngineConfig(cpu_threads=5)) == 5
+    assert threads_per_rank(EngineConfig(cpu_threads=5, tensor_parallel_size=2)) == 2
 
 
 def test_defaults():

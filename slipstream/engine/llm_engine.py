@@ -100,6 +100,7 @@ class LLMEngine:
         self.structured_output = StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size,
                                                          self.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids, self._bad_word_variants, self.structured_output)
+        torch.set_num_threads(threads_per_rank(config))
         self.workers = self._start_tensor_parallel() if config.tensor_parallel_size > 1 else None
         self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.max_model_len, self.sampler)
         bs = config.block_size
@@ -113,8 +114,8 @@ class LLMEngine:
         self.load_seconds = time.monotonic() - t0
         numerics = " ".join(filter(None, [str(self.runner.dtype).removeprefix("torch."), config.quantization]))
         logger.info(
-            "loaded %s: %s on %s, %d KV blocks x %d tokens (%.0f MiB), max model len %d, in %.1f s",
-            self.model_dir, numerics, self.runner.device,
+            "loaded %s: %s on %s (%d threads), %d KV blocks x %d tokens (%.0f MiB), max model len %d, in %.1f s",
+            self.model_dir, numerics, self.runner.device, torch.get_num_threads(),
             self.runner.num_blocks, bs, self.runner.kv_cache_bytes / 2**20, self.max_model_len, self.load_seconds,
         )
 
@@ -125,7 +126,6 @@ class LLMEngine:
             if c.nnodes > 1:
                 raise ValueError("--master-port is required with --nnodes > 1")
             c.master_port = free_port()
-        torch.set_num_threads(threads_per_rank(c))
         workers = WorkerGroup(c, self.model_dir, self.max_model_len)
         init_distributed(0, c.tensor_parallel_size, c.master_addr, c.master_port, resolve_device(c.device))
         return workers

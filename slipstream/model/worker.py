@@ -22,9 +22,18 @@ def ranks_per_node(config: EngineConfig) -> int:
     return n // nodes
 
 
+def cpu_threads(config: EngineConfig) -> int:
+    """Compute threads for this node: --cpu-threads, else OMP_NUM_THREADS, else the cores this process may
+    run on (its affinity mask: taskset, a container's cpuset), not every core of the machine."""
+    if config.cpu_threads is not None:
+        return config.cpu_threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+
+
 def threads_per_rank(config: EngineConfig) -> int:
-    """Each rank gets its share of this machine's cores, so ranks do not oversubscribe them."""
-    return max(1, (os.cpu_count() or 1) // ranks_per_node(config))
+    """Each rank gets its share of the node's threads, so ranks do not oversubscribe the cores."""
+    return max(1, cpu_threads(config) // ranks_per_node(config))
 
 
 def free_port() -> int:

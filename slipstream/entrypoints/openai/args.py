@@ -81,6 +81,9 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--quantization", choices=QUANTIZATION_METHODS, default=None,
         help="w4a8: multiply a GGUF's 4-bit weight blocks with activations rounded to int8 (as llama.cpp "
         "does): faster on CPU, no longer token-for-token equal to the reference (default: exact)")
+    add("--cpu-threads", type=pos_int, default=None,
+        help="compute threads (split among tensor-parallel ranks); default: $OMP_NUM_THREADS if set, else the "
+        "cores this process may run on")
     add("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     add("--seed", type=int, default=0, help="global random seed")
     add("--chat-template", default=None, help="chat template (a file or the Jinja text) replacing the model's")
@@ -159,4 +162,5 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         chat_template=args.chat_template,
         max_logprobs=args.max_logprobs,
+        cpu_threads=args.cpu_threads,
     )
