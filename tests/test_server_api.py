@@ -516,6 +516,7 @@ INVALID_CHAT = [
     ({"messages": [{"role": "user"}]}, "messages"),
     ({"messages": [{"role": "system", "content": None}, *QUESTION]}, "messages"),
     ({"messages": [{"content": "hi"}]}, "messages"),
+    ({"chat_template_kwargs": {"chat_template": "x", "tokenize": True}}, "chat_template_kwargs"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"messages": None}, None),
@@ -635,6 +636,8 @@ def test_tokenize_detokenize_round_trip(http):
     chat = post(http, "/tokenize", {"messages": QUESTION})
     assert "What is the capital of France?" in detokenize(http, chat["tokens"])
     assert post(http, "/detokenize", {"tokens": [10**7]}, 400)["error"]["param"] == "tokens"
+    body = {"messages": QUESTION, "chat_template_kwargs": {"add_generation_prompt": False}}
+    assert post(http, "/tokenize", body, 400)["error"]["param"] == "chat_template_kwargs"
 
 
 def test_metrics_parse_and_move(http):
@@ -700,3 +703,7 @@ def test_a_request_chat_template_runs_in_the_sandbox(http):
     error = post(http, "/v1/chat/completions", body, status=400)["error"]
     assert error["param"] == "messages" and "unsafe" in error["message"]
     assert post(http, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 1})["choices"]
+    # A template that names a file is that text, never the file's content.
+    body = {"messages": QUESTION, "max_tokens": 1, "chat_template": "/etc/passwd", "return_token_ids": True}
+    prompt = post(http, "/v1/chat/completions", body)["choices"][0]["message"]["prompt_token_ids"]
+    assert detokenize(http, prompt) == "/etc/passwd"

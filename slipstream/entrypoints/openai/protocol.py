@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from slipstream.sampling_params import StructuredOutputsParams
 
@@ -20,6 +20,23 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 StopStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 StopList = Annotated[list[StopStr], Field(max_length=MAX_STOP_STRINGS)]
+
+
+# Arguments of transformers' apply_chat_template that the server sets itself: chat_template_kwargs
+# (template variables) may not name them.
+_RENDER_ARGUMENTS = frozenset({
+    "conversation", "chat_template", "add_generation_prompt", "continue_final_message", "tokenize",
+    "sanitize_control_tokens", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def _template_variables(kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    if kwargs and (taken := sorted(kwargs.keys() & _RENDER_ARGUMENTS)):
+        raise ValueError(f"{', '.join(taken)} cannot be set here: template variables only")
+    return kwargs
+
+
+TemplateVariables = Annotated[dict[str, Any] | None, AfterValidator(_template_variables)]
 
 
 class ErrorInfo(BaseModel):
@@ -208,7 +225,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)  # at most --max-logprobs
     enable_thinking: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateVariables = None
     chat_template: str | None = None
 
     @model_validator(mode="after")
@@ -387,7 +404,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessageIn] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateVariables = None
 
     @model_validator(mode="after")
     def _check(self):
