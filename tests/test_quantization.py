@@ -6,6 +6,7 @@ engine's greedy continuations), so one early difference does not decide every la
 from __future__ import annotations
 
 import pytest
+import torch
 from tiny_models import save_tiny_model
 
 from slipstream import LLM, SamplingParams
@@ -37,12 +38,18 @@ def test_w4a8_stays_within_its_fidelity_bound_of_the_exact_engine():
     start = [len(r.prompt_token_ids) for r in greedy]
     want = scores(exact, sequences, start)
     exact.engine.shutdown()
-    got = scores(LLM(dtype="float32", kv_cache_memory=128 << 20, quantization="w4a8"), sequences, start)
+    got = scores(LLM(kv_cache_memory=128 << 20, quantization="w4a8"), sequences, start)  # (no --dtype needed)
     agreement = sum(g[0] == w[0] for g, w in zip(got, want, strict=True)) / len(want)
     error = max(abs(g[1] - w[1]) for g, w in zip(got, want, strict=True))
     assert agreement >= MIN_TOP1_AGREEMENT, f"top-1 agreement {agreement:.3f}"
     assert error <= MAX_LOGPROB_ERROR, f"max logprob error {error:.3f}"
     assert agreement < 1 or error > 0, "w4a8 gave exactly the exact engine's numbers: was it applied?"
+
+
+def test_w4a8_brings_the_dtype_it_needs(caplog):
+    llm = LLM(kv_cache_memory=32 << 20, quantization="w4a8", dtype="bfloat16")
+    assert llm.engine.runner.dtype == torch.float32 and "--dtype bfloat16 ignored" in caplog.text
+    assert llm.generate(["Hello"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
 
 
 def test_w4a8_refuses_a_model_without_gguf_blocks(tmp_path):
