@@ -68,12 +68,15 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     bad_words: list[str] = field(default_factory=list)
+    bad_words_token_ids: list[int] = field(default_factory=list)  # never sampled
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: no logprobs; k: sampled token plus top-k alternatives
     prompt_logprobs: int | None = None  # same, for prompt positions (completions `echo`)
     skip_special_tokens: bool = True
     # Thinking budget: after this many generated tokens inside a thinking span, force the end of it.
     reasoning_max_tokens: int | None = None
+    # Answer budget: at most this many tokens after the thinking span (all of them without one).
+    response_max_tokens: int | None = None
     # Constrained decoding: the answer (after any thinking span) must match this.
     structured_outputs: StructuredOutputsParams | None = None
 
@@ -82,6 +85,7 @@ class SamplingParams:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.bad_words = list(self.bad_words or [])
+        self.bad_words_token_ids = list(self.bad_words_token_ids or [])
         self.logit_bias = {int(t): float(b) for t, b in (self.logit_bias or {}).items()}
         if self.top_k < 0:
             self.top_k = 0
@@ -95,8 +99,9 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        for name in ("max_tokens", "reasoning_max_tokens", "response_max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

@@ -127,6 +127,24 @@ def test_reasoning_max_tokens_ends_thinking_after_exactly_that_many_tokens(clien
 
 @pytest.mark.parametrize("extra", [{}, {"enable_thinking": False}, {"reasoning_max_tokens": 5}],
                          ids=["thinking", "off", "budget"])
+def test_response_max_tokens_bounds_the_answer_after_the_thinking(client, tokenizer, extra):
+    """FastDeploy's response_max_tokens: the thinking is whole (or at its own budget), the answer stops
+    after that many tokens of its own."""
+    full = chat(client, return_token_ids=True, **extra)
+    ids = full.choices[0].message.completion_token_ids
+    end = tokenizer.convert_tokens_to_ids(TAGS[1])
+    thinking_end = ids.index(end) + 1 if end in ids else 0  # the answer starts after `</think>`, if any
+    r = chat(client, response_max_tokens=2, **extra)
+    message = r.choices[0].message
+    assert message.reasoning_content == full.choices[0].message.reasoning_content
+    assert r.usage.completion_tokens == thinking_end + 2 and r.choices[0].finish_reason == "length"
+    assert message.content == tokenizer.decode(ids[thinking_end : thinking_end + 2]).strip() and ANSWER.startswith(
+        message.content)
+    assert stream_chat(client, response_max_tokens=2, **extra)[:2] == (message.reasoning_content, message.content)
+
+
+@pytest.mark.parametrize("extra", [{}, {"enable_thinking": False}, {"reasoning_max_tokens": 5}],
+                         ids=["thinking", "off", "budget"])
 def test_a_grammar_constrains_the_answer_not_the_thinking(client, extra):
     """The regex admits only the answer: were it applied to the thinking, no thinking could be written."""
     guided = {"guided_regex": re.escape(ANSWER), **extra}

@@ -157,7 +157,7 @@ class LLMEngine:
             raise ContextLengthError(len(prompt_token_ids), self.max_model_len)
         vocab = self.hf_config.vocab_size
         for name, ids in (("prompt", prompt_token_ids), ("stop_token_ids", params.stop_token_ids),
-                          ("logit_bias", params.logit_bias)):
+                          ("logit_bias", params.logit_bias), ("bad_words_token_ids", params.bad_words_token_ids)):
             if any(t < 0 or t >= vocab for t in ids):
                 raise TokenIdError(name, vocab)
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
@@ -168,6 +168,7 @@ class LLMEngine:
         if reasoning is not None:
             self.reasoning[request_id] = reasoning
             seq.in_reasoning = reasoning.opened_by_prompt
+            seq.answer_start = None
         self.seqs[request_id] = seq
         self.structured_output.add(seq)
         self.output_processor.add(seq)
@@ -191,12 +192,14 @@ class LLMEngine:
                 seq.in_reasoning = True
             elif len(out) >= len(span.start_token_ids):
                 del self.reasoning[seq.request_id]  # this answer does not think
+                seq.answer_start = 0
             return
         seq.num_reasoning_tokens += 1
         end = span.end_token_ids
         if out[-len(end) :] == end:
             seq.in_reasoning = False
             seq.num_reasoning_tokens -= len(end)
+            seq.answer_start = len(out)
             del self.reasoning[seq.request_id]
             return
         budget = seq.params.reasoning_max_tokens

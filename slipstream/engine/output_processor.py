@@ -36,6 +36,20 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
+def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output for two consecutive deltas of a request (FastDeploy's max_streaming_response_tokens)."""
+    return RequestOutput(
+        request_id=first.request_id, prompt_token_ids=first.prompt_token_ids, text=first.text + later.text,
+        token_ids=first.token_ids + later.token_ids,
+        logprobs=None if first.logprobs is None else first.logprobs + (later.logprobs or []),
+        arrival_times=first.arrival_times + later.arrival_times, finished=later.finished,
+        finish_reason=later.finish_reason, error=later.error, stop_reason=later.stop_reason,
+        num_output_tokens=later.num_output_tokens, num_cached_tokens=later.num_cached_tokens,
+        num_reasoning_tokens=later.num_reasoning_tokens,
+        prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else later.prompt_logprobs,
+    )
+
+
 @dataclass
 class _Detokenizer:
     prefix_offset: int
@@ -94,7 +108,10 @@ class OutputProcessor:
 
     def _check_length(self, seq: Sequence) -> None:
         p = seq.params
-        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+        all_full = p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens
+        answer_full = (p.response_max_tokens is not None and seq.answer_start is not None
+                       and seq.num_output_tokens - seq.answer_start >= p.response_max_tokens)
+        if all_full or answer_full or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
     def process(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:

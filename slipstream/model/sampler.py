@@ -54,8 +54,8 @@ class Sampler:
                 ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long, device=logits.device)
                 vals = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
                 logits[i].index_add_(0, ids, vals)
-            if p.bad_words:
-                banned = self._banned_tokens(seq)
+            if p.bad_words or p.bad_words_token_ids:
+                banned = self._banned_tokens(seq) + p.bad_words_token_ids
                 if banned:
                     logits[i, banned] = NEG_INF
             if seq.num_output_tokens < p.min_tokens and i not in constrained:

@@ -113,11 +113,16 @@ class SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     bad_words: StopList | None = None
+    bad_words_token_ids: TokenIds | None = None  # FastDeploy's: token ids never sampled
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0)
     reasoning_max_tokens: int | None = Field(default=None, ge=1)
+    response_max_tokens: int | None = Field(default=None, ge=1)  # FastDeploy's: the answer after thinking
+    prompt_logprobs: int | None = Field(default=None, ge=0)  # vLLM's: logprobs of the prompt's tokens
+    include_logprobs_decode_token: bool = True  # FastDeploy's: false leaves token texts out of logprobs
+    max_streaming_response_tokens: int | None = Field(default=None, ge=1)  # FastDeploy's: tokens per chunk
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -227,6 +232,7 @@ class ChatCompletionRequest(SamplingRequest):
     enable_thinking: bool | None = None
     chat_template_kwargs: TemplateVariables = None
     chat_template: str | None = None
+    disable_chat_template: bool = False  # FastDeploy's: the one message's content is the prompt, as it is
 
     @model_validator(mode="after")
     def _check(self):
@@ -234,6 +240,9 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("messages is required")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
+        if self.disable_chat_template and self.prompt_token_ids is None and (
+                len(self.messages) != 1 or self.tools or not isinstance(self.messages[0].content, str)):
+            raise ValueError("disable_chat_template takes one message with text content and no tools")
         return self
 
 
@@ -269,7 +278,7 @@ class UsageInfo(BaseModel):
 class TopLogprob(BaseModel):
     token: str
     logprob: float
-    bytes: list[int]
+    bytes: list[int] | None
 
 
 class TokenLogprob(TopLogprob):
@@ -278,6 +287,17 @@ class TokenLogprob(TopLogprob):
 
 class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry, keyed by token id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]  # None for the first prompt token
 
 
 class FunctionCall(BaseModel):
@@ -328,6 +348,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -354,6 +375,7 @@ class ChatCompletionStreamResponse(BaseModel):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # on the first chunk
 
 
 class CompletionLogprobs(BaseModel):
@@ -373,6 +395,7 @@ class CompletionChoice(BaseModel):
     arrival_time: float | None = None  # streaming only
     prompt_token_ids: list[int] | None = None
     completion_token_ids: list[int] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -164,12 +164,16 @@ class OpenAIServingChat(OpenAIServing):
         self.check_model(request)
         top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         self.check_logprobs(top_logprobs, "top_logprobs" if request.top_logprobs else "logprobs")
+        self.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
         # enable_thinking (default true) at the top level, overridden by chat_template_kwargs.
         template_kwargs = {"enable_thinking": request.enable_thinking is not False,
                            **(request.chat_template_kwargs or {})}
         tokenizer = self.llm.engine.tokenizer
         plan = plan_tools(request, self.renders_tools(request.chat_template), self.tool_call_parser)
-        if request.prompt_token_ids is None:
+        if request.prompt_token_ids is None and request.disable_chat_template:
+            prompt_text = request.messages[0].content
+            prompt = tokenizer.encode(prompt_text, add_special_tokens=True)
+        elif request.prompt_token_ids is None:
             if plan.template_tools is not None:
                 template_kwargs["tools"] = plan.template_tools
             prompt_text = render_chat_text(tokenizer, plan.messages, chat_template=request.chat_template,
@@ -184,7 +188,8 @@ class OpenAIServingChat(OpenAIServing):
                                       plan.structured_outputs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         prompt_param = "messages" if request.prompt_token_ids is None else "prompt_token_ids"
-        outputs = await self.generate(request_id, [prompt], params, prompt_param, span)
+        outputs = await self.generate(request_id, [prompt], params, prompt_param, span,
+                                      request.max_streaming_response_tokens)
         setup = _ChatSetup(parser, span is not None and span.opened_by_prompt, plan.parser,
                            None if request.parallel_tool_calls else 1)
         if request.stream:
@@ -197,10 +202,12 @@ class OpenAIServingChat(OpenAIServing):
             self._renders_tools[chat_template] = template_renders_tools(self.llm.engine.tokenizer, chat_template)
         return self._renders_tools[chat_template]
 
-    def _logprobs(self, logprobs: list[TokenLogprobs]) -> ChatLogprobs:
+    def _logprobs(self, logprobs: list[TokenLogprobs], decode_tokens: bool) -> ChatLogprobs:
         decode = self.llm.engine.tokenizer.decode
 
         def entry(token_id: int, logprob: float) -> dict:
+            if not decode_tokens:  # include_logprobs_decode_token false: ids' texts left out
+                return {"token": "", "logprob": clamp_logprob(logprob), "bytes": None}
             text = decode([token_id])
             return {"token": text, "logprob": clamp_logprob(logprob), "bytes": list(text.encode())}
 
@@ -214,10 +221,14 @@ class OpenAIServingChat(OpenAIServing):
                         ) -> ChatCompletionResponse:
         choices = [CompletionOutput(i) for i in range(request.n)]
         usage = UsageCounter([prompt], request.n)
+        prompt_logprobs = None
         async with aclosing(outputs):
             async for i, out in outputs:
                 choices[i].add(out)
                 usage.add(i, out)
+                if out.prompt_logprobs is not None and prompt_logprobs is None:
+                    prompt_logprobs = self.prompt_logprobs(out.prompt_logprobs, request.prompt_logprobs,
+                                                           request.include_logprobs_decode_token)
         response_choices = []
         for c in choices:
             reasoning, content = (setup.reasoning.extract(c.text, setup.prompt_opened) if setup.reasoning
@@ -230,11 +241,12 @@ class OpenAIServingChat(OpenAIServing):
             message = ChatMessage(content=content, reasoning_content=reasoning, tool_calls=calls)
             if request.return_token_ids:
                 message.prompt_token_ids, message.completion_token_ids = prompt, c.token_ids
-            logprobs = self._logprobs(c.logprobs or []) if request.logprobs else None
+            logprobs = self._logprobs(c.logprobs or [], request.include_logprobs_decode_token) if request.logprobs \
+                else None
             response_choices.append(ChatCompletionChoice(index=c.index, message=message, logprobs=logprobs,
                                                          finish_reason=_finish_reason(c.finish_reason, bool(calls))))
         return ChatCompletionResponse(id=request_id, model=self.options.model_name, choices=response_choices,
-                                      usage=usage.info())
+                                      usage=usage.info(), prompt_logprobs=prompt_logprobs)
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, prompt: list[int],
                       outputs: AsyncIterator[tuple[int, RequestOutput]], setup: _ChatSetup
@@ -253,18 +265,26 @@ class OpenAIServingChat(OpenAIServing):
             delta = DeltaMessage(role="assistant", content="",
                                  prompt_token_ids=prompt if request.return_token_ids else None)
             yield chunk(ChatCompletionStreamChoice(index=i, delta=delta))
+        prompt_logprobs_sent = False
         async with aclosing(outputs):
             async for i, out in outputs:
                 usage.add(i, out)
                 reasoning, content, calls = streams[i].feed(out)
+                logprobs = self._logprobs(out.logprobs, request.include_logprobs_decode_token) \
+                    if out.logprobs is not None else None
                 # content stays a string ("" while thinking), as clients that print every delta expect.
                 delta = DeltaMessage(content=content, reasoning_content=reasoning or None, tool_calls=calls or None,
                                      completion_token_ids=out.token_ids if request.return_token_ids else None)
-                yield chunk(ChatCompletionStreamChoice(
-                    index=i, delta=delta, logprobs=self._logprobs(out.logprobs) if out.logprobs is not None else None,
+                event = chunk(ChatCompletionStreamChoice(
+                    index=i, delta=delta, logprobs=logprobs,
                     finish_reason=_finish_reason(out.finish_reason, bool(streams[i].ids)) if out.finished else None,
                     arrival_time=out.arrival_times[-1] if out.arrival_times else None,
                 ))
+                if out.prompt_logprobs is not None and not prompt_logprobs_sent:
+                    event.prompt_logprobs = self.prompt_logprobs(out.prompt_logprobs, request.prompt_logprobs,
+                                                                 request.include_logprobs_decode_token)
+                    prompt_logprobs_sent = True
+                yield event
         if options.include_usage:
             yield ChatCompletionStreamResponse(id=request_id, created=created, model=self.options.model_name,
                                                choices=[], usage=usage.info())

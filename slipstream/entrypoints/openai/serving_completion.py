@@ -19,6 +19,7 @@ from slipstream.entrypoints.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprobs,
     StreamOptions,
 )
 from slipstream.entrypoints.openai.serving_engine import (
@@ -36,13 +37,15 @@ class OpenAIServingCompletion(OpenAIServing):
         request = parse_body(CompletionRequest, await raw_request.body())
         self.check_model(request)
         self.check_logprobs(request.logprobs, "logprobs")
+        self.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
         prompts, texts = self._prompts(request)
         params = self.sampling_params(request, request.max_tokens, request.logprobs)
         if request.echo and request.logprobs is not None:  # the echoed prompt carries its logprobs too
-            params.prompt_logprobs = request.logprobs
+            params.prompt_logprobs = max(request.logprobs, request.prompt_logprobs or 0)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         outputs = await self.generate(request_id, prompts, params,
-                                      "prompt" if request.prompt_token_ids is None else "prompt_token_ids")
+                                      "prompt" if request.prompt_token_ids is None else "prompt_token_ids",
+                                      group_tokens=request.max_streaming_response_tokens)
         echoes = [texts[i // request.n] if request.echo else "" for i in range(len(prompts) * request.n)]
         if request.stream:
             return sse_response(self._stream(request, request_id, prompts, echoes, outputs))
@@ -59,10 +62,11 @@ class OpenAIServingCompletion(OpenAIServing):
         texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompt]
         return ids, texts
 
-    def _logprobs(self, logprobs: list[TokenLogprobs | None], offset: int, token_ids: list[int] | None = None
-                  ) -> CompletionLogprobs:
+    def _logprobs(self, logprobs: list[TokenLogprobs | None], offset: int, token_ids: list[int] | None = None,
+                  k: int | None = None) -> CompletionLogprobs:
         """Legacy format; `offset` is where the first of these tokens starts in the choice's text. A None
-        entry (the first prompt token, which nothing scores) takes its token from `token_ids`."""
+        entry (the first prompt token, which nothing scores) takes its token from `token_ids`. At most `k`
+        alternatives each (the prompt's may have been scored for a larger prompt_logprobs)."""
         decode = self.llm.engine.tokenizer.decode
         result = CompletionLogprobs()
         for i, lp in enumerate(logprobs):
@@ -76,26 +80,35 @@ class OpenAIServingCompletion(OpenAIServing):
                 continue
             result.token_logprobs.append(clamp_logprob(lp.logprob))
             result.top_logprobs.append({token: clamp_logprob(lp.logprob)}
-                                       | {decode([t]): clamp_logprob(v) for t, v in lp.top})
+                                       | {decode([t]): clamp_logprob(v) for t, v in lp.top[:k]})
         return result
 
-    def _echo_logprobs(self, prompt: list[int], out: RequestOutput) -> CompletionLogprobs:
-        return self._logprobs(out.prompt_logprobs, 0, prompt)
+    def _echo_logprobs(self, request: CompletionRequest, prompt: list[int], out: RequestOutput) -> CompletionLogprobs:
+        return self._logprobs(out.prompt_logprobs, 0, prompt, request.logprobs)
+
+    def _prompt_logprobs(self, request: CompletionRequest, out: RequestOutput) -> PromptLogprobs | None:
+        if request.prompt_logprobs is None or out.prompt_logprobs is None:
+            return None
+        return self.prompt_logprobs(out.prompt_logprobs, request.prompt_logprobs, request.include_logprobs_decode_token)
 
     async def _complete(self, request: CompletionRequest, request_id: str, prompts: list[list[int]],
                         echoes: list[str], outputs: AsyncIterator[tuple[int, RequestOutput]]) -> CompletionResponse:
         choices = [CompletionOutput(i) for i in range(len(echoes))]
         echo_logprobs: dict[int, CompletionLogprobs] = {}
+        prompt_logprobs: dict[int, PromptLogprobs] = {}
         usage = UsageCounter(prompts, request.n)
         async with aclosing(outputs):
             async for i, out in outputs:
                 choices[i].add(out)
                 usage.add(i, out)
-                if out.prompt_logprobs is not None:
-                    echo_logprobs[i] = self._echo_logprobs(prompts[i // request.n], out)
+                if out.prompt_logprobs is not None and request.echo and request.logprobs is not None:
+                    echo_logprobs[i] = self._echo_logprobs(request, prompts[i // request.n], out)
+                if (entries := self._prompt_logprobs(request, out)) is not None:
+                    prompt_logprobs[i] = entries
         response_choices = []
         for c in choices:
-            choice = CompletionChoice(index=c.index, text=echoes[c.index] + c.text, finish_reason=c.finish_reason)
+            choice = CompletionChoice(index=c.index, text=echoes[c.index] + c.text, finish_reason=c.finish_reason,
+                                      prompt_logprobs=prompt_logprobs.get(c.index))
             if request.logprobs is not None:
                 choice.logprobs = self._logprobs(c.logprobs or [], len(echoes[c.index]))
                 if c.index in echo_logprobs:
@@ -132,10 +145,12 @@ class OpenAIServingCompletion(OpenAIServing):
                     index=i, text=out.text, finish_reason=out.finish_reason if out.finished else None,
                     arrival_time=out.arrival_times[-1] if out.arrival_times else None,
                     completion_token_ids=out.token_ids if request.return_token_ids else None,
+                    prompt_logprobs=self._prompt_logprobs(request, out),
                 )
-                if out.prompt_logprobs is not None:  # the echoed prompt's chunk came first; its logprobs now
+                if out.prompt_logprobs is not None and request.echo and request.logprobs is not None:
+                    # the echoed prompt's chunk came first; its logprobs now
                     yield chunk(CompletionChoice(index=i, text="", logprobs=self._echo_logprobs(
-                        prompts[i // request.n], out)))
+                        request, prompts[i // request.n], out)))
                 if out.logprobs is not None:
                     choice.logprobs = self._logprobs(out.logprobs, offsets[i])
                     offsets[i] += sum(map(len, choice.logprobs.tokens))

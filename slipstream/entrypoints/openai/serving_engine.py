@@ -17,12 +17,15 @@ from pydantic import BaseModel, ValidationError
 
 from slipstream.engine.async_llm import AsyncLLM, EngineDeadError, EngineRequest
 from slipstream.engine.llm_engine import ReasoningSpan
-from slipstream.engine.output_processor import RequestOutput
+from slipstream.engine.output_processor import RequestOutput, merge_outputs
+from slipstream.engine.sequence import TokenLogprobs
 from slipstream.engine.structured_output import StructuredOutputError
 from slipstream.entrypoints.llm import fan_out
 from slipstream.entrypoints.openai.errors import APIError, from_exception, from_validation_error
 from slipstream.entrypoints.openai.protocol import (
     CompletionTokensDetails,
+    PromptLogprob,
+    PromptLogprobs,
     PromptTokensDetails,
     SamplingRequest,
     UsageInfo,
@@ -39,7 +42,8 @@ GRAMMAR_COMPILE_TIMEOUT_S = 30.0
 MIN_LOGPROB = -9999.0
 
 _OPTIONAL_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty",
-                             "presence_penalty", "repetition_penalty", "reasoning_max_tokens")
+                             "presence_penalty", "repetition_penalty", "reasoning_max_tokens", "response_max_tokens",
+                             "prompt_logprobs")
 
 
 @dataclass
@@ -160,6 +164,7 @@ class OpenAIServing:
                 include_stop_str_in_output=request.include_stop_str_in_output,
                 ignore_eos=request.ignore_eos,
                 bad_words=request.bad_words or [],
+                bad_words_token_ids=request.bad_words_token_ids or [],
                 logit_bias=request.logit_bias or {},
                 logprobs=logprobs,
                 structured_outputs=structured_outputs,
@@ -169,10 +174,11 @@ class OpenAIServing:
             raise APIError(str(exc)) from exc
 
     async def generate(self, request_id: str, prompts: list[list[int]], params: SamplingParams, prompt_param: str,
-                       reasoning: ReasoningSpan | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+                       reasoning: ReasoningSpan | None = None, group_tokens: int | None = None
+                       ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Start every prompt x n samples (each with the thinking span `reasoning`, if any); returns the
-        stream of (choice index, output delta). Choice index = prompt index * n + sample index, as OpenAI
-        numbers them."""
+        stream of (choice index, output delta), each delta holding at least `group_tokens` tokens (but a
+        choice's last) when given. Choice index = prompt index * n + sample index, as OpenAI numbers them."""
         spec = params.structured_outputs
         grammar = self.llm.engine.structured_output.compile(spec) if spec is not None else None
         samples = fan_out(params)
@@ -191,11 +197,33 @@ class OpenAIServing:
             await self._check_grammar(grammar, spec, [r.request_id for r in requests])
 
         async def indexed() -> AsyncIterator[tuple[int, RequestOutput]]:
+            held: dict[int, RequestOutput] = {}  # per choice, tokens not yet handed out (group_tokens)
             async with aclosing(outputs):
                 async for out in outputs:
-                    yield index[out.request_id], out
+                    i = index[out.request_id]
+                    if i in held:
+                        out = merge_outputs(held.pop(i), out)
+                    if group_tokens is not None and not out.finished and len(out.token_ids) < group_tokens:
+                        held[i] = out
+                        continue
+                    yield i, out
 
         return indexed()
+
+    def prompt_logprobs(self, logprobs: list[TokenLogprobs | None], k: int, decode_tokens: bool) -> PromptLogprobs:
+        """vLLM's prompt_logprobs: per prompt token (None for the first), its own and the top-k tokens."""
+        decode = self.llm.engine.tokenizer.decode
+        result: PromptLogprobs = []
+        for lp in logprobs:
+            if lp is None:
+                result.append(None)
+                continue
+            entries: dict[int, PromptLogprob] = {}
+            for t, v, r in [(lp.token_id, lp.logprob, lp.rank), *((t, v, r) for r, (t, v) in enumerate(lp.top[:k], 1))]:
+                entries.setdefault(t, PromptLogprob(logprob=clamp_logprob(v), rank=r,
+                                                    decoded_token=decode([t]) if decode_tokens else None))
+            result.append(entries)
+        return result
 
     async def _check_grammar(self, grammar: Future, spec: StructuredOutputsParams, request_ids: list[str]) -> None:
         """Wait for the grammar to compile; if it fails or takes too long, end the requests and raise a 400."""
