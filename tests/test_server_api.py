@@ -658,6 +658,22 @@ def test_metrics_parse_and_move(http):
     assert metric(after, "slipstream:num_requests_running") == 0
     assert metric(after, "slipstream:num_requests_waiting") == 0
     assert 0 <= metric(after, "slipstream:kv_cache_usage_perc") <= 1
+    # FastDeploy's names (README: the mapping).
+    assert moved("requests_number_total") == 1
+    assert moved("prompt_tokens_cached_total") == out["usage"]["prompt_tokens_details"]["cached_tokens"]
+    for phase in ("queue", "prefill", "decode"):
+        assert moved(f"request_{phase}_time_seconds_count") == 1 and moved(f"request_{phase}_time_seconds_sum") >= 0
+    assert moved("request_decode_time_seconds_sum") > 0
+    assert 0 <= metric(after, "slipstream:hit_token_rate") <= 1
+    assert metric(after, "slipstream:cache_usage_perc") == metric(after, "slipstream:kv_cache_usage_perc")
+    assert metric(after, "slipstream:batch_size") == 0  # idle
+    with http.stream("POST", "/v1/chat/completions", json={**LONG_REQUEST, "stream": True}) as r:
+        data = (line for line in r.iter_lines() if line.startswith("data: "))
+        next(data), next(data)  # the role chunk, then the first token's: the engine has stepped
+        running = metric_samples(http)
+        assert metric(running, "slipstream:batch_size") == metric(running, "slipstream:num_requests_running") == 1
+        assert metric(running, "slipstream:cache_usage_perc") > 0
+    _wait_for_abort(http, metric(running, "slipstream:request_success_total", finished_reason="abort"))
 
 
 def _wait_for_abort(http: httpx.Client, aborted_before: float) -> None:

@@ -110,6 +110,7 @@ class LLMEngine:
                                    config.enable_chunked_prefill, self.structured_output.can_sample)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
+        self.last_batch_size = 0  # sequences in the last step
         self.reasoning: dict[str, ReasoningSpan] = {}  # requests whose thinking span is not over
         self.load_seconds = time.monotonic() - t0
         numerics = " ".join(filter(None, [str(self.runner.dtype).removeprefix("torch."), config.quantization]))
@@ -215,6 +216,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
+        self.last_batch_size = len(batch)
+        now = time.monotonic()
+        for s in batch:
+            if s.seq.queue_time is None:
+                s.seq.queue_time = now - s.seq.arrival_time
         try:
             results = self.runner.run(batch)
         except Exception as exc:
@@ -256,4 +262,5 @@ class LLMEngine:
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "batch_size": self.last_batch_size if self.scheduler.running else 0,
         }

@@ -31,6 +31,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     num_reasoning_tokens: int = 0
+    queue_time: float | None = None  # seconds from arrival to the request's first step (None: never ran)
     # With SamplingParams.prompt_logprobs, on the first output only: one entry per prompt token,
     # None for the first (nothing scores it).
     prompt_logprobs: list[TokenLogprobs | None] | None = None
@@ -45,7 +46,7 @@ def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
         arrival_times=first.arrival_times + later.arrival_times, finished=later.finished,
         finish_reason=later.finish_reason, error=later.error, stop_reason=later.stop_reason,
         num_output_tokens=later.num_output_tokens, num_cached_tokens=later.num_cached_tokens,
-        num_reasoning_tokens=later.num_reasoning_tokens,
+        num_reasoning_tokens=later.num_reasoning_tokens, queue_time=later.queue_time,
         prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else later.prompt_logprobs,
     )
 
@@ -151,6 +152,7 @@ class OutputProcessor:
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             num_reasoning_tokens=seq.num_reasoning_tokens,
+            queue_time=seq.queue_time,
         )
         if seq.params.prompt_logprobs is not None and not st.prompt_logprobs_sent:
             out.prompt_logprobs = [None, *seq.prompt_logprobs]

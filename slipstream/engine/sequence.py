@@ -49,6 +49,7 @@ class Sequence:
     num_reasoning_tokens: int = 0
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # of prompt tokens 1.., when asked
     in_reasoning: bool = False
+    queue_time: float | None = None  # seconds from arrival to its first step, once scheduled
     answer_start: int | None = 0  # output tokens before the answer; None while a thinking span may still come
 
     def __post_init__(self) -> None:

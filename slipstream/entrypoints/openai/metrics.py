@@ -1,5 +1,9 @@
 """Prometheus metrics for /metrics: per-request latencies and token counts observed from the engine's
-outputs, plus the engine's own gauges and counters read at scrape time."""
+outputs, plus the engine's own gauges and counters read at scrape time.
+
+Names are vLLM's (`vllm:` there) where it has one; FastDeploy's dashboards read the same names with its
+`fastdeploy:` prefix, and its own extras are here too (requests_number, request_queue/prefill/decode_time_seconds,
+batch_size, hit_token_rate, cache_usage_perc): README.md lists the mapping."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from slipstream.engine.output_processor import RequestOutput
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100)
+# A CPU server's requests take from milliseconds to minutes.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500)
 _TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -39,10 +44,25 @@ class _EngineCollector:
         yield gauge("num_requests_running", "Requests in the running batch.", s.get("num_running", 0))
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s.get("num_waiting", 0))
         yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", s.get("kv_cache_usage", 0))
+        yield gauge("cache_usage_perc", "FastDeploy's name of kv_cache_usage_perc.", s.get("kv_cache_usage", 0))
+        yield gauge("batch_size", "Sequences in the engine's last step (0 when idle).", s.get("batch_size", 0))
         yield counter("prefix_cache_queries", "Prefix-cache lookups.", queries)
         yield counter("prefix_cache_hits", "Prefix-cache lookups that hit.", hits)
         yield gauge("prefix_cache_hit_rate", "Prefix-cache hits / lookups so far.", hits / queries if queries else 0)
         yield counter("num_preemptions", "Sequences preempted for lack of KV blocks.", s.get("num_preemptions", 0))
+
+
+class _HitTokenRate:
+    """FastDeploy's hit_token_rate: prompt tokens served from the prefix cache / prompt tokens."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        m = self.metrics
+        g = GaugeMetricFamily("slipstream:hit_token_rate", self.__doc__.strip(), labels=["model_name"])
+        g.add_metric([m.model_name], m.cached_total / m.prompt_total if m.prompt_total else 0.0)
+        yield g
 
 
 class Metrics:
@@ -52,7 +72,11 @@ class Metrics:
         labels, reg = ["model_name"], self.registry
         self.requests = Counter("slipstream:request_success", "Finished requests by finish reason.",
                                 labels + ["finished_reason"], registry=reg)
+        self.requests_number = Counter("slipstream:requests_number", "Requests received (by the engine).", labels,
+                                       registry=reg)
         self.prompt_tokens = Counter("slipstream:prompt_tokens", "Prefilled prompt tokens.", labels, registry=reg)
+        self.cached_tokens = Counter("slipstream:prompt_tokens_cached", "Prompt tokens served from the prefix "
+                                     "cache.", labels, registry=reg)
         self.generation_tokens = Counter("slipstream:generation_tokens", "Generated tokens.", labels, registry=reg)
         self.ttft = Histogram("slipstream:time_to_first_token_seconds", "Time to the first token.", labels,
                               buckets=_LATENCY_BUCKETS, registry=reg)
@@ -60,25 +84,44 @@ class Metrics:
                               "first, per request.", labels, buckets=_TOKEN_LATENCY_BUCKETS, registry=reg)
         self.e2e = Histogram("slipstream:e2e_request_latency_seconds", "Arrival to last token.", labels,
                              buckets=_LATENCY_BUCKETS, registry=reg)
+        self.queue_time, self.prefill_time, self.decode_time = (
+            Histogram(f"slipstream:request_{phase}_time_seconds", doc, labels, buckets=_LATENCY_BUCKETS, registry=reg)
+            for phase, doc in (("queue", "Arrival to the first engine step."),
+                               ("prefill", "First engine step to the first token."),
+                               ("decode", "First token to the last.")))
         reg.register(_EngineCollector(engine_stats, model_name))
+        reg.register(_HitTokenRate(self))
         self._first_token_time: dict[str, float] = {}  # request id -> TTFT, until it finishes
+        self._seen: set[str] = set()  # requests with an output so far, until they finish
+        self.prompt_total = self.cached_total = 0  # (for hit_token_rate)
 
     def observe(self, out: RequestOutput) -> None:
         """Account for one engine output (called on the event loop for every output)."""
         name = self.model_name
+        if out.request_id not in self._seen:
+            self._seen.add(out.request_id)
+            self.requests_number.labels(name).inc()
         if out.token_ids:
             self.generation_tokens.labels(name).inc(len(out.token_ids))
             if out.num_output_tokens == len(out.token_ids):  # the request's first tokens
                 self.prompt_tokens.labels(name).inc(len(out.prompt_token_ids))
+                self.cached_tokens.labels(name).inc(out.num_cached_tokens)
+                self.prompt_total += len(out.prompt_token_ids)
+                self.cached_total += out.num_cached_tokens
                 self._first_token_time[out.request_id] = out.arrival_times[0]
                 self.ttft.labels(name).observe(out.arrival_times[0])
         if not out.finished:
             return
+        self._seen.discard(out.request_id)
         self.requests.labels(name, out.finish_reason).inc()
         ttft = self._first_token_time.pop(out.request_id, None)
         if out.arrival_times and ttft is not None:
             e2e = out.arrival_times[-1]
             self.e2e.labels(name).observe(e2e)
+            self.decode_time.labels(name).observe(e2e - ttft)
+            if out.queue_time is not None:
+                self.queue_time.labels(name).observe(out.queue_time)
+                self.prefill_time.labels(name).observe(max(0.0, ttft - out.queue_time))
             if out.num_output_tokens > 1:
                 self.tpot.labels(name).observe((e2e - ttft) / (out.num_output_tokens - 1))
 
