@@ -3,6 +3,7 @@ a clear one-line message (no traceback), in-process and through the real entry p
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -146,3 +147,20 @@ def test_cli_serve_help_documents_every_flag_with_its_default():
 def test_cli_without_a_command_prints_usage():
     r = subprocess.run(CLI, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "serve" in r.stderr and "bench" in r.stderr
+
+
+def test_collect_env_reports_this_machine():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*CLI, "collect-env", "--json"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    import torch
+
+    assert report["torch version"] == torch.__version__ and report["slipstream version"] == "0.1.0"
+    with open("/proc/cpuinfo") as f:
+        info = f.read()
+    assert report["cpu"] in info and all(f in info for f in report["cpu features"])
+    assert report["engine threads"] == 1 and report["OMP_NUM_THREADS"] == "1"  # the environment is honoured
+    assert report["dtype (auto)"] == "float32" and report["device (auto)"] == "cpu"
+    text = subprocess.run([*CLI, "collect-env"], capture_output=True, text=True, timeout=600).stdout
+    assert dict(line.split(": ", 1) for line in text.splitlines())["cpu"] == report["cpu"]

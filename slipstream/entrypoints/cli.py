@@ -1,13 +1,14 @@
-"""The `slipstream` console script: `slipstream serve [flags]` and `slipstream bench [args]`."""
+"""The `slipstream` console script: `slipstream serve [flags]`, `slipstream bench [args]`, `slipstream collect-env`."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: slipstream {serve,bench} ...
+USAGE = """usage: slipstream {serve,bench,collect-env} ...
 
-  serve   start the OpenAI-compatible server (`slipstream serve --help` for its flags)
-  bench   benchmark a server or the offline engine (`slipstream bench --help`)"""
+  serve        start the OpenAI-compatible server (`slipstream serve --help` for its flags)
+  bench        benchmark a server or the offline engine (`slipstream bench --help`)
+  collect-env  versions, CPU features, threads, dtype and kernels on this machine (for bug reports)"""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> None:
         from slipstream.bench import main as bench
 
         sys.exit(bench(rest))
+    elif command == "collect-env":
+        from slipstream.entrypoints.collect_env import main as collect_env
+
+        sys.exit(collect_env(rest))
     elif command in ("-h", "--help"):
         print(USAGE)
     else:
