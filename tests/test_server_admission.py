@@ -9,7 +9,8 @@ import time
 import httpx
 import openai
 import pytest
-from server_utils import running_server
+from prometheus_client.parser import text_string_to_metric_families
+from server_utils import free_port, running_server
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -22,11 +23,14 @@ ALLOWED_ORIGIN = "https://app.example"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def server():
     with running_server("--api-key", KEYS[0], "--api-key", KEYS[1], "--served-model-name", NAME,
-                        "--max-concurrency", "1", "--max-model-len", "32768",
-                        "--allowed-origins", ALLOWED_ORIGIN, "--cpu-threads", "1") as s:
+                        "--max-concurrency", "1", "--max-model-len", "32768", "--allowed-origins", ALLOWED_ORIGIN,
+                        "--cpu-threads", "1", "--metrics-port", str(METRICS_PORT)) as s:
         yield s
 
 
@@ -52,6 +56,18 @@ def test_every_key_works_and_others_get_401(server):
     r = httpx.post(f"{server.base_url}/completions", json={"prompt": "Hi", "max_tokens": 1})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert httpx.get(f"{server.base_url}/models").status_code == 401
+
+
+def test_metrics_also_on_their_own_port(server):
+    client(server).completions.create(model=NAME, prompt="Hi", max_tokens=1)
+
+    def requests_number(url: str) -> float:
+        text = httpx.get(url, timeout=30).text
+        return next(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                    if s.name == "slipstream:requests_number_total")
+
+    own = requests_number(f"http://127.0.0.1:{METRICS_PORT}/metrics")
+    assert own >= 1 and own == requests_number(f"{server.url}/metrics")
 
 
 def test_health_and_metrics_need_no_key(server):

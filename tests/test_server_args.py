@@ -94,6 +94,11 @@ BAD = [
     (["--log-level", "loud"], "--log-level"),
     (["--reasoning-parser", "nonsense"], "--reasoning-parser"),
     (["--no-such-flag"], "--no-such-flag"),
+    (["--workers", "4"], "--workers"),
+    (["--max-body-size", "big"], "--max-body-size"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
+    (["--cpu-threads", "0"], "--cpu-threads"),
+    (["--metrics-port", "0"], "--metrics-port"),
 ]
 
 

@@ -22,7 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, start_http_server
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
@@ -190,6 +190,8 @@ async def serve(args: argparse.Namespace) -> int:
                             log_level=args.log_level, timeout_graceful_shutdown=UVICORN_GRACE_S)
     sock = config.bind_socket()  # a taken port stops the start here (uvicorn's message), before any loading
     server = DrainingServer(config, partial(drain, gate=app.state.gate, llm=llm, timeout=args.shutdown_timeout))
+    if args.metrics_port is not None:  # a thread of prometheus_client's own; it ends with the process
+        start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
     llm.start()
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     ready = asyncio.create_task(llm.wait_ready())

@@ -103,6 +103,11 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--max-concurrency", type=pos_int, default=512, help="most generation requests in flight; beyond, 429")
     add("--max-waiting-time", type=_bounded(float, -1), default=0.0,
         help="seconds a request over --max-concurrency waits for a slot before its 429 (-1: no limit)")
+    add("--metrics-port", type=_bounded(int, 1, 65535), default=None,
+        help="also serve /metrics on this port (FastDeploy's flag); it stays on --port too")
+    add("--workers", type=pos_int, default=1,
+        help="API processes (FastDeploy's flag): one, in front of the one engine; its asyncio loop is not the "
+        "bottleneck")
     add("--max-body-size", type=memory_size, default="16MiB",
         help="largest request body (bytes or a size like 16MiB); larger ones get a 413")
     add("--shutdown-timeout", "--timeout-graceful-shutdown", type=_bounded(float, 0), default=30.0,
@@ -129,6 +134,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
             parser.error(f"argument --tool-call-parser: {exc}")
     elif args.enable_auto_tool_choice:
         parser.error("argument --enable-auto-tool-choice: needs --tool-call-parser")
+    if args.workers > 1:
+        parser.error(f"argument --workers: slipstream serves from one process ({args.workers} asked): one asyncio "
+                     "API loop in front of one engine does not limit throughput; run more servers behind a "
+                     "load balancer to scale out")
     if args.node_rank >= args.nnodes:
         parser.error(f"argument --node-rank: {args.node_rank} must be below --nnodes {args.nnodes}")
     if args.nnodes > 1 and args.master_port is None:
