@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: slipstream {serve,bench,collect-env} ...
+USAGE = """usage: slipstream {serve,bench,run-batch,collect-env} ...
 
   serve        start the OpenAI-compatible server (`slipstream serve --help` for its flags)
   bench        benchmark a server or the offline engine (`slipstream bench --help`)
+  run-batch    an OpenAI Batch file through the engine, no server (`slipstream run-batch -i IN -o OUT`)
   collect-env  versions, CPU features, threads, dtype and kernels on this machine (for bug reports)"""
 
 
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> None:
         from slipstream.bench import main as bench
 
         sys.exit(bench(rest))
+    elif command == "run-batch":
+        from slipstream.entrypoints.run_batch import main as run_batch
+
+        sys.exit(run_batch(rest))
     elif command == "collect-env":
         from slipstream.entrypoints.collect_env import main as collect_env
 

@@ -117,8 +117,10 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    parser = make_arg_parser(prog)
+def parse_args(argv: list[str] | None = None, prog: str | None = None,
+               parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The flags of `argv`, checked across flags; `parser`: make_arg_parser's, with flags of its own added."""
+    parser = parser or make_arg_parser(prog)
     args = parser.parse_args(argv)
     if args.reasoning_parser is not None:
         try:

@@ -35,6 +35,15 @@ from slipstream.entrypoints.openai.serving_engine import (
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, raw_request: Request) -> Response:
         request = parse_body(CompletionRequest, await raw_request.body())
+        if request.stream:
+            return sse_response(await self.generate_completion(request))
+        result = await until_disconnect(raw_request, self.generate_completion(request))
+        return result if isinstance(result, Response) else JSONResponse(result.model_dump())
+
+    async def generate_completion(self, request: CompletionRequest
+                                  ) -> CompletionResponse | AsyncIterator[CompletionResponse]:
+        """Run a completions request: the whole response, or (with `stream`) its chunks once the engine
+        has taken it. Raises APIError before anything runs if the request cannot be served."""
         self.check_model(request)
         self.check_logprobs(request.logprobs, "logprobs")
         self.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
@@ -48,9 +57,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                       group_tokens=request.max_streaming_response_tokens)
         echoes = [texts[i // request.n] if request.echo else "" for i in range(len(prompts) * request.n)]
         if request.stream:
-            return sse_response(self._stream(request, request_id, prompts, echoes, outputs))
-        result = await until_disconnect(raw_request, self._complete(request, request_id, prompts, echoes, outputs))
-        return result if isinstance(result, Response) else JSONResponse(result.model_dump())
+            return self._stream(request, request_id, prompts, echoes, outputs)
+        return await self._complete(request, request_id, prompts, echoes, outputs)
 
     def _prompts(self, request: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """(token ids, text) of every prompt; `prompt_token_ids` overrides `prompt`."""
