@@ -1,4 +1,5 @@
-"""The `slipstream` command's own subcommands, run as a user runs them (the console script, a real model)."""
+"""The `slipstream` command's own subcommands, run as a user runs them: the console script, a real model,
+`slipstream chat` in a pseudo-terminal (pexpect)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import httpx
+import pexpect
+from prometheus_client.parser import text_string_to_metric_families
+from server_utils import running_server
 
 from slipstream import LLM, SamplingParams
 
@@ -52,3 +58,42 @@ def test_run_batch_answers_every_line_in_order_and_records_errors(tmp_path):
     assert chat["body"]["choices"][0]["message"]["content"] == want[0].outputs[0].text
     completion = by_id["req-2"]["response"]["body"]
     assert len(completion["choices"]) == 3 and completion["object"] == "text_completion"
+
+
+def _prompt_tokens(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "slipstream:prompt_tokens_total")
+
+
+def test_chat_in_a_terminal_keeps_the_conversation_until_clear():
+    with running_server("--max-model-len", "512") as server:
+        chat = pexpect.spawn(CLI[0], ["chat", "--url", server.base_url, "--max-tokens", "8", "--temperature", "0"],
+                             encoding="utf-8", timeout=120, dimensions=(40, 200))
+        chat.expect("/exit")
+        turns = []
+        for text in ("Hi there", "And what is your name?", "/clear", "Hi there"):
+            before = _prompt_tokens(server.url)
+            chat.expect_exact("> ")
+            chat.sendline(text)
+            if text == "/clear":
+                chat.expect_exact("(conversation cleared)")
+                continue
+            chat.expect_exact(text + "\r\n")  # the terminal echoes the line
+            chat.expect_exact("\r\n> ")  # the streamed answer, then the next prompt
+            turns.append((chat.before.strip(), _prompt_tokens(server.url) - before))
+            chat.sendline("")  # (an empty line asks nothing: it gives the prompt back)
+        (first, first_prompt), (_, second_prompt), (again, again_prompt) = turns
+        assert first and second_prompt > first_prompt  # the second turn carried the first
+        assert (again, again_prompt) == (first, first_prompt)  # after /clear: a new conversation, same answer
+        chat.expect_exact("> ")
+        chat.sendline("/exit")
+        chat.expect(pexpect.EOF)
+        chat.close()
+        assert chat.exitstatus == 0
+
+        r = subprocess.run([*CLI, "complete", "--url", server.base_url, "--max-tokens", "5", "--temperature", "0",
+                            "Once upon a time"], capture_output=True, text=True, timeout=120)
+        want = httpx.post(f"{server.base_url}/completions", timeout=120, json={
+            "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}).json()["choices"][0]["text"]
+        assert r.returncode == 0 and r.stdout == want + "\n"

@@ -1,12 +1,14 @@
-"""The `slipstream` console script: `slipstream serve [flags]`, `slipstream bench [args]`, `slipstream collect-env`."""
+"""The `slipstream` console script: serve, chat, complete, bench, run-batch, collect-env."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: slipstream {serve,bench,run-batch,collect-env} ...
+USAGE = """usage: slipstream {serve,chat,complete,bench,run-batch,collect-env} ...
 
   serve        start the OpenAI-compatible server (`slipstream serve --help` for its flags)
+  chat         chat with a running server in the terminal (`slipstream chat --url URL`)
+  complete     continue a prompt on a running server (`slipstream complete "Once upon a time"`)
   bench        benchmark a server or the offline engine (`slipstream bench --help`)
   run-batch    an OpenAI Batch file through the engine, no server (`slipstream run-batch -i IN -o OUT`)
   collect-env  versions, CPU features, threads, dtype and kernels on this machine (for bug reports)"""
@@ -24,6 +26,10 @@ def main(argv: list[str] | None = None) -> None:
         from slipstream.bench import main as bench
 
         sys.exit(bench(rest))
+    elif command in ("chat", "complete"):
+        from slipstream.entrypoints.chat_cli import chat_main, complete_main
+
+        sys.exit((chat_main if command == "chat" else complete_main)(rest))
     elif command == "run-batch":
         from slipstream.entrypoints.run_batch import main as run_batch
 
