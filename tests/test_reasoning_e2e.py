@@ -44,7 +44,7 @@ def tokenizer(model_dir):
 @pytest.fixture(scope="module")
 def client(model_dir):
     with running_scripted_server("--model", str(model_dir), "--reasoning-parser", "qwen3",
-                                 "--kv-cache-memory", "16MiB") as server:
+                                 "--kv-cache-memory", "16MiB", "--trust-request-chat-template") as server:
         yield openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=600)
 
 

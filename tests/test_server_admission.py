@@ -87,6 +87,13 @@ def test_cors_only_for_allowed_origins(server):
     assert "access-control-allow-origin" not in r.headers
 
 
+def test_a_request_chat_template_needs_trust_request_chat_template(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).chat.completions.create(model=NAME, messages=QUESTION, max_tokens=1,
+                                               extra_body={"chat_template": "{{ 'a' * 10**9 }}"})
+    assert e.value.body["param"] == "chat_template" and "--trust-request-chat-template" in e.value.body["message"]
+
+
 def test_an_unknown_model_is_404(server):
     with pytest.raises(openai.NotFoundError) as e:
         client(server).chat.completions.create(model="gpt-4o", messages=QUESTION, max_tokens=1)

@@ -27,7 +27,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def server():
     with running_server("--enable-logprob", "--max-model-len", str(MAX_MODEL_LEN),
-                        "--max-body-size", str(MAX_BODY_SIZE)) as s:
+                        "--max-body-size", str(MAX_BODY_SIZE), "--trust-request-chat-template") as s:
         yield s
 
 

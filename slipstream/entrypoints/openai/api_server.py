@@ -88,7 +88,7 @@ def document_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
 def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> FastAPI:
     """The routes over an AsyncLLM (started by the caller; shut down with the app)."""
     options = ServingOptions(served_model_name(args), args.served_model_name is not None, args.enable_logprob,
-                             args.max_logprobs)
+                             args.max_logprobs, args.trust_request_chat_template)
     reasoning_parser = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
     chat = OpenAIServingChat(llm, options, reasoning_parser, args.tool_call_parser)
     completion = OpenAIServingCompletion(llm, options)

@@ -88,6 +88,9 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     add("--seed", type=int, default=0, help="global random seed")
     add("--chat-template", default=None, help="chat template (a file or the Jinja text) replacing the model's")
+    add("--trust-request-chat-template", action="store_true",
+        help="let requests bring their own chat_template (vLLM's flag; a template is code: even sandboxed, one line "
+        "can take seconds of CPU and gigabytes of memory); default: refused with a 400")
     add("--reasoning-parser", default=None, help="split thinking models' output into reasoning_content and "
         f"content: {', '.join(sorted(REASONING_PARSERS))}")
     add("--tool-call-parser", default=None, help="read tool calls out of the model's text for tool_choice=auto "

@@ -22,11 +22,11 @@ StopStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_STR
 StopList = Annotated[list[StopStr], Field(max_length=MAX_STOP_STRINGS)]
 
 
-# Arguments of transformers' apply_chat_template that the server sets itself: chat_template_kwargs
+# Arguments of render_chat_text and transformers' apply_chat_template, set by the server: chat_template_kwargs
 # (template variables) may not name them.
 _RENDER_ARGUMENTS = frozenset({
-    "conversation", "chat_template", "add_generation_prompt", "continue_final_message", "tokenize",
-    "sanitize_control_tokens", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "tokenizer", "messages", "conversation", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length", "return_tensors", "return_dict",
     "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
@@ -247,7 +247,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    prompt: str | list[str] | TokenIds | list[TokenIds] | None = None
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0)  # at most --max-logprobs
     echo: bool = False

@@ -9,7 +9,6 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
@@ -42,6 +41,7 @@ from slipstream.entrypoints.openai.serving_engine import (
     ServingOptions,
     UsageCounter,
     clamp_logprob,
+    off_loop,
     parse_body,
     sse_response,
     until_disconnect,
@@ -59,8 +59,9 @@ def render_chat_text(tokenizer, messages: list[ChatMessageIn | dict[str, Any]], 
             [m.template_dict() if isinstance(m, ChatMessageIn) else m for m in messages], chat_template=chat_template,
             tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs,
         )
-    except (jinja2.TemplateError, ValueError, TypeError) as exc:
-        raise APIError(f"the chat template failed on these messages: {exc}", param="messages") from exc
+    except Exception as exc:  # whatever a template raises (a TemplateError, a ZeroDivisionError, ...) is a 400
+        raise APIError(f"the chat template failed on these messages: {type(exc).__name__}: {exc}",
+                       param="messages") from exc
 
 
 def render_chat(tokenizer, messages: list[ChatMessageIn], add_generation_prompt: bool = True,
@@ -162,6 +163,9 @@ class OpenAIServingChat(OpenAIServing):
         """Run a chat request: the whole response, or (with `stream`) its chunks once the engine has
         taken it. Raises APIError before anything runs if the request cannot be served."""
         self.check_model(request)
+        if request.chat_template is not None and not self.options.trust_request_chat_template:
+            raise APIError("chat_template: this server uses its own chat template (start it with "
+                           "--trust-request-chat-template to accept a request's)", param="chat_template")
         top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         self.check_logprobs(top_logprobs, "top_logprobs" if request.top_logprobs else "logprobs")
         self.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
@@ -170,17 +174,19 @@ class OpenAIServingChat(OpenAIServing):
                            **(request.chat_template_kwargs or {})}
         tokenizer = self.llm.engine.tokenizer
         plan = plan_tools(request, self.renders_tools(request.chat_template), self.tool_call_parser)
-        if request.prompt_token_ids is None and request.disable_chat_template:
-            prompt_text = request.messages[0].content
-            prompt = tokenizer.encode(prompt_text, add_special_tokens=True)
-        elif request.prompt_token_ids is None:
-            if plan.template_tools is not None:
-                template_kwargs["tools"] = plan.template_tools
-            prompt_text = render_chat_text(tokenizer, plan.messages, chat_template=request.chat_template,
-                                           **template_kwargs)
-            prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
-        else:
-            prompt, prompt_text = request.prompt_token_ids, None
+        if plan.template_tools is not None:
+            template_kwargs["tools"] = plan.template_tools
+
+        def prompt_of_request() -> tuple[list[int], str | None]:
+            if request.prompt_token_ids is not None:
+                return request.prompt_token_ids, None
+            if request.disable_chat_template:
+                text = request.messages[0].content
+                return tokenizer.encode(text, add_special_tokens=True), text
+            text = render_chat_text(tokenizer, plan.messages, chat_template=request.chat_template, **template_kwargs)
+            return tokenizer.encode(text, add_special_tokens=False), text
+
+        prompt, prompt_text = await off_loop(prompt_of_request)
         # Without thinking the template closes it (or the model has none): the output is all answer.
         parser = self.reasoning_parser if template_kwargs["enable_thinking"] else None
         span = thinking_span(parser, tokenizer, prompt_text or tokenizer.decode(prompt)) if parser else None
@@ -199,6 +205,8 @@ class OpenAIServingChat(OpenAIServing):
     def renders_tools(self, chat_template: str | None) -> bool:
         """Whether the (model's or request's) chat template shows tools to the model; cached per template."""
         if chat_template not in self._renders_tools:
+            if len(self._renders_tools) >= 64:  # request templates (--trust-request-chat-template) are many
+                del self._renders_tools[next(iter(self._renders_tools))]
             self._renders_tools[chat_template] = template_renders_tools(self.llm.engine.tokenizer, chat_template)
         return self._renders_tools[chat_template]
 

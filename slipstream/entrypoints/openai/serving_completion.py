@@ -7,13 +7,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from functools import partial
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from slipstream.engine.llm_engine import TokenIdError
 from slipstream.engine.output_processor import RequestOutput
 from slipstream.engine.sequence import TokenLogprobs
 from slipstream.entrypoints.llm import CompletionOutput
+from slipstream.entrypoints.openai.errors import from_exception
 from slipstream.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -26,6 +29,7 @@ from slipstream.entrypoints.openai.serving_engine import (
     OpenAIServing,
     UsageCounter,
     clamp_logprob,
+    off_loop,
     parse_body,
     sse_response,
     until_disconnect,
@@ -47,7 +51,7 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_model(request)
         self.check_logprobs(request.logprobs, "logprobs")
         self.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
-        prompts, texts = self._prompts(request)
+        prompts, texts = await off_loop(partial(self._prompts, request))
         params = self.sampling_params(request, request.max_tokens, request.logprobs)
         if request.echo and request.logprobs is not None:  # the echoed prompt carries its logprobs too
             params.prompt_logprobs = max(request.logprobs, request.prompt_logprobs or 0)
@@ -66,6 +70,10 @@ class OpenAIServingCompletion(OpenAIServing):
         prompt = request.prompt if request.prompt_token_ids is None else request.prompt_token_ids
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
+        vocab = self.llm.engine.hf_config.vocab_size
+        if any(not isinstance(p, str) and any(t >= vocab for t in p) for p in prompt):  # before decode sees them
+            raise from_exception(TokenIdError("prompt", vocab),
+                                 "prompt" if request.prompt_token_ids is None else "prompt_token_ids")
         ids = [tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else p for p in prompt]
         texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompt]
         return ids, texts

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TypeVar
@@ -52,6 +52,7 @@ class ServingOptions:
     require_model_name: bool  # --served-model-name was given: other names are a 404
     enable_logprob: bool
     max_logprobs: int
+    trust_request_chat_template: bool = False
 
 
 def parse_body(model: type[M], body: bytes) -> M:
@@ -60,6 +61,21 @@ def parse_body(model: type[M], body: bytes) -> M:
         return model.model_validate_json(body)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+
+
+# Chat templates render and prompts tokenize here, one at a time, so that a long prompt never holds the event
+# loop (health checks, every other request's stream) for as long as it takes.
+_PROMPT_WORKER = ThreadPoolExecutor(1, thread_name_prefix="slipstream-prompt")
+
+
+async def off_loop(fn: Callable[[], T]) -> T:
+    """`fn()` on the prompt worker thread."""
+    return await asyncio.get_running_loop().run_in_executor(_PROMPT_WORKER, fn)
+
+
+def _consume(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def clamp_logprob(lp: float) -> float:
@@ -227,7 +243,9 @@ class OpenAIServing:
 
     async def _check_grammar(self, grammar: Future, spec: StructuredOutputsParams, request_ids: list[str]) -> None:
         """Wait for the grammar to compile; if it fails or takes too long, end the requests and raise a 400."""
-        done, _ = await asyncio.wait({asyncio.wrap_future(grammar)}, timeout=GRAMMAR_COMPILE_TIMEOUT_S)
+        waiting = asyncio.wrap_future(grammar)
+        waiting.add_done_callback(_consume)  # the error is read from `grammar`; this copy of it must not be logged
+        done, _ = await asyncio.wait({waiting}, timeout=GRAMMAR_COMPILE_TIMEOUT_S)
         if done and not grammar.cancelled() and grammar.exception() is None:
             return
         self.llm.abort(request_ids)

@@ -3,6 +3,8 @@ count or build prompts themselves."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import Request
 
 from slipstream.entrypoints.openai.errors import APIError
@@ -13,7 +15,7 @@ from slipstream.entrypoints.openai.protocol import (
     TokenizeResponse,
 )
 from slipstream.entrypoints.openai.serving_chat import render_chat
-from slipstream.entrypoints.openai.serving_engine import OpenAIServing, parse_body
+from slipstream.entrypoints.openai.serving_engine import OpenAIServing, off_loop, parse_body
 
 
 class OpenAIServingTokenization(OpenAIServing):
@@ -21,10 +23,11 @@ class OpenAIServingTokenization(OpenAIServing):
         request = parse_body(TokenizeRequest, await raw_request.body())
         engine = self.llm.engine
         if request.messages is not None:
-            ids = render_chat(engine.tokenizer, request.messages, request.add_generation_prompt,
-                              **(request.chat_template_kwargs or {}))
+            ids = await off_loop(partial(render_chat, engine.tokenizer, request.messages,
+                                         request.add_generation_prompt, **(request.chat_template_kwargs or {})))
         else:
-            ids = engine.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+            ids = await off_loop(partial(engine.tokenizer.encode, request.prompt,
+                                         add_special_tokens=request.add_special_tokens))
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)
 
     async def detokenize(self, raw_request: Request) -> DetokenizeResponse:
