@@ -182,6 +182,17 @@ def test_max_output_tokens_makes_it_incomplete(client):
     assert final.output_text == r.output_text and final.output[-1].status == "incomplete"
 
 
+def test_fastdeploy_fields_pass_through_to_the_chat_request(client):
+    r = client.responses.create(model="m", input=QUESTION, max_output_tokens=8, temperature=0,
+                                extra_body={"response_max_tokens": 3})
+    assert r.usage.output_tokens == 3 and r.status == "incomplete"
+    first = chat(client, [{"role": "user", "content": QUESTION}], max_tokens=1, extra_body={"return_token_ids": True})
+    banned = first.choices[0].message.model_extra["completion_token_ids"]
+    r = client.responses.create(model="m", input=QUESTION, max_output_tokens=1, temperature=0,
+                                extra_body={"bad_words_token_ids": banned})
+    assert r.output_text != first.choices[0].message.content
+
+
 # ---- store, retrieve, delete, chaining ----
 
 

@@ -69,7 +69,8 @@ MAX_STORED_RESPONSES = 1000
 # chat validates them and its errors name them as given.
 PASS_THROUGH_FIELDS = ("seed", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
                        "stop", "stop_token_ids", "min_tokens", "ignore_eos", "logit_bias", "bad_words",
-                       "reasoning_max_tokens", "enable_thinking", "chat_template_kwargs")
+                       "reasoning_max_tokens", "response_max_tokens", "bad_words_token_ids", "enable_thinking",
+                       "chat_template_kwargs")
 
 # A chat parameter that failed -> the Responses parameter it came from.
 _CHAT_TO_RESPONSES_PARAM = {"messages": "input", "max_completion_tokens": "max_output_tokens",
