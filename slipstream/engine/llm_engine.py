@@ -41,7 +41,7 @@ class ContextLengthError(ValueError):
 
 
 class TokenIdError(ValueError):
-    """A token id outside the vocabulary; `field` is "prompt", "stop_token_ids" or "logit_bias"."""
+    """A token id outside the vocabulary; `field` names the request field (prompt, stop_token_ids, ...)."""
 
     def __init__(self, field: str, vocab_size: int) -> None:
         super().__init__(f"{field}: token ids must be in [0, {vocab_size})")
