@@ -1,12 +1,14 @@
 """Soak: minutes of mixed traffic on one server; its memory, file descriptors and KV blocks must stay flat.
 
-    .venv/bin/python benchmarks/soak.py [--minutes 10] [--clients 12]
+    .venv/bin/python benchmarks/soak.py [--minutes 10] [--clients 12] [--kv-cache-memory 512MiB]
 
 Starts a default-model server (--enable-logprob) and runs `--clients` closed-loop clients, each request
 drawn at random: chat or completions, streamed or not, n = 1-3, logprobs or not, short or long prompts,
 and one in five dropped by its client at a random moment. Every 30 s it samples the server's RSS, open
 file descriptors, threads and the engine gauges; at the end, with the load stopped, every request must
-have ended and every KV block must be free. Writes benchmarks/results/soak-<time>.md.
+have ended and every KV block must be free. The KV cache is allocated up front but its pages are
+committed as blocks are first used, so RSS climbs towards its size before it can be flat: keep it small.
+Writes benchmarks/results/soak-<time>.md.
 """
 
 from __future__ import annotations
@@ -108,10 +110,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--clients", type=int, default=12)
+    p.add_argument("--kv-cache-memory", default="512MiB")
     p.add_argument("--port", type=int, default=8198)
     args = p.parse_args()
     url = f"http://127.0.0.1:{args.port}"
-    proc = start_server(args.port, ["--enable-logprob", "--max-model-len", "2048"])
+    proc = start_server(args.port, ["--enable-logprob", "--max-model-len", "2048",
+                                    "--kv-cache-memory", args.kv_cache_memory])
     try:
         samples, counts = asyncio.run(run(url, proc.pid, args))
         time.sleep(2)  # the last aborts land at the next step
@@ -123,8 +127,9 @@ def main() -> None:
                "kv_cache_usage_perc"]
     lines = [f"# Soak ({time.strftime('%Y-%m-%d %H:%M')})", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores; default-model server (`--enable-logprob "
-             f"--max-model-len 2048`), {args.clients} closed-loop clients for {args.minutes:g} min: chat and "
-             "completions, streamed or not, n 1-3, logprobs, short and long prompts, 1 in 5 dropped by its client.",
+             f"--max-model-len 2048 --kv-cache-memory {args.kv_cache_memory}`), {args.clients} closed-loop "
+             f"clients for {args.minutes:g} min: chat and completions, streamed or not, n 1-3, logprobs, short "
+             "and long prompts, 1 in 5 dropped by its client.",
              "", f"Requests: {counts['completed']} completed, {counts['dropped']} dropped by their clients, "
              f"{counts['failed']} failed.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
