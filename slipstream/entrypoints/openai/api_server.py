@@ -157,16 +157,18 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, drain: Callable[[uvicorn.Server], Awaitable[None]]) -> None:
         super().__init__(config)
         self.drain = drain
-        self.draining: asyncio.Task | None = None
+        self.draining = False
+        self._drain_task: asyncio.Task | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.draining is not None or self.should_exit:
+        if self.draining or self.should_exit:
             self.force_exit = True
             super().handle_exit(sig, frame)
             return
         # Not recorded as a captured signal: uvicorn re-raises those on exit, and the exit status would not be 0.
+        self.draining = True
         loop = asyncio.get_running_loop()
-        loop.call_soon_threadsafe(lambda: setattr(self, "draining", loop.create_task(self.drain(self))))
+        loop.call_soon_threadsafe(lambda: setattr(self, "_drain_task", loop.create_task(self.drain(self))))
 
 
 async def drain(server: uvicorn.Server, gate: GenerationGate, llm: AsyncLLM, timeout: float) -> None:
@@ -208,7 +210,7 @@ async def serve(args: argparse.Namespace) -> int:
         # it, so a supervisor can restart it; meanwhile /health has said 503.
         died = asyncio.create_task(llm.wait_dead())
         await asyncio.wait({serving, died}, return_when=asyncio.FIRST_COMPLETED)
-        if died.done() and not serving.done() and server.draining is None:
+        if died.done() and not serving.done() and not server.draining:
             logger.error("stopping: %s", died.result())
             server.should_exit = True
             await serving
