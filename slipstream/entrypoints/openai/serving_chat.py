@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from slipstream.engine.async_llm import AsyncLLM
 from slipstream.engine.llm_engine import ReasoningSpan
@@ -43,8 +43,6 @@ from slipstream.entrypoints.openai.serving_engine import (
     clamp_logprob,
     off_loop,
     parse_body,
-    sse_response,
-    until_disconnect,
 )
 from slipstream.entrypoints.openai.tool_calling import plan_tools, template_renders_tools
 from slipstream.reasoning import ReasoningParser, ReasoningStream
@@ -153,10 +151,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, raw_request: Request) -> Response:
         request = parse_body(ChatCompletionRequest, await raw_request.body())
-        if request.stream:
-            return sse_response(await self.generate_chat(request))
-        result = await until_disconnect(raw_request, self.generate_chat(request))
-        return result if isinstance(result, Response) else JSONResponse(result.model_dump())
+        return await self.respond(raw_request, request.stream, self.generate_chat(request))
 
     async def generate_chat(self, request: ChatCompletionRequest
                             ) -> ChatCompletionResponse | AsyncIterator[ChatCompletionStreamResponse]:

@@ -10,7 +10,7 @@ from contextlib import aclosing
 from functools import partial
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from slipstream.engine.llm_engine import TokenIdError
 from slipstream.engine.output_processor import RequestOutput
@@ -31,18 +31,13 @@ from slipstream.entrypoints.openai.serving_engine import (
     clamp_logprob,
     off_loop,
     parse_body,
-    sse_response,
-    until_disconnect,
 )
 
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, raw_request: Request) -> Response:
         request = parse_body(CompletionRequest, await raw_request.body())
-        if request.stream:
-            return sse_response(await self.generate_completion(request))
-        result = await until_disconnect(raw_request, self.generate_completion(request))
-        return result if isinstance(result, Response) else JSONResponse(result.model_dump())
+        return await self.respond(raw_request, request.stream, self.generate_completion(request))
 
     async def generate_completion(self, request: CompletionRequest
                                   ) -> CompletionResponse | AsyncIterator[CompletionResponse]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from slipstream.engine.async_llm import AsyncLLM, EngineDeadError, EngineRequest
@@ -144,6 +144,15 @@ class OpenAIServing:
     def __init__(self, llm: AsyncLLM, options: ServingOptions) -> None:
         self.llm = llm
         self.options = options
+
+    @staticmethod
+    async def respond(raw_request: Request, stream: bool, run: Awaitable) -> Response:
+        """The HTTP answer of `run` (a generate_* call): its events as SSE, or its response as JSON unless
+        the client goes away first."""
+        if stream:
+            return sse_response(await run)
+        result = await until_disconnect(raw_request, run)
+        return result if isinstance(result, Response) else JSONResponse(result.model_dump())
 
     def check_model(self, request: SamplingRequest) -> None:
         if self.options.require_model_name and request.model != self.options.model_name:
