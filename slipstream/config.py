@@ -32,6 +32,8 @@ class EngineConfig:
     max_logprobs: int = 20
     quantization: str | None = None
     trust_remote_code: bool = False
+    enable_recorder: bool = True  # the dashboard's record of steps and requests (engine/recorder.py)
+    recorder_keeps_prompts: bool = False  # its request traces hold the prompt's token ids
     cpu_threads: int | None = None  # compute threads on this node (split among its ranks); None: see worker.py
     # Multi-node tensor parallelism: node 0 runs the server and rank 0, other nodes run workers only.
     nnodes: int = 1

@@ -38,6 +38,7 @@ class EngineRequest(NamedTuple):
     prompt_token_ids: list[int]
     params: SamplingParams
     reasoning: ReasoningSpan | None = None  # a thinking span to count and budget (--reasoning-parser)
+    tags: dict[str, object] | None = None  # what the dashboard shows of its origin (endpoint, stream, tools)
 
 
 class EngineDeadError(RuntimeError):
@@ -101,6 +102,10 @@ class AsyncLLM:
         if self._error is None and self._engine is None:
             return EngineDeadError("the model is still loading")
         return self._error
+
+    @property
+    def loading(self) -> bool:
+        return self._error is None and self._engine is None
 
     @property
     def engine(self) -> LLMEngine:
@@ -198,8 +203,8 @@ class AsyncLLM:
         added = []
         try:
             for request in requests:
-                rid, prompt_token_ids, params, reasoning = EngineRequest(*request)
-                self._engine.add_request(rid, prompt_token_ids, params, reasoning=reasoning)
+                rid, prompt_token_ids, params, reasoning, tags = EngineRequest(*request)
+                self._engine.add_request(rid, prompt_token_ids, params, reasoning=reasoning, tags=tags)
                 added.append(rid)
         except Exception:
             for rid in added:

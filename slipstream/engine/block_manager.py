@@ -28,6 +28,7 @@ class BlockManager:
         self.cached: dict[bytes, int] = {}  # hash -> block id
         # Unreferenced blocks, least recently freed first; may still hold cached content.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.num_cached_free = 0  # free blocks that still hold cached content (reusable by a prefix hit)
         self.prefix_queries = 0  # tokens of admitted sequences looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
 
@@ -73,6 +74,7 @@ class BlockManager:
         for b in prefix_blocks:
             if self.ref_counts[b] == 0:
                 del self.free[b]
+                self.num_cached_free -= 1
             self.ref_counts[b] += 1
         if prefix_blocks:
             seq.block_table.extend(prefix_blocks)
@@ -81,6 +83,7 @@ class BlockManager:
             b, _ = self.free.popitem(last=False)
             old = self.block_hash[b]
             if old is not None:
+                self.num_cached_free -= 1
                 if self.cached.get(old) == b:
                     del self.cached[old]
                 self.block_hash[b] = None
@@ -116,6 +119,7 @@ class BlockManager:
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
                 self.free[b] = None
+                self.num_cached_free += self.block_hash[b] is not None
         seq.block_table = []
         seq.block_hashes = []
         seq.num_hashed_blocks = 0

@@ -13,6 +13,7 @@ import torch
 from slipstream.config import EngineConfig
 from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.output_processor import OutputProcessor, RequestOutput
+from slipstream.engine.recorder import EngineRecorder
 from slipstream.engine.scheduler import Scheduler
 from slipstream.engine.sequence import Sequence
 from slipstream.engine.structured_output import StructuredOutputManager
@@ -109,6 +110,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill, self.structured_output.can_sample)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.recorder = EngineRecorder(config.recorder_keeps_prompts) if config.enable_recorder else None
         self.seqs: dict[str, Sequence] = {}
         self.last_batch_size = 0  # sequences in the last step
         self.reasoning: dict[str, ReasoningSpan] = {}  # requests whose thinking span is not over
@@ -135,6 +137,10 @@ class LLMEngine:
         """Tensor-parallel worker processes of this node that have exited (the engine is then unusable)."""
         return self.workers.dead() if self.workers else []
 
+    def rank_states(self) -> dict[int, bool]:
+        """Whether each tensor-parallel rank of this node (node 0: the engine is rank 0) lives, by rank."""
+        return {0: True, **(self.workers.alive() if self.workers else {})}
+
     def shutdown(self) -> None:
         self.structured_output.shutdown()
         if self.workers is not None:
@@ -149,7 +155,9 @@ class LLMEngine:
         return [list(v) for v in variants if v]
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None, reasoning: ReasoningSpan | None = None) -> None:
+                    arrival_time: float | None = None, reasoning: ReasoningSpan | None = None,
+                    tags: dict[str, object] | None = None) -> None:
+        """Queue a request; `tags` are what the dashboard shows of where it came from (endpoint, tools...)."""
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already running")
         if not prompt_token_ids:
@@ -174,6 +182,8 @@ class LLMEngine:
         self.structured_output.add(seq)
         self.output_processor.add(seq)
         self.scheduler.add(seq)
+        if self.recorder is not None:
+            self.recorder.add(seq, tags)
 
     def abort_request(self, request_id: str, reason: str = "abort") -> RequestOutput | None:
         seq = self.seqs.pop(request_id, None)
@@ -182,6 +192,8 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self.reasoning.pop(request_id, None)
         self.structured_output.remove(seq)
+        if self.recorder is not None:
+            self.recorder.finish(seq, time.monotonic(), reason)
         return self.output_processor.abort(seq, reason)
 
     def _track_reasoning(self, seq: Sequence) -> None:
@@ -217,10 +229,10 @@ class LLMEngine:
         if not batch:
             return outputs
         self.last_batch_size = len(batch)
-        now = time.monotonic()
+        start = time.monotonic()
         for s in batch:
             if s.seq.queue_time is None:
-                s.seq.queue_time = now - s.seq.arrival_time
+                s.seq.queue_time = start - s.seq.arrival_time
         try:
             results = self.runner.run(batch)
         except Exception as exc:
@@ -234,6 +246,9 @@ class LLMEngine:
                     out.error = f"{type(exc).__name__}: {exc}"
                     outputs.append(out)
             return outputs
+        end = time.monotonic()
+        if self.recorder is not None:
+            self.recorder.step(batch, start, end, [s.seq for s, _, _ in results], self.scheduler.preempted)
         for s in batch:
             s.seq.num_computed_tokens += s.num_new_tokens
         for s, token, logprobs in results:
@@ -247,6 +262,8 @@ class LLMEngine:
         for s in batch:
             self.block_manager.cache_full_blocks(s.seq)
             if s.seq.finish_reason is not None:
+                if self.recorder is not None:
+                    self.recorder.finish(s.seq, end, s.seq.finish_reason)
                 self.scheduler.finish(s.seq)
                 del self.seqs[s.seq.request_id]
                 self.reasoning.pop(s.seq.request_id, None)
@@ -259,6 +276,9 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "kv_cache_usage": bm.usage,
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_free": bm.num_free_blocks,
+            "kv_blocks_cached": bm.num_cached_free,
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,

@@ -50,6 +50,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.preempted: list[Sequence] = []  # by the last schedule()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -63,9 +64,11 @@ class Scheduler:
         seq.num_computed_tokens = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+        self.preempted.append(seq)
 
     def schedule(self) -> list[ScheduledSeq]:
         scheduled: list[ScheduledSeq] = []
+        self.preempted = []
         budget, preempted = self._schedule_running(self.max_num_batched_tokens, scheduled)
         # Admitting new work right after a preemption would only thrash the pool.
         if not preempted:

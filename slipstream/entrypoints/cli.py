@@ -43,3 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(USAGE, file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

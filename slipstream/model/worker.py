@@ -81,6 +81,7 @@ class WorkerGroup:
         first = config.node_rank * per_node
         ranks = range(max(first, 1), first + per_node)
         ctx = mp.get_context("spawn")
+        self.ranks = list(ranks)
         self.procs = [
             ctx.Process(target=_worker_main, args=(config, Path(model_dir), max_model_len, r), daemon=True,
                         name=f"slipstream-tp{r}")
@@ -88,6 +89,10 @@ class WorkerGroup:
         ]
         for p in self.procs:
             p.start()
+
+    def alive(self) -> dict[int, bool]:
+        """Whether each worker's process still runs, by rank."""
+        return {r: p.is_alive() for r, p in zip(self.ranks, self.procs, strict=True)}
 
     def dead(self) -> list[str]:
         return [f"{p.name} (exit code {p.exitcode})" for p in self.procs if not p.is_alive()]

@@ -35,6 +35,7 @@ from slipstream.entrypoints.openai.admission import (
     GenerationGateMiddleware,
 )
 from slipstream.entrypoints.openai.args import engine_config, parse_args
+from slipstream.entrypoints.openai.dashboard import Dashboard
 from slipstream.entrypoints.openai.errors import APIError, install_error_handlers
 from slipstream.entrypoints.openai.metrics import Metrics
 from slipstream.entrypoints.openai.protocol import (
@@ -137,6 +138,8 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
     for path, (model, handler) in bodies.items():
         app.post(path, openapi_extra=body_schema(model))(handler)
     document_bodies(app, [model for model, _ in bodies.values()])
+    if not args.disable_dashboard:
+        Dashboard(llm, metrics, gate, options.model_name, args.dashboard_show_prompts).add_routes(app)
     app.get("/v1/responses/{response_id}")(responses.retrieve)
     app.delete("/v1/responses/{response_id}")(responses.delete)
 

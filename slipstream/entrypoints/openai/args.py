@@ -115,6 +115,10 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="largest request body (bytes or a size like 16MiB); larger ones get a 413")
     add("--shutdown-timeout", "--timeout-graceful-shutdown", type=_bounded(float, 0), default=30.0,
         help="seconds a SIGTERM lets requests in flight finish (new ones get 503) before ending them")
+    add("--disable-dashboard", action="store_true",
+        help="no /dashboard, no /v1/engine/* and no engine recorder behind them")
+    add("--dashboard-show-prompts", action="store_true",
+        help="the dashboard's request timelines show prompt text (default: only counts and settings)")
     add("--log-level", choices=["debug", "info", "warning", "error", "critical"], default="info",
         help="logging verbosity")
     return p
@@ -178,4 +182,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         chat_template=args.chat_template,
         max_logprobs=args.max_logprobs,
         cpu_threads=args.cpu_threads,
+        enable_recorder=not args.disable_dashboard,
+        recorder_keeps_prompts=args.dashboard_show_prompts and not args.disable_dashboard,
     )

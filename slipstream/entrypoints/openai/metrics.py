@@ -82,6 +82,8 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=reg)
         self.tpot = Histogram("slipstream:time_per_output_token_seconds", "Mean time per output token after the "
                               "first, per request.", labels, buckets=_TOKEN_LATENCY_BUCKETS, registry=reg)
+        self.itl = Histogram("slipstream:inter_token_latency_seconds", "Time between consecutive output tokens.",
+                             labels, buckets=_TOKEN_LATENCY_BUCKETS, registry=reg)
         self.e2e = Histogram("slipstream:e2e_request_latency_seconds", "Arrival to last token.", labels,
                              buckets=_LATENCY_BUCKETS, registry=reg)
         self.queue_time, self.prefill_time, self.decode_time = (
@@ -92,8 +94,10 @@ class Metrics:
         reg.register(_EngineCollector(engine_stats, model_name))
         reg.register(_HitTokenRate(self))
         self._first_token_time: dict[str, float] = {}  # request id -> TTFT, until it finishes
+        self._last_token_time: dict[str, float] = {}  # request id -> its latest token's time since arrival
         self._seen: set[str] = set()  # requests with an output so far, until they finish
-        self.prompt_total = self.cached_total = 0  # (for hit_token_rate)
+        # Plain totals of the counters above, for hit_token_rate and the dashboard.
+        self.prompt_total = self.cached_total = self.generation_total = self.finished_total = 0
 
     def observe(self, out: RequestOutput) -> None:
         """Account for one engine output (called on the event loop for every output)."""
@@ -103,6 +107,13 @@ class Metrics:
             self.requests_number.labels(name).inc()
         if out.token_ids:
             self.generation_tokens.labels(name).inc(len(out.token_ids))
+            self.generation_total += len(out.token_ids)
+            previous = self._last_token_time.get(out.request_id)
+            for t in out.arrival_times:
+                if previous is not None:
+                    self.itl.labels(name).observe(t - previous)
+                previous = t
+            self._last_token_time[out.request_id] = previous
             if out.num_output_tokens == len(out.token_ids):  # the request's first tokens
                 self.prompt_tokens.labels(name).inc(len(out.prompt_token_ids))
                 self.cached_tokens.labels(name).inc(out.num_cached_tokens)
@@ -114,6 +125,8 @@ class Metrics:
             return
         self._seen.discard(out.request_id)
         self.requests.labels(name, out.finish_reason).inc()
+        self.finished_total += 1
+        self._last_token_time.pop(out.request_id, None)
         ttft = self._first_token_time.pop(out.request_id, None)
         if out.arrival_times and ttft is not None:
             e2e = out.arrival_times[-1]

@@ -189,8 +189,9 @@ class OpenAIServingChat(OpenAIServing):
                                       plan.structured_outputs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         prompt_param = "messages" if request.prompt_token_ids is None else "prompt_token_ids"
+        tags = {"endpoint": "chat", "stream": bool(request.stream), "tools": len(request.tools or [])}
         outputs = await self.generate(request_id, [prompt], params, prompt_param, span,
-                                      request.max_streaming_response_tokens)
+                                      request.max_streaming_response_tokens, tags)
         setup = _ChatSetup(parser, span is not None and span.opened_by_prompt, plan.parser,
                            None if request.parallel_tool_calls else 1)
         if request.stream:

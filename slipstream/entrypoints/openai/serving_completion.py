@@ -53,7 +53,8 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = f"cmpl-{uuid.uuid4().hex}"
         outputs = await self.generate(request_id, prompts, params,
                                       "prompt" if request.prompt_token_ids is None else "prompt_token_ids",
-                                      group_tokens=request.max_streaming_response_tokens)
+                                      group_tokens=request.max_streaming_response_tokens,
+                                      tags={"endpoint": "completions", "stream": bool(request.stream)})
         echoes = [texts[i // request.n] if request.echo else "" for i in range(len(prompts) * request.n)]
         if request.stream:
             return self._stream(request, request_id, prompts, echoes, outputs)

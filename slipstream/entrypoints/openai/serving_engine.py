@@ -199,11 +199,12 @@ class OpenAIServing:
             raise APIError(str(exc)) from exc
 
     async def generate(self, request_id: str, prompts: list[list[int]], params: SamplingParams, prompt_param: str,
-                       reasoning: ReasoningSpan | None = None, group_tokens: int | None = None
-                       ) -> AsyncIterator[tuple[int, RequestOutput]]:
+                       reasoning: ReasoningSpan | None = None, group_tokens: int | None = None,
+                       tags: dict[str, object] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Start every prompt x n samples (each with the thinking span `reasoning`, if any); returns the
         stream of (choice index, output delta), each delta holding at least `group_tokens` tokens (but a
-        choice's last) when given. Choice index = prompt index * n + sample index, as OpenAI numbers them."""
+        choice's last) when given. Choice index = prompt index * n + sample index, as OpenAI numbers them.
+        `tags`: what the dashboard shows of the request (its endpoint, ...)."""
         spec = params.structured_outputs
         grammar = self.llm.engine.structured_output.compile(spec) if spec is not None else None
         samples = fan_out(params)
@@ -213,7 +214,7 @@ class OpenAIServing:
             for s, sample_params in enumerate(samples):
                 rid = f"{request_id}-{p * len(samples) + s}"
                 index[rid] = p * len(samples) + s
-                requests.append(EngineRequest(rid, prompt, sample_params, reasoning))
+                requests.append(EngineRequest(rid, prompt, sample_params, reasoning, tags))
         try:
             outputs = await self.llm.generate(requests)
         except Exception as exc:
