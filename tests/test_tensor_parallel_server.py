@@ -98,6 +98,8 @@ def tp1_answer(ernie_dir):
 def test_tp8_on_two_cores_answers_like_tp1(ernie_dir, tp1_answer):
     with running_server("--model", str(ernie_dir), "--tensor-parallel-size", "8") as server:
         assert _chat(server.base_url) == tp1_answer
+        ranks = httpx.get(f"{server.url}/v1/engine/stats", timeout=30).json()["health"]["ranks"]
+        assert ranks == [{"rank": r, "alive": True} for r in range(8)]  # the dashboard's per-rank state
 
 
 def test_two_nodes_on_loopback_answer_like_tp1(ernie_dir, tp1_answer):
