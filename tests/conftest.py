@@ -10,4 +10,4 @@ def llm_fp32():
     """The embedded default model (SmolLM2-135M-Instruct), float32, offline API."""
     from slipstream import LLM
 
-    return LLM(dtype="float32", kv_cache_memory=512 << 20)
+    return LLM(kv_cache_memory=512 << 20)

@@ -99,7 +99,7 @@ def test_prefill_logits_match_transformers(case, checkpoints, references):
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_generation_matches_transformers(case, checkpoints, references):
     ref = references[_hf_name(case)]
-    llm = LLM(model=str(checkpoints[case]), dtype="float32", kv_cache_memory=16 << 20)
+    llm = LLM(model=str(checkpoints[case]), kv_cache_memory=16 << 20)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=TOP_K)
     results = llm.generate(ref["ids"], params)
     for result, (tokens, logprobs) in zip(results, ref["generations"], strict=True):
@@ -120,6 +120,6 @@ def test_greedy_generation_matches_transformers(case, checkpoints, references):
 ])
 def test_a_sliding_window_caps_the_context_to_what_full_attention_computes_exactly(tmp_path, overrides, want):
     model = save_tiny_model("qwen2", tmp_path / "tiny", **overrides)
-    llm = LLM(str(model), dtype="float32", kv_cache_memory=16 << 20)
+    llm = LLM(str(model), kv_cache_memory=16 << 20)
     assert llm.engine.max_model_len == want
     llm.engine.shutdown()

@@ -25,7 +25,7 @@ def run_json(*argv: str) -> dict:
 @pytest.fixture(scope="module")
 def throughput() -> dict:
     return run_json("throughput", "--num-prompts", "2", "--input-len", "8", "--output-len", "4",
-                    "--dtype", "float32", "--kv-cache-memory", "64MiB")
+                    "--kv-cache-memory", "64MiB")
 
 
 def test_throughput_generates_exactly_the_requested_tokens(throughput):

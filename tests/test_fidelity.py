@@ -113,7 +113,7 @@ def check(results, refs: list[Reference]) -> None:
 @pytest.fixture(scope="module")
 def llm_cold() -> LLM:
     """No prefix caching: every prompt is prefilled from scratch."""
-    return LLM(dtype="float32", kv_cache_memory=256 << 20, enable_prefix_caching=False)
+    return LLM(kv_cache_memory=256 << 20, enable_prefix_caching=False)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_all_prompts_in_one_batch_match_transformers(batch_results, reference):
 
 def test_small_prefill_chunks_match_transformers(prompt_ids, reference):
     # A 32-token step budget splits every long prompt over many steps, mixed with other sequences' decodes.
-    llm = LLM(dtype="float32", kv_cache_memory=256 << 20, enable_prefix_caching=False, max_num_batched_tokens=32)
+    llm = LLM(kv_cache_memory=256 << 20, enable_prefix_caching=False, max_num_batched_tokens=32)
     check(llm.generate(prompt_ids, GREEDY), reference)
 
 

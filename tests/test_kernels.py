@@ -1,22 +1,36 @@
 """The compiled CPU kernels against plain PyTorch on the same numbers: every activation-row count
 the tiling handles (8/4/2/1 pieces) and output sizes that are not a multiple of the row tile."""
 
+import httpx
 import numpy as np
+import openai
 import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType, quants
+from server_utils import running_server
 
-from slipstream.kernels import GGUF_KERNEL_TYPES, cpu_ops
+from slipstream import SamplingParams
+from slipstream.kernels import GGUF_KERNEL_TYPES, dispatch
+from slipstream.kernels.selfcheck import BREAK_ENV, q8_reference, self_check
 from slipstream.model.layers import interleave_q4_rows, split_gguf_blocks
 
-ops = cpu_ops()
-pytestmark = pytest.mark.skipif(ops is None, reason="this CPU has no AVX2/FMA/F16C or no compiler")
+
+@pytest.fixture(scope="module", params=[v.name for v in dispatch.VARIANTS])
+def ops(request):
+    """Each build in the variant table that this CPU can run (the others are skipped, naming what is missing)."""
+    variant = next(v for v in dispatch.VARIANTS if v.name == request.param)
+    if missing := dispatch.missing_features(variant):
+        pytest.skip(f"the {variant.name} kernels need CPU features this machine lacks: {', '.join(missing)}")
+    module = dispatch.build(variant)
+    if module is None:
+        pytest.skip(f"the {variant.name} kernels did not build here (no compiler?)")
+    return module
 
 
 @pytest.mark.parametrize("qtype", sorted(GGUF_KERNEL_TYPES))
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 15])
-def test_gguf_linear_matches_dequantized_matmul(qtype, rows):
+def test_gguf_linear_matches_dequantized_matmul(ops, qtype, rows):
     rng = np.random.default_rng(qtype * 100 + rows)
     out_features, in_features = 37, 320  # 10 blocks per row: a full and a partial group of 8
     weight = rng.standard_normal((out_features, in_features), dtype=np.float32)
@@ -29,7 +43,7 @@ def test_gguf_linear_matches_dequantized_matmul(qtype, rows):
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dim", [16, 64, 120, 128])  # pieces of 64, 32, 16 and 8 dimensions
-def test_paged_attention_decode_matches_sdpa(dim, cache_dtype):
+def test_paged_attention_decode_matches_sdpa(ops, dim, cache_dtype):
     torch.manual_seed(dim)
     heads, kv_heads, block_size, num_blocks = 6, 2, 4, 16
     k_cache = torch.randn(num_blocks, block_size, kv_heads, dim).to(cache_dtype)
@@ -46,7 +60,7 @@ def test_paged_attention_decode_matches_sdpa(dim, cache_dtype):
 
 
 @pytest.mark.parametrize("width", [64, 45])  # a multiple of the vector width, and one with a tail
-def test_norm_and_activation_kernels_match_pytorch(width):
+def test_norm_and_activation_kernels_match_pytorch(ops, width):
     torch.manual_seed(width)
     x, residual, weight = torch.randn(5, width), torch.randn(5, width), torch.randn(width)
 
@@ -63,7 +77,7 @@ def test_norm_and_activation_kernels_match_pytorch(width):
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
-def test_rotary_kernel_matches_pytorch(interleaved):
+def test_rotary_kernel_matches_pytorch(ops, interleaved):
     torch.manual_seed(1)
     tokens, heads, kv_heads, dim = 4, 3, 1, 16
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
@@ -87,7 +101,7 @@ def test_rotary_kernel_matches_pytorch(interleaved):
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_write_kv_cache_fills_the_given_slots(cache_dtype):
+def test_write_kv_cache_fills_the_given_slots(ops, cache_dtype):
     k, v = torch.randn(3, 2, 16) * 1000, torch.randn(3, 2, 16) * 1000  # values float16 must round
     k_cache, v_cache = (torch.zeros(4, 4, 2, 16, dtype=cache_dtype) for _ in range(2))
     slots = torch.tensor([5, 0, 14])
@@ -98,24 +112,9 @@ def test_write_kv_cache_fills_the_given_slots(cache_dtype):
     assert k_cache.float().abs().sum() == k.to(cache_dtype).float().abs().sum()  # nothing else written
 
 
-def q8_reference(x: torch.Tensor, dense: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, qtype: int):
-    """What gguf_linear_q8 computes, in PyTorch: x rounded to int8 per 32-value block (scale = max|x| / 127)
-    times the dequantized weights, except that each block's offset term (Q4_1 min, Q4_0's -8 * scale) meets
-    the exact block sum of x."""
-    blocks = x.view(x.shape[0], -1, 32)
-    d = blocks.abs().amax(-1, keepdim=True) / 127
-    rounded = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0) * d
-    y = rounded.flatten(1) @ dense.T
-    name = GGUF_KERNEL_TYPES[qtype]
-    if name == "Q8_0":
-        return y
-    offset = mins.view(torch.float16).float() if name == "Q4_1" else -8 * scales.view(torch.float16).float()
-    return y + (blocks.sum(-1) - rounded.sum(-1)) @ offset.T
-
-
 @pytest.mark.parametrize("qtype", sorted(GGUF_KERNEL_TYPES))
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 13, 40])
-def test_gguf_linear_q8_matches_rounded_activations(qtype, rows):
+def test_gguf_linear_q8_matches_rounded_activations(ops, qtype, rows):
     rng = np.random.default_rng(qtype * 100 + rows)
     out_features, in_features = 37, 320
     weight = rng.standard_normal((out_features, in_features), dtype=np.float32)
@@ -133,7 +132,7 @@ def test_gguf_linear_q8_matches_rounded_activations(qtype, rows):
 
 @pytest.mark.parametrize("qtype", [t for t, name in GGUF_KERNEL_TYPES.items() if name != "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13])
-def test_gguf_linear_q8_interleaved_q4_matches_rounded_activations(qtype, rows):
+def test_gguf_linear_q8_interleaved_q4_matches_rounded_activations(ops, qtype, rows):
     rng = np.random.default_rng(qtype * 10 + rows)
     out_features, in_features = 56, 288  # 7 groups of 8 rows, 9 blocks
     blocks = quants.quantize(rng.standard_normal((out_features, in_features), dtype=np.float32),
@@ -146,3 +145,63 @@ def test_gguf_linear_q8_interleaved_q4_matches_rounded_activations(qtype, rows):
     x[0, 32:64] = 0
     got = ops.gguf_linear_q8(x, *interleaved, qtype)
     torch.testing.assert_close(got, q8_reference(x, dense, split[1], split[2], qtype), rtol=1e-5, atol=1e-4)
+
+
+def test_self_check_passes(ops):
+    assert self_check(ops) == {}
+
+
+def test_self_check_disables_what_disagrees(ops, monkeypatch):
+    monkeypatch.setenv(BREAK_ENV, "gguf_linear,rotary_")  # the test hook: these outputs are perturbed
+    failed = self_check(ops)
+    assert set(failed) == {"gguf_linear", "rotary_"} and "max error 1" in failed["gguf_linear"]
+    table = dispatch.KernelTable(dispatch.VARIANTS[0], ops, failed)
+    assert table.elementwise("rotary_", torch.zeros(1)) is None and table.elementwise("rms_norm", torch.zeros(1))
+    assert not table.decode_stack_usable() and "disabled after their self-check: gguf_linear, rotary_" in (
+        table.describe())
+
+
+def test_variant_choice():
+    avx2 = frozenset({"avx2", "fma", "f16c", "sse4_2"})
+    assert dispatch.choose_variant(avx2).name == "avx2"
+    assert dispatch.choose_variant(frozenset({"sse4_2"})) is None
+    assert dispatch.choose_variant(avx2, forced="none") is None
+    assert dispatch.choose_variant(frozenset(), forced="avx2") is None  # forced, but the CPU lacks it: warns
+    vnni = avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+    assert dispatch.choose_variant(vnni).name == "avx512_vnni"
+    assert dispatch.choose_variant(vnni, forced="avx2").name == "avx2"  # a lower level, forced
+    assert dispatch.choose_variant(avx2 | {"avx_vnni"}).name == "avx_vnni"
+    with pytest.raises(ValueError, match="SLIPSTREAM_CPU_ISA='avx9000': use one of avx512_vnni, avx_vnni, avx2, none"):
+        dispatch.choose_variant(avx2, forced="avx9000")
+
+
+PROMPT = "The three primary colours are"
+
+
+@pytest.mark.skipif(dispatch.kernels().ops is None, reason="no compiled kernels on this machine")
+def test_a_kernel_failing_its_self_check_is_not_used(llm_fp32):
+    """A server whose block matmul and decode attention fail their self-check (the test hook) warns, naming them,
+    and serves the same tokens as the engine that uses them: on the dense PyTorch path."""
+    want = llm_fp32.generate(PROMPT, SamplingParams(max_tokens=16, temperature=0))[0].outputs[0].text
+    broken = "gguf_linear,paged_attention_decode"
+    with running_server(env={BREAK_ENV: broken}) as server:
+        body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0}
+        got = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        version = httpx.get(f"{server.url}/version", timeout=30).json()
+        log = server.log()
+    assert got == want
+    for name in broken.split(","):
+        assert f"CPU kernel {name} ({dispatch.kernels().variant.name}) disagrees with PyTorch" in log
+    assert version["cpu_kernels"].endswith("disabled after their self-check: gguf_linear, paged_attention_decode")
+
+
+def test_w4a8_needs_no_other_flag(llm_fp32):
+    """`--quantization w4a8` alone (on any CPU with AVX2): it brings its dtype and kernels, and serves."""
+    if dispatch.kernels().ops is None:
+        pytest.skip("w4a8 needs the compiled kernels (a CPU with AVX2/FMA/F16C)")
+    with running_server("--quantization", "w4a8") as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="none")
+        answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Say hello."}],
+                                                max_tokens=8, temperature=0)
+        assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
+        assert "float32 w4a8" in server.log()

@@ -9,7 +9,7 @@ import torch
 from tiny_models import save_tiny_model
 
 from slipstream import LLM, SamplingParams
-from slipstream.kernels import cpu_ops
+from slipstream.kernels import kernels
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -35,9 +35,9 @@ def test_a_float16_kv_cache_decodes_as_the_model_dtype_cache_does(tmp_path, dtyp
         assert error < 0.05, f"max logprob difference {error:.4f} over the first {n + 1} tokens"
 
 
-@pytest.mark.skipif(cpu_ops() is None, reason="w4a8 needs the compiled CPU kernels")
+@pytest.mark.skipif(kernels().ops is None, reason="w4a8 needs the compiled CPU kernels")
 def test_w4a8_keeps_its_kv_cache_in_float16_unless_told():
     for kv_dtype, want in (("auto", torch.float16), ("float32", torch.float32)):
-        llm = LLM(dtype="float32", kv_cache_memory=16 << 20, quantization="w4a8", kv_cache_dtype=kv_dtype)
+        llm = LLM(kv_cache_memory=16 << 20, quantization="w4a8", kv_cache_dtype=kv_dtype)
         assert llm.engine.runner.kv_cache.dtype == want
         llm.engine.shutdown()

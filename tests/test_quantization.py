@@ -10,9 +10,9 @@ import torch
 from tiny_models import save_tiny_model
 
 from slipstream import LLM, SamplingParams
-from slipstream.kernels import cpu_ops
+from slipstream.kernels import kernels
 
-pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="w4a8 needs the compiled CPU kernels")
+pytestmark = pytest.mark.skipif(kernels().ops is None, reason="w4a8 needs the compiled CPU kernels")
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
              "List three uses of copper.", "How do I reverse a list in Python?", "Tell me a short story about a cat.",
@@ -31,7 +31,7 @@ def scores(llm: LLM, sequences: list[list[int]], start: list[int]) -> list[tuple
 
 
 def test_w4a8_stays_within_its_fidelity_bound_of_the_exact_engine():
-    exact = LLM(dtype="float32", kv_cache_memory=128 << 20)
+    exact = LLM(kv_cache_memory=128 << 20)
     greedy = exact.chat([[{"role": "user", "content": q}] for q in QUESTIONS],
                         SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
     sequences = [r.prompt_token_ids + r.outputs[0].token_ids for r in greedy]
@@ -55,7 +55,7 @@ def test_w4a8_brings_the_dtype_it_needs(caplog):
 def test_w4a8_refuses_a_model_without_gguf_blocks(tmp_path):
     model = save_tiny_model("llama", tmp_path / "tiny")
     with pytest.raises(ValueError, match="w4a8 needs a GGUF model"):
-        LLM(str(model), dtype="float32", kv_cache_memory=16 << 20, quantization="w4a8")
+        LLM(str(model), kv_cache_memory=16 << 20, quantization="w4a8")
 
 
 def test_an_unknown_quantization_is_refused():

@@ -95,7 +95,7 @@ def tiny_llm(llm_fp32) -> LLM:
     """The default model with 10 KV blocks of 4 tokens: five short requests cannot all fit."""
     engine = llm_fp32.engine
     token_bytes = engine.runner.kv_cache_bytes // (engine.runner.num_blocks * engine.config.block_size)
-    return LLM(dtype="float32", kv_cache_memory=10 * 4 * token_bytes, block_size=4, max_num_seqs=5)
+    return LLM(kv_cache_memory=10 * 4 * token_bytes, block_size=4, max_num_seqs=5)
 
 
 @pytest.fixture(scope="module")

@@ -167,5 +167,9 @@ def test_collect_env_reports_this_machine():
     assert report["cpu"] in info and all(f in info for f in report["cpu features"])
     assert report["engine threads"] == 1 and report["OMP_NUM_THREADS"] == "1"  # the environment is honoured
     assert report["dtype (auto)"] == "float32" and report["device (auto)"] == "cpu"
+    from slipstream.kernels import dispatch
+
+    assert report["compiled CPU kernels"].split()[0].rstrip(":") in {v.name for v in dispatch.VARIANTS} | {"none"}
+    assert len(report["cpu kernel variants"]) == len(dispatch.VARIANTS)
     text = subprocess.run([*CLI, "collect-env"], capture_output=True, text=True, timeout=600).stdout
     assert dict(line.split(": ", 1) for line in text.splitlines())["cpu"] == report["cpu"]

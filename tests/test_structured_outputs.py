@@ -198,7 +198,7 @@ def small_cache_llm():
     """The default model with a KV cache of a few blocks and no prefix cache, so a batch preempts."""
     from slipstream import LLM
 
-    return LLM(dtype="float32", kv_cache_memory=8 << 20, max_num_seqs=8, enable_prefix_caching=False)
+    return LLM(kv_cache_memory=8 << 20, max_num_seqs=8, enable_prefix_caching=False)
 
 
 # Derandomized and without shrinking: each example runs the model for a few seconds.

@@ -22,7 +22,7 @@ def tp1_results(llm_fp32):
 
 
 def test_tp3_matches_tp1_on_default_model(tp1_results):
-    llm = LLM(dtype="float32", kv_cache_memory=128 << 20, tensor_parallel_size=3)
+    llm = LLM(kv_cache_memory=128 << 20, tensor_parallel_size=3)
     try:
         results = llm.generate(PROMPTS, PARAMS)
     finally:
@@ -38,4 +38,4 @@ def test_tp3_matches_tp1_on_default_model(tp1_results):
 @pytest.mark.parametrize("size", [2, 8])
 def test_sizes_that_do_not_split_the_heads_are_refused(size):
     with pytest.raises(ValueError, match=rf"--tensor-parallel-size {size}.*9 attention heads and 3 KV heads"):
-        LLM(dtype="float32", kv_cache_memory=128 << 20, tensor_parallel_size=size)
+        LLM(kv_cache_memory=128 << 20, tensor_parallel_size=size)

@@ -52,7 +52,7 @@ def reference(ernie_dir):
 
 @pytest.mark.parametrize("size", [2, 4])
 def test_tiny_ernie_matches_transformers(ernie_dir, reference, size):
-    llm = LLM(str(ernie_dir), dtype="float32", kv_cache_memory=64 << 20, tensor_parallel_size=size)
+    llm = LLM(str(ernie_dir), kv_cache_memory=64 << 20, tensor_parallel_size=size)
     try:
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
         results = llm.generate([ids for ids, _, _ in reference], params)
@@ -73,7 +73,7 @@ def test_structured_outputs_under_tensor_parallelism(ernie_dir):
     params = SamplingParams(temperature=0, max_tokens=24, structured_outputs=StructuredOutputsParams(regex=regex))
     texts = []
     for size in (1, 2):
-        llm = LLM(str(ernie_dir), dtype="float32", kv_cache_memory=64 << 20, tensor_parallel_size=size)
+        llm = LLM(str(ernie_dir), kv_cache_memory=64 << 20, tensor_parallel_size=size)
         try:
             texts.append([(r.outputs[0].text, r.outputs[0].finish_reason) for r in llm.generate(PROMPTS, params)])
         finally:

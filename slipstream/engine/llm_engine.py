@@ -17,6 +17,7 @@ from slipstream.engine.recorder import EngineRecorder
 from slipstream.engine.scheduler import Scheduler
 from slipstream.engine.sequence import Sequence
 from slipstream.engine.structured_output import StructuredOutputManager
+from slipstream.kernels import kernels
 from slipstream.model.llama import ModelArgs, attention_window, check_tp_compatible
 from slipstream.model.loader import hf_directory, load_config, load_tokenizer
 from slipstream.model.parallel import init_distributed
@@ -116,6 +117,8 @@ class LLMEngine:
         self.reasoning: dict[str, ReasoningSpan] = {}  # requests whose thinking span is not over
         self.load_seconds = time.monotonic() - t0
         numerics = " ".join(filter(None, [str(self.runner.dtype).removeprefix("torch."), config.quantization]))
+        if self.runner.device.type == "cpu":
+            numerics += f", CPU kernels {kernels().describe()}"
         logger.info(
             "loaded %s: %s on %s (%d threads), %d KV blocks x %d tokens (%.0f MiB), max model len %d, in %.1f s",
             self.model_dir, numerics, self.runner.device, torch.get_num_threads(),

@@ -47,7 +47,7 @@ def collect() -> dict[str, object]:
     import torch
 
     from slipstream.config import EngineConfig
-    from slipstream.kernels import cpu_ops
+    from slipstream.kernels import dispatch
     from slipstream.model.runner import resolve_device, resolve_dtype
     from slipstream.model.worker import cpu_threads
 
@@ -65,8 +65,10 @@ def collect() -> dict[str, object]:
         "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "unset"),
         "device (auto)": str(device),
         "dtype (auto)": str(resolve_dtype("auto", device)).removeprefix("torch."),
-        "compiled CPU kernels": "AVX2 (gguf blocks, paged attention, decode stack)" if cpu_ops() is not None
-        else "unavailable: plain PyTorch",
+        "cpu kernel variants": [f"{v.name}" + (f" (lacks {'+'.join(m)})" if (m := dispatch.missing_features(v))
+                                                else "") for v in dispatch.VARIANTS],
+        dispatch.ISA_ENV: os.environ.get(dispatch.ISA_ENV, "unset"),
+        "compiled CPU kernels": dispatch.kernels().describe(),
         "cuda": torch.version.cuda or "none",
         "gpus": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
     }

@@ -87,7 +87,6 @@ void q8_rows(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K
   const int8_t* xb = xq.q.data() + m0 * K;
   const float* xd = xq.scale.data() + m0 * xq.stride;
   const float* xs = xq.sum.data() + m0 * xq.stride;
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qs = w.qs + n * row_bytes;
     __m256 acc[MM];
@@ -113,7 +112,7 @@ void q8_rows(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K
         for (int m = 0; m < MM; ++m) {
           __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + m * K + b * QK));
           if constexpr (T == QType::Q8_0) xv = _mm256_sign_epi8(xv, wq);
-          const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), ones));
+          const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(_mm256_setzero_si256(), wu, xv));
           acc[m] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(&scale[m][j]), acc[m]);
         }
       }
@@ -135,7 +134,8 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
   const int8_t* xb = xq.q.data() + m0 * K;
   const float* xd = xq.scale.data() + m0 * xq.stride;
   const float* xs = xq.sum.data() + m0 * xq.stride;
-  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // (AVX2's widening)
+  const __m256i low = _mm256_set1_epi8(0x0F);
   for (int64_t g = g0; g < g1; ++g) {
     __m256 acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm256_setzero_ps();
@@ -154,8 +154,12 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
           int32_t x0, x1;
           std::memcpy(&x0, quad, 4);
           std::memcpy(&x1, quad + 4, 4);
+#if SLIPSTREAM_VNNI  // int32 sums straight away
+          sum[m] = dot_u8s8(dot_u8s8(sum[m], lo, _mm256_set1_epi32(x0)), hi, _mm256_set1_epi32(x1));
+#else  // int16 sums, widened once per block below
           sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)));
           sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
+#endif
         }
       }
       const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + gb * 8)));
@@ -166,7 +170,11 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
       else
         offset = _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
       for (int m = 0; m < MM; ++m) {
+#if SLIPSTREAM_VNNI
+        const __m256 dot = _mm256_cvtepi32_ps(sum[m]);
+#else
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[m], ones));
+#endif
         acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(xd[m * xq.stride + b])), acc[m]);
         acc[m] = _mm256_fmadd_ps(offset, _mm256_set1_ps(xs[m * xq.stride + b]), acc[m]);
       }

@@ -1,8 +1,28 @@
-// AVX2 helpers shared by the kernels.
+// AVX2 helpers shared by the kernels (and the instructions a variant's flags add: dispatch.py's VARIANTS).
 #pragma once
 #include <immintrin.h>
 
+// VNNI (AVX512-VNNI with VL, or AVX-VNNI): vpdpbusd adds four u8 x s8 products straight into an int32 lane,
+// where AVX2 needs maddubs (to int16) and madd (to int32). The results are the same: no int16 sum of AVX2's
+// saturates (a pair is at most 2 * 128 * 127 for Q8_0's magnitudes, 2 * 15 * 127 for Q4's quants).
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define SLIPSTREAM_VNNI 1
+#else
+#define SLIPSTREAM_VNNI 0
+#endif
+
 namespace slipstream {
+
+// acc + the sums of each 4-byte group's products of unsigned bytes `u` and signed bytes `s`, per int32 lane.
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
 
 // Sum of the 8 lanes.
 inline float hsum(__m256 v) {

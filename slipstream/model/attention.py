@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slipstream.kernels import kernels
 from slipstream.model.context import get_context
-from slipstream.model.layers import fused_ops
 
 
 class PagedAttention(nn.Module):
@@ -26,31 +26,24 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    @property
-    def kernel_fits(self) -> bool:
-        """Whether the compiled kernels can work on this layer's cache: whole vectors per head, and
-        float32 or float16 (--kv-cache-dtype may make it differ from the model's dtype)."""
-        return self.head_dim % 8 == 0 and self.k_cache.dtype in (torch.float32, torch.float16)
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]"""
         ctx = get_context()
         kc, vc = self.k_cache, self.v_cache
         # The fallbacks convert on the way in and out: the cache may differ from the model's dtype.
-        ops = fused_ops(q) if self.kernel_fits else None
-        if kc.numel() and ops is not None:
-            ops.write_kv_cache(k, v, kc, vc, ctx.slot_mapping)
+        write_kv_cache = kernels().attention("write_kv_cache", q, kc)
+        decode = kernels().attention("paged_attention_decode", q, kc)
+        if write_kv_cache is not None:
+            write_kv_cache(k, v, kc, vc, ctx.slot_mapping)
         elif kc.numel():
             kc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
             vc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
         nd = ctx.num_decode
-        if ops is not None and nd == len(q):  # decode only: the kernel's output is the whole result
-            return ops.paged_attention_decode(q, kc, vc, ctx.decode_block_tables, ctx.decode_lens,
-                                              self.scale).flatten(1)
+        if decode is not None and nd == len(q):  # decode only: the kernel's output is the whole result
+            return decode(q, kc, vc, ctx.decode_block_tables, ctx.decode_lens, self.scale).flatten(1)
         out = torch.empty_like(q)
-        if nd and ops is not None:
-            out[:nd] = ops.paged_attention_decode(q[:nd], kc, vc, ctx.decode_block_tables, ctx.decode_lens,
-                                                  self.scale)
+        if nd and decode is not None:
+            out[:nd] = decode(q[:nd], kc, vc, ctx.decode_block_tables, ctx.decode_lens, self.scale)
         elif nd:
             bt = ctx.decode_block_tables
             kk = kc[bt].flatten(1, 2).transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]

@@ -8,13 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slipstream.kernels import GGUF_KERNEL_TYPES, cpu_ops
+from slipstream.kernels import GGUF_KERNEL_TYPES, kernels
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
-
-# Up to this many rows (tokens), a matmul reads the weights' GGUF blocks (a quarter of fp32's
-# bytes for Q4) instead of the dense copy: small batches are bound by memory, and up to here the
-# block kernel is as fast as MKL's dense fp32 GEMM on 2 cores (beyond, GEMM's blocking wins).
-GGUF_KERNEL_MAX_ROWS = 32
 
 
 def attach_gguf_blocks(layer: nn.Module, blocks: torch.Tensor, qtype: int, int8_activations: bool) -> None:
@@ -65,22 +60,12 @@ def interleave_q4_rows(
     return packed.reshape(out // 8, nb, 128).contiguous(), by_group(scales), by_group(mins)
 
 
-def gguf_kernel_serves(layer: nn.Module, rows: int) -> bool:
-    """Whether a matmul of `rows` rows through `layer` runs on its GGUF blocks (else on its dense weight)."""
-    return getattr(layer, "gguf_weight", None) is not None and (layer.int8_activations or rows <= GGUF_KERNEL_MAX_ROWS)
-
-
 def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if not gguf_kernel_serves(layer, x.shape[0]):
+    kernel = kernels().gguf_matmul(layer, x.shape[0])
+    if kernel is None:
         return F.linear(x, layer.weight, bias)
-    kernel = cpu_ops().gguf_linear_q8 if layer.int8_activations else cpu_ops().gguf_linear
     y = kernel(x, *layer.gguf_weight, layer.gguf_type)
     return y if bias is None else y + bias
-
-
-def fused_ops(x: torch.Tensor):
-    """The compiled kernels when they can run on `x` (float32 on a CPU that has them), else None."""
-    return cpu_ops() if x.dtype == torch.float32 and x.device.type == "cpu" else None
 
 
 def _shard(t: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor:
@@ -208,15 +193,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`, (norm(x + residual), x + residual), the sum written into
         `residual` where the fused kernel runs."""
-        ops = fused_ops(x)
         if residual is None:
-            if ops is None:
+            if (rms_norm := kernels().elementwise("rms_norm", x)) is None:
                 return self._norm(x)
-            return ops.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
-        if ops is None:
+            return rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+        if (add_rms_norm_ := kernels().elementwise("add_rms_norm_", x)) is None:
             residual = residual + x
             return self._norm(residual), residual
-        return ops.add_rms_norm_(x, residual, self.weight, self.eps), residual
+        return add_rms_norm_(x, residual, self.weight, self.eps), residual
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 statistics as transformers does, whatever the activation dtype.
@@ -239,9 +223,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin() * scaling, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        ops = fused_ops(q)
-        if ops is not None:
-            ops.rotary_(q, k, positions, self.cos, self.sin, self.interleaved)
+        if (rotary_ := kernels().elementwise("rotary_", q)) is not None:
+            rotary_(q, k, positions, self.cos, self.sin, self.interleaved)
             return q, k
         cos = self.cos[positions].unsqueeze(-2)  # [T, 1, rot/2]
         sin = self.sin[positions].unsqueeze(-2)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slipstream.kernels import cpu_ops
+from slipstream.kernels import kernels
 from slipstream.model.attention import PagedAttention
 from slipstream.model.context import get_context
 from slipstream.model.layers import (
@@ -21,8 +21,6 @@ from slipstream.model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     attach_gguf_blocks,
-    fused_ops,
-    gguf_kernel_serves,
 )
 from slipstream.model.parallel import tp_size
 
@@ -119,9 +117,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        ops = fused_ops(gate_up)
-        if ops is not None:
-            return self.down_proj(ops.silu_and_mul(gate_up))
+        if (silu_and_mul := kernels().elementwise("silu_and_mul", gate_up)) is not None:
+            return self.down_proj(silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(torch.nn.functional.silu(gate) * up)
 
@@ -188,7 +185,7 @@ class CausalLM(nn.Module):
         if self._decode_stack is None:
             self._decode_stack = build_decode_stack(self) or False
         # The stack has only the block kernels: where a layer would take its dense path, so must the step.
-        serves = self._decode_stack and gguf_kernel_serves(self.layers[0].self_attn.qkv_proj, rows)
+        serves = self._decode_stack and kernels().gguf_matmul(self.layers[0].self_attn.qkv_proj, rows) is not None
         return self._decode_stack if serves else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -276,15 +273,15 @@ def build_decode_stack(model: CausalLM):
     """A DecodeStack over `model`'s weights and KV cache, or None when some layer has what the stack
     does not run: dense-only weights, biases, q/k norms, several ranks, a cache the attention kernel
     does not take (head_dim not a multiple of 8, bfloat16)."""
-    ops, args = cpu_ops(), model.args
+    table, args = kernels(), model.args
     attn = model.layers[0].self_attn
-    if ops is None or tp_size() > 1 or args.qk_norm or not attn.attn.kernel_fits or not attn.attn.k_cache.numel():
+    if not table.decode_stack_usable() or not table.cache_fits(attn.attn.k_cache) or tp_size() > 1 or args.qk_norm:
         return None
     linears = [lin for layer in model.layers for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                           layer.mlp.gate_up_proj, layer.mlp.down_proj)]
     if any(getattr(lin, "gguf_weight", None) is None or lin.bias is not None for lin in linears):
         return None
-    return ops.DecodeStack(
+    return table.ops.DecodeStack(
         [layer.input_layernorm.weight for layer in model.layers],
         [layer.post_attention_layernorm.weight for layer in model.layers],
         [list(lin.gguf_weight) for lin in linears], [lin.gguf_type for lin in linears],

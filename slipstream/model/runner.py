@@ -15,7 +15,7 @@ import torch.distributed as dist
 from slipstream.config import EngineConfig
 from slipstream.engine.scheduler import ScheduledSeq
 from slipstream.engine.sequence import TokenLogprobs
-from slipstream.kernels import cpu_ops
+from slipstream.kernels import kernels
 from slipstream.model.context import set_context
 from slipstream.model.loader import iter_gguf_blocks, iter_weights
 from slipstream.model.parallel import all_reduce_min, tp_rank, tp_size
@@ -36,10 +36,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA; on a CPU float32, whatever it supports: exact, and the type the compiled
-    kernels serve (bfloat16 would be plain PyTorch over dense weights, 4x slower even with AVX512-BF16)."""
+    """auto: float32 on every device, the exact mode (outputs equal to the reference, token for token) and the
+    type the compiled CPU kernels serve; bfloat16 is a choice (`--dtype bfloat16`), faster on CUDA, rounded."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.float32
     names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
              "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
@@ -78,14 +78,19 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.model = build_model(hf_config, self.dtype, self.device, max_model_len)
         self.model.load_weights(iter_weights(model_dir))
+        int8 = config.quantization == "w4a8"
+        table = kernels()
+        if int8 and table.ops is not None and not table.has("gguf_linear_q8"):
+            logger.warning("--quantization w4a8: its kernel failed its self-check on this CPU; serving exact mode")
+            int8 = False
         blocks = []
-        if self.device.type == "cpu" and self.dtype == torch.float32 and tp_size() == 1 and cpu_ops() is not None:
+        if table.serves_gguf_blocks(self.device, self.dtype, tp_size(), int8):
             blocks = list(iter_gguf_blocks(model_dir))  # only a converted GGUF has them
-        if config.quantization == "w4a8" and not blocks:
+        if int8 and not blocks:
             raise ValueError("--quantization w4a8 needs a GGUF model (Q4_0/Q4_1/Q8_0 weights), a CPU with AVX2 "
                              "and one tensor-parallel rank")
         if blocks:
-            self.model.load_gguf_blocks(blocks, int8_activations=config.quantization == "w4a8")
+            self.model.load_gguf_blocks(blocks, int8_activations=int8)
         self.num_blocks = self._allocate_kv_cache(max_model_len)
 
     def _kv_cache_dtype(self) -> torch.dtype:

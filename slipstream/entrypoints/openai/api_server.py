@@ -52,6 +52,7 @@ from slipstream.entrypoints.openai.serving_engine import ServingOptions
 from slipstream.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponsesRequest
 from slipstream.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from slipstream.entrypoints.openai.tool_calling import describe_tool_format
+from slipstream.kernels import dispatch
 from slipstream.model.loader import DEFAULT_MODEL_FILE
 from slipstream.reasoning import get_reasoning_parser
 
@@ -118,7 +119,8 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
 
     @app.get("/version")
     async def version() -> dict:
-        return {"version": __version__}
+        table = dispatch.decided()  # (decided by the engine as it loads the model)
+        return {"version": __version__, "cpu_kernels": table.describe() if table is not None else None}
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -75,8 +75,8 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
         help="split long prompts across engine steps")
     add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-        help="weights and activations type (auto: float32 on a CPU, exact and the compiled kernels' type; bfloat16 on "
-        "CUDA)")
+        help="weights and activations type (auto: float32 on every device, exact and the compiled kernels' type; "
+        "bfloat16 is faster on CUDA, rounded)")
     add("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
         help="KV-cache type (auto: the model's dtype; float16 with --quantization w4a8, as llama.cpp keeps it)")
     add("--quantization", choices=QUANTIZATION_METHODS, default=None,

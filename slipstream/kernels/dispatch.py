@@ -1,0 +1,211 @@
+"""Which kernel serves each op on this machine: decided here, once, and nowhere else.
+
+As ggml scores its CPU variants at load, slipstream keeps one table of kernel builds (VARIANTS, best first),
+each naming the CPU features it needs and the compiler flags it is built with. The first call of `kernels()`
+picks the best variant this CPU runs (or a lower one that $SLIPSTREAM_CPU_ISA names: `avx2`, `none`, ...),
+builds it once (torch's cpp_extension, cached per machine), checks each of its kernels against the PyTorch
+reference on a small random input (selfcheck.py). A variant with a kernel that disagrees is passed over, with a
+warning naming the kernel, for the next lower one; in the last, such a kernel is disabled: a CPU never tested on
+degrades to correct-and-slower, never to wrong.
+
+Model code asks the resulting KernelTable what serves a matmul (`gguf_matmul`), an elementwise op
+(`elementwise`), paged attention (`attention`) or a whole decode step (`decode_stack_usable`); the model runner
+asks `serves_gguf_blocks` before it loads block weights. Adding an ISA or a weight type touches this module and
+its kernels only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ISA_ENV = "SLIPSTREAM_CPU_ISA"
+
+# GGML type ids the block kernels understand (gguf.GGMLQuantizationType values).
+GGUF_KERNEL_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+
+# Up to this many rows, a matmul in exact mode reads the GGUF blocks (0.56 bytes a weight for Q4) instead of the
+# dense copy: small batches are bound by memory, and up to here the block kernel is as fast as MKL's dense fp32
+# GEMM on 2 cores (beyond, GEMM's blocking wins). The int8 kernel (w4a8) serves every row count.
+GGUF_KERNEL_MAX_ROWS = 32
+
+ELEMENTWISE = ("rms_norm", "add_rms_norm_", "rotary_", "silu_and_mul")
+ATTENTION = ("write_kv_cache", "paged_attention_decode")
+MATMUL = ("gguf_linear", "gguf_linear_q8")
+# DecodeStack runs all of a decode step's layers with the kernels above: it is only as good as they are.
+DECODE_STACK_PARTS = (*ELEMENTWISE, *ATTENTION, *MATMUL)
+
+
+@dataclass(frozen=True)
+class CpuVariant:
+    name: str
+    features: frozenset[str]  # /proc/cpuinfo flags the build's instructions need
+    cflags: tuple[str, ...]
+
+
+_AVX2 = ("avx2", "fma", "f16c")
+VARIANTS = (  # best first; all share the AVX2 sources, the VNNI builds take vpdpbusd for int8 dot products (vec.h)
+    CpuVariant("avx512_vnni", frozenset({*_AVX2, "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
+               ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")),
+    CpuVariant("avx_vnni", frozenset({*_AVX2, "avx_vnni"}), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
+    CpuVariant("avx2", frozenset(_AVX2), ("-mavx2", "-mfma", "-mf16c")),
+)
+
+
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def missing_features(variant: CpuVariant, flags: frozenset[str] | None = None) -> list[str]:
+    return sorted(variant.features - (cpu_flags() if flags is None else flags))
+
+
+def choose_variant(flags: frozenset[str] | None = None, forced: str | None = None) -> CpuVariant | None:
+    """The best variant these CPU flags run, or the one `forced` ($SLIPSTREAM_CPU_ISA) names if they run it."""
+    runnable = [v for v in VARIANTS if not missing_features(v, flags)]
+    if forced is None:
+        return runnable[0] if runnable else None
+    if forced == "none":
+        return None
+    for v in VARIANTS:
+        if v.name == forced:
+            if v in runnable:
+                return v
+            logger.warning("%s=%s: this CPU lacks %s; using %s", ISA_ENV, forced, ", ".join(missing_features(v, flags)),
+                           runnable[0].name if runnable else "no compiled kernels")
+            return runnable[0] if runnable else None
+    names = ", ".join([v.name for v in VARIANTS] + ["none"])
+    raise ValueError(f"{ISA_ENV}={forced!r}: use one of {names}")
+
+
+@functools.cache
+def build(variant: CpuVariant):
+    """The compiled module of `variant` (built on first use, then loaded from torch's cache), or None when this
+    machine cannot build it (no compiler, no ninja)."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        here = Path(__file__).parent
+        return load(
+            name=f"slipstream_cpu_kernels_{variant.name}",
+            sources=sorted(str(f) for f in here.glob("*.cpp")),
+            extra_cflags=["-O3", *variant.cflags, "-fopenmp"],
+            extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP from the header: without it, 1 thread
+            verbose=False,
+        )
+    except Exception as e:
+        logger.warning("CPU kernels (%s) unavailable (%s); using plain PyTorch ops", variant.name, e)
+        return None
+
+
+@dataclass
+class KernelTable:
+    """The kernels this machine runs, and for each op whether one serves it."""
+
+    variant: CpuVariant | None
+    ops: object | None  # the compiled module
+    disabled: dict[str, str] = field(default_factory=dict)  # kernel -> why (its self-check disagreed)
+
+    def has(self, name: str) -> bool:
+        return self.ops is not None and name not in self.disabled
+
+    def elementwise(self, name: str, x: torch.Tensor) -> Callable | None:
+        """The kernel `name` (rms_norm, add_rms_norm_, rotary_, silu_and_mul) when it can work on `x`:
+        float32 on the CPU."""
+        if x.device.type != "cpu" or x.dtype != torch.float32 or not self.has(name):
+            return None
+        return getattr(self.ops, name)
+
+    @staticmethod
+    def cache_fits(cache: torch.Tensor) -> bool:
+        """Whether the attention kernels take this KV cache: bound, whole vectors of 8 per head, float32 or
+        float16 (--kv-cache-dtype may make it differ from the model's dtype)."""
+        return bool(cache.numel()) and cache.shape[-1] % 8 == 0 and cache.dtype in (torch.float32, torch.float16)
+
+    def attention(self, name: str, q: torch.Tensor, cache: torch.Tensor) -> Callable | None:
+        """The kernel `name` (write_kv_cache, paged_attention_decode) for queries `q` over `cache`."""
+        return self.elementwise(name, q) if self.cache_fits(cache) else None
+
+    def gguf_matmul(self, layer: nn.Module, rows: int) -> Callable | None:
+        """The block kernel for a matmul of `rows` rows through `layer`, or None: its dense weight serves."""
+        if getattr(layer, "gguf_weight", None) is None:
+            return None
+        if layer.int8_activations:
+            return self.ops.gguf_linear_q8 if self.has("gguf_linear_q8") else None
+        return self.ops.gguf_linear if rows <= GGUF_KERNEL_MAX_ROWS and self.has("gguf_linear") else None
+
+    def serves_gguf_blocks(self, device: torch.device, dtype: torch.dtype, num_ranks: int, int8: bool) -> bool:
+        """Whether a GGUF model's block weights are worth loading: the matmul kernel they need runs here."""
+        kernel = "gguf_linear_q8" if int8 else "gguf_linear"
+        return device.type == "cpu" and dtype == torch.float32 and num_ranks == 1 and self.has(kernel)
+
+    def decode_stack_usable(self) -> bool:
+        return self.has("DecodeStack") and all(self.has(k) for k in DECODE_STACK_PARTS)
+
+    def describe(self) -> str:
+        if self.variant is None:
+            return "none (plain PyTorch ops)"
+        if self.ops is None:
+            return f"{self.variant.name}: not built (plain PyTorch ops)"
+        off = f"; disabled after their self-check: {', '.join(sorted(self.disabled))}" if self.disabled else ""
+        return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())}, paged attention, " \
+               f"norm/rotary/SwiGLU, decode stack){off}"
+
+
+_table: KernelTable | None = None
+_deciding = threading.Lock()
+
+
+def kernels() -> KernelTable:
+    """This machine's kernel table, decided (built and self-checked) on the first call in a process."""
+    global _table
+    with _deciding:
+        if _table is None:
+            _table = _decide()
+    return _table
+
+
+def decided() -> KernelTable | None:
+    """The kernel table if this process has decided it already (never builds anything)."""
+    return _table
+
+
+def _decide() -> KernelTable:
+    """The chosen variant if all its kernels pass their self-check; else the next lower variant that passes (a
+    variant is only as trusted as its checks); else the lowest one built, without the kernels that failed."""
+    from slipstream.kernels.selfcheck import self_check
+
+    chosen = choose_variant(forced=os.environ.get(ISA_ENV) or None)
+    if chosen is None:
+        return KernelTable(None, None)
+    table = KernelTable(chosen, None)
+    for variant in [v for v in VARIANTS[VARIANTS.index(chosen):] if not missing_features(v)]:
+        ops = build(variant)
+        if ops is None:
+            continue
+        table = KernelTable(variant, ops, self_check(ops))
+        if not table.disabled:
+            return table
+        for name, why in table.disabled.items():
+            logger.warning("CPU kernel %s (%s) disagrees with PyTorch on its self-check (%s): disabled", name,
+                           variant.name, why)
+    if table.disabled:
+        logger.warning("CPU kernels %s: %s run in plain PyTorch", table.variant.name, ", ".join(sorted(table.disabled)))
+    return table

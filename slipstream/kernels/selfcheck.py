@@ -1,0 +1,172 @@
+"""Each compiled kernel against its PyTorch reference on a small random input, once per process (milliseconds):
+`self_check(ops)` returns the kernels that disagree, and why. The tests (tests/test_kernels.py) hold the same
+kernels to the same references over many more shapes.
+
+$SLIPSTREAM_SELFCHECK_BREAK (comma-separated kernel names) is a test hook: those kernels' outputs are perturbed
+before the comparison, as a kernel miscompiled for an unknown CPU would be."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES
+from slipstream.model.layers import interleave_q4_rows, split_gguf_blocks
+
+BREAK_ENV = "SLIPSTREAM_SELFCHECK_BREAK"
+
+
+def q8_reference(x: torch.Tensor, dense: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                 qtype: int) -> torch.Tensor:
+    """What gguf_linear_q8 computes, in PyTorch: x rounded to int8 per 32-value block (scale = max|x| / 127)
+    times the dequantized weights, except that each block's offset term (Q4_1 min, Q4_0's -8 * scale) meets
+    the exact block sum of x."""
+    blocks = x.view(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    rounded = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0) * d
+    y = rounded.flatten(1) @ dense.T
+    name = GGUF_KERNEL_TYPES[qtype]
+    if name == "Q8_0":
+        return y
+    offset = mins.view(torch.float16).float() if name == "Q4_1" else -8 * scales.view(torch.float16).float()
+    return y + (blocks.sum(-1) - rounded.sum(-1)) @ offset.T
+
+
+def random_gguf_weight(qtype: int, out_features: int, in_features: int, seed: int):
+    """Blocks of a random weight quantized by the gguf package, and their dequantized float32 values."""
+    from gguf import GGMLQuantizationType, quants
+
+    weight = np.random.default_rng(seed).standard_normal((out_features, in_features), dtype=np.float32)
+    blocks = quants.quantize(weight, GGMLQuantizationType(qtype))
+    dense = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType(qtype)).copy())
+    return torch.from_numpy(blocks), dense
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-4) -> str | None:
+    if got.shape != want.shape:
+        return f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if not torch.allclose(got, want, rtol=rtol, atol=atol):
+        return f"max error {(got - want).abs().max().item():.3g}"
+    return None
+
+
+def _gguf_linear(ops, perturb: Callable) -> str | None:
+    x = torch.randn(3, 320, generator=torch.Generator().manual_seed(0))
+    for qtype, name in GGUF_KERNEL_TYPES.items():
+        blocks, dense = random_gguf_weight(qtype, 19, 320, qtype)
+        if why := _close(perturb(ops.gguf_linear(x, *split_gguf_blocks(blocks, qtype), qtype)), F.linear(x, dense)):
+            return f"{name}: {why}"
+    return None
+
+
+def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
+    x = torch.randn(5, 320, generator=torch.Generator().manual_seed(1))
+    for qtype, name in GGUF_KERNEL_TYPES.items():
+        blocks, dense = random_gguf_weight(qtype, 24, 320, qtype)
+        split = split_gguf_blocks(blocks, qtype)
+        want = q8_reference(x, dense, split[1], split[2], qtype)
+        layouts = [split] if name == "Q8_0" else [split, interleave_q4_rows(*split)]
+        for layout in layouts:
+            if why := _close(perturb(ops.gguf_linear_q8(x, *layout, qtype)), want):
+                return f"{name}: {why}"
+    return None
+
+
+def _paged_attention_decode(ops, perturb: Callable) -> str | None:
+    g = torch.Generator().manual_seed(2)
+    heads, kv_heads, dim, block_size = 4, 2, 64, 4
+    for dtype in (torch.float32, torch.float16):
+        k_cache = torch.randn(8, block_size, kv_heads, dim, generator=g).to(dtype)
+        v_cache = torch.randn(8, block_size, kv_heads, dim, generator=g).to(dtype)
+        lens = torch.tensor([1, 5, 12])
+        tables = torch.stack([torch.randperm(8, generator=g)[:3] for _ in lens])
+        q = torch.randn(len(lens), heads, dim, generator=g)
+        got = perturb(ops.paged_attention_decode(q, k_cache, v_cache, tables, lens, dim**-0.5))
+        for i, n in enumerate(lens.tolist()):
+            k = k_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()
+            v = v_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()
+            want = F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
+            if why := _close(got[i], want, atol=1e-5):
+                return f"{dtype}: {why}"
+    return None
+
+
+def _write_kv_cache(ops, perturb: Callable) -> str | None:
+    k, v = torch.randn(3, 2, 16) * 1000, torch.randn(3, 2, 16) * 1000
+    for dtype in (torch.float32, torch.float16):
+        k_cache, v_cache = (torch.zeros(4, 4, 2, 16, dtype=dtype) for _ in range(2))
+        slots = torch.tensor([5, 0, 14])
+        ops.write_kv_cache(k, v, k_cache, v_cache, slots)
+        got = perturb(k_cache.view(-1, 2, 16)[slots].float())
+        if not torch.equal(got, k.to(dtype).float()) or not torch.equal(v_cache.view(-1, 2, 16)[slots], v.to(dtype)):
+            return f"{dtype}: the slots do not hold the keys and values"
+    return None
+
+
+def _norms(weight: torch.Tensor):
+    return lambda t: weight * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+
+def _rms_norm(ops, perturb: Callable) -> str | None:
+    x, weight = torch.randn(3, 45), torch.randn(45)
+    return _close(perturb(ops.rms_norm(x, weight, 1e-5)), _norms(weight)(x), atol=1e-5)
+
+
+def _add_rms_norm_(ops, perturb: Callable) -> str | None:
+    x, residual, weight = torch.randn(3, 45), torch.randn(3, 45), torch.randn(45)
+    summed = x + residual
+    got = perturb(ops.add_rms_norm_(x, residual, weight, 1e-5))
+    return _close(got, _norms(weight)(summed), atol=1e-5) or _close(residual, summed, atol=1e-6)
+
+
+def _silu_and_mul(ops, perturb: Callable) -> str | None:
+    gate_up = torch.randn(3, 90) * 10
+    gate, up = gate_up.chunk(2, dim=-1)
+    return _close(perturb(ops.silu_and_mul(gate_up)), F.silu(gate) * up, atol=1e-5)
+
+
+def _rotary_(ops, perturb: Callable) -> str | None:
+    tokens, heads, kv_heads, dim = 3, 2, 1, 16
+    angles = torch.outer(torch.arange(8.0), torch.rand(dim // 2))
+    positions = torch.tensor([0, 3, 7])
+    c, s = angles.cos()[positions].unsqueeze(1), angles.sin()[positions].unsqueeze(1)
+    for interleaved in (False, True):
+        q, k = torch.randn(tokens, heads, dim), torch.randn(tokens, kv_heads, dim)
+        if interleaved:
+            x1, x2 = q[..., 0::2], q[..., 1::2]
+            want = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+        else:
+            x1, x2 = q.chunk(2, dim=-1)
+            want = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        ops.rotary_(q, k, positions, angles.cos(), angles.sin(), interleaved)
+        if why := _close(perturb(q), want, atol=1e-5):
+            return f"interleaved={interleaved}: {why}"
+    return None
+
+
+CHECKS: dict[str, Callable] = {
+    "gguf_linear": _gguf_linear, "gguf_linear_q8": _gguf_linear_q8,
+    "paged_attention_decode": _paged_attention_decode, "write_kv_cache": _write_kv_cache,
+    "rms_norm": _rms_norm, "add_rms_norm_": _add_rms_norm_, "silu_and_mul": _silu_and_mul, "rotary_": _rotary_,
+}
+
+
+def self_check(ops) -> dict[str, str]:
+    """The kernels of `ops` that disagree with PyTorch (or fail), with why."""
+    broken = set(filter(None, os.environ.get(BREAK_ENV, "").split(",")))
+    failed: dict[str, str] = {}
+    with torch.random.fork_rng(), torch.inference_mode():  # the engine's seeded generator is left alone
+        torch.manual_seed(0)
+        for name, check in CHECKS.items():
+            perturb = (lambda t: t + 1.0) if name in broken else (lambda t: t)
+            try:
+                why = check(ops, perturb)
+            except Exception as e:  # a kernel that raises on a valid input is as unusable as a wrong one
+                why = f"{type(e).__name__}: {e}"
+            if why is not None:
+                failed[name] = why
+    return failed
