@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # --quantization methods (FastDeploy's names). w4a8: a GGUF's 4-bit (and 8-bit) weight blocks times
-# activations rounded to int8 in blocks of 32, as llama.cpp computes: faster, no longer exact.
-QUANTIZATION_METHODS = ("w4a8",)
+# activations rounded to int8 in blocks of 32, as llama.cpp computes: faster, no longer exact. wint8 / wint4:
+# weight-only, applied at load (each linear layer's weights rounded to Q8_0 / Q4_1 blocks of 32, activations
+# stay float32): a quarter / an eighth of float32's weight memory, served by the GGUF block kernels.
+QUANTIZATION_METHODS = ("w4a8", "wint8", "wint4")
+QUANTIZATION_ALIASES = {"weight_only_int8": "wint8", "weight_only_int4": "wint4"}  # FastDeploy's long names
 # --kv-cache-dtype: auto is the model's dtype, except float16 under w4a8 (llama.cpp's default).
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -42,6 +45,7 @@ class EngineConfig:
     master_port: int | None = None  # None: a free port (single node only)
 
     def __post_init__(self) -> None:
+        self.quantization = QUANTIZATION_ALIASES.get(self.quantization, self.quantization)
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             methods = ", ".join(QUANTIZATION_METHODS)
             raise ValueError(f"unknown quantization {self.quantization!r}: use one of {methods}")

@@ -11,8 +11,8 @@ from gguf import GGMLQuantizationType, quants
 from server_utils import running_server
 
 from slipstream import SamplingParams
-from slipstream.kernels import GGUF_KERNEL_TYPES, dispatch
-from slipstream.kernels.selfcheck import BREAK_ENV, q8_reference, self_check
+from slipstream.kernels import GGUF_KERNEL_TYPES, INT8_KERNEL_TYPES, dispatch
+from slipstream.kernels.selfcheck import BREAK_ENV, q8_reference, random_gguf_weight, self_check
 from slipstream.model.layers import interleave_q4_rows, split_gguf_blocks
 
 
@@ -31,14 +31,13 @@ def ops(request):
 @pytest.mark.parametrize("qtype", sorted(GGUF_KERNEL_TYPES))
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 15])
 def test_gguf_linear_matches_dequantized_matmul(ops, qtype, rows):
-    rng = np.random.default_rng(qtype * 100 + rows)
-    out_features, in_features = 37, 320  # 10 blocks per row: a full and a partial group of 8
-    weight = rng.standard_normal((out_features, in_features), dtype=np.float32)
-    blocks = quants.quantize(weight, GGMLQuantizationType(qtype))
-    dense = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType(qtype)).copy())
+    # 16 blocks of 32 per row (2 super-blocks of 256 for K-quants): whole and partial groups of 8 blocks for
+    # the classic types at 320 inputs, K-quants at 512. K-quant blocks are random bytes with valid scales.
+    in_features = 512 if GGUF_KERNEL_TYPES[qtype].endswith("_K") else 320
+    blocks, dense = random_gguf_weight(qtype, 37, in_features, seed=qtype * 100 + rows)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
-    got = ops.gguf_linear(x, *split_gguf_blocks(torch.from_numpy(blocks), qtype), qtype)
-    torch.testing.assert_close(got, F.linear(x, dense), rtol=1e-5, atol=1e-4)  # sums of ~320 terms of ~1
+    got = ops.gguf_linear(x, *split_gguf_blocks(blocks, qtype), qtype)
+    torch.testing.assert_close(got, F.linear(x, dense), rtol=1e-5, atol=1e-4)  # sums of ~500 terms of ~1
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
@@ -112,7 +111,7 @@ def test_write_kv_cache_fills_the_given_slots(ops, cache_dtype):
     assert k_cache.float().abs().sum() == k.to(cache_dtype).float().abs().sum()  # nothing else written
 
 
-@pytest.mark.parametrize("qtype", sorted(GGUF_KERNEL_TYPES))
+@pytest.mark.parametrize("qtype", sorted(INT8_KERNEL_TYPES))
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 13, 40])
 def test_gguf_linear_q8_matches_rounded_activations(ops, qtype, rows):
     rng = np.random.default_rng(qtype * 100 + rows)
@@ -130,7 +129,7 @@ def test_gguf_linear_q8_matches_rounded_activations(ops, qtype, rows):
     assert (got - exact).abs().max() < 0.03 * exact.abs().max()
 
 
-@pytest.mark.parametrize("qtype", [t for t, name in GGUF_KERNEL_TYPES.items() if name != "Q8_0"])
+@pytest.mark.parametrize("qtype", [t for t in sorted(INT8_KERNEL_TYPES) if GGUF_KERNEL_TYPES[t] != "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13])
 def test_gguf_linear_q8_interleaved_q4_matches_rounded_activations(ops, qtype, rows):
     rng = np.random.default_rng(qtype * 10 + rows)

@@ -1,6 +1,12 @@
 // GGUF block weights as the matmul kernels take them: the loader splits each row of 32-weight
 // blocks into quants [N, nb * quant bytes], fp16 scales [N, nb] and (Q4_1) fp16 mins [N, nb], so
 // eight blocks' scales convert in one instruction and the min term is a vector FMA over eight blocks.
+//
+// K-quants (256-weight super-blocks with 6/8-bit sub-block scales) arrive unpacked by the loader
+// (`split_gguf_blocks` in layers.py) into exact float32 scales and mins per sub-block (each an fp16 times a
+// small integer: exact in float32): Q4_K as Q4_1's nibble layout per 32 weights with float32 scales [N, nb]
+// and mins [N, nb]; Q5_K and Q6_K as one byte per weight (0..31, -32..31) in blocks of 16 with float32
+// scales [N, K / 16] (and, Q5_K, mins).
 #pragma once
 #include <ATen/ATen.h>
 #include <immintrin.h>
@@ -12,9 +18,15 @@ namespace slipstream {
 
 constexpr int QK = 32;  // weights per block
 
-enum class QType { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // GGML type ids
+enum class QType { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };  // GGML type ids
 
-// Bytes of one block's quants.
+// The classic types, whose blocks the int8-activation kernel (gguf_linear_q8) also takes.
+constexpr bool is_classic(QType t) { return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q8_0; }
+// Q5_K and Q6_K: a byte per weight, blocks of 16.
+constexpr bool is_k16(QType t) { return t == QType::Q5_K || t == QType::Q6_K; }
+constexpr bool has_mins(QType t) { return t == QType::Q4_1 || t == QType::Q4_K || t == QType::Q5_K; }
+
+// Bytes of one 32-weight block's quants.
 template <QType T>
 constexpr int quant_bytes() {
   return T == QType::Q8_0 ? 32 : 16;
@@ -22,9 +34,19 @@ constexpr int quant_bytes() {
 
 struct Weights {
   const uint8_t* qs;
-  const uint16_t* scales;
+  const uint16_t* scales;  // fp16 (classic types)
   const uint16_t* mins;
+  const float* fscales;  // float32 (K-quants)
+  const float* fmins;
 };
+
+// Eight float32 values (n <= 8 of them valid, the rest zero).
+inline __m256 load_floats(const float* f, int64_t n) {
+  if (n == 8) return _mm256_loadu_ps(f);
+  alignas(32) float buf[8] = {};
+  std::memcpy(buf, f, n * sizeof(float));
+  return _mm256_load_ps(buf);
+}
 
 // Eight fp16 values (n <= 8 of them valid, the rest zero) as floats.
 inline __m256 load_halves(const uint16_t* h, int64_t n) {
@@ -57,15 +79,24 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
   const int64_t K = x.size(1), N = qs.size(0), nb = K / QK;
   TORCH_CHECK(K % QK == 0, "in_features must be a multiple of 32");
   const auto type = static_cast<QType>(qtype);
-  TORCH_CHECK(type == QType::Q4_0 || type == QType::Q4_1 || type == QType::Q8_0, "unsupported GGUF type ", qtype);
-  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) == nb * (type == QType::Q8_0 ? 32 : 16) &&
-              scales.scalar_type() == at::kShort && scales.is_contiguous() && scales.size(0) == N &&
-              scales.size(1) == nb, "bad GGUF weight");
-  const bool q4_1 = type == QType::Q4_1;
-  TORCH_CHECK(!q4_1 || (mins.scalar_type() == at::kShort && mins.is_contiguous() && mins.sizes() == scales.sizes()),
-              "Q4_1 needs a min per block");
-  return {qs.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<int16_t>()),
-          q4_1 ? reinterpret_cast<const uint16_t*>(mins.data_ptr<int16_t>()) : nullptr};
+  TORCH_CHECK(is_classic(type) || type == QType::Q4_K || is_k16(type), "unsupported GGUF type ", qtype);
+  const int64_t q_bytes = is_k16(type) ? K : nb * (type == QType::Q8_0 ? 32 : 16);
+  const int64_t groups = is_k16(type) ? K / 16 : nb;  // scales per row
+  const auto scale_type = is_classic(type) ? at::kShort : at::kFloat;
+  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.dim() == 2 && qs.size(1) == q_bytes &&
+              scales.scalar_type() == scale_type && scales.is_contiguous() && scales.dim() == 2 &&
+              scales.size(0) == N && scales.size(1) == groups, "bad GGUF weight");
+  TORCH_CHECK(!has_mins(type) || (mins.scalar_type() == scale_type && mins.is_contiguous() &&
+                                  mins.sizes() == scales.sizes()), "this GGUF type needs a min per block");
+  Weights w{qs.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, nullptr};
+  if (is_classic(type)) {
+    w.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<int16_t>());
+    if (has_mins(type)) w.mins = reinterpret_cast<const uint16_t*>(mins.data_ptr<int16_t>());
+  } else {
+    w.fscales = scales.data_ptr<float>();
+    if (has_mins(type)) w.fmins = mins.data_ptr<float>();
+  }
+  return w;
 }
 
 // y [M, N] = impl(type, x, weights, y, M, K, N) with the weight type as a compile-time constant
@@ -83,6 +114,9 @@ at::Tensor run_gguf_linear(at::Tensor x, const at::Tensor& qs, const at::Tensor&
     case QType::Q4_0: impl(std::integral_constant<QType, QType::Q4_0>{}, xp, w, yp, M, K, N); break;
     case QType::Q4_1: impl(std::integral_constant<QType, QType::Q4_1>{}, xp, w, yp, M, K, N); break;
     case QType::Q8_0: impl(std::integral_constant<QType, QType::Q8_0>{}, xp, w, yp, M, K, N); break;
+    case QType::Q4_K: impl(std::integral_constant<QType, QType::Q4_K>{}, xp, w, yp, M, K, N); break;
+    case QType::Q5_K: impl(std::integral_constant<QType, QType::Q5_K>{}, xp, w, yp, M, K, N); break;
+    case QType::Q6_K: impl(std::integral_constant<QType, QType::Q6_K>{}, xp, w, yp, M, K, N); break;
   }
   return y;
 }

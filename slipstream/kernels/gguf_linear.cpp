@@ -1,4 +1,5 @@
-// y = x @ W^T with W kept in its GGUF block quantization (Q4_0, Q4_1, Q8_0), for small batches.
+// y = x @ W^T with W kept in its GGUF block quantization (Q4_0, Q4_1, Q8_0; Q4_K, Q5_K, Q6_K as the loader
+// unpacks them: gguf_blocks.h), for small batches.
 //
 // Each 32-weight block is expanded to fp32 in registers and multiplied with fp32 activations, so
 // the result equals x @ dequantize(W)^T up to summation order: the weights stay exactly what the
@@ -43,6 +44,13 @@ inline void load_block(const uint8_t* q, __m256 w[4]) {
   }
 }
 
+// Eight blocks' scales (or mins) from block b0 of row n, `count` of them valid.
+template <QType T>
+inline __m256 load_scales(const uint16_t* halves, const float* floats, int64_t at, int64_t count) {
+  if constexpr (is_classic(T)) return load_halves(halves + at, count);
+  else return load_floats(floats + at, count);
+}
+
 // One weight row times MM activation rows, accumulators in registers: MM independent FMA chains
 // per block, each block's weights expanded once. One row at a time reads the weights in order,
 // which the hardware prefetchers follow; tiles of several rows (hopping between them) did not.
@@ -58,9 +66,9 @@ void linear_rows(const float* x, Weights w, const float* xsum, float* y, int64_t
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
       const int64_t count = std::min<int64_t>(8, nb - b0);
       alignas(32) float d[8];
-      _mm256_store_ps(d, load_halves(w.scales + n * nb + b0, count));
-      if constexpr (T == QType::Q4_1) {
-        const __m256 mins = load_halves(w.mins + n * nb + b0, count);
+      _mm256_store_ps(d, load_scales<T>(w.scales, w.fscales, n * nb + b0, count));
+      if constexpr (has_mins(T)) {
+        const __m256 mins = load_scales<T>(w.mins, w.fmins, n * nb + b0, count);
         for (int m = 0; m < MM; ++m)
           min_acc[m] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xsum + m * (nb + 8) + b0), min_acc[m]);
       }
@@ -83,13 +91,65 @@ void linear_rows(const float* x, Weights w, const float* xsum, float* y, int64_t
   }
 }
 
+// Q5_K / Q6_K: one byte per weight, blocks of 16 each with a float32 scale (and, Q5_K, min): as
+// linear_rows, over blocks of 16, the min term a scalar FMA per block against the block's sum of x.
+template <QType T, int MM>
+void k16_rows(const float* x, Weights w, const float* xsum, float* y, int64_t K, int64_t N, int64_t n0,
+              int64_t n1) {
+  const int64_t groups = K / 16;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* qs = reinterpret_cast<const int8_t*>(w.qs) + n * K;
+    const float* d = w.fscales + n * groups;
+    __m256 acc[MM];
+    float min_acc[MM] = {};
+    for (int m = 0; m < MM; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * g));
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+      const __m256 scale = _mm256_broadcast_ss(d + g);
+      for (int m = 0; m < MM; ++m) {
+        const float* xb = x + m * K + 16 * g;
+        const __m256 dot = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), _mm256_mul_ps(w0, _mm256_loadu_ps(xb)));
+        acc[m] = _mm256_fmadd_ps(scale, dot, acc[m]);
+        if constexpr (has_mins(T)) min_acc[m] += w.fmins[n * groups + g] * xsum[m * groups + g];
+      }
+    }
+    for (int m = 0; m < MM; ++m) y[m * N + n] = hsum(acc[m]) + min_acc[m];
+  }
+}
+
+template <QType T>
+void k16_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
+  const int64_t groups = K / 16;
+  std::vector<float> xsum;
+  if constexpr (has_mins(T)) {
+    xsum.assign(M * groups, 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        float s = 0;
+        for (int i = 0; i < 16; ++i) s += x[m * K + 16 * g + i];
+        xsum[m * groups + g] = s;
+      }
+  }
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin; n0 < end; n0 += 16) {
+      const int64_t n1 = std::min(n0 + 16, end);
+      for_row_pieces<4>(M, [&](auto mm, int64_t m0) {
+        const float* sm = xsum.empty() ? nullptr : xsum.data() + m0 * groups;
+        k16_rows<T, decltype(mm)::value>(x + m0 * K, w, sm, y + m0 * N, K, N, n0, n1);
+      });
+    }
+  });
+}
+
 template <QType T>
 void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const int64_t nb = K / QK;
   // Sum of each activation block, for the blocks' minimum term; rows padded by 8 zeros so the
   // vector loads of a partial last group of blocks stay in bounds (and add nothing).
   std::vector<float> xsum;
-  if constexpr (T == QType::Q4_1) {
+  if constexpr (has_mins(T)) {
     xsum.assign(M * (nb + 8), 0.0f);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t b = 0; b < nb; ++b) {
@@ -116,5 +176,9 @@ void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int6
 
 at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
   return run_gguf_linear(x, qs, scales, mins, qtype,
-                         [](auto type, auto... args) { linear_impl<decltype(type)::value>(args...); });
+                         [](auto type, auto... args) {
+                           constexpr QType T = decltype(type)::value;
+                           if constexpr (is_k16(T)) k16_linear_impl<T>(args...);
+                           else linear_impl<T>(args...);
+                         });
 }

@@ -215,14 +215,18 @@ void q8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, i
 }  // namespace
 
 at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
+  TORCH_CHECK(is_classic(static_cast<QType>(qtype)), "gguf_linear_q8 takes Q4_0, Q4_1 and Q8_0 weights, not ", qtype);
   if (qs.dim() == 3) {  // Q4 rows interleaved by 8: [N / 8, blocks, 128]
     TORCH_CHECK(qtype != static_cast<int64_t>(QType::Q8_0) && qs.size(2) == 128, "bad interleaved Q4 weight");
     return run_gguf_linear(x, qs.view({qs.size(0) * 8, -1}), scales.view({qs.size(0) * 8, -1}),
                            mins.numel() ? mins.view({qs.size(0) * 8, -1}) : mins, qtype,
                            [](auto type, auto... args) {
-                             if constexpr (decltype(type)::value != QType::Q8_0) q4x8_linear_impl<decltype(type)::value>(args...);
+                             constexpr QType T = decltype(type)::value;
+                             if constexpr (T == QType::Q4_0 || T == QType::Q4_1) q4x8_linear_impl<T>(args...);
                            });
   }
   return run_gguf_linear(x, qs, scales, mins, qtype,
-                         [](auto type, auto... args) { q8_linear_impl<decltype(type)::value>(args...); });
+                         [](auto type, auto... args) {
+                           if constexpr (is_classic(decltype(type)::value)) q8_linear_impl<decltype(type)::value>(args...);
+                         });
 }

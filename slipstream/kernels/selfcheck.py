@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES
+from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, INT8_KERNEL_TYPES
 from slipstream.model.layers import interleave_q4_rows, split_gguf_blocks
 
 BREAK_ENV = "SLIPSTREAM_SELFCHECK_BREAK"
@@ -36,12 +36,27 @@ def q8_reference(x: torch.Tensor, dense: torch.Tensor, scales: torch.Tensor, min
     return y + (blocks.sum(-1) - rounded.sum(-1)) @ offset.T
 
 
+# K-quant super-blocks (256 weights): their bytes, and where their fp16 scale fields (d, dmin) sit.
+_K_BLOCKS = {12: (144, (0, 2)), 13: (176, (0, 2)), 14: (210, (208,))}
+
+
 def random_gguf_weight(qtype: int, out_features: int, in_features: int, seed: int):
-    """Blocks of a random weight quantized by the gguf package, and their dequantized float32 values."""
+    """Blocks of a random weight, and their float32 values as the gguf package dequantizes them. The classic
+    types are quantized by the gguf package; K-quants (which it cannot quantize) are random bytes with valid
+    fp16 scales (in_features a multiple of 256)."""
     from gguf import GGMLQuantizationType, quants
 
-    weight = np.random.default_rng(seed).standard_normal((out_features, in_features), dtype=np.float32)
-    blocks = quants.quantize(weight, GGMLQuantizationType(qtype))
+    rng = np.random.default_rng(seed)
+    if qtype in _K_BLOCKS:
+        size, scale_offsets = _K_BLOCKS[qtype]
+        raw = rng.integers(0, 256, (out_features, in_features // 256, size), dtype=np.uint8)
+        for offset in scale_offsets:
+            d = rng.uniform(5e-4, 2e-3, (out_features, in_features // 256)).astype(np.float16)
+            raw[..., offset : offset + 2] = d.view(np.uint8).reshape(out_features, -1, 2)
+        blocks = raw.reshape(out_features, -1)
+    else:
+        weight = rng.standard_normal((out_features, in_features), dtype=np.float32)
+        blocks = quants.quantize(weight, GGMLQuantizationType(qtype))
     dense = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType(qtype)).copy())
     return torch.from_numpy(blocks), dense
 
@@ -55,9 +70,9 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5, atol: floa
 
 
 def _gguf_linear(ops, perturb: Callable) -> str | None:
-    x = torch.randn(3, 320, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
     for qtype, name in GGUF_KERNEL_TYPES.items():
-        blocks, dense = random_gguf_weight(qtype, 19, 320, qtype)
+        blocks, dense = random_gguf_weight(qtype, 19, 512, qtype)
         if why := _close(perturb(ops.gguf_linear(x, *split_gguf_blocks(blocks, qtype), qtype)), F.linear(x, dense)):
             return f"{name}: {why}"
     return None
@@ -65,7 +80,8 @@ def _gguf_linear(ops, perturb: Callable) -> str | None:
 
 def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
     x = torch.randn(5, 320, generator=torch.Generator().manual_seed(1))
-    for qtype, name in GGUF_KERNEL_TYPES.items():
+    for qtype in sorted(INT8_KERNEL_TYPES):
+        name = GGUF_KERNEL_TYPES[qtype]
         blocks, dense = random_gguf_weight(qtype, 24, 320, qtype)
         split = split_gguf_blocks(blocks, qtype)
         want = q8_reference(x, dense, split[1], split[2], qtype)

@@ -8,29 +8,56 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slipstream.kernels import GGUF_KERNEL_TYPES, kernels
+from slipstream.kernels import GGUF_KERNEL_TYPES, INT8_KERNEL_TYPES, kernels
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
 
 
-def attach_gguf_blocks(layer: nn.Module, blocks: torch.Tensor, qtype: int, int8_activations: bool) -> None:
+def attach_gguf_blocks(layer: nn.Module, blocks: torch.Tensor, qtype: int, int8_activations: bool,
+                       weight_only: bool = False) -> None:
     """Give `layer` (with a dense `weight`) the GGUF block form of the same weights, split into the
     kernel's layout: quants [out, blocks * quant bytes], fp16 scales and (Q4_1) mins [out, blocks].
     With `int8_activations` (`--quantization w4a8`) every matmul uses the blocks, so a linear layer's
     dense copy is dropped (the LM head keeps its own: it may be the embedding table too), and Q4
-    blocks are interleaved by 8 rows for the int8 kernel (`interleave_q4_rows`)."""
+    blocks are interleaved by 8 rows for the int8 kernel (`interleave_q4_rows`). `weight_only`
+    (wint8 / wint4) drops the dense copy too: the blocks are then the weights, dequantized for what
+    no block kernel serves."""
+    int8_activations = int8_activations and qtype in INT8_KERNEL_TYPES  # (K-quants: float32 activations)
     layer.gguf_type = qtype
     layer.gguf_weight = split_gguf_blocks(blocks, qtype)
     if int8_activations and GGUF_KERNEL_TYPES[qtype] != "Q8_0" and blocks.shape[0] % 8 == 0:
         layer.gguf_weight = interleave_q4_rows(*layer.gguf_weight)
     layer.int8_activations = int8_activations
-    if int8_activations and isinstance(layer, LinearBase):
+    if (int8_activations or weight_only) and isinstance(layer, LinearBase):
         layer.weight.data = torch.empty(0)
 
 
+def dequantize_blocks(layer: nn.Module) -> torch.Tensor:
+    """The float32 weights of `layer`'s GGUF blocks (row layout), as the gguf package dequantizes them."""
+    quants, scales, mins = layer.gguf_weight
+    name, out = GGUF_KERNEL_TYPES[layer.gguf_type], quants.shape[0]
+    if name in ("Q5_K", "Q6_K"):  # a byte per weight, float32 scale (and min) per 16
+        q = (quants.view(torch.int8) if name == "Q6_K" else quants).view(out, -1, 16).float()
+        w = q * scales.unsqueeze(-1) + (mins.unsqueeze(-1) if mins.numel() else 0)
+        return w.view(out, -1)
+    d = scales.float().unsqueeze(-1) if name == "Q4_K" else scales.view(torch.float16).float().unsqueeze(-1)
+    if name == "Q8_0":
+        return (d * quants.view(torch.int8).view(out, -1, 32).float()).view(out, -1)
+    packed = quants.view(out, -1, 16)
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()  # a block's low nibbles are weights 0..15
+    if name == "Q4_0":
+        return (d * (q - 8)).view(out, -1)
+    offset = mins.unsqueeze(-1) if name == "Q4_K" else mins.view(torch.float16).float().unsqueeze(-1)
+    return (d * q + offset).view(out, -1)
+
+
 def split_gguf_blocks(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GGUF rows of (fp16 scale, [fp16 min,] quants) blocks -> (quants, scales, mins) as gguf_linear takes them."""
-    head = 4 if GGUF_KERNEL_TYPES[qtype] == "Q4_1" else 2
-    quant_bytes = 32 if GGUF_KERNEL_TYPES[qtype] == "Q8_0" else 16
+    """GGUF rows of blocks -> (quants, scales, mins) as gguf_linear takes them. Classic types: their (fp16 scale,
+    [fp16 min,] quants) blocks split apart. K-quants: unpacked (`_split_k_quants`)."""
+    name = GGUF_KERNEL_TYPES[qtype]
+    if name.endswith("_K"):
+        return _split_k_quants(blocks, name)
+    head = 4 if name == "Q4_1" else 2
+    quant_bytes = 32 if name == "Q8_0" else 16
     out = blocks.shape[0]
     b = blocks.view(out, -1, head + quant_bytes)
 
@@ -39,6 +66,57 @@ def split_gguf_blocks(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, t
 
     mins = halves(2) if head == 4 else torch.empty(0, dtype=torch.int16)
     return b[:, :, head:].reshape(out, -1).contiguous(), halves(0), mins
+
+
+_K_BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # per 256 weights
+
+
+def _k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K's 12 bytes of eight 6-bit scales and mins per super-block (gguf's get_scale_min)."""
+    s = packed.reshape(*packed.shape[:-1], 3, 4).int()
+    d, m, m_d = s[..., 0, :], s[..., 1, :], s[..., 2, :]
+    scales = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return scales.float(), mins.float()
+
+
+def _nibbles(b: torch.Tensor, out: int) -> torch.Tensor:
+    """Bytes [out, sb, 32 c] -> [out, sb, 2 c, 32]: each 32 bytes' low nibbles, then their high nibbles."""
+    q = b.reshape(out, b.shape[1], -1, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 1, 2, 1)
+    return (q & 0x0F).reshape(out, b.shape[1], -1, 32)
+
+
+def _split_k_quants(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K-quant super-blocks -> the kernels' layout (gguf_blocks.h), each value as the gguf package dequantizes
+    it: every scale (and min) is an fp16 times a small integer, exact in float32, and so is each weight's
+    scale x quant. Q4_K: nibbles in Q4_1's order per 32 weights, float32 scale and min (the negated offset) per
+    32; Q5_K / Q6_K: a byte per weight, float32 scale (and min) per 16."""
+    out = blocks.shape[0]
+    b = blocks.view(out, -1, _K_BLOCK_BYTES[name])  # [out, super-blocks, bytes]
+
+    def fp16(offset: int) -> torch.Tensor:
+        return b[..., offset : offset + 2].contiguous().view(torch.float16).float()  # [out, sb, 1]
+
+    if name == "Q6_K":
+        ql = ((b[..., :128].reshape(out, -1, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 1, 2, 1))
+              & 0x0F).reshape(out, -1, 8, 32)
+        qh = b[..., 128:192].reshape(out, -1, 2, 1, 32)
+        qh = ((qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1)) & 3).reshape(out, -1, 8, 32)
+        q = (ql | (qh << 4)).to(torch.int8) - 32
+        scales = fp16(208) * b[..., 192:208].contiguous().view(torch.int8).float()  # [out, sb, 16]
+        return q.reshape(out, -1).view(torch.uint8), scales.reshape(out, -1), torch.empty(0)
+    d, dmin = fp16(0), fp16(2)
+    sc, m = _k_scales_mins(b[..., 4:16])
+    scales, mins = d * sc, -(dmin * m)  # [out, sb, 8]: per 32 weights
+    if name == "Q4_K":
+        q = _nibbles(b[..., 16:144], out)  # [out, sb, 8, 32]
+        packed = q[..., :16] | (q[..., 16:] << 4)  # Q4_1's order: low nibbles are weights 0..15
+        return packed.reshape(out, -1).contiguous(), scales.reshape(out, -1), mins.reshape(out, -1)
+    qh = b[..., 16:48].reshape(out, -1, 1, 32)
+    qh = ((qh >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1).reshape(out, -1, 8, 32)
+    q = _nibbles(b[..., 48:176], out) | (qh << 4)
+    per16 = [t.repeat_interleave(2, dim=-1).reshape(out, -1).contiguous() for t in (scales, mins)]
+    return q.reshape(out, -1).contiguous(), per16[0], per16[1]
 
 
 def interleave_q4_rows(
@@ -62,8 +140,9 @@ def interleave_q4_rows(
 
 def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     kernel = kernels().gguf_matmul(layer, x.shape[0])
-    if kernel is None:
-        return F.linear(x, layer.weight, bias)
+    if kernel is None:  # the dense weight, or (weight-only quantization) the blocks' values for this call
+        weight = layer.weight if layer.weight.numel() else dequantize_blocks(layer).to(x.dtype)
+        return F.linear(x, weight, bias)
     y = kernel(x, *layer.gguf_weight, layer.gguf_type)
     return y if bias is None else y + bias
 

@@ -214,7 +214,23 @@ class CausalLM(nn.Module):
                 return
         yield name, tensor, None
 
-    def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]], int8_activations: bool) -> None:
+    def linear_layers(self) -> list[nn.Module]:
+        return [lin for layer in self.layers for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+
+    def quantize_linear_layers(self, qtype: int) -> None:
+        """Weight-only quantization at load (--quantization wint8 / wint4): each decoder linear layer that has
+        no GGUF blocks yet gets its weights rounded to blocks of `qtype` by the gguf package's quantizer, and
+        loses its dense copy. The LM head (often the embedding table too) stays as it is."""
+        from gguf import GGMLQuantizationType, quants
+
+        for lin in self.linear_layers():
+            if getattr(lin, "gguf_weight", None) is None and lin.weight.shape[1] % 32 == 0:
+                blocks = quants.quantize(lin.weight.detach().float().cpu().numpy(), GGMLQuantizationType(qtype))
+                attach_gguf_blocks(lin, torch.from_numpy(blocks), qtype, int8_activations=False, weight_only=True)
+
+    def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]], int8_activations: bool,
+                         weight_only: bool = False) -> None:
         """Attach the GGUF block form of linear weights (one rank only), fusing q/k/v and gate/up rows in
         their shard order; a fused layer whose parts differ in type keeps its dense path."""
         modules = dict(self.named_modules())
@@ -231,13 +247,13 @@ class CausalLM(nn.Module):
                     break
             else:
                 if name in modules:
-                    attach_gguf_blocks(modules[name], rows, qtype, int8_activations)
+                    attach_gguf_blocks(modules[name], rows, qtype, int8_activations, weight_only)
         for name, shards in parts.items():
             order = ("q", "k", "v") if name.endswith("qkv_proj") else (0, 1)
             types = {shards[s][1] for s in order if s in shards}
             if len(shards) == len(order) and len(types) == 1:
                 attach_gguf_blocks(modules[name], torch.cat([shards[s][0] for s in order]), types.pop(),
-                                   int8_activations)
+                                   int8_activations, weight_only)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (transformers-style name, full tensor) pairs; each parameter takes its own shard."""
@@ -277,9 +293,10 @@ def build_decode_stack(model: CausalLM):
     attn = model.layers[0].self_attn
     if not table.decode_stack_usable() or not table.cache_fits(attn.attn.k_cache) or tp_size() > 1 or args.qk_norm:
         return None
-    linears = [lin for layer in model.layers for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    linears = model.linear_layers()
     if any(getattr(lin, "gguf_weight", None) is None or lin.bias is not None for lin in linears):
+        return None
+    if len({lin.int8_activations for lin in linears}) > 1:  # (w4a8 over a file with K-quants: some stay exact)
         return None
     return table.ops.DecodeStack(
         [layer.input_layernorm.weight for layer in model.layers],

