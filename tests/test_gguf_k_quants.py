@@ -1,8 +1,9 @@
 """A GGUF with K-quant tensors, written by the test: the embedded model's file with every layer's ffn_down
-(1536 inputs: whole 256-weight super-blocks) replaced by random valid Q4_K, Q5_K or Q6_K blocks in turn, the
-other tensors and all metadata copied. Loaded by slipstream (mixed per-tensor types kept, the K-quant blocks
-served by the block kernels) and by transformers (GgufConfig(dequantize=True)): greedy tokens identical and
-logprobs within 1e-3, as exact mode promises."""
+(1536 inputs: whole 256-weight super-blocks) replaced by random valid Q4_K, Q5_K or Q6_K blocks in turn, its
+ffn_gate and ffn_up requantized to Q5_0 or Q5_1 (what llama-quantize falls back to for K-quant tensors whose 576
+columns are not whole super-blocks), the other tensors and all metadata copied. Loaded by slipstream (mixed
+per-tensor types kept, all served by the block kernels) and by transformers (GgufConfig(dequantize=True)):
+greedy tokens identical and logprobs within 1e-3, as exact mode promises."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ NEW_TOKENS = 12
 
 def write_k_quant_copy(src: Path, dst: Path) -> dict[str, str]:
     """`src` rewritten to `dst` with each ffn_down as K-quant blocks; returns tensor name -> type name."""
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, dequantize, quantize
 
     reader = GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
@@ -45,6 +46,10 @@ def write_k_quant_copy(src: Path, dst: Path) -> dict[str, str]:
             rows, cols = int(t.shape[1]), int(t.shape[0])  # GGUF shapes are innermost first
             blocks, _ = random_gguf_weight(int(qtype), rows, cols, seed=layer)
             data = blocks.numpy()
+        elif t.name.endswith(("ffn_gate.weight", "ffn_up.weight")):  # (both parts of a fused layer: one type)
+            layer = int(t.name.split(".")[1])
+            qtype = GGMLQuantizationType.Q5_0 if layer % 2 == 0 else GGMLQuantizationType.Q5_1
+            data = quantize(dequantize(t.data, t.tensor_type), qtype)
         types[t.name] = qtype.name
         writer.add_tensor(t.name, data, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -89,7 +94,9 @@ def test_a_k_quant_gguf_matches_transformers(k_quant_gguf, caplog):
     downs = [layer.mlp.down_proj for layer in llm.engine.runner.model.layers]
     assert [GGUF_KERNEL_TYPES[d.gguf_type] for d in downs] == [
         GGUF_KERNEL_TYPES[K_TYPES[i % len(K_TYPES)]] for i in range(len(downs))]  # each layer keeps its type
-    for name in ("Q4_K", "Q5_K", "Q6_K"):
+    ups = [layer.mlp.gate_up_proj for layer in llm.engine.runner.model.layers]
+    assert [GGUF_KERNEL_TYPES[u.gguf_type] for u in ups] == ["Q5_0", "Q5_1"] * (len(ups) // 2)
+    for name in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"):
         assert f"{name} x {sum(v == name for v in types.values())}" in caplog.text  # the load report
         assert f"{name} by gguf_linear" in caplog.text
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS]

