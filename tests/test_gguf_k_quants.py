@@ -46,6 +46,9 @@ def write_k_quant_copy(src: Path, dst: Path) -> dict[str, str]:
             rows, cols = int(t.shape[1]), int(t.shape[0])  # GGUF shapes are innermost first
             blocks, _ = random_gguf_weight(int(qtype), rows, cols, seed=layer)
             data = blocks.numpy()
+        elif t.name.endswith("attn_v.weight"):  # q/k stay Q4_1: the fused qkv mixes types, as Q4_K_M files do
+            qtype = GGMLQuantizationType.Q8_0
+            data = quantize(dequantize(t.data, t.tensor_type), qtype)
         elif t.name.endswith(("ffn_gate.weight", "ffn_up.weight")):  # (both parts of a fused layer: one type)
             layer = int(t.name.split(".")[1])
             qtype = GGMLQuantizationType.Q5_0 if layer % 2 == 0 else GGMLQuantizationType.Q5_1
@@ -96,6 +99,7 @@ def test_a_k_quant_gguf_matches_transformers(k_quant_gguf, caplog):
         GGUF_KERNEL_TYPES[K_TYPES[i % len(K_TYPES)]] for i in range(len(downs))]  # each layer keeps its type
     ups = [layer.mlp.gate_up_proj for layer in llm.engine.runner.model.layers]
     assert [GGUF_KERNEL_TYPES[u.gguf_type] for u in ups] == ["Q5_0", "Q5_1"] * (len(ups) // 2)
+    assert {layer.self_attn.qkv_proj.gguf_label for layer in llm.engine.runner.model.layers} == {"Q4_1+Q4_1+Q8_0"}
     for name in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"):
         assert f"{name} x {sum(v == name for v in types.values())}" in caplog.text  # the load report
         assert f"{name} by gguf_linear" in caplog.text
@@ -107,3 +111,4 @@ def test_a_k_quant_gguf_matches_transformers(k_quant_gguf, caplog):
         assert out.token_ids == tokens
         got = [lp.logprob for lp in out.logprobs]
         assert max(abs(g - w) for g, w in zip(got, logprobs, strict=True)) < 1e-3
+    assert llm.engine.runner.model._decode_stack, "every linear layer has blocks: decode steps run in one call"

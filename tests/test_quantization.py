@@ -16,7 +16,7 @@ from tiny_models import save_tiny_model
 from slipstream import LLM, SamplingParams
 from slipstream.kernels import GGUF_KERNEL_TYPES, kernels
 from slipstream.kernels.selfcheck import random_gguf_weight
-from slipstream.model.layers import dequantize_blocks, split_gguf_blocks
+from slipstream.model.layers import byte_form, dequantize_blocks, split_gguf_blocks
 from slipstream.model.loader import GGUF_BLOCKS_FILE, GGUF_TYPES_FILE, hf_directory
 from slipstream.model.runner import WEIGHT_ONLY_TYPES
 
@@ -117,4 +117,14 @@ def test_dequantized_blocks_are_the_gguf_packages_values(qtype: int):
     """What serves a weight-only layer where no block kernel does (prefill beyond 32 rows, a CPU without them)."""
     blocks, dense = random_gguf_weight(qtype, 24, 512, seed=qtype)
     layer = SimpleNamespace(gguf_weight=split_gguf_blocks(blocks, qtype), gguf_type=qtype)
+    assert torch.equal(dequantize_blocks(layer), dense)
+
+
+@pytest.mark.parametrize("qtype", sorted(GGUF_KERNEL_TYPES))
+def test_the_byte_form_of_every_type_has_the_same_values(qtype: int):
+    """A fused layer of mixed types (q/k in Q5_0, v in Q8_0) is served in the byte-per-weight form: every type
+    converts to it without changing a value."""
+    blocks, dense = random_gguf_weight(qtype, 8, 512, seed=qtype)
+    q, d, m = byte_form(split_gguf_blocks(blocks, qtype), qtype)
+    layer = SimpleNamespace(gguf_weight=(q, d, m), gguf_type=7 if m.numel() else 6)  # Q5_1's / Q5_0's form
     assert torch.equal(dequantize_blocks(layer), dense)

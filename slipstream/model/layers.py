@@ -22,13 +22,58 @@ def attach_gguf_blocks(layer: nn.Module, blocks: torch.Tensor, qtype: int, int8_
     (wint8 / wint4) drops the dense copy too: the blocks are then the weights, dequantized for what
     no block kernel serves."""
     int8_activations = int8_activations and qtype in INT8_KERNEL_TYPES  # (K-quants: float32 activations)
-    layer.gguf_type = qtype
-    layer.gguf_weight = split_gguf_blocks(blocks, qtype)
+    split = split_gguf_blocks(blocks, qtype)
     if int8_activations and GGUF_KERNEL_TYPES[qtype] != "Q8_0" and blocks.shape[0] % 8 == 0:
-        layer.gguf_weight = interleave_q4_rows(*layer.gguf_weight)
+        split = interleave_q4_rows(*split)
+    _attach(layer, split, qtype, int8_activations, weight_only, GGUF_KERNEL_TYPES[qtype])
+
+
+def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, int]], weight_only: bool) -> None:
+    """attach_gguf_blocks for a fused layer (q/k/v, gate/up) whose parts have different types (a Q4_K_M file's
+    Q5_0 q/k with a Q8_0 v): each part in the byte-per-weight form (`byte_form`), rows concatenated, served as
+    Q5_1's form (with mins; zero for parts without) or Q5_0's. Exact mode only (no int8 kernel for that form)."""
+    forms = [byte_form(split_gguf_blocks(rows, qtype), qtype) for rows, qtype in parts]
+    with_mins = any(m.numel() for _, _, m in forms)
+    quants = torch.cat([q for q, _, _ in forms])
+    scales = torch.cat([d for _, d, _ in forms])
+    mins = torch.cat([m if m.numel() else torch.zeros_like(d) for _, d, m in forms]) if with_mins else torch.empty(0)
+    label = "+".join(GGUF_KERNEL_TYPES[qtype] for _, qtype in parts)
+    _attach(layer, (quants, scales, mins), 7 if with_mins else 6, False, weight_only, label)
+
+
+def _attach(layer: nn.Module, split: tuple, qtype: int, int8_activations: bool, weight_only: bool, label: str) -> None:
+    layer.gguf_type = qtype
+    layer.gguf_weight = split
+    layer.gguf_label = label  # what the load report calls it
     layer.int8_activations = int8_activations
     if (int8_activations or weight_only) and isinstance(layer, LinearBase):
         layer.weight.data = torch.empty(0)
+
+
+_BYTE_FORM = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")  # types split_gguf_blocks already gives a byte per weight
+
+
+def byte_form(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split blocks of any kernel type as a byte per weight (int8 as uint8), float32 scale and (or empty) min
+    per 16 weights: the form Q5_0 / Q5_1 / Q5_K / Q6_K take. Exact: every weight is the same scale x quant
+    (+ min) as before."""
+    quants, scales, mins = split
+    name, out = GGUF_KERNEL_TYPES[qtype], quants.shape[0]
+    if name in _BYTE_FORM:
+        return split
+    if name == "Q8_0":
+        q, d = quants.view(torch.int8).view(out, -1), scales.view(torch.float16).float()
+    else:
+        packed = quants.view(out, -1, 16)
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.int8) - (8 if name == "Q4_0" else 0)
+        d = scales if name == "Q4_K" else scales.view(torch.float16).float()
+    m = mins if name == "Q4_K" else mins.view(torch.float16).float() if mins.numel() else mins
+
+    def per16(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(2, dim=1).contiguous() if t.numel() else t
+
+    return q.reshape(out, -1).view(torch.uint8), per16(d), per16(m)
 
 
 def dequantize_blocks(layer: nn.Module) -> torch.Tensor:

@@ -21,6 +21,7 @@ from slipstream.model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     attach_gguf_blocks,
+    attach_mixed_gguf_blocks,
 )
 from slipstream.model.parallel import tp_size
 
@@ -232,7 +233,8 @@ class CausalLM(nn.Module):
     def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]], int8_activations: bool,
                          weight_only: bool = False) -> None:
         """Attach the GGUF block form of linear weights (one rank only), fusing q/k/v and gate/up rows in
-        their shard order; a fused layer whose parts differ in type keeps its dense path."""
+        their shard order; a fused layer whose parts differ in type takes a common form (exact mode; under
+        w4a8 it keeps its dense path)."""
         modules = dict(self.named_modules())
         parts: dict[str, dict[str | int, tuple[torch.Tensor, int]]] = {}
         for name, rows, qtype in blocks:
@@ -251,9 +253,13 @@ class CausalLM(nn.Module):
         for name, shards in parts.items():
             order = ("q", "k", "v") if name.endswith("qkv_proj") else (0, 1)
             types = {shards[s][1] for s in order if s in shards}
-            if len(shards) == len(order) and len(types) == 1:
+            if len(shards) != len(order):
+                continue
+            if len(types) == 1:
                 attach_gguf_blocks(modules[name], torch.cat([shards[s][0] for s in order]), types.pop(),
                                    int8_activations, weight_only)
+            elif not int8_activations:
+                attach_mixed_gguf_blocks(modules[name], [shards[s] for s in order], weight_only)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (transformers-style name, full tensor) pairs; each parameter takes its own shard."""

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from slipstream.config import EngineConfig
 from slipstream.engine.scheduler import ScheduledSeq
 from slipstream.engine.sequence import TokenLogprobs
-from slipstream.kernels import GGUF_KERNEL_TYPES, KernelTable, kernels
+from slipstream.kernels import KernelTable, kernels
 from slipstream.model.context import set_context
 from slipstream.model.loader import checkpoint_tensor_types, iter_gguf_blocks, iter_weights
 from slipstream.model.parallel import all_reduce_min, tp_rank, tp_size
@@ -43,7 +43,7 @@ def weights_report(model: torch.nn.Module, model_dir, table: KernelTable) -> str
     for lin in blocks:
         kernel = table.gguf_matmul(lin, 1)
         kind = getattr(kernel, "__name__", "dense") if kernel is not None else "dense (no kernel)"
-        served[f"{GGUF_KERNEL_TYPES[lin.gguf_type]} by {kind}"] += 1
+        served[f"{lin.gguf_label} by {kind}"] += 1
     types = ", ".join(f"{t} x {n}" for t, n in checkpoint_tensor_types(model_dir).most_common())
     serving = ", ".join(f"{k} x {n}" for k, n in served.most_common()) or "none: dense weights only"
     variant = f" ({table.variant.name})" if table.variant is not None else ""
