@@ -127,6 +127,7 @@ def markdown(report: dict) -> str:
         "",
         f"- Machine: {report['machine']}",
         f"- slipstream commit: {report['commit']}",
+        f"- Model: {report.get('model') or 'the embedded SmolLM2-135M-Instruct Q4_1 GGUF'}",
         f"- Load: streamed chat completions, ~{report['input_len']} prompt tokens, exactly {report['output_len']} "
         f"output tokens, closed loop at concurrency C, median of {report['rounds']} rounds (different prompts).",
         f"- Reproduce: `{report['command']}`; each level runs `{report['bench_command']}`.",
@@ -172,6 +173,7 @@ def main() -> int:
                             text=True).stdout.strip()
     placeholders = bench_args(url, "C", f"max(8,{args.prompts_per_slot}C)", "1000C+round", args)
     report = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(), "commit": commit,
+              "model": os.environ.get("GGUF"),  # (the peers' $GGUF: benchmarks/peers/common.sh)
               "command": shlex.join(["python", "benchmarks/compare.py", *sys.argv[1:]]),
               "bench_command": shlex.join(["slipstream", "bench", *placeholders]),
               "input_len": args.input_len, "output_len": args.output_len, "rounds": args.rounds,
