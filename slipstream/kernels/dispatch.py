@@ -41,11 +41,10 @@ INT8_KERNEL_TYPES = frozenset({2, 3, 8})
 # GEMM on 2 cores (beyond, GEMM's blocking wins). The int8 kernel (w4a8) serves every row count.
 GGUF_KERNEL_MAX_ROWS = 32
 
-ELEMENTWISE = ("rms_norm", "add_rms_norm_", "rotary_", "silu_and_mul")
-ATTENTION = ("write_kv_cache", "paged_attention_decode")
-MATMUL = ("gguf_linear", "gguf_linear_q8")
-# DecodeStack runs all of a decode step's layers with the kernels above: it is only as good as they are.
-DECODE_STACK_PARTS = (*ELEMENTWISE, *ATTENTION, *MATMUL)
+# DecodeStack runs all of a decode step's layers with these kernels and one of the two matmuls: it is only as good
+# as they are.
+DECODE_STACK_PARTS = ("rms_norm", "add_rms_norm_", "rotary_", "silu_and_mul", "write_kv_cache",
+                      "paged_attention_decode")
 
 
 @dataclass(frozen=True)
@@ -158,8 +157,10 @@ class KernelTable:
         kernel = "gguf_linear_q8" if int8 else "gguf_linear"
         return device.type == "cpu" and dtype == torch.float32 and num_ranks == 1 and self.has(kernel)
 
-    def decode_stack_usable(self) -> bool:
-        return self.has("DecodeStack") and all(self.has(k) for k in DECODE_STACK_PARTS)
+    def decode_stack_usable(self, int8: bool) -> bool:
+        """Whether DecodeStack may run a step whose matmuls take int8 activations (w4a8) or float32 ones."""
+        parts = (*DECODE_STACK_PARTS, "gguf_linear_q8" if int8 else "gguf_linear")
+        return self.has("DecodeStack") and all(self.has(k) for k in parts)
 
     def describe(self) -> str:
         if self.variant is None:

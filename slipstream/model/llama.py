@@ -297,12 +297,13 @@ def build_decode_stack(model: CausalLM):
     does not take (head_dim not a multiple of 8, bfloat16)."""
     table, args = kernels(), model.args
     attn = model.layers[0].self_attn
-    if not table.decode_stack_usable() or not table.cache_fits(attn.attn.k_cache) or tp_size() > 1 or args.qk_norm:
+    if not table.cache_fits(attn.attn.k_cache) or tp_size() > 1 or args.qk_norm:
         return None
     linears = model.linear_layers()
     if any(getattr(lin, "gguf_weight", None) is None or lin.bias is not None for lin in linears):
         return None
-    if len({lin.int8_activations for lin in linears}) > 1:  # (w4a8 over a file with K-quants: some stay exact)
+    int8 = {lin.int8_activations for lin in linears}
+    if len(int8) > 1 or not table.decode_stack_usable(int8.pop()):  # (w4a8 over K-quants: those stay exact)
         return None
     return table.ops.DecodeStack(
         [layer.input_layernorm.weight for layer in model.layers],
