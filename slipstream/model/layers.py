@@ -69,30 +69,23 @@ def byte_form(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int
         q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.int8) - (8 if name == "Q4_0" else 0)
         d = scales if name == "Q4_K" else scales.view(torch.float16).float()
     m = mins if name == "Q4_K" else mins.view(torch.float16).float() if mins.numel() else mins
+    return q.reshape(out, -1).view(torch.uint8), _per16(d), _per16(m)
 
-    def per16(t: torch.Tensor) -> torch.Tensor:
-        return t.repeat_interleave(2, dim=1).contiguous() if t.numel() else t
 
-    return q.reshape(out, -1).view(torch.uint8), per16(d), per16(m)
+def _per16(per32: torch.Tensor) -> torch.Tensor:
+    """Values per 32 weights ([out, ...]) as values per 16, rows [out, 2 x as many]."""
+    if not per32.numel():
+        return per32
+    return per32.reshape(per32.shape[0], -1).repeat_interleave(2, dim=1).contiguous()
 
 
 def dequantize_blocks(layer: nn.Module) -> torch.Tensor:
-    """The float32 weights of `layer`'s GGUF blocks (row layout), as the gguf package dequantizes them."""
-    quants, scales, mins = layer.gguf_weight
-    name, out = GGUF_KERNEL_TYPES[layer.gguf_type], quants.shape[0]
-    if name in ("Q5_0", "Q5_1", "Q5_K", "Q6_K"):  # a byte per weight (-32..31), float32 scale (and min) per 16
-        q = quants.view(torch.int8).view(out, -1, 16).float()
-        w = q * scales.unsqueeze(-1) + (mins.unsqueeze(-1) if mins.numel() else 0)
-        return w.view(out, -1)
-    d = scales.float().unsqueeze(-1) if name == "Q4_K" else scales.view(torch.float16).float().unsqueeze(-1)
-    if name == "Q8_0":
-        return (d * quants.view(torch.int8).view(out, -1, 32).float()).view(out, -1)
-    packed = quants.view(out, -1, 16)
-    q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()  # a block's low nibbles are weights 0..15
-    if name == "Q4_0":
-        return (d * (q - 8)).view(out, -1)
-    offset = mins.unsqueeze(-1) if name == "Q4_K" else mins.view(torch.float16).float().unsqueeze(-1)
-    return (d * q + offset).view(out, -1)
+    """The float32 weights of `layer`'s GGUF blocks (row layout), as the gguf package dequantizes them: scale x
+    quant (+ min) of their byte form."""
+    quants, scales, mins = byte_form(layer.gguf_weight, layer.gguf_type)
+    out = quants.shape[0]
+    w = quants.view(torch.int8).view(out, -1, 16).float() * scales.unsqueeze(-1)
+    return (w + mins.unsqueeze(-1) if mins.numel() else w).view(out, -1)
 
 
 def split_gguf_blocks(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,10 +139,8 @@ def _split_q5(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tens
     low = b[..., head + 4 :]
     q = torch.cat([low & 0x0F, low >> 4], dim=-1).int() | (bits << 4)  # [out, nb, 32], 0..31
     q = (q - 16 if name == "Q5_0" else q).to(torch.int8)
-    scales = d.expand(-1, -1, 2).reshape(out, -1).contiguous()  # per 16 weights
-    mins = (b[..., 2:4].contiguous().view(torch.float16).float().expand(-1, -1, 2).reshape(out, -1).contiguous()
-            if name == "Q5_1" else torch.empty(0))
-    return q.reshape(out, -1).view(torch.uint8), scales, mins
+    mins = b[..., 2:4].contiguous().view(torch.float16).float() if name == "Q5_1" else torch.empty(0)
+    return q.reshape(out, -1).view(torch.uint8), _per16(d), _per16(mins)
 
 
 def _split_k_quants(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -181,8 +172,7 @@ def _split_k_quants(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torc
     qh = b[..., 16:48].reshape(out, -1, 1, 32)
     qh = ((qh >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1).reshape(out, -1, 8, 32)
     q = _nibbles(b[..., 48:176], out) | (qh << 4)
-    per16 = [t.repeat_interleave(2, dim=-1).reshape(out, -1).contiguous() for t in (scales, mins)]
-    return q.reshape(out, -1).contiguous(), per16[0], per16[1]
+    return q.reshape(out, -1).contiguous(), _per16(scales), _per16(mins)
 
 
 def interleave_q4_rows(

@@ -131,10 +131,6 @@ class Dashboard:
         finally:
             self._viewers.discard(q)
 
-    @property
-    def num_viewers(self) -> int:
-        return len(self._viewers)
-
     def add_routes(self, app: FastAPI) -> None:
         page = files("slipstream.entrypoints.openai").joinpath("static/dashboard.html").read_text()
 
