@@ -1,7 +1,7 @@
 """`--quantization w4a8` (activations rounded to int8 per 32 values, as llama.cpp computes) has its
 own fidelity bound against the exact engine on the default model, which is what test_fidelity.py
-holds equal to transformers. Teacher-forced: both engines score the same token sequences (the exact
-engine's greedy continuations), so one early difference does not decide every later position."""
+holds equal to transformers. Teacher-forced (scoring.py): both engines score the exact engine's greedy
+continuations."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from scoring import agreement_and_error, scores
 from tiny_models import save_tiny_model
 
 from slipstream import LLM, SamplingParams
@@ -32,13 +33,6 @@ MIN_TOP1_AGREEMENT = 0.88
 MAX_LOGPROB_ERROR = 1.0
 
 
-def scores(llm: LLM, sequences: list[list[int]], start: list[int]) -> list[tuple[int, float]]:
-    """(top-1 token, logprob of the sequence's own token) at each position from `start` on."""
-    results = llm.generate(sequences, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))
-    return [(r.prompt_logprobs[pos].top[0][0], r.prompt_logprobs[pos].logprob)
-            for r, s in zip(results, start, strict=True) for pos in range(s, len(r.prompt_token_ids))]
-
-
 @needs_kernels
 def test_w4a8_stays_within_its_fidelity_bound_of_the_exact_engine():
     exact = LLM(kv_cache_memory=128 << 20)
@@ -49,8 +43,7 @@ def test_w4a8_stays_within_its_fidelity_bound_of_the_exact_engine():
     want = scores(exact, sequences, start)
     exact.engine.shutdown()
     got = scores(LLM(kv_cache_memory=128 << 20, quantization="w4a8"), sequences, start)  # (no --dtype needed)
-    agreement = sum(g[0] == w[0] for g, w in zip(got, want, strict=True)) / len(want)
-    error = max(abs(g[1] - w[1]) for g, w in zip(got, want, strict=True))
+    agreement, error = agreement_and_error(got, want)
     assert agreement >= MIN_TOP1_AGREEMENT, f"top-1 agreement {agreement:.3f}"
     assert error <= MAX_LOGPROB_ERROR, f"max logprob error {error:.3f}"
     assert agreement < 1 or error > 0, "w4a8 gave exactly the exact engine's numbers: was it applied?"
@@ -105,8 +98,7 @@ def test_weight_only_quantization_stays_within_its_bound(safetensors_model: Path
     linears = quantized.engine.runner.model.linear_layers()
     assert all(lin.weight.numel() == 0 and lin.gguf_type == WEIGHT_ONLY_TYPES[method] for lin in linears)
     got = scores(quantized, sequences, start)  # prompts of 60+ tokens: the dequantized path serves their prefill
-    agreement = sum(g[0] == w[0] for g, w in zip(got, want, strict=True)) / len(want)
-    error = max(abs(g[1] - w[1]) for g, w in zip(got, want, strict=True))
+    agreement, error = agreement_and_error(got, want)
     min_agreement, max_error = WEIGHT_ONLY_BOUNDS[method]
     print(f"{method}: top-1 agreement {agreement:.3f}, max logprob error {error:.3f}")
     assert agreement >= min_agreement and error <= max_error, (agreement, error)

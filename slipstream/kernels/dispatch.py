@@ -31,10 +31,11 @@ logger = logging.getLogger(__name__)
 
 ISA_ENV = "SLIPSTREAM_CPU_ISA"
 
-# GGML type ids the block kernels understand (gguf.GGMLQuantizationType values): gguf_linear takes them all,
-# gguf_linear_q8 (int8 activations, w4a8) Q4_0, Q4_1 and Q8_0.
+# GGML type ids the block kernels understand (gguf.GGMLQuantizationType values), both gguf_linear (float32
+# activations) and gguf_linear_q8 (int8 activations, w4a8).
 GGUF_KERNEL_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
-INT8_KERNEL_TYPES = frozenset({2, 3, 8})
+# Nibble types, which gguf_linear_q8 also takes interleaved by 8 rows (`interleave_q4_rows`).
+Q4_TYPES = frozenset({2, 3, 12})
 
 # Up to this many rows, a matmul in exact mode reads the GGUF blocks (0.56 bytes a weight for Q4) instead of the
 # dense copy: small batches are bound by memory, and up to here the block kernel is as fast as MKL's dense fp32

@@ -20,8 +20,10 @@ constexpr int QK = 32;  // weights per block
 
 enum class QType { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };  // GGML ids
 
-// The classic types, whose blocks the int8-activation kernel (gguf_linear_q8) also takes.
+// The classic types: fp16 scales (and mins) per 32 weights, as the file holds them.
 constexpr bool is_classic(QType t) { return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q8_0; }
+// Nibbles in Q4_1's order per 32 weights (Q4_K as the loader gives it).
+constexpr bool is_q4(QType t) { return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q4_K; }
 // Q5_0, Q5_1, Q5_K and Q6_K as the loader gives them: a byte per weight, blocks of 16.
 constexpr bool is_k16(QType t) {
   return t == QType::Q5_0 || t == QType::Q5_1 || t == QType::Q5_K || t == QType::Q6_K;
@@ -58,6 +60,13 @@ inline __m256 load_halves(const uint16_t* h, int64_t n) {
   uint16_t buf[8] = {};
   std::memcpy(buf, h, n * sizeof(uint16_t));
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(buf)));
+}
+
+// Eight blocks' scales (or mins) from index `at`, `count` of them valid: fp16 (classic types) or float32.
+template <QType T>
+inline __m256 load_scales(const uint16_t* halves, const float* floats, int64_t at, int64_t count) {
+  if constexpr (is_classic(T)) return load_halves(halves + at, count);
+  else return load_floats(floats + at, count);
 }
 
 // Calls piece(std::integral_constant<int, MM>{}, m0) over M activation rows in pieces of MaxMM

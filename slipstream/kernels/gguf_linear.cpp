@@ -44,13 +44,6 @@ inline void load_block(const uint8_t* q, __m256 w[4]) {
   }
 }
 
-// Eight blocks' scales (or mins) from block b0 of row n, `count` of them valid.
-template <QType T>
-inline __m256 load_scales(const uint16_t* halves, const float* floats, int64_t at, int64_t count) {
-  if constexpr (is_classic(T)) return load_halves(halves + at, count);
-  else return load_floats(floats + at, count);
-}
-
 // One weight row times MM activation rows, accumulators in registers: MM independent FMA chains
 // per block, each block's weights expanded once. One row at a time reads the weights in order,
 // which the hardware prefetchers follow; tiles of several rows (hopping between them) did not.

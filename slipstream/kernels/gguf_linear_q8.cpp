@@ -3,8 +3,10 @@
 // Each row of x is cut into 32-value blocks and rounded to int8 with one fp32 scale per block, as
 // llama.cpp does; a block's dot product with a GGUF weight block is then integer multiply-adds
 // (maddubs + madd: 32 products in two instructions) rather than expanding the weights to fp32,
-// about half the instructions of gguf_linear. Block sums for the min term (Q4_1) and the -8 offset
-// (Q4_0) use the exact fp32 activations, so rounding x is the only error this adds.
+// about half the instructions of gguf_linear. Block sums for the min term (Q4_1, Q4_K, Q5_1, Q5_K) and
+// the -8 offset (Q4_0) use the exact fp32 activations, so rounding x is the only error this adds. Every
+// type the loader gives is served: Q4_0 / Q4_1 / Q4_K as nibbles, Q8_0 as bytes, and the byte-per-weight
+// form of Q5_0 / Q5_1 / Q5_K / Q6_K (|q| <= 32, scales per 16 weights: gguf_blocks.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -21,15 +23,16 @@ namespace {
 
 using namespace slipstream;
 
-// x as int8 blocks: quants [M, K], and per block its scale and exact sum, rows padded with 8
-// zero blocks so vector loads of a last partial group of 8 blocks stay in bounds.
+// x as int8 blocks: quants [M, K], and per block its scale and exact sum (and the sums of its two halves,
+// for mins per 16 weights), rows padded with 8 zero blocks so vector loads of a last partial group of 8
+// blocks (16 halves) stay in bounds.
 struct QuantizedRows {
   std::vector<int8_t> q;
-  std::vector<float> scale, sum;
-  int64_t stride;
+  std::vector<float> scale, sum, half_sum;
+  int64_t stride;  // per row, of scale and sum; half_sum's is twice this
 };
 
-inline void quantize_block(const float* x, int8_t* q, float* scale, float* sum) {
+inline void quantize_block(const float* x, int8_t* q, float* scale, float* sum, float* half_sum) {
   __m256 v[4];
   for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + 8 * i);
   const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -40,6 +43,8 @@ inline void quantize_block(const float* x, int8_t* q, float* scale, float* sum) 
   const float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
   *scale = mx / 127.0f;
   *sum = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+  half_sum[0] = hsum(_mm256_add_ps(v[0], v[1]));
+  half_sum[1] = hsum(_mm256_add_ps(v[2], v[3]));
   const __m256 inv = _mm256_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
   __m256i i[4];
   for (int k = 0; k < 4; ++k) i[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], inv));  // rounds to nearest
@@ -52,11 +57,12 @@ inline void quantize_block(const float* x, int8_t* q, float* scale, float* sum) 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t nb = K / QK;
   QuantizedRows r{std::vector<int8_t>(M * K), std::vector<float>(M * (nb + 8)), std::vector<float>(M * (nb + 8)),
-                  nb + 8};
+                  std::vector<float>(M * 2 * (nb + 8)), nb + 8};
   at::parallel_for(0, M * nb, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = i / nb, b = i % nb;
-      quantize_block(x + i * QK, r.q.data() + i * QK, &r.scale[m * r.stride + b], &r.sum[m * r.stride + b]);
+      quantize_block(x + i * QK, r.q.data() + i * QK, &r.scale[m * r.stride + b], &r.sum[m * r.stride + b],
+                     &r.half_sum[2 * (m * r.stride + b)]);
     }
   });
   return r;
@@ -66,7 +72,7 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
 // 0..15, high nibbles 16..31).
 template <QType T>
 inline __m256i load_quants(const uint8_t* q) {
-  if constexpr (T == QType::Q8_0) {
+  if constexpr (!is_q4(T)) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
   } else {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
@@ -94,10 +100,10 @@ void q8_rows(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
       const int64_t count = std::min<int64_t>(8, nb - b0);
       alignas(32) float scale[MM][8];
-      const __m256 d = load_halves(w.scales + n * nb + b0, count);
-      // Q4_1: + min * sum(x); Q4_0: quants are offset by 8, so - 8 * d * sum(x).
+      const __m256 d = load_scales<T>(w.scales, w.fscales, n * nb + b0, count);
+      // Q4_1 / Q4_K: + min * sum(x); Q4_0: quants are offset by 8, so - 8 * d * sum(x).
       __m256 offset = _mm256_setzero_ps();
-      if constexpr (T == QType::Q4_1) offset = load_halves(w.mins + n * nb + b0, count);
+      if constexpr (has_mins(T)) offset = load_scales<T>(w.mins, w.fmins, n * nb + b0, count);
       if constexpr (T == QType::Q4_0) offset = _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
       for (int m = 0; m < MM; ++m) {
         _mm256_store_ps(scale[m], _mm256_mul_ps(d, _mm256_loadu_ps(xd + m * xq.stride + b0)));
@@ -115,6 +121,44 @@ void q8_rows(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K
           const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(_mm256_setzero_si256(), wu, xv));
           acc[m] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(&scale[m][j]), acc[m]);
         }
+      }
+    }
+    for (int m = 0; m < MM; ++m) y[(m0 + m) * N + n] = hsum(acc[m]);
+  }
+}
+
+// The byte-per-weight form (Q5_0, Q5_1, Q5_K, Q6_K): as q8_rows with Q8_0's signed bytes, except that each
+// block's two halves have their own weight scale (int32 lanes 0-3 of the dot are the first 16 products, 4-7
+// the second) and Q5_1 / Q5_K's mins per 16 meet the halves' exact sums of x.
+template <QType T, int MM>
+void q8_k16_rows(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K, int64_t N, int64_t n0,
+                 int64_t n1) {
+  const int64_t nb = K / QK, groups = K / 16;
+  const int8_t* xb = xq.q.data() + m0 * K;
+  const float* xd = xq.scale.data() + m0 * xq.stride;
+  const float* xs = xq.half_sum.data() + m0 * 2 * xq.stride;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qs = w.qs + n * K;
+    const float* d = w.fscales + n * groups;
+    __m256 acc[MM];
+    for (int m = 0; m < MM; ++m) acc[m] = _mm256_setzero_ps();
+    if constexpr (has_mins(T)) {
+      for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+        const __m256 mins = load_floats(w.fmins + n * groups + g0, std::min<int64_t>(8, groups - g0));
+        for (int m = 0; m < MM; ++m)
+          acc[m] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xs + m * 2 * xq.stride + g0), acc[m]);
+      }
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * QK));
+      const __m256i wu = _mm256_sign_epi8(wq, wq);  // maddubs takes unsigned weights: their signs move onto x
+      const __m256 halves = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(d[2 * b])),
+                                                 _mm_set1_ps(d[2 * b + 1]), 1);
+      for (int m = 0; m < MM; ++m) {
+        const __m256i xv = _mm256_sign_epi8(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + m * K + b * QK)), wq);
+        const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(_mm256_setzero_si256(), wu, xv));
+        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(halves, _mm256_broadcast_ss(xd + m * xq.stride + b)), acc[m]);
       }
     }
     for (int m = 0; m < MM; ++m) y[(m0 + m) * N + n] = hsum(acc[m]);
@@ -162,11 +206,11 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
 #endif
         }
       }
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + gb * 8)));
-      // Q4_1: + min * sum(x); Q4_0: quants are offset by 8, so - 8 * d * sum(x).
+      const __m256 d = load_scales<T>(w.scales, w.fscales, gb * 8, 8);
+      // Q4_1 / Q4_K: + min * sum(x); Q4_0: quants are offset by 8, so - 8 * d * sum(x).
       __m256 offset;
-      if constexpr (T == QType::Q4_1)
-        offset = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.mins + gb * 8)));
+      if constexpr (has_mins(T))
+        offset = load_scales<T>(w.mins, w.fmins, gb * 8, 8);
       else
         offset = _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
       for (int m = 0; m < MM; ++m) {
@@ -207,7 +251,10 @@ void q8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, i
     // 16 weight rows at a time stay in L1 while every piece of the activation rows passes them.
     for (int64_t n0 = begin; n0 < end; n0 += 16) {
       const int64_t n1 = std::min(n0 + 16, end);
-      for_row_pieces<8>(M, [&](auto mm, int64_t m0) { q8_rows<T, decltype(mm)::value>(xq, m0, w, y, K, N, n0, n1); });
+      for_row_pieces<8>(M, [&](auto mm, int64_t m0) {
+        if constexpr (is_k16(T)) q8_k16_rows<T, decltype(mm)::value>(xq, m0, w, y, K, N, n0, n1);
+        else q8_rows<T, decltype(mm)::value>(xq, m0, w, y, K, N, n0, n1);
+      });
     }
   });
 }
@@ -215,18 +262,15 @@ void q8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, i
 }  // namespace
 
 at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
-  TORCH_CHECK(is_classic(static_cast<QType>(qtype)), "gguf_linear_q8 takes Q4_0, Q4_1 and Q8_0 weights, not ", qtype);
   if (qs.dim() == 3) {  // Q4 rows interleaved by 8: [N / 8, blocks, 128]
-    TORCH_CHECK(qtype != static_cast<int64_t>(QType::Q8_0) && qs.size(2) == 128, "bad interleaved Q4 weight");
+    TORCH_CHECK(is_q4(static_cast<QType>(qtype)) && qs.size(2) == 128, "bad interleaved Q4 weight");
     return run_gguf_linear(x, qs.view({qs.size(0) * 8, -1}), scales.view({qs.size(0) * 8, -1}),
                            mins.numel() ? mins.view({qs.size(0) * 8, -1}) : mins, qtype,
                            [](auto type, auto... args) {
                              constexpr QType T = decltype(type)::value;
-                             if constexpr (T == QType::Q4_0 || T == QType::Q4_1) q4x8_linear_impl<T>(args...);
+                             if constexpr (is_q4(T)) q4x8_linear_impl<T>(args...);
                            });
   }
   return run_gguf_linear(x, qs, scales, mins, qtype,
-                         [](auto type, auto... args) {
-                           if constexpr (is_classic(decltype(type)::value)) q8_linear_impl<decltype(type)::value>(args...);
-                         });
+                         [](auto type, auto... args) { q8_linear_impl<decltype(type)::value>(args...); });
 }

@@ -14,26 +14,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, INT8_KERNEL_TYPES
-from slipstream.model.layers import interleave_q4_rows, split_gguf_blocks
+from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, Q4_TYPES
+from slipstream.model.layers import byte_form, interleave_q4_rows, split_gguf_blocks
 
 BREAK_ENV = "SLIPSTREAM_SELFCHECK_BREAK"
 
 
-def q8_reference(x: torch.Tensor, dense: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                 qtype: int) -> torch.Tensor:
+def q8_reference(x: torch.Tensor, dense: torch.Tensor, split: tuple, qtype: int) -> torch.Tensor:
     """What gguf_linear_q8 computes, in PyTorch: x rounded to int8 per 32-value block (scale = max|x| / 127)
-    times the dequantized weights, except that each block's offset term (Q4_1 min, Q4_0's -8 * scale) meets
-    the exact block sum of x."""
+    times the dequantized weights, except that each weight's offset term (the min of Q4_1 / Q4_K / Q5_1 / Q5_K,
+    Q4_0's -8 * scale) meets the exact x."""
     blocks = x.view(x.shape[0], -1, 32)
     d = blocks.abs().amax(-1, keepdim=True) / 127
-    rounded = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0) * d
-    y = rounded.flatten(1) @ dense.T
+    rounded = (torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0) * d).flatten(1)
     name = GGUF_KERNEL_TYPES[qtype]
-    if name == "Q8_0":
-        return y
-    offset = mins.view(torch.float16).float() if name == "Q4_1" else -8 * scales.view(torch.float16).float()
-    return y + (blocks.sum(-1) - rounded.sum(-1)) @ offset.T
+    if name == "Q4_0":  # (its byte form has the offset in the quants; the kernel takes the nibbles)
+        offset = (-8 * split[1].view(torch.float16).float()).repeat_interleave(32, dim=1)
+    else:
+        mins = byte_form(split, qtype)[2]
+        offset = mins.repeat_interleave(16, dim=1) if mins.numel() else torch.zeros_like(dense)
+    return rounded @ (dense - offset).T + x @ offset.T
 
 
 # K-quant super-blocks (256 weights): their bytes, and where their fp16 scale fields (d, dmin) sit.
@@ -79,13 +79,12 @@ def _gguf_linear(ops, perturb: Callable) -> str | None:
 
 
 def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
-    x = torch.randn(5, 320, generator=torch.Generator().manual_seed(1))
-    for qtype in sorted(INT8_KERNEL_TYPES):
-        name = GGUF_KERNEL_TYPES[qtype]
-        blocks, dense = random_gguf_weight(qtype, 24, 320, qtype)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
+    for qtype, name in GGUF_KERNEL_TYPES.items():
+        blocks, dense = random_gguf_weight(qtype, 24, 512, qtype)
         split = split_gguf_blocks(blocks, qtype)
-        want = q8_reference(x, dense, split[1], split[2], qtype)
-        layouts = [split] if name == "Q8_0" else [split, interleave_q4_rows(*split)]
+        want = q8_reference(x, dense, split, qtype)
+        layouts = [split, interleave_q4_rows(*split)] if qtype in Q4_TYPES else [split]
         for layout in layouts:
             if why := _close(perturb(ops.gguf_linear_q8(x, *layout, qtype)), want):
                 return f"{name}: {why}"

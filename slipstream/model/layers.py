@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slipstream.kernels import GGUF_KERNEL_TYPES, INT8_KERNEL_TYPES, kernels
+from slipstream.kernels import GGUF_KERNEL_TYPES, Q4_TYPES, kernels
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
 
 
@@ -17,28 +17,28 @@ def attach_gguf_blocks(layer: nn.Module, blocks: torch.Tensor, qtype: int, int8_
     """Give `layer` (with a dense `weight`) the GGUF block form of the same weights, split into the
     kernel's layout: quants [out, blocks * quant bytes], fp16 scales and (Q4_1) mins [out, blocks].
     With `int8_activations` (`--quantization w4a8`) every matmul uses the blocks, so a linear layer's
-    dense copy is dropped (the LM head keeps its own: it may be the embedding table too), and Q4
-    blocks are interleaved by 8 rows for the int8 kernel (`interleave_q4_rows`). `weight_only`
+    dense copy is dropped (the LM head keeps its own: it may be the embedding table too), and Q4_0 /
+    Q4_1 / Q4_K blocks are interleaved by 8 rows for the int8 kernel (`interleave_q4_rows`). `weight_only`
     (wint8 / wint4) drops the dense copy too: the blocks are then the weights, dequantized for what
     no block kernel serves."""
-    int8_activations = int8_activations and qtype in INT8_KERNEL_TYPES  # (K-quants: float32 activations)
     split = split_gguf_blocks(blocks, qtype)
-    if int8_activations and GGUF_KERNEL_TYPES[qtype] != "Q8_0" and blocks.shape[0] % 8 == 0:
+    if int8_activations and qtype in Q4_TYPES and blocks.shape[0] % 8 == 0:
         split = interleave_q4_rows(*split)
     _attach(layer, split, qtype, int8_activations, weight_only, GGUF_KERNEL_TYPES[qtype])
 
 
-def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, int]], weight_only: bool) -> None:
+def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, int]], int8_activations: bool,
+                             weight_only: bool) -> None:
     """attach_gguf_blocks for a fused layer (q/k/v, gate/up) whose parts have different types (a Q4_K_M file's
     Q5_0 q/k with a Q8_0 v): each part in the byte-per-weight form (`byte_form`), rows concatenated, served as
-    Q5_1's form (with mins; zero for parts without) or Q5_0's. Exact mode only (no int8 kernel for that form)."""
+    Q5_1's form (with mins; zero for parts without) or Q5_0's."""
     forms = [byte_form(split_gguf_blocks(rows, qtype), qtype) for rows, qtype in parts]
     with_mins = any(m.numel() for _, _, m in forms)
     quants = torch.cat([q for q, _, _ in forms])
     scales = torch.cat([d for _, d, _ in forms])
     mins = torch.cat([m if m.numel() else torch.zeros_like(d) for _, d, m in forms]) if with_mins else torch.empty(0)
     label = "+".join(GGUF_KERNEL_TYPES[qtype] for _, qtype in parts)
-    _attach(layer, (quants, scales, mins), 7 if with_mins else 6, False, weight_only, label)
+    _attach(layer, (quants, scales, mins), 7 if with_mins else 6, int8_activations, weight_only, label)
 
 
 def _attach(layer: nn.Module, split: tuple, qtype: int, int8_activations: bool, weight_only: bool, label: str) -> None:

@@ -233,8 +233,7 @@ class CausalLM(nn.Module):
     def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]], int8_activations: bool,
                          weight_only: bool = False) -> None:
         """Attach the GGUF block form of linear weights (one rank only), fusing q/k/v and gate/up rows in
-        their shard order; a fused layer whose parts differ in type takes a common form (exact mode; under
-        w4a8 it keeps its dense path)."""
+        their shard order; a fused layer whose parts differ in type takes a common form."""
         modules = dict(self.named_modules())
         parts: dict[str, dict[str | int, tuple[torch.Tensor, int]]] = {}
         for name, rows, qtype in blocks:
@@ -258,8 +257,8 @@ class CausalLM(nn.Module):
             if len(types) == 1:
                 attach_gguf_blocks(modules[name], torch.cat([shards[s][0] for s in order]), types.pop(),
                                    int8_activations, weight_only)
-            elif not int8_activations:
-                attach_mixed_gguf_blocks(modules[name], [shards[s] for s in order], weight_only)
+            else:
+                attach_mixed_gguf_blocks(modules[name], [shards[s] for s in order], int8_activations, weight_only)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (transformers-style name, full tensor) pairs; each parameter takes its own shard."""
@@ -303,7 +302,7 @@ def build_decode_stack(model: CausalLM):
     if any(getattr(lin, "gguf_weight", None) is None or lin.bias is not None for lin in linears):
         return None
     int8 = {lin.int8_activations for lin in linears}
-    if len(int8) > 1 or not table.decode_stack_usable(int8.pop()):  # (w4a8 over K-quants: those stay exact)
+    if len(int8) > 1 or not table.decode_stack_usable(int8.pop()):
         return None
     return table.ops.DecodeStack(
         [layer.input_layernorm.weight for layer in model.layers],
