@@ -123,3 +123,36 @@ def test_a_sliding_window_caps_the_context_to_what_full_attention_computes_exact
     llm = LLM(str(model), kv_cache_memory=16 << 20)
     assert llm.engine.max_model_len == want
     llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_checkpoint_keeps_its_weights_and_stays_exact(tmp_path, dtype, caplog):
+    """A bf16 / fp16 checkpoint's weights are exact in float32: exact mode keeps them as they are (half the bytes)
+    where the block kernels run, and still matches transformers computing in float32 on the same weights."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from slipstream.kernels import HALF_TYPES, kernels
+
+    caplog.set_level(logging.INFO, logger="slipstream.model.runner")
+    directory = save_tiny_model("llama", tmp_path / "half", dtype=dtype, intermediate_size=160)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids = [load_tokenizer(directory).encode(p) for p in PROMPTS]  # (the last: 50+ tokens, prefill beyond 32 rows)
+    llm = LLM(model=str(directory), kv_cache_memory=16 << 20)
+    if kernels().ops is not None:
+        name = {torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+        for lin in llm.engine.runner.model.linear_layers():
+            assert HALF_TYPES[lin.gguf_type] == name and lin.weight.numel() == 0, "kept as is, no float32 copy"
+        assert f"{name} by gguf_linear" in caplog.text
+    results = llm.generate(ids, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=0))
+    for p, result in zip(ids, results, strict=True):
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=MAX_TOKENS, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        tokens = out.sequences[0, len(p):].tolist()
+        want = torch.cat(out.logits).log_softmax(-1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        assert result.outputs[0].token_ids == tokens
+        got = torch.tensor([lp.logprob for lp in result.outputs[0].logprobs])
+        torch.testing.assert_close(got, want, atol=TOL, rtol=0)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from server_utils import running_server
 
 from slipstream import SamplingParams
-from slipstream.kernels import GGUF_KERNEL_TYPES, Q4_TYPES, dispatch
+from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_TYPES, Q4_TYPES, dispatch
 from slipstream.kernels.selfcheck import BREAK_ENV, q8_reference, random_gguf_weight, self_check
 from slipstream.model.layers import interleave_q4_rows, split_gguf_blocks
 
@@ -26,12 +26,12 @@ def ops(request):
     return module
 
 
-@pytest.mark.parametrize("qtype", sorted(GGUF_KERNEL_TYPES))
+@pytest.mark.parametrize("qtype", sorted({**GGUF_KERNEL_TYPES, **HALF_TYPES}))
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 15])
 def test_gguf_linear_matches_dequantized_matmul(ops, qtype, rows):
     # 16 blocks of 32 per row (2 super-blocks of 256 for K-quants): whole and partial groups of 8 blocks for
     # the classic types at 320 inputs, K-quants at 512. K-quant blocks are random bytes with valid scales.
-    in_features = 512 if GGUF_KERNEL_TYPES[qtype].endswith("_K") else 320
+    in_features = 512 if GGUF_KERNEL_TYPES.get(qtype, "").endswith("_K") else 320
     blocks, dense = random_gguf_weight(qtype, 37, in_features, seed=qtype * 100 + rows)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
     got = ops.gguf_linear(x, *split_gguf_blocks(blocks, qtype), qtype)
@@ -114,7 +114,7 @@ def test_write_kv_cache_fills_the_given_slots(ops, cache_dtype):
 def test_gguf_linear_q8_matches_rounded_activations(ops, qtype, rows):
     # 2 super-blocks of 256 (K-quants: random bytes with valid scales), else 10 blocks of 32: whole and partial
     # groups of 8 blocks.
-    in_features = 512 if GGUF_KERNEL_TYPES[qtype].endswith("_K") else 320
+    in_features = 512 if GGUF_KERNEL_TYPES.get(qtype, "").endswith("_K") else 320
     blocks, dense = random_gguf_weight(qtype, 37, in_features, seed=qtype * 100 + rows)
     split = split_gguf_blocks(blocks, qtype)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))

@@ -71,10 +71,12 @@ def save_tiny_model(
     max_position_embeddings: int = 512,
     weight_gain: float = 1.5,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
     **config_overrides,
 ) -> Path:
     """Create `directory` holding a random `arch` model (llama, qwen2, qwen3, ernie4_5) in the
-    Hugging Face layout, with a tokenizer whose vocabulary is the model's. Returns `directory`."""
+    Hugging Face layout, its tensors saved as `dtype`, with a tokenizer whose vocabulary is the model's.
+    Returns `directory`."""
     config_cls, model_cls = _classes(arch)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer()
@@ -102,7 +104,7 @@ def save_tiny_model(
                 p.normal_(1.0, 0.2)
             else:  # matrices scaled by their input size, biases by the hidden size
                 p.normal_(0.0, weight_gain / (p.shape[-1] if p.dim() == 2 else hidden_size) ** 0.5)
-    model.save_pretrained(directory)
+    model.to(dtype).save_pretrained(directory)
     return directory
 
 

@@ -36,11 +36,17 @@ ISA_ENV = "SLIPSTREAM_CPU_ISA"
 GGUF_KERNEL_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 # Nibble types, which gguf_linear_q8 also takes interleaved by 8 rows (`interleave_q4_rows`).
 Q4_TYPES = frozenset({2, 3, 12})
+# Half-precision rows, which gguf_linear takes too (float32 activations): a bf16 / fp16 checkpoint's own weights,
+# exact in float32, at half float32's bytes.
+HALF_TYPES = {1: "F16", 30: "BF16"}
 
 # Up to this many rows, a matmul in exact mode reads the GGUF blocks (0.56 bytes a weight for Q4) instead of the
 # dense copy: small batches are bound by memory, and up to here the block kernel is as fast as MKL's dense fp32
 # GEMM on 2 cores (beyond, GEMM's blocking wins). The int8 kernel (w4a8) serves every row count.
 GGUF_KERNEL_MAX_ROWS = 32
+# F16 / BF16 rows: beyond this many rows, converting the weight to float32 for MKL's GEMM pays (AMD EPYC, 2 cores:
+# the kernel is faster than even a resident float32 GEMM up to ~128 rows, the conversion costs ~1 ns a weight).
+HALF_KERNEL_MAX_ROWS = 128
 
 # DecodeStack runs all of a decode step's layers with these kernels and one of the two matmuls: it is only as good
 # as they are.
@@ -151,10 +157,12 @@ class KernelTable:
             return None
         if layer.int8_activations:
             return self.ops.gguf_linear_q8 if self.has("gguf_linear_q8") else None
-        return self.ops.gguf_linear if rows <= GGUF_KERNEL_MAX_ROWS and self.has("gguf_linear") else None
+        limit = HALF_KERNEL_MAX_ROWS if layer.gguf_type in HALF_TYPES else GGUF_KERNEL_MAX_ROWS
+        return self.ops.gguf_linear if rows <= limit and self.has("gguf_linear") else None
 
     def serves_gguf_blocks(self, device: torch.device, dtype: torch.dtype, num_ranks: int, int8: bool) -> bool:
-        """Whether a GGUF model's block weights are worth loading: the matmul kernel they need runs here."""
+        """Whether a GGUF model's block weights (or a half-precision checkpoint's own) are worth keeping: the matmul
+        kernel they need runs here."""
         kernel = "gguf_linear_q8" if int8 else "gguf_linear"
         return device.type == "cpu" and dtype == torch.float32 and num_ranks == 1 and self.has(kernel)
 
@@ -169,8 +177,8 @@ class KernelTable:
         if self.ops is None:
             return f"{self.variant.name}: not built (plain PyTorch ops)"
         off = f"; disabled after their self-check: {', '.join(sorted(self.disabled))}" if self.disabled else ""
-        return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())}, paged attention, " \
-               f"norm/rotary/SwiGLU, decode stack){off}"
+        return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())}, F16/BF16 rows, " \
+               f"paged attention, norm/rotary/SwiGLU, decode stack){off}"
 
 
 _table: KernelTable | None = None

@@ -7,6 +7,8 @@
 // small integer: exact in float32): Q4_K as Q4_1's nibble layout per 32 weights with float32 scales [N, nb]
 // and mins [N, nb]; Q5_K and Q6_K as one byte per weight (0..31, -32..31) in blocks of 16 with float32
 // scales [N, K / 16] (and, Q5_K, mins). Q5_0 / Q5_1 (5-bit blocks of 32) take the same byte-per-weight form.
+//
+// F16 / BF16 rows [N, 2 K bytes] (no scales) are a half-precision checkpoint's own weights, exact in float32.
 #pragma once
 #include <ATen/ATen.h>
 #include <immintrin.h>
@@ -18,7 +20,8 @@ namespace slipstream {
 
 constexpr int QK = 32;  // weights per block
 
-enum class QType { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };  // GGML ids
+enum class QType { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+// (GGML's ids)
 
 // The classic types: fp16 scales (and mins) per 32 weights, as the file holds them.
 constexpr bool is_classic(QType t) { return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q8_0; }
@@ -28,6 +31,7 @@ constexpr bool is_q4(QType t) { return t == QType::Q4_0 || t == QType::Q4_1 || t
 constexpr bool is_k16(QType t) {
   return t == QType::Q5_0 || t == QType::Q5_1 || t == QType::Q5_K || t == QType::Q6_K;
 }
+constexpr bool is_half(QType t) { return t == QType::F16 || t == QType::BF16; }
 constexpr bool has_mins(QType t) {
   return t == QType::Q4_1 || t == QType::Q5_1 || t == QType::Q4_K || t == QType::Q5_K;
 }
@@ -92,16 +96,19 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
   const int64_t K = x.size(1), N = qs.size(0), nb = K / QK;
   TORCH_CHECK(K % QK == 0, "in_features must be a multiple of 32");
   const auto type = static_cast<QType>(qtype);
-  TORCH_CHECK(is_classic(type) || type == QType::Q4_K || is_k16(type), "unsupported GGUF type ", qtype);
-  const int64_t q_bytes = is_k16(type) ? K : nb * (type == QType::Q8_0 ? 32 : 16);
+  TORCH_CHECK(is_classic(type) || type == QType::Q4_K || is_k16(type) || is_half(type), "unsupported GGUF type ",
+              qtype);
+  const int64_t q_bytes = is_half(type) ? 2 * K : is_k16(type) ? K : nb * (type == QType::Q8_0 ? 32 : 16);
+  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.dim() == 2 && qs.size(1) == q_bytes,
+              "bad GGUF weight");
+  Weights w{qs.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, nullptr};
+  if (is_half(type)) return w;
   const int64_t groups = is_k16(type) ? K / 16 : nb;  // scales per row
   const auto scale_type = is_classic(type) ? at::kShort : at::kFloat;
-  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.dim() == 2 && qs.size(1) == q_bytes &&
-              scales.scalar_type() == scale_type && scales.is_contiguous() && scales.dim() == 2 &&
+  TORCH_CHECK(scales.scalar_type() == scale_type && scales.is_contiguous() && scales.dim() == 2 &&
               scales.size(0) == N && scales.size(1) == groups, "bad GGUF weight");
   TORCH_CHECK(!has_mins(type) || (mins.scalar_type() == scale_type && mins.is_contiguous() &&
                                   mins.sizes() == scales.sizes()), "this GGUF type needs a min per block");
-  Weights w{qs.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, nullptr};
   if (is_classic(type)) {
     w.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<int16_t>());
     if (has_mins(type)) w.mins = reinterpret_cast<const uint16_t*>(mins.data_ptr<int16_t>());
@@ -132,6 +139,8 @@ at::Tensor run_gguf_linear(at::Tensor x, const at::Tensor& qs, const at::Tensor&
     case QType::Q4_K: impl(std::integral_constant<QType, QType::Q4_K>{}, xp, w, yp, M, K, N); break;
     case QType::Q5_K: impl(std::integral_constant<QType, QType::Q5_K>{}, xp, w, yp, M, K, N); break;
     case QType::Q6_K: impl(std::integral_constant<QType, QType::Q6_K>{}, xp, w, yp, M, K, N); break;
+    case QType::F16: impl(std::integral_constant<QType, QType::F16>{}, xp, w, yp, M, K, N); break;
+    case QType::BF16: impl(std::integral_constant<QType, QType::BF16>{}, xp, w, yp, M, K, N); break;
   }
   return y;
 }

@@ -1,5 +1,5 @@
 // y = x @ W^T with W kept in its GGUF block quantization (Q4_0, Q4_1, Q8_0; Q5_0, Q5_1, Q4_K, Q5_K, Q6_K as
-// the loader unpacks them: gguf_blocks.h), for small batches.
+// the loader unpacks them: gguf_blocks.h) or in half precision (F16, BF16), for small batches.
 //
 // Each 32-weight block is expanded to fp32 in registers and multiplied with fp32 activations, so
 // the result equals x @ dequantize(W)^T up to summation order: the weights stay exactly what the
@@ -112,6 +112,44 @@ void k16_rows(const float* x, Weights w, const float* xsum, float* y, int64_t K,
   }
 }
 
+// Eight half-precision weights as floats (exact: BF16 is float32's upper half, F16 widens losslessly).
+template <QType T>
+inline __m256 load_half8(const uint16_t* h) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h));
+  if constexpr (T == QType::F16) return _mm256_cvtph_ps(v);
+  else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+// F16 / BF16 rows: half the bytes of float32 and no scales, two accumulators per activation row.
+template <QType T, int MM>
+void half_rows(const float* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* row = reinterpret_cast<const uint16_t*>(w.qs) + n * K;
+    __m256 acc[MM][2];
+    for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m256 w0 = load_half8<T>(row + k), w1 = load_half8<T>(row + k + 8);
+      for (int m = 0; m < MM; ++m) {
+        acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[m][1]);
+      }
+    }
+    for (int m = 0; m < MM; ++m) y[m * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+  }
+}
+
+template <QType T>
+void half_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin; n0 < end; n0 += 16) {
+      const int64_t n1 = std::min(n0 + 16, end);
+      for_row_pieces<4>(M, [&](auto mm, int64_t m0) {
+        half_rows<T, decltype(mm)::value>(x + m0 * K, w, y + m0 * N, K, N, n0, n1);
+      });
+    }
+  });
+}
+
 template <QType T>
 void k16_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const int64_t groups = K / 16;
@@ -171,7 +209,8 @@ at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tenso
   return run_gguf_linear(x, qs, scales, mins, qtype,
                          [](auto type, auto... args) {
                            constexpr QType T = decltype(type)::value;
-                           if constexpr (is_k16(T)) k16_linear_impl<T>(args...);
+                           if constexpr (is_half(T)) half_linear_impl<T>(args...);
+                           else if constexpr (is_k16(T)) k16_linear_impl<T>(args...);
                            else linear_impl<T>(args...);
                          });
 }

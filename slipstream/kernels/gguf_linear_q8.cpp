@@ -262,6 +262,7 @@ void q8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, i
 }  // namespace
 
 at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
+  TORCH_CHECK(!is_half(static_cast<QType>(qtype)), "gguf_linear_q8 takes quantized blocks, not F16 / BF16 rows");
   if (qs.dim() == 3) {  // Q4 rows interleaved by 8: [N / 8, blocks, 128]
     TORCH_CHECK(is_q4(static_cast<QType>(qtype)) && qs.size(2) == 128, "bad interleaved Q4 weight");
     return run_gguf_linear(x, qs.view({qs.size(0) * 8, -1}), scales.view({qs.size(0) * 8, -1}),
@@ -272,5 +273,7 @@ at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Te
                            });
   }
   return run_gguf_linear(x, qs, scales, mins, qtype,
-                         [](auto type, auto... args) { q8_linear_impl<decltype(type)::value>(args...); });
+                         [](auto type, auto... args) {
+                           if constexpr (!is_half(decltype(type)::value)) q8_linear_impl<decltype(type)::value>(args...);
+                         });
 }

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, Q4_TYPES
+from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, HALF_TYPES, Q4_TYPES
 from slipstream.model.layers import byte_form, interleave_q4_rows, split_gguf_blocks
 
 BREAK_ENV = "SLIPSTREAM_SELFCHECK_BREAK"
@@ -43,10 +43,14 @@ _K_BLOCKS = {12: (144, (0, 2)), 13: (176, (0, 2)), 14: (210, (208,))}
 def random_gguf_weight(qtype: int, out_features: int, in_features: int, seed: int):
     """Blocks of a random weight, and their float32 values as the gguf package dequantizes them. The classic
     types are quantized by the gguf package; K-quants (which it cannot quantize) are random bytes with valid
-    fp16 scales (in_features a multiple of 256)."""
+    fp16 scales (in_features a multiple of 256). F16 / BF16: a random weight rounded to it, as bytes."""
     from gguf import GGMLQuantizationType, quants
 
     rng = np.random.default_rng(seed)
+    if qtype in HALF_TYPES:
+        half = torch.from_numpy(rng.standard_normal((out_features, in_features), dtype=np.float32))
+        half = half.to(torch.bfloat16 if HALF_TYPES[qtype] == "BF16" else torch.float16)
+        return half.view(torch.uint8).view(out_features, -1), half.float()
     if qtype in _K_BLOCKS:
         size, scale_offsets = _K_BLOCKS[qtype]
         raw = rng.integers(0, 256, (out_features, in_features // 256, size), dtype=np.uint8)
@@ -71,7 +75,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5, atol: floa
 
 def _gguf_linear(ops, perturb: Callable) -> str | None:
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
-    for qtype, name in GGUF_KERNEL_TYPES.items():
+    for qtype, name in {**GGUF_KERNEL_TYPES, **HALF_TYPES}.items():
         blocks, dense = random_gguf_weight(qtype, 19, 512, qtype)
         if why := _close(perturb(ops.gguf_linear(x, *split_gguf_blocks(blocks, qtype), qtype)), F.linear(x, dense)):
             return f"{name}: {why}"

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slipstream.kernels import GGUF_KERNEL_TYPES, Q4_TYPES, kernels
+from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_TYPES, Q4_TYPES, kernels
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
 
 
@@ -39,6 +39,23 @@ def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, i
     mins = torch.cat([m if m.numel() else torch.zeros_like(d) for _, d, m in forms]) if with_mins else torch.empty(0)
     label = "+".join(GGUF_KERNEL_TYPES[qtype] for _, qtype in parts)
     _attach(layer, (quants, scales, mins), 7 if with_mins else 6, int8_activations, weight_only, label)
+
+
+_HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # bfloat16 first: its range holds any float32's
+
+
+def keep_half_precision(layer: nn.Module) -> bool:
+    """Where `layer`'s float32 weight is exactly a bfloat16 (or float16) tensor — a half-precision checkpoint's
+    weights are —, keep it in that form: half the bytes, served by gguf_linear with float32 activations (exact),
+    a linear layer's dense copy dropped (dequantized for what no kernel serves). Returns whether it did."""
+    weight = layer.weight.data
+    for qtype, dtype in _HALF_DTYPES.items():
+        half = weight.to(dtype)
+        if torch.equal(half.float(), weight):
+            rows = half.view(torch.uint8).view(weight.shape[0], -1)
+            _attach(layer, (rows, torch.empty(0), torch.empty(0)), qtype, False, True, HALF_TYPES[qtype])
+            return True
+    return False
 
 
 def _attach(layer: nn.Module, split: tuple, qtype: int, int8_activations: bool, weight_only: bool, label: str) -> None:
@@ -82,6 +99,8 @@ def _per16(per32: torch.Tensor) -> torch.Tensor:
 def dequantize_blocks(layer: nn.Module) -> torch.Tensor:
     """The float32 weights of `layer`'s GGUF blocks (row layout), as the gguf package dequantizes them: scale x
     quant (+ min) of their byte form."""
+    if layer.gguf_type in HALF_TYPES:
+        return layer.gguf_weight[0].view(_HALF_DTYPES[layer.gguf_type]).float()
     quants, scales, mins = byte_form(layer.gguf_weight, layer.gguf_type)
     out = quants.shape[0]
     w = quants.view(torch.int8).view(out, -1, 16).float() * scales.unsqueeze(-1)
@@ -91,6 +110,8 @@ def dequantize_blocks(layer: nn.Module) -> torch.Tensor:
 def split_gguf_blocks(blocks: torch.Tensor, qtype: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GGUF rows of blocks -> (quants, scales, mins) as gguf_linear takes them. Classic types: their (fp16 scale,
     [fp16 min,] quants) blocks split apart. K-quants: unpacked (`_split_k_quants`)."""
+    if qtype in HALF_TYPES:  # (rows of half-precision weights as bytes: nothing to split)
+        return blocks.contiguous(), torch.empty(0), torch.empty(0)
     name = GGUF_KERNEL_TYPES[qtype]
     if name.endswith("_K"):
         return _split_k_quants(blocks, name)

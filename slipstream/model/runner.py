@@ -119,6 +119,8 @@ class ModelRunner:
             self.model.load_gguf_blocks(blocks, int8_activations=int8, weight_only=weight_only)
         if weight_only:
             self.model.quantize_linear_layers(WEIGHT_ONLY_TYPES[quant])
+        if not int8 and table.serves_gguf_blocks(self.device, self.dtype, tp_size(), False):
+            self.model.keep_half_precision_weights()  # (a bf16 / fp16 checkpoint's weights, as they are)
         logger.info("%s", weights_report(self.model, model_dir, table))
         self.num_blocks = self._allocate_kv_cache(max_model_len)
 
