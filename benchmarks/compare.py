@@ -118,6 +118,9 @@ def machine() -> str:
     return f"{cpu} ({simd}), {os.cpu_count()} cores, {mem:.0f} GiB, {platform.platform()}"
 
 
+PEER_SETTINGS = ("GGUF", "DTYPE")
+
+
 def markdown(report: dict) -> str:
     names = [n for n in report["servers"] if "levels" in report["servers"][n]]
     ours = [n for n in names if n.startswith("slipstream")]
@@ -174,7 +177,9 @@ def main() -> int:
     placeholders = bench_args(url, "C", f"max(8,{args.prompts_per_slot}C)", "1000C+round", args)
     report = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(), "commit": commit,
               "model": os.environ.get("GGUF"),  # (the peers' $GGUF: benchmarks/peers/common.sh)
-              "command": shlex.join(["python", "benchmarks/compare.py", *sys.argv[1:]]),
+              # (with the peer scripts' settings: $GGUF, and $DTYPE for vLLM, benchmarks/peers/)
+              "command": shlex.join([*(f"{k}={os.environ[k]}" for k in PEER_SETTINGS if k in os.environ), "python",
+                                     "benchmarks/compare.py", *sys.argv[1:]]),
               "bench_command": shlex.join(["slipstream", "bench", *placeholders]),
               "input_len": args.input_len, "output_len": args.output_len, "rounds": args.rounds,
               "concurrency": args.concurrency, "servers": {}}
