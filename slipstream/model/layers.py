@@ -58,6 +58,15 @@ def keep_half_precision(layer: nn.Module) -> bool:
     return False
 
 
+def keep_half_precision_weights(model: nn.Module) -> None:
+    """Exact mode for a half-precision checkpoint: each linear layer and LM head of `model` without GGUF blocks whose
+    weights are exactly bfloat16 / float16 keeps them so (`keep_half_precision`)."""
+    for layer in model.modules():
+        if isinstance(layer, LinearBase | ParallelLMHead) and getattr(layer, "gguf_weight", None) is None \
+                and layer.weight.shape[1] % 32 == 0:
+            keep_half_precision(layer)
+
+
 def _attach(layer: nn.Module, split: tuple, qtype: int, int8_activations: bool, weight_only: bool, label: str) -> None:
     layer.gguf_type = qtype
     layer.gguf_weight = split

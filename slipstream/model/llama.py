@@ -22,7 +22,6 @@ from slipstream.model.layers import (
     VocabParallelEmbedding,
     attach_gguf_blocks,
     attach_mixed_gguf_blocks,
-    keep_half_precision,
 )
 from slipstream.model.parallel import tp_size
 
@@ -230,13 +229,6 @@ class CausalLM(nn.Module):
             if getattr(lin, "gguf_weight", None) is None and lin.weight.shape[1] % 32 == 0:
                 blocks = quants.quantize(lin.weight.detach().float().cpu().numpy(), GGMLQuantizationType(qtype))
                 attach_gguf_blocks(lin, torch.from_numpy(blocks), qtype, int8_activations=False, weight_only=True)
-
-    def keep_half_precision_weights(self) -> None:
-        """Exact mode for a half-precision checkpoint: each linear layer (and the LM head) whose weights are exactly
-        bfloat16 / float16 keeps them so (`keep_half_precision`)."""
-        for lin in [*self.linear_layers(), self.lm_head]:
-            if getattr(lin, "gguf_weight", None) is None and lin.weight.shape[1] % 32 == 0:
-                keep_half_precision(lin)
 
     def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]], int8_activations: bool,
                          weight_only: bool = False) -> None:

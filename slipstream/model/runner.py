@@ -18,6 +18,7 @@ from slipstream.engine.scheduler import ScheduledSeq
 from slipstream.engine.sequence import TokenLogprobs
 from slipstream.kernels import KernelTable, kernels
 from slipstream.model.context import set_context
+from slipstream.model.layers import keep_half_precision_weights
 from slipstream.model.loader import checkpoint_tensor_types, iter_gguf_blocks, iter_weights
 from slipstream.model.parallel import all_reduce_min, tp_rank, tp_size
 from slipstream.model.registry import build_model
@@ -120,7 +121,7 @@ class ModelRunner:
         if weight_only:
             self.model.quantize_linear_layers(WEIGHT_ONLY_TYPES[quant])
         if not int8 and table.serves_gguf_blocks(self.device, self.dtype, tp_size(), False):
-            self.model.keep_half_precision_weights()  # (a bf16 / fp16 checkpoint's weights, as they are)
+            keep_half_precision_weights(self.model)  # (a bf16 / fp16 checkpoint's weights, as they are)
         logger.info("%s", weights_report(self.model, model_dir, table))
         self.num_blocks = self._allocate_kv_cache(max_model_len)
 
