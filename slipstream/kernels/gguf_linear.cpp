@@ -140,13 +140,8 @@ void half_rows(const float* x, Weights w, float* y, int64_t K, int64_t N, int64_
 
 template <QType T>
 void half_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n0 = begin; n0 < end; n0 += 16) {
-      const int64_t n1 = std::min(n0 + 16, end);
-      for_row_pieces<4>(M, [&](auto mm, int64_t m0) {
-        half_rows<T, decltype(mm)::value>(x + m0 * K, w, y + m0 * N, K, N, n0, n1);
-      });
-    }
+  for_weight_tiles<4>(M, N, [&](auto mm, int64_t m0, int64_t n0, int64_t n1) {
+    half_rows<T, decltype(mm)::value>(x + m0 * K, w, y + m0 * N, K, N, n0, n1);
   });
 }
 
@@ -163,14 +158,9 @@ void k16_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, 
         xsum[m * groups + g] = s;
       }
   }
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n0 = begin; n0 < end; n0 += 16) {
-      const int64_t n1 = std::min(n0 + 16, end);
-      for_row_pieces<4>(M, [&](auto mm, int64_t m0) {
-        const float* sm = xsum.empty() ? nullptr : xsum.data() + m0 * groups;
-        k16_rows<T, decltype(mm)::value>(x + m0 * K, w, sm, y + m0 * N, K, N, n0, n1);
-      });
-    }
+  for_weight_tiles<4>(M, N, [&](auto mm, int64_t m0, int64_t n0, int64_t n1) {
+    const float* sm = xsum.empty() ? nullptr : xsum.data() + m0 * groups;
+    k16_rows<T, decltype(mm)::value>(x + m0 * K, w, sm, y + m0 * N, K, N, n0, n1);
   });
 }
 
@@ -189,17 +179,11 @@ void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int6
         xsum[m * (nb + 8) + b] = s;
       }
   }
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    // 16 weight rows at a time stay in L1 while every piece of the activation rows passes them:
-    // pieces of 4, 2 and 1 rows, each fully unrolled (at 8 the accumulators no longer fit the 16
-    // vector registers).
-    for (int64_t n0 = begin; n0 < end; n0 += 16) {
-      const int64_t n1 = std::min(n0 + 16, end);
-      for_row_pieces<4>(M, [&](auto mm, int64_t m0) {
-        const float* sm = xsum.empty() ? nullptr : xsum.data() + m0 * (nb + 8);
-        linear_rows<T, decltype(mm)::value>(x + m0 * K, w, sm, y + m0 * N, K, N, n0, n1);
-      });
-    }
+  // Pieces of 4, 2 and 1 activation rows, each fully unrolled (at 8 the accumulators no longer fit the 16 vector
+  // registers).
+  for_weight_tiles<4>(M, N, [&](auto mm, int64_t m0, int64_t n0, int64_t n1) {
+    const float* sm = xsum.empty() ? nullptr : xsum.data() + m0 * (nb + 8);
+    linear_rows<T, decltype(mm)::value>(x + m0 * K, w, sm, y + m0 * N, K, N, n0, n1);
   });
 }
 

@@ -247,15 +247,9 @@ void q4x8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K,
 template <QType T>
 void q8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const QuantizedRows xq = quantize_rows(x, M, K);
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    // 16 weight rows at a time stay in L1 while every piece of the activation rows passes them.
-    for (int64_t n0 = begin; n0 < end; n0 += 16) {
-      const int64_t n1 = std::min(n0 + 16, end);
-      for_row_pieces<8>(M, [&](auto mm, int64_t m0) {
-        if constexpr (is_k16(T)) q8_k16_rows<T, decltype(mm)::value>(xq, m0, w, y, K, N, n0, n1);
-        else q8_rows<T, decltype(mm)::value>(xq, m0, w, y, K, N, n0, n1);
-      });
-    }
+  for_weight_tiles<8>(M, N, [&](auto mm, int64_t m0, int64_t n0, int64_t n1) {
+    if constexpr (is_k16(T)) q8_k16_rows<T, decltype(mm)::value>(xq, m0, w, y, K, N, n0, n1);
+    else q8_rows<T, decltype(mm)::value>(xq, m0, w, y, K, N, n0, n1);
   });
 }
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, HALF_TYPES, Q4_TYPES
-from slipstream.model.layers import byte_form, interleave_q4_rows, split_gguf_blocks
+from slipstream.model.layers import HALF_DTYPES, byte_form, interleave_q4_rows, split_gguf_blocks
 
 BREAK_ENV = "SLIPSTREAM_SELFCHECK_BREAK"
 
@@ -48,8 +48,8 @@ def random_gguf_weight(qtype: int, out_features: int, in_features: int, seed: in
 
     rng = np.random.default_rng(seed)
     if qtype in HALF_TYPES:
-        half = torch.from_numpy(rng.standard_normal((out_features, in_features), dtype=np.float32))
-        half = half.to(torch.bfloat16 if HALF_TYPES[qtype] == "BF16" else torch.float16)
+        weight = torch.from_numpy(rng.standard_normal((out_features, in_features), dtype=np.float32))
+        half = weight.to(HALF_DTYPES[qtype])
         return half.view(torch.uint8).view(out_features, -1), half.float()
     if qtype in _K_BLOCKS:
         size, scale_offsets = _K_BLOCKS[qtype]

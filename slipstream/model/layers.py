@@ -41,7 +41,7 @@ def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, i
     _attach(layer, (quants, scales, mins), 7 if with_mins else 6, int8_activations, weight_only, label)
 
 
-_HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # bfloat16 first: its range holds any float32's
+HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # HALF_TYPES' torch dtypes; bfloat16 first: any float32's range
 
 
 def keep_half_precision(layer: nn.Module) -> bool:
@@ -49,7 +49,7 @@ def keep_half_precision(layer: nn.Module) -> bool:
     weights are —, keep it in that form: half the bytes, served by gguf_linear with float32 activations (exact),
     a linear layer's dense copy dropped (dequantized for what no kernel serves). Returns whether it did."""
     weight = layer.weight.data
-    for qtype, dtype in _HALF_DTYPES.items():
+    for qtype, dtype in HALF_DTYPES.items():
         half = weight.to(dtype)
         if torch.equal(half.float(), weight):
             rows = half.view(torch.uint8).view(weight.shape[0], -1)
@@ -109,7 +109,7 @@ def dequantize_blocks(layer: nn.Module) -> torch.Tensor:
     """The float32 weights of `layer`'s GGUF blocks (row layout), as the gguf package dequantizes them: scale x
     quant (+ min) of their byte form."""
     if layer.gguf_type in HALF_TYPES:
-        return layer.gguf_weight[0].view(_HALF_DTYPES[layer.gguf_type]).float()
+        return layer.gguf_weight[0].view(HALF_DTYPES[layer.gguf_type]).float()
     quants, scales, mins = byte_form(layer.gguf_weight, layer.gguf_type)
     out = quants.shape[0]
     w = quants.view(torch.int8).view(out, -1, 16).float() * scales.unsqueeze(-1)
