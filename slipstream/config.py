@@ -10,7 +10,8 @@ from dataclasses import dataclass
 # stay float32): a quarter / an eighth of float32's weight memory, served by the GGUF block kernels.
 QUANTIZATION_METHODS = ("w4a8", "wint8", "wint4")
 QUANTIZATION_ALIASES = {"weight_only_int8": "wint8", "weight_only_int4": "wint4"}  # FastDeploy's long names
-# --kv-cache-dtype: auto is the model's dtype, except float16 under w4a8 (llama.cpp's default).
+# --kv-cache-dtype: auto is the model's dtype, except float16 under w4a8 (llama.cpp's default) and with half-precision
+# weights on a CPU (the kernels' cache types are float32 and float16).
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 

@@ -18,7 +18,6 @@ from slipstream import LLM, SamplingParams
 from slipstream.kernels import GGUF_KERNEL_TYPES, kernels
 from slipstream.kernels.selfcheck import random_gguf_weight
 from slipstream.model.layers import byte_form, dequantize_blocks, split_gguf_blocks
-from slipstream.model.loader import GGUF_BLOCKS_FILE, GGUF_TYPES_FILE, hf_directory
 from slipstream.model.runner import WEIGHT_ONLY_TYPES
 
 # w4a8 runs only on the int8 block kernel; everything else here (wint, the block forms) runs without kernels too.
@@ -65,17 +64,6 @@ def test_w4a8_refuses_a_model_without_gguf_blocks(tmp_path):
 def test_an_unknown_quantization_is_refused():
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         LLM(quantization="int3")
-
-
-@pytest.fixture(scope="module")
-def safetensors_model(tmp_path_factory) -> Path:
-    """The embedded model as a plain safetensors checkpoint: its converted directory without the GGUF extras."""
-    source = hf_directory(None)
-    directory = tmp_path_factory.mktemp("smollm2-safetensors")
-    for f in source.iterdir():
-        if f.name not in (GGUF_BLOCKS_FILE, GGUF_TYPES_FILE, "complete"):
-            (directory / f.name).symlink_to(f)
-    return directory
 
 
 # Measured on this model (AMD EPYC, avx2 kernels): wint8 0.979 top-1 agreement / 0.197 max logprob error;

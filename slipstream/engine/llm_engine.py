@@ -116,7 +116,7 @@ class LLMEngine:
         self.last_batch_size = 0  # sequences in the last step
         self.reasoning: dict[str, ReasoningSpan] = {}  # requests whose thinking span is not over
         self.load_seconds = time.monotonic() - t0
-        numerics = " ".join(filter(None, [str(self.runner.dtype).removeprefix("torch."), config.quantization]))
+        numerics = " ".join(filter(None, [self.runner.numerics(), config.quantization]))
         if self.runner.device.type == "cpu":
             numerics += f", CPU kernels {kernels().describe()}"
         logger.info(

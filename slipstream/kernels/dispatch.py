@@ -39,6 +39,7 @@ Q4_TYPES = frozenset({2, 3, 12})
 # Half-precision rows, which gguf_linear takes too (float32 activations): a bf16 / fp16 checkpoint's own weights,
 # exact in float32, at half float32's bytes.
 HALF_TYPES = {1: "F16", 30: "BF16"}
+HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # their torch dtypes; bfloat16 first: any float32's range
 
 # Up to this many rows, a matmul in exact mode reads the GGUF blocks (0.56 bytes a weight for Q4) instead of the
 # dense copy: small batches are bound by memory, and up to here the block kernel is as fast as MKL's dense fp32
@@ -165,6 +166,12 @@ class KernelTable:
         kernel they need runs here."""
         kernel = "gguf_linear_q8" if int8 else "gguf_linear"
         return device.type == "cpu" and dtype == torch.float32 and num_ranks == 1 and self.has(kernel)
+
+    def serves_half_weights(self, device: torch.device, dtype: torch.dtype, num_ranks: int) -> bool:
+        """Whether `--dtype bfloat16` / `float16` is served here as half-precision weights (rounded at load, kept as
+        BF16 / F16 rows) with float32 activations, the type these kernels take — rather than plain PyTorch in that
+        dtype, which on a CPU has no compiled kernel at all."""
+        return dtype in HALF_DTYPES.values() and self.serves_gguf_blocks(device, torch.float32, num_ranks, False)
 
     def decode_stack_usable(self, int8: bool) -> bool:
         """Whether DecodeStack may run a step whose matmuls take int8 activations (w4a8) or float32 ones."""

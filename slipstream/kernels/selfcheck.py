@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, HALF_TYPES, Q4_TYPES
-from slipstream.model.layers import HALF_DTYPES, byte_form, interleave_q4_rows, split_gguf_blocks
+from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TYPES
+from slipstream.model.layers import byte_form, interleave_q4_rows, split_gguf_blocks
 
 BREAK_ENV = "SLIPSTREAM_SELFCHECK_BREAK"
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_TYPES, Q4_TYPES, kernels
+from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TYPES, kernels
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
 
 
@@ -41,9 +41,6 @@ def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, i
     _attach(layer, (quants, scales, mins), 7 if with_mins else 6, int8_activations, weight_only, label)
 
 
-HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # HALF_TYPES' torch dtypes; bfloat16 first: any float32's range
-
-
 def keep_half_precision(layer: nn.Module) -> bool:
     """Where `layer`'s float32 weight is exactly a bfloat16 (or float16) tensor — a half-precision checkpoint's
     weights are —, keep it in that form: half the bytes, served by gguf_linear with float32 activations (exact),
@@ -65,6 +62,16 @@ def keep_half_precision_weights(model: nn.Module) -> None:
         if isinstance(layer, LinearBase | ParallelLMHead) and getattr(layer, "gguf_weight", None) is None \
                 and layer.weight.shape[1] % 32 == 0:
             keep_half_precision(layer)
+
+
+def round_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """`--dtype bfloat16` / `float16` on a CPU with the kernels: round every weight of `model` that no GGUF block
+    holds to `dtype` (kept in float32, where keep_half_precision_weights then finds them exact), so the model has the
+    half-precision model's weights and computes on them in float32."""
+    in_blocks = {id(p) for m in model.modules() if getattr(m, "gguf_weight", None) is not None for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in in_blocks and p.is_floating_point():
+            p.data = p.data.to(dtype).float()
 
 
 def _attach(layer: nn.Module, split: tuple, qtype: int, int8_activations: bool, weight_only: bool, label: str) -> None:

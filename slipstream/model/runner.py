@@ -18,7 +18,7 @@ from slipstream.engine.scheduler import ScheduledSeq
 from slipstream.engine.sequence import TokenLogprobs
 from slipstream.kernels import KernelTable, kernels
 from slipstream.model.context import set_context
-from slipstream.model.layers import keep_half_precision_weights
+from slipstream.model.layers import keep_half_precision_weights, round_weights
 from slipstream.model.loader import checkpoint_tensor_types, iter_gguf_blocks, iter_weights
 from slipstream.model.parallel import all_reduce_min, tp_rank, tp_size
 from slipstream.model.registry import build_model
@@ -90,11 +90,15 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         if self.device.type == "cuda" and tp_size() > 1:
             self.device = torch.device("cuda", tp_rank() % torch.cuda.device_count())
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)  # the activations'
         quant = config.quantization
+        table = kernels()
         if quant is not None and self.device.type == "cpu" and self.dtype != torch.float32:
             logger.warning("--quantization %s computes in float32 around its quantized weights: --dtype %s ignored",
                            quant, config.dtype)
+            self.dtype = torch.float32
+        self.weight_dtype = self.dtype  # the weights' values: rounded to it
+        if table.serves_half_weights(self.device, self.dtype, tp_size()):
             self.dtype = torch.float32
         self.block_size = config.block_size
         self.sampler = sampler
@@ -106,7 +110,6 @@ class ModelRunner:
             logger.warning("--quantization %s applies on a CPU with one tensor-parallel rank: serving exact mode",
                            quant)
             weight_only = False
-        table = kernels()
         if int8 and table.ops is not None and not table.has("gguf_linear_q8"):
             logger.warning("--quantization w4a8: its kernel failed its self-check on this CPU; serving exact mode")
             int8 = False
@@ -120,6 +123,8 @@ class ModelRunner:
             self.model.load_gguf_blocks(blocks, int8_activations=int8, weight_only=weight_only)
         if weight_only:
             self.model.quantize_linear_layers(WEIGHT_ONLY_TYPES[quant])
+        if self.weight_dtype != self.dtype:
+            round_weights(self.model, self.weight_dtype)
         if not int8 and table.serves_gguf_blocks(self.device, self.dtype, tp_size(), False):
             keep_half_precision_weights(self.model)  # (a bf16 / fp16 checkpoint's weights, as they are)
         logger.info("%s", weights_report(self.model, model_dir, table))
@@ -129,8 +134,16 @@ class ModelRunner:
         if self.config.kv_cache_dtype != "auto":
             return resolve_dtype(self.config.kv_cache_dtype, self.device)
         # w4a8 computes as llama.cpp does, which keeps its KV cache in float16: half the bytes that
-        # decode attention reads, its cost at large batches.
-        return torch.float16 if self.config.quantization == "w4a8" else self.dtype
+        # decode attention reads, its cost at large batches; so do half-precision weights (the kernels' cache types
+        # are float32 and float16).
+        half = self.config.quantization == "w4a8" or self.weight_dtype != self.dtype
+        return torch.float16 if half else self.dtype
+
+    def numerics(self) -> str:
+        """The model's number types, as the load log says them."""
+        if self.weight_dtype != self.dtype:
+            return f"{str(self.weight_dtype).removeprefix('torch.')} weights, float32 activations"
+        return str(self.dtype).removeprefix("torch.")
 
     def _allocate_kv_cache(self, max_model_len: int) -> int:
         layers = self.model.attention_layers()

@@ -76,9 +76,11 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="split long prompts across engine steps")
     add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
         help="weights and activations type (auto: float32 on every device, exact and the compiled kernels' type; "
-        "bfloat16 is faster on CUDA, rounded)")
+        "bfloat16 / float16: rounded, faster on CUDA; on a CPU with the kernels, weights rounded to it and kept so, "
+        "activations in float32)")
     add("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-        help="KV-cache type (auto: the model's dtype; float16 with --quantization w4a8, as llama.cpp keeps it)")
+        help="KV-cache type (auto: the model's dtype; float16 with --quantization w4a8, as llama.cpp keeps it, and "
+        "with half-precision weights on a CPU)")
     add("--quantization", choices=[*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES], default=None,
         help="w4a8: multiply a GGUF's 4-bit weight blocks with activations rounded to int8 (as llama.cpp "
         "does): faster on CPU, no longer token-for-token equal to the reference. wint8 / wint4 (weight_only_int8 / "

@@ -1,0 +1,74 @@
+"""`--dtype bfloat16` / `float16` on a CPU with the compiled kernels: the checkpoint's weights are rounded to that
+type at load and kept in it (BF16 / F16 rows, half float32's bytes), activations stay float32 through the kernels
+and the KV cache is float16. This rounds what a bf16 model rounds in its weights, not in its activations, so it
+has its own fidelity bound against transformers computing in bfloat16 on the same checkpoint, teacher-forced over
+transformers' own greedy continuations (scoring.py). Without the kernels (another CPU, CUDA), it is the plain
+PyTorch model in that dtype, held to the same bound."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from scoring import agreement_and_error, scores
+
+from slipstream import LLM
+from slipstream.kernels import HALF_TYPES, kernels
+from slipstream.model.loader import load_tokenizer
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
+             "List three uses of copper."]
+MAX_TOKENS = 48
+# Measured on the embedded model (AMD EPYC, avx2 kernels), against transformers in bfloat16: bfloat16 mode 0.990
+# top-1 agreement, 0.148 max logprob error; float16 0.984 / 0.170; float32 exact mode 0.984 / 0.167 (the reference's
+# bfloat16 activations are most of the difference). A kernel reading the rows wrong scores near 0.
+BOUNDS = {"bfloat16": (0.95, 0.5), "float16": (0.95, 0.5)}
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(safetensors_model: Path):
+    """transformers in bfloat16 on the checkpoint: its greedy continuations of the questions, and (top-1 token,
+    logprob of the sequence's token) at each generated position."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(safetensors_model, dtype=torch.bfloat16).eval()
+    tokenizer = load_tokenizer(safetensors_model)
+    sequences, start, want = [], [], []
+    with torch.inference_mode():
+        for q in QUESTIONS:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                 tokenize=False)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False)
+            sequence = out[0].tolist()
+            logprobs = model(torch.tensor([sequence])).logits[0].float().log_softmax(-1)
+            # Position p's logits score token p + 1: the prompt's last position onwards, up to the last token.
+            for pos in range(len(ids), len(sequence)):
+                row = logprobs[pos - 1]
+                want.append((int(row.argmax()), float(row[sequence[pos]])))
+            sequences.append(sequence)
+            start.append(len(ids))
+    return sequences, start, want
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_mode_stays_within_its_bound_of_transformers_bf16(safetensors_model, bf16_reference, dtype,
+                                                                         caplog):
+    caplog.set_level(logging.INFO, logger="slipstream")
+    sequences, start, want = bf16_reference
+    llm = LLM(str(safetensors_model), dtype=dtype, kv_cache_memory=64 << 20)
+    runner = llm.engine.runner
+    if kernels().ops is not None:
+        assert runner.dtype == torch.float32 and runner.kv_cache.dtype == torch.float16
+        assert f"{dtype} weights, float32 activations" in caplog.text
+        for lin in runner.model.linear_layers():
+            assert lin.weight.numel() == 0, "the rounded weights are kept as half rows only"
+            assert lin.gguf_type in HALF_TYPES
+    got = scores(llm, sequences, start)  # (prompts of 30+ tokens and 80-row sequences: prefill beyond the kernel)
+    agreement, error = agreement_and_error(got, want)
+    print(f"{dtype}: top-1 agreement {agreement:.3f}, max logprob error {error:.3f} against transformers bf16")
+    min_agreement, max_error = BOUNDS[dtype]
+    assert agreement >= min_agreement and error <= max_error, (agreement, error)
