@@ -38,6 +38,18 @@ def test_gguf_linear_matches_dequantized_matmul(ops, qtype, rows):
     torch.testing.assert_close(got, F.linear(x, dense), rtol=1e-5, atol=1e-4)  # sums of ~500 terms of ~1
 
 
+@pytest.mark.parametrize("qtype", sorted({**GGUF_KERNEL_TYPES, **HALF_TYPES}))
+def test_gguf_dequantize_gives_the_gguf_packages_values(ops, qtype):
+    """What serves a matmul of more rows than the block kernels (through MKL) and an embedding lookup (the rows
+    looked up): bitwise the values the gguf package dequantizes, the exact mode's weights."""
+    in_features = 512 if GGUF_KERNEL_TYPES.get(qtype, "").endswith("_K") else 320
+    blocks, dense = random_gguf_weight(qtype, 37, in_features, seed=qtype)
+    split = split_gguf_blocks(blocks, qtype)
+    assert torch.equal(ops.gguf_dequantize(*split, qtype), dense)
+    ids = torch.tensor([5, 0, 36, 5])
+    assert torch.equal(ops.gguf_dequantize(*(t[ids] if t.numel() else t for t in split), qtype), dense[ids])
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dim", [16, 64, 120, 128])  # pieces of 64, 32, 16 and 8 dimensions
 def test_paged_attention_decode_matches_sdpa(ops, dim, cache_dtype):

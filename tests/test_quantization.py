@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -99,8 +98,7 @@ def test_weight_only_quantization_stays_within_its_bound(safetensors_model: Path
 def test_dequantized_blocks_are_the_gguf_packages_values(qtype: int):
     """What serves a weight-only layer where no block kernel does (prefill beyond 32 rows, a CPU without them)."""
     blocks, dense = random_gguf_weight(qtype, 24, 512, seed=qtype)
-    layer = SimpleNamespace(gguf_weight=split_gguf_blocks(blocks, qtype), gguf_type=qtype)
-    assert torch.equal(dequantize_blocks(layer), dense)
+    assert torch.equal(dequantize_blocks(split_gguf_blocks(blocks, qtype), qtype), dense)
 
 
 @pytest.mark.parametrize("qtype", sorted(GGUF_KERNEL_TYPES))
@@ -109,5 +107,4 @@ def test_the_byte_form_of_every_type_has_the_same_values(qtype: int):
     converts to it without changing a value."""
     blocks, dense = random_gguf_weight(qtype, 8, 512, seed=qtype)
     q, d, m = byte_form(split_gguf_blocks(blocks, qtype), qtype)
-    layer = SimpleNamespace(gguf_weight=(q, d, m), gguf_type=7 if m.numel() else 6)  # Q5_1's / Q5_0's form
-    assert torch.equal(dequantize_blocks(layer), dense)
+    assert torch.equal(dequantize_blocks((q, d, m), 7 if m.numel() else 6), dense)  # Q5_1's / Q5_0's form

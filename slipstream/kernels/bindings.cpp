@@ -8,7 +8,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The matmul and attention kernels touch no Python object and hold most of a step's time: the HTTP
   // thread runs meanwhile. The small ops keep the GIL (re-taking it after each would cost more).
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("gguf_linear", &gguf_linear, "x @ dequantize(W)^T with W in GGUF blocks (Q4_0, Q4_1, Q8_0)", nogil);
+  m.def("gguf_linear", &gguf_linear, "x @ dequantize(W)^T with W in GGUF blocks or F16 / BF16 rows", nogil);
+  m.def("gguf_dequantize", &gguf_dequantize, "the float32 values of GGUF blocks (row layout) or F16 / BF16 rows",
+        nogil);
   m.def("gguf_linear_q8", &gguf_linear_q8, "gguf_linear with x rounded to int8 blocks (Q8 activations)", nogil);
   m.def("paged_attention_decode", &paged_attention_decode, "one-token attention over the paged KV cache", nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm of each row");

@@ -187,7 +187,65 @@ void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int6
   });
 }
 
+// Row n of W as float32, the values the gguf package dequantizes (scale x quant, + min): every product is exact in
+// float32 (an fp16, or a K-quant's fp16 x 6-bit scale, times a quant of at most 6 bits), so only the + min rounds.
+template <QType T>
+void dequantize_row(Weights w, int64_t n, int64_t K, float* out) {
+  if constexpr (is_half(T)) {
+    const uint16_t* row = reinterpret_cast<const uint16_t*>(w.qs) + n * K;
+    for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(out + k, load_half8<T>(row + k));
+  } else if constexpr (is_k16(T)) {
+    const int64_t groups = K / 16;
+    const int8_t* qs = reinterpret_cast<const int8_t*>(w.qs) + n * K;
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * g));
+      const __m256 scale = _mm256_broadcast_ss(w.fscales + n * groups + g);
+      __m256 w0 = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
+      __m256 w1 = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8))));
+      if constexpr (has_mins(T)) {
+        const __m256 min = _mm256_broadcast_ss(w.fmins + n * groups + g);
+        w0 = _mm256_add_ps(w0, min);
+        w1 = _mm256_add_ps(w1, min);
+      }
+      _mm256_storeu_ps(out + 16 * g, w0);
+      _mm256_storeu_ps(out + 16 * g + 8, w1);
+    }
+  } else {
+    const int64_t nb = K / QK;
+    const uint8_t* qs = w.qs + n * nb * quant_bytes<T>();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256 v[4];
+      load_block<T>(qs + b * quant_bytes<T>(), v);
+      const int64_t at = n * nb + b;
+      const __m256 scale = _mm256_set1_ps(is_classic(T) ? _cvtsh_ss(w.scales[at]) : w.fscales[at]);
+      __m256 min = _mm256_setzero_ps();
+      if constexpr (has_mins(T)) min = _mm256_set1_ps(is_classic(T) ? _cvtsh_ss(w.mins[at]) : w.fmins[at]);
+      for (int i = 0; i < 4; ++i) {
+        const __m256 x = _mm256_mul_ps(scale, v[i]);
+        _mm256_storeu_ps(out + b * QK + 8 * i, has_mins(T) ? _mm256_add_ps(x, min) : x);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
+  const auto type = static_cast<QType>(qtype);
+  TORCH_CHECK(qs.dim() == 2 && scales.dim() <= 2, "bad GGUF weight (dequantize takes the row layout)");
+  const int64_t K = is_half(type) ? qs.size(1) / 2 : is_k16(type) ? qs.size(1) : scales.size(-1) * QK;
+  auto out = at::empty({qs.size(0), K}, at::kFloat);
+  float* op = out.data_ptr<float>();
+  // (run_gguf_linear's checks and dispatch, on no activation rows: y is [0, N])
+  run_gguf_linear(at::empty({0, K}, at::kFloat), qs, scales, mins, qtype,
+                  [&](auto type, const float*, Weights w, float*, int64_t, int64_t K, int64_t N) {
+                    constexpr QType T = decltype(type)::value;
+                    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+                      for (int64_t n = n0; n < n1; ++n) dequantize_row<T>(w, n, K, op + n * K);
+                    });
+                  });
+  return out;
+}
 
 at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
   return run_gguf_linear(x, qs, scales, mins, qtype,

@@ -82,6 +82,14 @@ def _gguf_linear(ops, perturb: Callable) -> str | None:
     return None
 
 
+def _gguf_dequantize(ops, perturb: Callable) -> str | None:
+    for qtype, name in GGUF_KERNEL_TYPES.items():
+        blocks, dense = random_gguf_weight(qtype, 19, 512, qtype)
+        if not torch.equal(perturb(ops.gguf_dequantize(*split_gguf_blocks(blocks, qtype), qtype)), dense):
+            return f"{name}: not the gguf package's values"
+    return None
+
+
 def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
     for qtype, name in GGUF_KERNEL_TYPES.items():
@@ -168,7 +176,7 @@ def _rotary_(ops, perturb: Callable) -> str | None:
 
 
 CHECKS: dict[str, Callable] = {
-    "gguf_linear": _gguf_linear, "gguf_linear_q8": _gguf_linear_q8,
+    "gguf_linear": _gguf_linear, "gguf_dequantize": _gguf_dequantize, "gguf_linear_q8": _gguf_linear_q8,
     "paged_attention_decode": _paged_attention_decode, "write_kv_cache": _write_kv_cache,
     "rms_norm": _rms_norm, "add_rms_norm_": _add_rms_norm_, "silu_and_mul": _silu_and_mul, "rotary_": _rotary_,
 }

@@ -12,23 +12,22 @@ from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TY
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
 
 
-def attach_gguf_blocks(layer: nn.Module, blocks: torch.Tensor, qtype: int, int8_activations: bool,
-                       weight_only: bool = False) -> None:
-    """Give `layer` (with a dense `weight`) the GGUF block form of the same weights, split into the
-    kernel's layout: quants [out, blocks * quant bytes], fp16 scales and (Q4_1) mins [out, blocks].
-    With `int8_activations` (`--quantization w4a8`) every matmul uses the blocks, so a linear layer's
-    dense copy is dropped (the LM head keeps its own: it may be the embedding table too), and Q4_0 /
-    Q4_1 / Q4_K blocks are interleaved by 8 rows for the int8 kernel (`interleave_q4_rows`). `weight_only`
-    (wint8 / wint4) drops the dense copy too: the blocks are then the weights, dequantized for what
-    no block kernel serves."""
+def attach_gguf_blocks(layers: nn.Module | list[nn.Module], blocks: torch.Tensor, qtype: int,
+                       int8_activations: bool) -> None:
+    """Give `layers` (one, or a tied embedding and LM head: modules sharing one weight) the GGUF block form of
+    their weights, split into the kernel's layout: quants [out, blocks * quant bytes], fp16 scales and (Q4_1) mins
+    [out, blocks]. The blocks are then the weights: no float32 copy is kept, what no block kernel serves (a matmul
+    of many rows, an embedding lookup) takes their values dequantized for the call. With `int8_activations`
+    (`--quantization w4a8`) Q4_0 / Q4_1 / Q4_K blocks are interleaved by 8 rows for the int8 kernel
+    (`interleave_q4_rows`); an embedding table in that layout keeps its float32 copy for lookups."""
     split = split_gguf_blocks(blocks, qtype)
     if int8_activations and qtype in Q4_TYPES and blocks.shape[0] % 8 == 0:
         split = interleave_q4_rows(*split)
-    _attach(layer, split, qtype, int8_activations, weight_only, GGUF_KERNEL_TYPES[qtype])
+    _attach(layers, split, qtype, int8_activations, GGUF_KERNEL_TYPES[qtype])
 
 
-def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, int]], int8_activations: bool,
-                             weight_only: bool) -> None:
+def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, int]], int8_activations: bool
+                             ) -> None:
     """attach_gguf_blocks for a fused layer (q/k/v, gate/up) whose parts have different types (a Q4_K_M file's
     Q5_0 q/k with a Q8_0 v): each part in the byte-per-weight form (`byte_form`), rows concatenated, served as
     Q5_1's form (with mins; zero for parts without) or Q5_0's."""
@@ -38,30 +37,34 @@ def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, i
     scales = torch.cat([d for _, d, _ in forms])
     mins = torch.cat([m if m.numel() else torch.zeros_like(d) for _, d, m in forms]) if with_mins else torch.empty(0)
     label = "+".join(GGUF_KERNEL_TYPES[qtype] for _, qtype in parts)
-    _attach(layer, (quants, scales, mins), 7 if with_mins else 6, int8_activations, weight_only, label)
+    _attach(layer, (quants, scales, mins), 7 if with_mins else 6, int8_activations, label)
 
 
-def keep_half_precision(layer: nn.Module) -> bool:
-    """Where `layer`'s float32 weight is exactly a bfloat16 (or float16) tensor — a half-precision checkpoint's
-    weights are —, keep it in that form: half the bytes, served by gguf_linear with float32 activations (exact),
-    a linear layer's dense copy dropped (dequantized for what no kernel serves). Returns whether it did."""
-    weight = layer.weight.data
+def keep_half_precision(layers: list[nn.Module]) -> bool:
+    """Where the float32 weight of `layers` (one, or modules sharing it) is exactly a bfloat16 (or float16) tensor —
+    a half-precision checkpoint's weights are —, keep it in that form: half the bytes, served by gguf_linear with
+    float32 activations (exact), the float32 copy dropped. Returns whether it did."""
+    weight = layers[0].weight.data
     for qtype, dtype in HALF_DTYPES.items():
         half = weight.to(dtype)
         if torch.equal(half.float(), weight):
             rows = half.view(torch.uint8).view(weight.shape[0], -1)
-            _attach(layer, (rows, torch.empty(0), torch.empty(0)), qtype, False, True, HALF_TYPES[qtype])
+            _attach(layers, (rows, torch.empty(0), torch.empty(0)), qtype, False, HALF_TYPES[qtype])
             return True
     return False
 
 
 def keep_half_precision_weights(model: nn.Module) -> None:
-    """Exact mode for a half-precision checkpoint: each linear layer and LM head of `model` without GGUF blocks whose
-    weights are exactly bfloat16 / float16 keeps them so (`keep_half_precision`)."""
+    """Exact mode for a half-precision checkpoint: the linear layers, embedding and LM head of `model` without GGUF
+    blocks whose weights are exactly bfloat16 / float16 keep them so (`keep_half_precision`); a tied embedding and
+    LM head as one."""
+    sharing: dict[int, list[nn.Module]] = {}
     for layer in model.modules():
-        if isinstance(layer, LinearBase | ParallelLMHead) and getattr(layer, "gguf_weight", None) is None \
-                and layer.weight.shape[1] % 32 == 0:
-            keep_half_precision(layer)
+        if isinstance(layer, LinearBase | VocabParallelEmbedding) and getattr(layer, "gguf_weight", None) is None:
+            sharing.setdefault(id(layer.weight), []).append(layer)
+    for layers in sharing.values():
+        if layers[0].weight.numel() and layers[0].weight.shape[1] % 32 == 0:
+            keep_half_precision(layers)
 
 
 def round_weights(model: nn.Module, dtype: torch.dtype) -> None:
@@ -74,13 +77,16 @@ def round_weights(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype).float()
 
 
-def _attach(layer: nn.Module, split: tuple, qtype: int, int8_activations: bool, weight_only: bool, label: str) -> None:
-    layer.gguf_type = qtype
-    layer.gguf_weight = split
-    layer.gguf_label = label  # what the load report calls it
-    layer.int8_activations = int8_activations
-    if (int8_activations or weight_only) and isinstance(layer, LinearBase):
-        layer.weight.data = torch.empty(0)
+def _attach(layers: nn.Module | list[nn.Module], split: tuple, qtype: int, int8_activations: bool, label: str) -> None:
+    layers = layers if isinstance(layers, list) else [layers]
+    for layer in layers:
+        layer.gguf_type = qtype
+        layer.gguf_weight = split
+        layer.gguf_label = label  # what the load report calls it
+        layer.int8_activations = int8_activations
+    if split[0].dim() == 2 or all(isinstance(layer, LinearBase) for layer in layers):  # (see attach_gguf_blocks)
+        for layer in layers:
+            layer.weight.data = torch.empty(0)
 
 
 _BYTE_FORM = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")  # types split_gguf_blocks already gives a byte per weight
@@ -112,12 +118,12 @@ def _per16(per32: torch.Tensor) -> torch.Tensor:
     return per32.reshape(per32.shape[0], -1).repeat_interleave(2, dim=1).contiguous()
 
 
-def dequantize_blocks(layer: nn.Module) -> torch.Tensor:
-    """The float32 weights of `layer`'s GGUF blocks (row layout), as the gguf package dequantizes them: scale x
-    quant (+ min) of their byte form."""
-    if layer.gguf_type in HALF_TYPES:
-        return layer.gguf_weight[0].view(HALF_DTYPES[layer.gguf_type]).float()
-    quants, scales, mins = byte_form(layer.gguf_weight, layer.gguf_type)
+def dequantize_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int) -> torch.Tensor:
+    """The float32 weights of GGUF blocks split for the kernels (row layout), as the gguf package dequantizes them:
+    scale x quant (+ min) of their byte form. (The reference of the gguf_dequantize kernel, and its fallback.)"""
+    if qtype in HALF_TYPES:
+        return split[0].view(HALF_DTYPES[qtype]).float()
+    quants, scales, mins = byte_form(split, qtype)
     out = quants.shape[0]
     w = quants.view(torch.int8).view(out, -1, 16).float() * scales.unsqueeze(-1)
     return (w + mins.unsqueeze(-1) if mins.numel() else w).view(out, -1)
@@ -231,11 +237,17 @@ def interleave_q4_rows(
     return packed.reshape(out // 8, nb, 128).contiguous(), by_group(scales), by_group(mins)
 
 
+def dequantized(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int) -> torch.Tensor:
+    """Float32 values of blocks, for one call: by the compiled kernel where one serves, else dequantize_blocks."""
+    kernel = kernels().gguf_dequantize(qtype)
+    return kernel(*split, qtype) if kernel is not None else dequantize_blocks(split, qtype)
+
+
 def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     kernel = kernels().gguf_matmul(layer, x.shape[0])
-    if kernel is None:  # the dense weight, or (weight-only quantization) the blocks' values for this call
-        weight = layer.weight if layer.weight.numel() else dequantize_blocks(layer).to(x.dtype)
-        return F.linear(x, weight, bias)
+    if kernel is None:  # the dense weight, or the blocks' values for this call (MKL's GEMM beats the block kernels)
+        weight = layer.weight if layer.weight.numel() else dequantized(layer.gguf_weight, layer.gguf_type)
+        return F.linear(x, weight.to(x.dtype), bias)
     y = kernel(x, *layer.gguf_weight, layer.gguf_type)
     return y if bias is None else y + bias
 
@@ -342,6 +354,8 @@ class VocabParallelEmbedding(nn.Module):
         param.data[: part.shape[0]].copy_(part)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.weight.numel():  # GGUF blocks only (one rank): the rows looked up, dequantized
+            return dequantized(tuple(t[ids] if t.numel() else t for t in self.gguf_weight), self.gguf_type)
         if tp_size() == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start

@@ -228,27 +228,27 @@ class CausalLM(nn.Module):
         for lin in self.linear_layers():
             if getattr(lin, "gguf_weight", None) is None and lin.weight.shape[1] % 32 == 0:
                 blocks = quants.quantize(lin.weight.detach().float().cpu().numpy(), GGMLQuantizationType(qtype))
-                attach_gguf_blocks(lin, torch.from_numpy(blocks), qtype, int8_activations=False, weight_only=True)
+                attach_gguf_blocks(lin, torch.from_numpy(blocks), qtype, int8_activations=False)
 
-    def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]], int8_activations: bool,
-                         weight_only: bool = False) -> None:
-        """Attach the GGUF block form of linear weights (one rank only), fusing q/k/v and gate/up rows in
-        their shard order; a fused layer whose parts differ in type takes a common form."""
+    def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]], int8_activations: bool) -> None:
+        """Attach the GGUF block form of the weights (one rank only), before `load_weights`: the layers that take
+        blocks never hold a float32 copy. q/k/v and gate/up rows are fused in their shard order (a fused layer
+        whose parts differ in type takes a common form); a tied embedding and LM head share one set."""
         modules = dict(self.named_modules())
         parts: dict[str, dict[str | int, tuple[torch.Tensor, int]]] = {}
         for name, rows, qtype in blocks:
             name = name.removeprefix("model.").removesuffix(".weight")
             if name == "embed_tokens":
-                if not self.args.tie_word_embeddings:
-                    continue
-                name = "lm_head"
+                tied = [self.lm_head] if self.args.tie_word_embeddings else []
+                attach_gguf_blocks([self.embed_tokens, *tied], rows, qtype, int8_activations)
+                continue
             for ckpt_name, (ours, shard_id) in self.packed.items():
                 if name.endswith(f".{ckpt_name}"):
                     parts.setdefault(name.replace(ckpt_name, ours), {})[shard_id] = (rows, qtype)
                     break
             else:
                 if name in modules:
-                    attach_gguf_blocks(modules[name], rows, qtype, int8_activations, weight_only)
+                    attach_gguf_blocks(modules[name], rows, qtype, int8_activations)
         for name, shards in parts.items():
             order = ("q", "k", "v") if name.endswith("qkv_proj") else (0, 1)
             types = {shards[s][1] for s in order if s in shards}
@@ -256,9 +256,9 @@ class CausalLM(nn.Module):
                 continue
             if len(types) == 1:
                 attach_gguf_blocks(modules[name], torch.cat([shards[s][0] for s in order]), types.pop(),
-                                   int8_activations, weight_only)
+                                   int8_activations)
             else:
-                attach_mixed_gguf_blocks(modules[name], [shards[s] for s in order], int8_activations, weight_only)
+                attach_mixed_gguf_blocks(modules[name], [shards[s] for s in order], int8_activations)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (transformers-style name, full tensor) pairs; each parameter takes its own shard."""
@@ -274,6 +274,9 @@ class CausalLM(nn.Module):
                 param = params.get(name)
                 if param is None:
                     raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in this model")
+                loaded.add(name)
+                if not param.numel():  # (its GGUF blocks are the weights: load_gguf_blocks)
+                    continue
                 loader = getattr(param, "weight_loader", None)
                 tensor = tensor.to(param.dtype)
                 if loader is None:
@@ -282,7 +285,6 @@ class CausalLM(nn.Module):
                     loader(param, tensor)
                 else:
                     loader(param, tensor, shard)
-                loaded.add(name)
         missing = {n for n in params if n not in loaded}
         if self.args.tie_word_embeddings:
             missing.discard("lm_head.weight")

@@ -18,7 +18,7 @@ from slipstream.engine.scheduler import ScheduledSeq
 from slipstream.engine.sequence import TokenLogprobs
 from slipstream.kernels import KernelTable, kernels
 from slipstream.model.context import set_context
-from slipstream.model.layers import keep_half_precision_weights, round_weights
+from slipstream.model.layers import VocabParallelEmbedding, keep_half_precision_weights, round_weights
 from slipstream.model.loader import checkpoint_tensor_types, iter_gguf_blocks, iter_weights
 from slipstream.model.parallel import all_reduce_min, tp_rank, tp_size
 from slipstream.model.registry import build_model
@@ -37,11 +37,14 @@ PromptRows = tuple[ScheduledSeq, int]  # a sequence and how many of its prompt p
 def weights_report(model: torch.nn.Module, model_dir, table: KernelTable) -> str:
     """One line on the weights as loaded: the checkpoint's tensor types, the resident bytes (dense parameters
     plus GGUF blocks) and what serves the block matmuls."""
-    blocks = [lin for lin in model.modules() if getattr(lin, "gguf_weight", None) is not None]
+    blocks = [m for m in model.modules() if getattr(m, "gguf_weight", None) is not None]
+    tensors = {id(t): t for m in blocks for t in m.gguf_weight}  # (a tied embedding and LM head share theirs)
     resident = sum(p.numel() * p.element_size() for p in model.parameters())
-    resident += sum(t.numel() * t.element_size() for lin in blocks for t in lin.gguf_weight)
+    resident += sum(t.numel() * t.element_size() for t in tensors.values())
     served: Counter[str] = Counter()
     for lin in blocks:
+        if type(lin) is VocabParallelEmbedding:  # (a lookup, not a matmul)
+            continue
         kernel = table.gguf_matmul(lin, 1)
         kind = getattr(kernel, "__name__", "dense") if kernel is not None else "dense (no kernel)"
         served[f"{lin.gguf_label} by {kind}"] += 1
@@ -104,7 +107,6 @@ class ModelRunner:
         self.sampler = sampler
         torch.manual_seed(config.seed)
         self.model = build_model(hf_config, self.dtype, self.device, max_model_len)
-        self.model.load_weights(iter_weights(model_dir))
         int8, weight_only = quant == "w4a8", quant in WEIGHT_ONLY_TYPES
         if weight_only and (self.device.type != "cpu" or tp_size() > 1):
             logger.warning("--quantization %s applies on a CPU with one tensor-parallel rank: serving exact mode",
@@ -119,8 +121,10 @@ class ModelRunner:
         if int8 and not blocks:
             raise ValueError("--quantization w4a8 needs a GGUF model (Q4_0/Q4_1/Q8_0 weights), a CPU with AVX2 "
                              "and one tensor-parallel rank")
-        if blocks:
-            self.model.load_gguf_blocks(blocks, int8_activations=int8, weight_only=weight_only)
+        if blocks:  # (first: the layers they serve are then never filled with float32 weights)
+            self.model.load_gguf_blocks(blocks, int8_activations=int8)
+        del blocks
+        self.model.load_weights(iter_weights(model_dir))
         if weight_only:
             self.model.quantize_linear_layers(WEIGHT_ONLY_TYPES[quant])
         if self.weight_dtype != self.dtype:
