@@ -8,10 +8,11 @@ reference on a small random input (selfcheck.py). A variant with a kernel that d
 warning naming the kernel, for the next lower one; in the last, such a kernel is disabled: a CPU never tested on
 degrades to correct-and-slower, never to wrong.
 
-Model code asks the resulting KernelTable what serves a matmul (`gguf_matmul`), an elementwise op
-(`elementwise`), paged attention (`attention`) or a whole decode step (`decode_stack_usable`); the model runner
-asks `serves_gguf_blocks` before it loads block weights. Adding an ISA or a weight type touches this module and
-its kernels only.
+Model code asks the resulting KernelTable what serves a matmul (`gguf_matmul`; beyond it, `gguf_dequantize`
+expands the blocks for one call), an elementwise op (`elementwise`), paged attention (`attention`) or a whole
+decode step (`decode_stack_usable`); the model runner asks `serves_gguf_blocks` before it loads block weights and
+`serves_half_weights` for what `--dtype bfloat16` means here. Adding an ISA or a weight type touches this module
+and its kernels only.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ Q4_TYPES = frozenset({2, 3, 12})
 HALF_TYPES = {1: "F16", 30: "BF16"}
 HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # their torch dtypes; bfloat16 first: any float32's range
 
-# Up to this many rows, a matmul in exact mode reads the GGUF blocks (0.56 bytes a weight for Q4) instead of the
-# dense copy: small batches are bound by memory, and up to here the block kernel is as fast as MKL's dense fp32
-# GEMM on 2 cores (beyond, GEMM's blocking wins). The int8 kernel (w4a8) serves every row count.
+# Up to this many rows, a matmul in exact mode multiplies the GGUF blocks (0.56 bytes a weight for Q4) directly: small
+# batches are bound by memory, and up to here the block kernel is as fast as MKL's float32 GEMM on 2 cores; beyond,
+# GEMM's blocking wins, on the blocks' values expanded for the call (gguf_dequantize, ~0.25 ns a weight: a few % of
+# a 100-row GEMM). The int8 kernel (w4a8) serves every row count.
 GGUF_KERNEL_MAX_ROWS = 32
 # F16 / BF16 rows: beyond this many rows, converting the weight to float32 for MKL's GEMM pays (AMD EPYC, 2 cores:
 # the kernel is faster than even a resident float32 GEMM up to ~128 rows, the conversion costs ~1 ns a weight).

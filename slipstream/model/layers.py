@@ -41,30 +41,43 @@ def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, i
 
 
 def keep_half_precision(layers: list[nn.Module]) -> bool:
-    """Where the float32 weight of `layers` (one, or modules sharing it) is exactly a bfloat16 (or float16) tensor —
-    a half-precision checkpoint's weights are —, keep it in that form: half the bytes, served by gguf_linear with
-    float32 activations (exact), the float32 copy dropped. Returns whether it did."""
+    """Where the weight of `layers` (one, or modules sharing it) is a bfloat16 (or float16) tensor — held so since
+    loading (`hold_half_precision_weights`), or float32 with exactly such values —, keep it in that form: half the
+    bytes, served by gguf_linear with float32 activations (exact), no float32 copy. Returns whether it did."""
     weight = layers[0].weight.data
     for qtype, dtype in HALF_DTYPES.items():
-        half = weight.to(dtype)
-        if torch.equal(half.float(), weight):
+        half = weight if weight.dtype == dtype else weight.to(dtype) if weight.dtype == torch.float32 else None
+        if half is not None and (half is weight or torch.equal(half.float(), weight)):
             rows = half.view(torch.uint8).view(weight.shape[0], -1)
             _attach(layers, (rows, torch.empty(0), torch.empty(0)), qtype, False, HALF_TYPES[qtype])
             return True
     return False
 
 
-def keep_half_precision_weights(model: nn.Module) -> None:
-    """Exact mode for a half-precision checkpoint: the linear layers, embedding and LM head of `model` without GGUF
-    blocks whose weights are exactly bfloat16 / float16 keep them so (`keep_half_precision`); a tied embedding and
-    LM head as one."""
+def _half_precision_candidates(model: nn.Module) -> list[list[nn.Module]]:
+    """The linear layers, embedding and LM head of `model` that gguf_linear could serve from half-precision rows
+    (no GGUF blocks, inputs a multiple of 32), modules that share one weight (a tied embedding and LM head) as one."""
     sharing: dict[int, list[nn.Module]] = {}
     for layer in model.modules():
         if isinstance(layer, LinearBase | VocabParallelEmbedding) and getattr(layer, "gguf_weight", None) is None:
             sharing.setdefault(id(layer.weight), []).append(layer)
-    for layers in sharing.values():
-        if layers[0].weight.numel() and layers[0].weight.shape[1] % 32 == 0:
-            keep_half_precision(layers)
+    return [layers for layers in sharing.values() if layers[0].weight.dim() == 2 and not layers[0].weight.shape[1] % 32]
+
+
+def hold_half_precision_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Before loading a checkpoint whose tensors are all `dtype` (bfloat16 / float16), in exact mode: its linear,
+    embedding and LM head weights are held in that dtype as they load, so they never take float32's memory (twice
+    theirs); keep_half_precision_weights then keeps them as rows, without a copy."""
+    for layers in _half_precision_candidates(model):
+        weight = layers[0].weight
+        weight.data = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+
+
+def keep_half_precision_weights(model: nn.Module) -> None:
+    """Exact mode for a half-precision checkpoint: the linear layers, embedding and LM head of `model` whose weights
+    are bfloat16 / float16 (`_half_precision_candidates`) keep them so (`keep_half_precision`)."""
+    for layers in _half_precision_candidates(model):
+        keep_half_precision(layers)
 
 
 def round_weights(model: nn.Module, dtype: torch.dtype) -> None:

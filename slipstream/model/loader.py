@@ -250,6 +250,12 @@ def checkpoint_tensor_types(directory: Path) -> Counter[str]:
     return counts
 
 
+def half_precision_checkpoint(directory: Path) -> torch.dtype | None:
+    """bfloat16 / float16 when every floating-point tensor of a safetensors checkpoint has that dtype, else None."""
+    floating = {t for t in checkpoint_tensor_types(directory) if t in ("BF16", "F16", "F32", "F64")}
+    return {frozenset({"BF16"}): torch.bfloat16, frozenset({"F16"}): torch.float16}.get(frozenset(floating))
+
+
 def load_tokenizer(directory: Path, tokenizer: str | None = None):
     from transformers import AutoTokenizer
 

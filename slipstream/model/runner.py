@@ -18,8 +18,13 @@ from slipstream.engine.scheduler import ScheduledSeq
 from slipstream.engine.sequence import TokenLogprobs
 from slipstream.kernels import KernelTable, kernels
 from slipstream.model.context import set_context
-from slipstream.model.layers import VocabParallelEmbedding, keep_half_precision_weights, round_weights
-from slipstream.model.loader import checkpoint_tensor_types, iter_gguf_blocks, iter_weights
+from slipstream.model.layers import (
+    VocabParallelEmbedding,
+    hold_half_precision_weights,
+    keep_half_precision_weights,
+    round_weights,
+)
+from slipstream.model.loader import checkpoint_tensor_types, half_precision_checkpoint, iter_gguf_blocks, iter_weights
 from slipstream.model.parallel import all_reduce_min, tp_rank, tp_size
 from slipstream.model.registry import build_model
 from slipstream.model.sampler import Sampler, token_logprobs
@@ -121,15 +126,19 @@ class ModelRunner:
         if int8 and not blocks:
             raise ValueError("--quantization w4a8 needs a GGUF model (Q4_0/Q4_1/Q8_0 weights), a CPU with AVX2 "
                              "and one tensor-parallel rank")
+        exact_kernels = not int8 and table.serves_gguf_blocks(self.device, self.dtype, tp_size(), False)
         if blocks:  # (first: the layers they serve are then never filled with float32 weights)
             self.model.load_gguf_blocks(blocks, int8_activations=int8)
+        elif exact_kernels and not weight_only and self.weight_dtype == self.dtype and \
+                (half := half_precision_checkpoint(model_dir)) is not None:
+            hold_half_precision_weights(self.model, half)
         del blocks
         self.model.load_weights(iter_weights(model_dir))
         if weight_only:
             self.model.quantize_linear_layers(WEIGHT_ONLY_TYPES[quant])
         if self.weight_dtype != self.dtype:
             round_weights(self.model, self.weight_dtype)
-        if not int8 and table.serves_gguf_blocks(self.device, self.dtype, tp_size(), False):
+        if exact_kernels:
             keep_half_precision_weights(self.model)  # (a bf16 / fp16 checkpoint's weights, as they are)
         logger.info("%s", weights_report(self.model, model_dir, table))
         self.num_blocks = self._allocate_kv_cache(max_model_len)
