@@ -626,7 +626,8 @@ def test_models_health_ping_version(http):
     assert card["object"] == "model" and card["id"] and card["owned_by"] and isinstance(card["created"], int)
     assert card["max_model_len"] == MAX_MODEL_LEN
     assert http.get("/health").status_code == 200 and http.get("/ping").status_code == 200
-    assert http.get("/version").json()["version"]
+    version = http.get("/version").json()
+    assert version["version"] and version["numerics"].startswith("float32")  # (the default: exact, float32)
 
 
 def test_tokenize_detokenize_round_trip(http):

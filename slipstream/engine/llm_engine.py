@@ -116,12 +116,13 @@ class LLMEngine:
         self.last_batch_size = 0  # sequences in the last step
         self.reasoning: dict[str, ReasoningSpan] = {}  # requests whose thinking span is not over
         self.load_seconds = time.monotonic() - t0
-        numerics = " ".join(filter(None, [self.runner.numerics(), config.quantization]))
-        if self.runner.device.type == "cpu":
-            numerics += f", CPU kernels {kernels().describe()}"
+        # What the model computes in, as /version reports it: "float32", "bfloat16 weights, float32 activations",
+        # "float32 w4a8", ...
+        self.numerics = " ".join(filter(None, [self.runner.numerics(), config.quantization]))
+        kernel_note = f", CPU kernels {kernels().describe()}" if self.runner.device.type == "cpu" else ""
         logger.info(
-            "loaded %s: %s on %s (%d threads), %d KV blocks x %d tokens (%.0f MiB), max model len %d, in %.1f s",
-            self.model_dir, numerics, self.runner.device, torch.get_num_threads(),
+            "loaded %s: %s%s on %s (%d threads), %d KV blocks x %d tokens (%.0f MiB), max model len %d, in %.1f s",
+            self.model_dir, self.numerics, kernel_note, self.runner.device, torch.get_num_threads(),
             self.runner.num_blocks, bs, self.runner.kv_cache_bytes / 2**20, self.max_model_len, self.load_seconds,
         )
 

@@ -120,7 +120,8 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
     @app.get("/version")
     async def version() -> dict:
         table = dispatch.decided()  # (decided by the engine as it loads the model)
-        return {"version": __version__, "cpu_kernels": table.describe() if table is not None else None}
+        return {"version": __version__, "numerics": llm.engine.numerics,
+                "cpu_kernels": table.describe() if table is not None else None}
 
     @app.get("/v1/models")
     async def models() -> ModelList:
