@@ -230,35 +230,42 @@ class CausalLM(nn.Module):
                 blocks = quants.quantize(lin.weight.detach().float().cpu().numpy(), GGMLQuantizationType(qtype))
                 attach_gguf_blocks(lin, torch.from_numpy(blocks), qtype, int8_activations=False)
 
-    def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]], int8_activations: bool) -> None:
+    def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]], int8_activations: bool) -> set[str]:
         """Attach the GGUF block form of the weights (one rank only), before `load_weights`: the layers that take
         blocks never hold a float32 copy. q/k/v and gate/up rows are fused in their shard order (a fused layer
-        whose parts differ in type takes a common form); a tied embedding and LM head share one set."""
+        whose parts differ in type takes a common form); a tied embedding and LM head share one set. Returns the
+        checkpoint names the blocks now serve, which `load_weights` need not read."""
         modules = dict(self.named_modules())
-        parts: dict[str, dict[str | int, tuple[torch.Tensor, int]]] = {}
-        for name, rows, qtype in blocks:
-            name = name.removeprefix("model.").removesuffix(".weight")
+        parts: dict[str, dict[str | int, tuple[str, torch.Tensor, int]]] = {}
+        served: set[str] = set()
+        for ckpt_name, rows, qtype in blocks:
+            name = ckpt_name.removeprefix("model.").removesuffix(".weight")
             if name == "embed_tokens":
                 tied = [self.lm_head] if self.args.tie_word_embeddings else []
                 attach_gguf_blocks([self.embed_tokens, *tied], rows, qtype, int8_activations)
+                served.add(ckpt_name)
                 continue
-            for ckpt_name, (ours, shard_id) in self.packed.items():
-                if name.endswith(f".{ckpt_name}"):
-                    parts.setdefault(name.replace(ckpt_name, ours), {})[shard_id] = (rows, qtype)
+            for packed_name, (ours, shard_id) in self.packed.items():
+                if name.endswith(f".{packed_name}"):
+                    parts.setdefault(name.replace(packed_name, ours), {})[shard_id] = (ckpt_name, rows, qtype)
                     break
             else:
                 if name in modules:
                     attach_gguf_blocks(modules[name], rows, qtype, int8_activations)
+                    served.add(ckpt_name)
         for name, shards in parts.items():
             order = ("q", "k", "v") if name.endswith("qkv_proj") else (0, 1)
-            types = {shards[s][1] for s in order if s in shards}
             if len(shards) != len(order):
                 continue
+            pieces = [shards[s][1:] for s in order]
+            types = {qtype for _, qtype in pieces}
             if len(types) == 1:
-                attach_gguf_blocks(modules[name], torch.cat([shards[s][0] for s in order]), types.pop(),
+                attach_gguf_blocks(modules[name], torch.cat([rows for rows, _ in pieces]), types.pop(),
                                    int8_activations)
             else:
-                attach_mixed_gguf_blocks(modules[name], [shards[s] for s in order], int8_activations)
+                attach_mixed_gguf_blocks(modules[name], pieces, int8_activations)
+            served.update(shards[s][0] for s in order)
+        return served
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (transformers-style name, full tensor) pairs; each parameter takes its own shard."""
@@ -275,8 +282,6 @@ class CausalLM(nn.Module):
                 if param is None:
                     raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in this model")
                 loaded.add(name)
-                if not param.numel():  # (its GGUF blocks are the weights: load_gguf_blocks)
-                    continue
                 loader = getattr(param, "weight_loader", None)
                 tensor = tensor.to(param.dtype)
                 if loader is None:
@@ -285,7 +290,7 @@ class CausalLM(nn.Module):
                     loader(param, tensor)
                 else:
                     loader(param, tensor, shard)
-        missing = {n for n in params if n not in loaded}
+        missing = {n for n, p in params.items() if n not in loaded and p.numel()}  # (empty: GGUF blocks serve it)
         if self.args.tie_word_embeddings:
             missing.discard("lm_head.weight")
         if missing:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -197,8 +197,9 @@ def load_config(directory: Path):
 PADDLE_PREFIX = "ernie."
 
 
-def iter_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(transformers name, tensor) for every tensor of the checkpoint. A Paddle-layout ERNIE
+def iter_weights(directory: Path, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers name, tensor) for every tensor of the checkpoint but those named in `skip` (never read: a
+    converted GGUF's tensors that its blocks serve). A Paddle-layout ERNIE
     checkpoint (`ernie.` prefix, every linear weight, lm_head included, stored [in, out]) is mapped
     to the transformers layout; its fused `qkv_proj` / `up_gate_proj` keep their names."""
     from safetensors import safe_open
@@ -213,6 +214,8 @@ def iter_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
+                if name in skip:
+                    continue
                 tensor = f.get_tensor(name)
                 if paddle:
                     if name.startswith(PADDLE_PREFIX):

@@ -127,13 +127,14 @@ class ModelRunner:
             raise ValueError("--quantization w4a8 needs a GGUF model (Q4_0/Q4_1/Q8_0 weights), a CPU with AVX2 "
                              "and one tensor-parallel rank")
         exact_kernels = not int8 and table.serves_gguf_blocks(self.device, self.dtype, tp_size(), False)
+        served: set[str] = set()  # checkpoint tensors that GGUF blocks serve: never read as float32
         if blocks:  # (first: the layers they serve are then never filled with float32 weights)
-            self.model.load_gguf_blocks(blocks, int8_activations=int8)
+            served = self.model.load_gguf_blocks(blocks, int8_activations=int8)
         elif exact_kernels and not weight_only and self.weight_dtype == self.dtype and \
                 (half := half_precision_checkpoint(model_dir)) is not None:
             hold_half_precision_weights(self.model, half)
         del blocks
-        self.model.load_weights(iter_weights(model_dir))
+        self.model.load_weights(iter_weights(model_dir, skip=served))
         if weight_only:
             self.model.quantize_linear_layers(WEIGHT_ONLY_TYPES[quant])
         if self.weight_dtype != self.dtype:
