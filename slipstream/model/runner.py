@@ -124,8 +124,8 @@ class ModelRunner:
         if table.serves_gguf_blocks(self.device, self.dtype, tp_size(), int8):
             blocks = list(iter_gguf_blocks(model_dir))  # only a converted GGUF has them
         if int8 and not blocks:
-            raise ValueError("--quantization w4a8 needs a GGUF model (Q4_0/Q4_1/Q8_0 weights), a CPU with AVX2 "
-                             "and one tensor-parallel rank")
+            raise ValueError("--quantization w4a8 needs a GGUF model (its weight blocks), a CPU with AVX2 and one "
+                             "tensor-parallel rank")
         exact_kernels = not int8 and table.serves_gguf_blocks(self.device, self.dtype, tp_size(), False)
         served: set[str] = set()  # checkpoint tensors that GGUF blocks serve: never read as float32
         if blocks:  # (first: the layers they serve are then never filled with float32 weights)
