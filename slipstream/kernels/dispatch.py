@@ -163,10 +163,10 @@ class KernelTable:
         limit = HALF_KERNEL_MAX_ROWS if layer.gguf_type in HALF_TYPES else GGUF_KERNEL_MAX_ROWS
         return self.ops.gguf_linear if rows <= limit and self.has("gguf_linear") else None
 
-    def gguf_dequantize(self, qtype: int) -> Callable | None:
-        """The kernel expanding blocks of `qtype` (row layout) to float32 — for what no block kernel serves: a
-        matmul of more rows, an embedding lookup —, or None: PyTorch's (which converts F16 / BF16 rows faster)."""
-        return self.ops.gguf_dequantize if qtype not in HALF_TYPES and self.has("gguf_dequantize") else None
+    def gguf_dequantize(self) -> Callable | None:
+        """The kernel expanding blocks (row layout) or F16 / BF16 rows to float32 — for what no block kernel
+        serves: a matmul of more rows, an embedding lookup —, or None: dequantize_blocks in PyTorch."""
+        return self.ops.gguf_dequantize if self.has("gguf_dequantize") else None
 
     def serves_gguf_blocks(self, device: torch.device, dtype: torch.dtype, num_ranks: int, int8: bool) -> bool:
         """Whether a GGUF model's block weights (or a half-precision checkpoint's own) are worth keeping: the matmul

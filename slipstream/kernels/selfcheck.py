@@ -83,7 +83,7 @@ def _gguf_linear(ops, perturb: Callable) -> str | None:
 
 
 def _gguf_dequantize(ops, perturb: Callable) -> str | None:
-    for qtype, name in GGUF_KERNEL_TYPES.items():
+    for qtype, name in {**GGUF_KERNEL_TYPES, **HALF_TYPES}.items():
         blocks, dense = random_gguf_weight(qtype, 19, 512, qtype)
         if not torch.equal(perturb(ops.gguf_dequantize(*split_gguf_blocks(blocks, qtype), qtype)), dense):
             return f"{name}: not the gguf package's values"

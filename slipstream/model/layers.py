@@ -84,9 +84,8 @@ def round_weights(model: nn.Module, dtype: torch.dtype) -> None:
     """`--dtype bfloat16` / `float16` on a CPU with the kernels: round every weight of `model` that no GGUF block
     holds to `dtype` (kept in float32, where keep_half_precision_weights then finds them exact), so the model has the
     half-precision model's weights and computes on them in float32."""
-    in_blocks = {id(p) for m in model.modules() if getattr(m, "gguf_weight", None) is not None for p in m.parameters()}
-    for p in model.parameters():
-        if id(p) not in in_blocks and p.is_floating_point():
+    for p in model.parameters():  # (those of block-served layers are empty: their blocks are the weights)
+        if p.is_floating_point():
             p.data = p.data.to(dtype).float()
 
 
@@ -252,7 +251,7 @@ def interleave_q4_rows(
 
 def dequantized(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int) -> torch.Tensor:
     """Float32 values of blocks, for one call: by the compiled kernel where one serves, else dequantize_blocks."""
-    kernel = kernels().gguf_dequantize(qtype)
+    kernel = kernels().gguf_dequantize()
     return kernel(*split, qtype) if kernel is not None else dequantize_blocks(split, qtype)
 
 
