@@ -42,13 +42,9 @@ Q4_TYPES = frozenset({2, 3, 12})
 HALF_TYPES = {1: "F16", 30: "BF16"}
 HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # their torch dtypes; bfloat16 first: any float32's range
 
-# Up to this many rows, a matmul in exact mode multiplies the GGUF blocks (0.56 bytes a weight for Q4) directly: small
-# batches are bound by memory, and up to here the block kernel is as fast as MKL's float32 GEMM on 2 cores; beyond,
-# GEMM's blocking wins, on the blocks' values expanded for the call (gguf_dequantize, ~0.25 ns a weight: a few % of
-# a 100-row GEMM). The int8 kernel (w4a8) serves every row count.
-GGUF_KERNEL_MAX_ROWS = 32
-# F16 / BF16 rows: beyond this many rows, converting the weight to float32 for MKL's GEMM pays (AMD EPYC, 2 cores:
-# the kernel is faster than even a resident float32 GEMM up to ~128 rows, the conversion costs ~1 ns a weight).
+# F16 / BF16 rows: beyond this many rows, converting the weight to float32 for MKL's GEMM pays (AMD EPYC, 2 cores,
+# AVX2 and AVX-512 alike: the kernel is faster than even a resident float32 GEMM up to ~128 rows, the conversion
+# costs ~1 ns a weight).
 HALF_KERNEL_MAX_ROWS = 128
 
 # DecodeStack runs all of a decode step's layers with these kernels and one of the two matmuls: it is only as good
@@ -62,12 +58,21 @@ class CpuVariant:
     name: str
     features: frozenset[str]  # /proc/cpuinfo flags the build's instructions need
     cflags: tuple[str, ...]
+    # Up to this many rows, a matmul in exact mode multiplies the GGUF blocks (0.56 bytes a weight for Q4) directly:
+    # small batches are bound by memory and by expanding the blocks, which the kernel does once for all its rows;
+    # beyond, GEMM's blocking wins, on the blocks' values expanded for the call (gguf_dequantize, ~0.25 ns a
+    # weight). Measured on 2 cores of AMD EPYC against dequantize + MKL's float32 GEMM: the AVX2 kernel breaks even
+    # at ~32 rows; the AVX-512 one is 2.0x / 1.4x faster at 32 rows (gate_up 3072x576 / down 576x1536), 1.6x /
+    # 1.1x at 64, 0.96x for down at 128. The int8 kernel (w4a8) serves every row count.
+    block_kernel_max_rows: int = 32
 
 
 _AVX2 = ("avx2", "fma", "f16c")
-VARIANTS = (  # best first; all share the AVX2 sources, the VNNI builds take vpdpbusd for int8 dot products (vec.h)
+VARIANTS = (  # best first; AVX2 sources shared, the VNNI builds take vpdpbusd for int8 dot products (vec.h), the
+    # AVX-512 build its own float32 block kernels (gguf_rows_avx512.h)
     CpuVariant("avx512_vnni", frozenset({*_AVX2, "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
-               ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")),
+               ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
+               block_kernel_max_rows=64),
     CpuVariant("avx_vnni", frozenset({*_AVX2, "avx_vnni"}), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
     CpuVariant("avx2", frozenset(_AVX2), ("-mavx2", "-mfma", "-mf16c")),
 )
@@ -160,8 +165,10 @@ class KernelTable:
             return None
         if layer.int8_activations:
             return self.ops.gguf_linear_q8 if self.has("gguf_linear_q8") else None
-        limit = HALF_KERNEL_MAX_ROWS if layer.gguf_type in HALF_TYPES else GGUF_KERNEL_MAX_ROWS
-        return self.ops.gguf_linear if rows <= limit and self.has("gguf_linear") else None
+        if not self.has("gguf_linear"):
+            return None
+        limit = HALF_KERNEL_MAX_ROWS if layer.gguf_type in HALF_TYPES else self.variant.block_kernel_max_rows
+        return self.ops.gguf_linear if rows <= limit else None
 
     def gguf_dequantize(self) -> Callable | None:
         """The kernel expanding blocks (row layout) or F16 / BF16 rows to float32 — for what no block kernel

@@ -12,6 +12,9 @@
 #include <vector>
 
 #include "gguf_blocks.h"
+#ifdef __AVX512F__
+#include "gguf_rows_avx512.h"
+#endif
 #include "kernels.h"
 #include "vec.h"
 
@@ -248,6 +251,10 @@ at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, in
 }
 
 at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
+#ifdef __AVX512F__  // every type in one kernel (gguf_rows_avx512.h)
+  return run_gguf_linear(x, qs, scales, mins, qtype,
+                         [](auto type, auto... args) { avx512::linear_impl<decltype(type)::value>(args...); });
+#else
   return run_gguf_linear(x, qs, scales, mins, qtype,
                          [](auto type, auto... args) {
                            constexpr QType T = decltype(type)::value;
@@ -255,4 +262,5 @@ at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tenso
                            else if constexpr (is_k16(T)) k16_linear_impl<T>(args...);
                            else linear_impl<T>(args...);
                          });
+#endif
 }
