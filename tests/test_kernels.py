@@ -182,6 +182,23 @@ def test_variant_choice():
         dispatch.choose_variant(avx2, forced="avx9000")
 
 
+@pytest.mark.parametrize("variant", [v.name for v in dispatch.VARIANTS])
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_dense_linear_matches_f_linear(variant, rows):
+    """The dense float32 GEMM a variant takes (oneDNN's for avx512_vnni, F.linear's MKL otherwise), with and
+    without a bias, against F.linear: the same products summed in another order. Other dtypes stay with F.linear."""
+    chosen = next(v for v in dispatch.VARIANTS if v.name == variant)
+    table = dispatch.KernelTable(chosen, None)
+    torch.manual_seed(rows)
+    x, weight, bias = torch.randn(rows, 576), torch.randn(1000, 576), torch.randn(1000)
+    linear = table.dense_linear(x, weight)
+    uses_onednn = chosen.onednn_gemm and torch.backends.mkldnn.is_available()
+    assert linear is (dispatch.onednn_linear if uses_onednn else F.linear)
+    for b in (bias, None):
+        torch.testing.assert_close(linear(x, weight, b), F.linear(x, weight, b), rtol=1e-5, atol=2e-4)
+    assert table.dense_linear(x.bfloat16(), weight.bfloat16()) is F.linear
+
+
 PROMPT = "The three primary colours are"
 
 

@@ -258,8 +258,8 @@ def dequantized(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: i
 def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     kernel = kernels().gguf_matmul(layer, x.shape[0])
     if kernel is None:  # the dense weight, or the blocks' values for this call (MKL's GEMM beats the block kernels)
-        weight = layer.weight if layer.weight.numel() else dequantized(layer.gguf_weight, layer.gguf_type)
-        return F.linear(x, weight.to(x.dtype), bias)
+        weight = (layer.weight if layer.weight.numel() else dequantized(layer.gguf_weight, layer.gguf_type)).to(x.dtype)
+        return kernels().dense_linear(x, weight)(x, weight, bias)
     y = kernel(x, *layer.gguf_weight, layer.gguf_type)
     return y if bias is None else y + bias
 
