@@ -40,16 +40,20 @@ def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, i
     _attach(layer, (quants, scales, mins), 7 if with_mins else 6, int8_activations, label)
 
 
-def keep_half_precision(layers: list[nn.Module]) -> bool:
+def keep_half_precision(layers: list[nn.Module], rounded: bool = False) -> bool:
     """Where the weight of `layers` (one, or modules sharing it) is a bfloat16 (or float16) tensor — held so since
     loading (`hold_half_precision_weights`), or float32 with exactly such values —, keep it in that form: half the
-    bytes, served by gguf_linear with float32 activations (exact), no float32 copy. Returns whether it did."""
+    bytes, served by gguf_linear with float32 activations (exact), no float32 copy. `rounded`: the weights were
+    rounded to it (`--dtype bfloat16`), a mode that may round activations too where that is faster (a prompt's
+    rows through a native bf16 GEMM: KernelTable.rounded_half_linear). Returns whether it did."""
     weight = layers[0].weight.data
     for qtype, dtype in HALF_DTYPES.items():
         half = weight if weight.dtype == dtype else weight.to(dtype) if weight.dtype == torch.float32 else None
         if half is not None and (half is weight or torch.equal(half.float(), weight)):
             rows = half.view(torch.uint8).view(weight.shape[0], -1)
             _attach(layers, (rows, torch.empty(0), torch.empty(0)), qtype, False, HALF_TYPES[qtype])
+            for layer in layers:
+                layer.rounded = rounded
             return True
     return False
 
@@ -73,11 +77,12 @@ def hold_half_precision_weights(model: nn.Module, dtype: torch.dtype) -> None:
         weight.data = torch.empty(weight.shape, dtype=dtype, device=weight.device)
 
 
-def keep_half_precision_weights(model: nn.Module) -> None:
-    """Exact mode for a half-precision checkpoint: the linear layers, embedding and LM head of `model` whose weights
-    are bfloat16 / float16 (`_half_precision_candidates`) keep them so (`keep_half_precision`)."""
+def keep_half_precision_weights(model: nn.Module, rounded: bool) -> None:
+    """The linear layers, embedding and LM head of `model` whose weights are bfloat16 / float16
+    (`_half_precision_candidates`) keep them so (`keep_half_precision`): a half-precision checkpoint in exact mode,
+    or weights `rounded` to it by `--dtype bfloat16` / `float16`."""
     for layers in _half_precision_candidates(model):
-        keep_half_precision(layers)
+        keep_half_precision(layers, rounded)
 
 
 def round_weights(model: nn.Module, dtype: torch.dtype) -> None:
@@ -256,8 +261,11 @@ def dequantized(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: i
 
 
 def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    kernel = kernels().gguf_matmul(layer, x.shape[0])
-    if kernel is None:  # the dense weight, or the blocks' values for this call (MKL's GEMM beats the block kernels)
+    table = kernels()
+    if (half_linear := table.rounded_half_linear(layer, x.shape[0])) is not None:
+        return half_linear(x, layer.gguf_weight[0], bias)
+    kernel = table.gguf_matmul(layer, x.shape[0])
+    if kernel is None:  # the dense weight, or the blocks' values for this call (a GEMM beats the block kernels)
         weight = (layer.weight if layer.weight.numel() else dequantized(layer.gguf_weight, layer.gguf_type)).to(x.dtype)
         return kernels().dense_linear(x, weight)(x, weight, bias)
     y = kernel(x, *layer.gguf_weight, layer.gguf_type)

@@ -140,7 +140,8 @@ class ModelRunner:
         if self.weight_dtype != self.dtype:
             round_weights(self.model, self.weight_dtype)
         if exact_kernels:
-            keep_half_precision_weights(self.model)  # (a bf16 / fp16 checkpoint's weights, as they are)
+            # (a bf16 / fp16 checkpoint's weights, as they are, or those round_weights rounded)
+            keep_half_precision_weights(self.model, rounded=self.weight_dtype != self.dtype)
         logger.info("%s", weights_report(self.model, model_dir, table))
         self.num_blocks = self._allocate_kv_cache(max_model_len)
 
