@@ -140,16 +140,23 @@ def test_gguf_linear_q8_matches_rounded_activations(ops, qtype, rows):
 
 @pytest.mark.parametrize("qtype", sorted(Q4_TYPES))
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13])
-def test_gguf_linear_q8_interleaved_q4_matches_rounded_activations(ops, qtype, rows):
-    out_features, in_features = 56, 512  # 7 groups of 8 rows, 16 blocks
+@pytest.mark.parametrize("group", [8, 16])
+def test_gguf_linear_q8_interleaved_q4_matches_rounded_activations(ops, qtype, rows, group):
+    """Both layouts where the build takes them: 8-row groups everywhere, 16-row groups on AVX-512 VNNI."""
+    if group > ops.q4_group_rows():
+        pytest.skip(f"{group}-row groups are the AVX-512 VNNI build's (this one takes {ops.q4_group_rows()})")
+    out_features, in_features = 112, 512  # 14 groups of 8 rows or 7 of 16, 16 blocks
     blocks, dense = random_gguf_weight(qtype, out_features, in_features, seed=qtype * 10 + rows)
     split = split_gguf_blocks(blocks, qtype)
-    interleaved = interleave_q4_rows(*split)
-    assert interleaved[0].shape == (7, 16, 128)
+    interleaved = interleave_q4_rows(*split, group)
+    assert interleaved[0].shape == (112 // group, 16, 16 * group)
     x = 3 * torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
     x[0, 32:64] = 0
     got = ops.gguf_linear_q8(x, *interleaved, qtype)  # (x 3 times larger than elsewhere: 3 times the atol)
     torch.testing.assert_close(got, q8_reference(x, dense, split, qtype), rtol=1e-5, atol=3e-4)
+    if ops.q4_group_rows() == 8:  # a layout the build does not take
+        with pytest.raises(RuntimeError, match="bad interleaved Q4 weight"):
+            ops.gguf_linear_q8(x, *interleave_q4_rows(*split, 16), qtype)
 
 
 def test_self_check_passes(ops):

@@ -12,6 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_dequantize", &gguf_dequantize, "the float32 values of GGUF blocks (row layout) or F16 / BF16 rows",
         nogil);
   m.def("gguf_linear_q8", &gguf_linear_q8, "gguf_linear with x rounded to int8 blocks (Q8 activations)", nogil);
+  m.def("q4_group_rows", &q4_group_rows, "rows per group of the interleaved Q4 layout this build does best (8, 16)");
   m.def("paged_attention_decode", &paged_attention_decode, "one-token attention over the paged KV cache", nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm of each row");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x in place, then RMSNorm of the residual");

@@ -210,6 +210,11 @@ class KernelTable:
         dtype, which on a CPU has no compiled kernel at all."""
         return dtype in HALF_DTYPES.values() and self.serves_gguf_blocks(device, torch.float32, num_ranks, False)
 
+    def q4_group_rows(self) -> int:
+        """Rows per group of the interleaved Q4 layout (`interleave_q4_rows`) that this build's int8 kernel
+        multiplies best: 16 with AVX-512 VNNI (one 64-byte vpdpbusd), else 8."""
+        return self.ops.q4_group_rows() if self.has("gguf_linear_q8") else 8
+
     def decode_stack_usable(self, int8: bool) -> bool:
         """Whether DecodeStack may run a step whose matmuls take int8 activations (w4a8) or float32 ones."""
         parts = (*DECODE_STACK_PARTS, "gguf_linear_q8" if int8 else "gguf_linear")

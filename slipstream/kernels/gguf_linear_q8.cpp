@@ -16,6 +16,9 @@
 #include <vector>
 
 #include "gguf_blocks.h"
+#if defined(__AVX512VNNI__)
+#include "gguf_q8_avx512.h"
+#endif
 #include "kernels.h"
 #include "vec.h"
 
@@ -227,17 +230,25 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
   }
 }
 
-template <QType T>
-void q4x8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
+// Q4 rows interleaved by G = 8 (q4x8_groups) or, in AVX-512 VNNI builds, 16 (gguf_q8_avx512.h).
+template <QType T, int G>
+void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const QuantizedRows xq = quantize_rows(x, M, K);
-  at::parallel_for(0, N / 8, 2, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N / G, 16 / G, [&](int64_t begin, int64_t end) {
     // 16 weight rows at a time stay in L1 while the pieces of 64 activation rows (in L2) pass them.
     // Without the 64-row chunks a prompt's 2048 rows (1.2 MB at K = 576) came from L3 for every 16
     // weight rows: 15 % slower.
     for (int64_t mc = 0; mc < M; mc += 64)
-      for (int64_t g0 = begin; g0 < end; g0 += 2) {
-        const int64_t g1 = std::min(g0 + 2, end);
+      for (int64_t g0 = begin; g0 < end; g0 += 16 / G) {
+        const int64_t g1 = std::min(g0 + 16 / G, end);
         for_row_pieces<4>(std::min<int64_t>(64, M - mc), [&](auto mm, int64_t m0) {
+#if defined(__AVX512VNNI__)
+          if constexpr (G == 16) {
+            avx512::q4x16_groups<T, decltype(mm)::value>(xq.q.data(), xq.scale.data(), xq.sum.data(), xq.stride,
+                                                         mc + m0, w, y, K, N, g0, g1);
+            return;
+          }
+#endif
           q4x8_groups<T, decltype(mm)::value>(xq, mc + m0, w, y, K, N, g0, g1);
         });
       }
@@ -255,15 +266,28 @@ void q8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, i
 
 }  // namespace
 
+int64_t q4_group_rows() {
+#if defined(__AVX512VNNI__)
+  return 16;
+#else
+  return 8;
+#endif
+}
+
 at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
   TORCH_CHECK(!is_half(static_cast<QType>(qtype)), "gguf_linear_q8 takes quantized blocks, not F16 / BF16 rows");
-  if (qs.dim() == 3) {  // Q4 rows interleaved by 8: [N / 8, blocks, 128]
-    TORCH_CHECK(is_q4(static_cast<QType>(qtype)) && qs.size(2) == 128, "bad interleaved Q4 weight");
-    return run_gguf_linear(x, qs.view({qs.size(0) * 8, -1}), scales.view({qs.size(0) * 8, -1}),
-                           mins.numel() ? mins.view({qs.size(0) * 8, -1}) : mins, qtype,
-                           [](auto type, auto... args) {
+  if (qs.dim() == 3) {  // Q4 rows interleaved by G: [N / G, blocks, 16 G]
+    const int64_t G = qs.size(2) / 16;
+    TORCH_CHECK(is_q4(static_cast<QType>(qtype)) && qs.size(2) == 16 * G && (G == 8 || G == q4_group_rows()),
+                "bad interleaved Q4 weight");
+    return run_gguf_linear(x, qs.view({qs.size(0) * G, -1}), scales.view({qs.size(0) * G, -1}),
+                           mins.numel() ? mins.view({qs.size(0) * G, -1}) : mins, qtype,
+                           [G](auto type, auto... args) {
                              constexpr QType T = decltype(type)::value;
-                             if constexpr (is_q4(T)) q4x8_linear_impl<T>(args...);
+                             if constexpr (is_q4(T)) {
+                               if (G == 16) q4_groups_linear_impl<T, 16>(args...);
+                               else q4_groups_linear_impl<T, 8>(args...);
+                             }
                            });
   }
   return run_gguf_linear(x, qs, scales, mins, qtype,

@@ -93,10 +93,11 @@ def _gguf_dequantize(ops, perturb: Callable) -> str | None:
 def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
     for qtype, name in GGUF_KERNEL_TYPES.items():
-        blocks, dense = random_gguf_weight(qtype, 24, 512, qtype)
+        blocks, dense = random_gguf_weight(qtype, 48, 512, qtype)
         split = split_gguf_blocks(blocks, qtype)
         want = q8_reference(x, dense, split, qtype)
-        layouts = [split, interleave_q4_rows(*split)] if qtype in Q4_TYPES else [split]
+        groups = {8, ops.q4_group_rows()} if qtype in Q4_TYPES else set()
+        layouts = [split] + [interleave_q4_rows(*split, group) for group in sorted(groups)]
         for layout in layouts:
             if why := _close(perturb(ops.gguf_linear_q8(x, *layout, qtype)), want):
                 return f"{name}: {why}"

@@ -18,11 +18,12 @@ def attach_gguf_blocks(layers: nn.Module | list[nn.Module], blocks: torch.Tensor
     their weights, split into the kernel's layout: quants [out, blocks * quant bytes], fp16 scales and (Q4_1) mins
     [out, blocks]. The blocks are then the weights: no float32 copy is kept, what no block kernel serves (a matmul
     of many rows, an embedding lookup) takes their values dequantized for the call. With `int8_activations`
-    (`--quantization w4a8`) Q4_0 / Q4_1 / Q4_K blocks are interleaved by 8 rows for the int8 kernel
-    (`interleave_q4_rows`); an embedding table in that layout keeps its float32 copy for lookups."""
+    (`--quantization w4a8`) Q4_0 / Q4_1 / Q4_K blocks are interleaved by 8 or 16 rows, as this CPU's int8 kernel
+    takes them best (`interleave_q4_rows`); an embedding table in that layout keeps its float32 copy for lookups."""
     split = split_gguf_blocks(blocks, qtype)
-    if int8_activations and qtype in Q4_TYPES and blocks.shape[0] % 8 == 0:
-        split = interleave_q4_rows(*split)
+    group = kernels().q4_group_rows()
+    if int8_activations and qtype in Q4_TYPES and blocks.shape[0] % group == 0:
+        split = interleave_q4_rows(*split, group)
     _attach(layers, split, qtype, int8_activations, GGUF_KERNEL_TYPES[qtype])
 
 
@@ -236,22 +237,22 @@ def _split_k_quants(blocks: torch.Tensor, name: str) -> tuple[torch.Tensor, torc
 
 
 def interleave_q4_rows(
-    quants: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+    quants: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split Q4 blocks -> the layout gguf_linear_q8 multiplies eight rows at a time: quants
-    [out / 8, blocks, 128], where for each group of 8 rows and block, vector t (32 bytes) holds in
+    """Split Q4 blocks -> the layout gguf_linear_q8 multiplies `group` (8, or 16 on AVX-512) rows at a time: quants
+    [out / group, blocks, 16 group], where for each group of rows and block, vector t (4 group bytes) holds in
     its low nibbles quad 2t and in its high nibbles quad 2t + 1, and quad k's 4-byte lane i is row
-    8g + i's weights 4k..4k+3; scales and mins [out / 8, blocks, 8], row-minor likewise."""
+    group g + i's weights 4k..4k+3; scales and mins [out / group, blocks, group], row-minor likewise."""
     out, nb = scales.shape
     q = quants.view(out, nb, 16)
     weights = torch.cat([q & 0x0F, q >> 4], dim=2)  # [out, nb, 32]: a block's low nibbles are weights 0..15
-    quads = weights.view(out // 8, 8, nb, 8, 4).permute(0, 2, 3, 1, 4)  # [group, block, quad, row, 4]
+    quads = weights.view(out // group, group, nb, 8, 4).permute(0, 2, 3, 1, 4)  # [group, block, quad, row, 4]
     packed = quads[:, :, 0::2] | (quads[:, :, 1::2] << 4)  # [group, block, 4, row, 4]
 
     def by_group(t: torch.Tensor) -> torch.Tensor:
-        return t.view(out // 8, 8, nb).transpose(1, 2).contiguous() if t.numel() else t
+        return t.view(out // group, group, nb).transpose(1, 2).contiguous() if t.numel() else t
 
-    return packed.reshape(out // 8, nb, 128).contiguous(), by_group(scales), by_group(mins)
+    return packed.reshape(out // group, nb, 16 * group).contiguous(), by_group(scales), by_group(mins)
 
 
 def dequantized(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int) -> torch.Tensor:

@@ -1,0 +1,69 @@
+// gguf_linear_q8's kernel for Q4 rows interleaved by 16 on AVX-512 VNNI (the avx512_vnni variant).
+//
+// The layout of q4x8_groups (gguf_linear_q8.cpp) with 16 rows a group: for rows 16g..16g+15 and block b, 256 bytes
+// hold four 64-byte vectors whose low nibbles are quads 2t and high nibbles quads 2t+1, lane i (4 bytes) of quad k
+// being row 16g+i's weights 4k..4k+3. One vpdpbusd against a broadcast quad of x advances sixteen rows, twice the
+// 8-row kernel's eight, and each block's sums go to float32 and meet the scales once for all sixteen.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "gguf_blocks.h"
+
+namespace slipstream::avx512 {
+
+// Sixteen rows' scales (or mins) from index `at`: fp16 (classic types) or float32.
+template <QType T>
+inline __m512 load_scales16(const uint16_t* halves, const float* floats, int64_t at) {
+  if constexpr (is_classic(T)) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(halves + at)));
+  else return _mm512_loadu_ps(floats + at);
+}
+
+// Groups [g0, g1) of 16 weight rows times MM activation rows from m0 of x quantized to int8 blocks: `xq` its quants
+// [M, K], `xd` / `xs` its block scales and exact sums (`stride` per row).
+template <QType T, int MM>
+void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, int64_t stride, int64_t m0, Weights w, float* y,
+                  int64_t K, int64_t N, int64_t g0, int64_t g1) {
+  const int64_t nb = K / QK;
+  const int8_t* xb = xq + m0 * K;
+  xd += m0 * stride;
+  xs += m0 * stride;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t g = g0; g < g1; ++g) {
+    __m512 acc[MM];
+    for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t gb = g * nb + b;
+      const uint8_t* q = w.qs + gb * 256;
+      __m512i sum[MM];
+      for (int m = 0; m < MM; ++m) sum[m] = _mm512_setzero_si512();
+#pragma GCC unroll 1
+      for (int t = 0; t < 4; ++t) {
+        const __m512i packed = _mm512_loadu_si512(q + 64 * t);
+        const __m512i lo = _mm512_and_si512(packed, low), hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+        for (int m = 0; m < MM; ++m) {
+          int32_t x0, x1;
+          std::memcpy(&x0, xb + m * K + b * QK + 8 * t, 4);
+          std::memcpy(&x1, xb + m * K + b * QK + 8 * t + 4, 4);
+          sum[m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[m], lo, _mm512_set1_epi32(x0)), hi,
+                                       _mm512_set1_epi32(x1));
+        }
+      }
+      const __m512 d = load_scales16<T>(w.scales, w.fscales, gb * 16);
+      // Q4_1 / Q4_K: + min * sum(x); Q4_0: quants are offset by 8, so - 8 * d * sum(x).
+      __m512 offset;
+      if constexpr (has_mins(T)) offset = load_scales16<T>(w.mins, w.fmins, gb * 16);
+      else offset = _mm512_mul_ps(d, _mm512_set1_ps(-8.0f));
+      for (int m = 0; m < MM; ++m) {
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m]), _mm512_mul_ps(d, _mm512_set1_ps(xd[m * stride + b])),
+                                 acc[m]);
+        acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xs[m * stride + b]), acc[m]);
+      }
+    }
+    for (int m = 0; m < MM; ++m) _mm512_storeu_ps(y + (m0 + m) * N + 16 * g, acc[m]);
+  }
+}
+
+}  // namespace slipstream::avx512
