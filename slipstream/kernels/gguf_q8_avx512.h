@@ -66,4 +66,37 @@ void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, int64_t st
   }
 }
 
+// Q8_0 rows (an LM head, a Q4 file's embedding) times MM activation rows, two blocks per 64-byte vpdpbusd: lanes 0-7
+// hold block b's sums, 8-15 block b+1's, scaled by the two blocks' weight x activation scales. As in q8_rows
+// (gguf_linear_q8.cpp), vpdpbusd takes unsigned bytes: the weights' magnitudes, their signs moved onto x.
+template <int MM>
+void q8_0_rows(const int8_t* xq, const float* xd, int64_t stride, int64_t m0, Weights w, float* y, int64_t K,
+               int64_t N, int64_t n0, int64_t n1) {
+  const int64_t nb = K / QK;
+  const int8_t* xb = xq + m0 * K;
+  xd += m0 * stride;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qs = w.qs + n * nb * 32;
+    __m512 acc[MM];
+    for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 2) {
+      const bool pair = b + 1 < nb;
+      const __mmask64 bytes = pair ? ~0ULL : 0xFFFFFFFFULL;  // a last single block: the upper half zero
+      const __m512i wq = _mm512_maskz_loadu_epi8(bytes, qs + b * 32);
+      const __m512i wu = _mm512_abs_epi8(wq);
+      const __mmask64 negative = _mm512_movepi8_mask(wq);
+      const float d0 = _cvtsh_ss(w.scales[n * nb + b]), d1 = pair ? _cvtsh_ss(w.scales[n * nb + b + 1]) : 0.0f;
+      for (int m = 0; m < MM; ++m) {
+        __m512i xv = _mm512_maskz_loadu_epi8(bytes, xb + m * K + b * QK);
+        xv = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xv));
+        const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0 * xd[m * stride + b]),
+                                                  _mm512_set1_ps(pair ? d1 * xd[m * stride + b + 1] : 0.0f));
+        acc[m] = _mm512_fmadd_ps(dot, scale, acc[m]);
+      }
+    }
+    for (int m = 0; m < MM; ++m) y[(m0 + m) * N + n] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+
 }  // namespace slipstream::avx512
