@@ -226,8 +226,11 @@ class KernelTable:
         if self.ops is None:
             return f"{self.variant.name}: not built (plain PyTorch ops)"
         off = f"; disabled after their self-check: {', '.join(sorted(self.disabled))}" if self.disabled else ""
-        return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())}, F16/BF16 rows, " \
-               f"paged attention, norm/rotary/SwiGLU, decode stack){off}"
+        gemm = "oneDNN" if self.dense_linear(torch.empty(0), torch.empty(0)) is onednn_linear else "MKL"
+        bf16 = ", --dtype bfloat16 prompts: oneDNN bf16 GEMM" if native_bf16_gemm() else ""
+        return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())} up to " \
+               f"{self.variant.block_kernel_max_rows} rows, F16/BF16 rows, paged attention, norm/rotary/SwiGLU, " \
+               f"decode stack; dense float32 GEMM: {gemm}{bf16}){off}"
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
