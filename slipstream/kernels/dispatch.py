@@ -43,9 +43,9 @@ Q4_TYPES = frozenset({2, 3, 12})
 HALF_TYPES = {1: "F16", 30: "BF16"}
 HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # their torch dtypes; bfloat16 first: any float32's range
 
-# F16 / BF16 rows: beyond this many rows, converting the weight to float32 for MKL's GEMM pays (AMD EPYC, 2 cores,
-# AVX2 and AVX-512 alike: the kernel is faster than even a resident float32 GEMM up to ~128 rows, the conversion
-# costs ~1 ns a weight).
+# F16 / BF16 rows: beyond this many rows, converting the weight to float32 for the dense GEMM (`dense_linear`) pays
+# (AMD EPYC, 2 cores, AVX2 and AVX-512 alike: the kernel is faster than even a resident float32 GEMM up to ~128
+# rows, the conversion costs ~1 ns a weight).
 HALF_KERNEL_MAX_ROWS = 128
 
 # DecodeStack runs all of a decode step's layers with these kernels and one of the two matmuls: it is only as good
@@ -175,21 +175,24 @@ class KernelTable:
         limit = HALF_KERNEL_MAX_ROWS if layer.gguf_type in HALF_TYPES else self.variant.block_kernel_max_rows
         return self.ops.gguf_linear if rows <= limit else None
 
+    def uses_onednn_gemm(self) -> bool:
+        return self.variant is not None and self.variant.onednn_gemm and torch.backends.mkldnn.is_available()
+
     def dense_linear(self, x: torch.Tensor, weight: torch.Tensor) -> Callable:
         """What multiplies `x` by a dense `weight` (F.linear's arguments): oneDNN's float32 GEMM where this variant
         measured it faster than MKL's, else F.linear."""
-        if (self.variant is not None and self.variant.onednn_gemm and x.device.type == "cpu"
-                and x.dtype == weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()):
+        if self.uses_onednn_gemm() and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
             return onednn_linear
         return F.linear
 
     def rounded_half_linear(self, layer: nn.Module, rows: int) -> Callable | None:
         """For `--dtype bfloat16` (weights rounded to it, kept as BF16 rows: `layer.rounded`), a matmul of more rows
         than the half kernel serves on a CPU with native bf16 dot products (AVX512-BF16, AMX): x rounded to bf16
-        too, through oneDNN's bf16 GEMM, as a bf16 model computes — 1.7-1.9x its float32 GEMM at 256-1024 rows
-        (AMD EPYC Zen 4, AVX512-BF16). The call takes (x, rows, bias). None elsewhere (exact mode included)."""
-        if (not getattr(layer, "rounded", False) or layer.gguf_type != 30 or rows <= HALF_KERNEL_MAX_ROWS
-                or not native_bf16_gemm()):
+        too, through oneDNN's bf16 GEMM, as a bf16 model computes: 1.3-1.7x its float32 GEMM at 256-1024 rows,
+        the conversions included (AMD EPYC Zen 4, AVX512-BF16). The call takes (x, rows, bias). None elsewhere
+        (exact mode included)."""
+        if (not getattr(layer, "rounded", False) or HALF_TYPES.get(layer.gguf_type) != "BF16"
+                or rows <= HALF_KERNEL_MAX_ROWS or not native_bf16_gemm()):
             return None
         return bf16_linear
 
@@ -226,7 +229,7 @@ class KernelTable:
         if self.ops is None:
             return f"{self.variant.name}: not built (plain PyTorch ops)"
         off = f"; disabled after their self-check: {', '.join(sorted(self.disabled))}" if self.disabled else ""
-        gemm = "oneDNN" if self.dense_linear(torch.empty(0), torch.empty(0)) is onednn_linear else "MKL"
+        gemm = "oneDNN" if self.uses_onednn_gemm() else "MKL"
         bf16 = ", --dtype bfloat16 prompts: oneDNN bf16 GEMM" if native_bf16_gemm() else ""
         return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())} up to " \
                f"{self.variant.block_kernel_max_rows} rows, F16/BF16 rows, paged attention, norm/rotary/SwiGLU, " \

@@ -242,7 +242,7 @@ def interleave_q4_rows(
     """Split Q4 blocks -> the layout gguf_linear_q8 multiplies `group` (8, or 16 on AVX-512) rows at a time: quants
     [out / group, blocks, 16 group], where for each group of rows and block, vector t (4 group bytes) holds in
     its low nibbles quad 2t and in its high nibbles quad 2t + 1, and quad k's 4-byte lane i is row
-    group g + i's weights 4k..4k+3; scales and mins [out / group, blocks, group], row-minor likewise."""
+    (group g + i)'s weights 4k..4k+3; scales and mins [out / group, blocks, group], row-minor likewise."""
     out, nb = scales.shape
     q = quants.view(out, nb, 16)
     weights = torch.cat([q & 0x0F, q >> 4], dim=2)  # [out, nb, 32]: a block's low nibbles are weights 0..15
@@ -268,7 +268,7 @@ def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
     kernel = table.gguf_matmul(layer, x.shape[0])
     if kernel is None:  # the dense weight, or the blocks' values for this call (a GEMM beats the block kernels)
         weight = (layer.weight if layer.weight.numel() else dequantized(layer.gguf_weight, layer.gguf_type)).to(x.dtype)
-        return kernels().dense_linear(x, weight)(x, weight, bias)
+        return table.dense_linear(x, weight)(x, weight, bias)
     y = kernel(x, *layer.gguf_weight, layer.gguf_type)
     return y if bias is None else y + bias
 
