@@ -260,8 +260,9 @@ void q8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, i
   const QuantizedRows xq = quantize_rows(x, M, K);
   for_weight_tiles<8>(M, N, [&](auto mm, int64_t m0, int64_t n0, int64_t n1) {
 #if defined(__AVX512VNNI__)
-    if constexpr (T == QType::Q8_0) {
-      avx512::q8_0_rows<decltype(mm)::value>(xq.q.data(), xq.scale.data(), xq.stride, m0, w, y, K, N, n0, n1);
+    if constexpr (T == QType::Q8_0 || is_k16(T)) {
+      avx512::byte_rows<T, decltype(mm)::value>(xq.q.data(), xq.scale.data(), xq.half_sum.data(), xq.stride, m0, w,
+                                                y, K, N, n0, n1);
       return;
     }
 #endif

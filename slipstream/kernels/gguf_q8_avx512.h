@@ -66,33 +66,51 @@ void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, int64_t st
   }
 }
 
-// Q8_0 rows (an LM head, a Q4 file's embedding) times MM activation rows, two blocks per 64-byte vpdpbusd: lanes 0-7
-// hold block b's sums, 8-15 block b+1's, scaled by the two blocks' weight x activation scales. As in q8_rows
-// (gguf_linear_q8.cpp), vpdpbusd takes unsigned bytes: the weights' magnitudes, their signs moved onto x.
-template <int MM>
-void q8_0_rows(const int8_t* xq, const float* xd, int64_t stride, int64_t m0, Weights w, float* y, int64_t K,
-               int64_t N, int64_t n0, int64_t n1) {
-  const int64_t nb = K / QK;
+// Byte-per-weight rows — Q8_0 (an LM head, a Q4 file's embedding; a scale per 32) and the byte form of Q5_0 / Q5_1 /
+// Q5_K / Q6_K (a scale, and for Q5_1 / Q5_K a min, per 16) — times MM activation rows, two blocks per 64-byte
+// vpdpbusd: int32 lanes 0-7 hold block b's sums (0-3 its first 16 products), 8-15 block b+1's, scaled lane by lane.
+// As in q8_rows (gguf_linear_q8.cpp), vpdpbusd takes unsigned bytes: the weights' magnitudes, their signs moved
+// onto x. The mins meet the exact sums of x's halves (`xhs`, 2 `stride` per row), 16 at a time.
+template <QType T, int MM>
+void byte_rows(const int8_t* xq, const float* xd, const float* xhs, int64_t stride, int64_t m0, Weights w, float* y,
+               int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t nb = K / QK, groups = K / 16;
   const int8_t* xb = xq + m0 * K;
   xd += m0 * stride;
+  xhs += m0 * 2 * stride;
+  const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* qs = w.qs + n * nb * 32;
+    const uint8_t* qs = w.qs + n * K;  // (K bytes a row in both forms)
     __m512 acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
+    if constexpr (has_mins(T)) {
+      for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+        const __mmask16 valid = groups - g0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g0)) - 1);
+        const __m512 mins = _mm512_maskz_loadu_ps(valid, w.fmins + n * groups + g0);
+        for (int m = 0; m < MM; ++m) acc[m] = _mm512_fmadd_ps(mins, _mm512_loadu_ps(xhs + m * 2 * stride + g0), acc[m]);
+      }
+    }
     for (int64_t b = 0; b < nb; b += 2) {
       const bool pair = b + 1 < nb;
       const __mmask64 bytes = pair ? ~0ULL : 0xFFFFFFFFULL;  // a last single block: the upper half zero
       const __m512i wq = _mm512_maskz_loadu_epi8(bytes, qs + b * 32);
       const __m512i wu = _mm512_abs_epi8(wq);
       const __mmask64 negative = _mm512_movepi8_mask(wq);
-      const float d0 = _cvtsh_ss(w.scales[n * nb + b]), d1 = pair ? _cvtsh_ss(w.scales[n * nb + b + 1]) : 0.0f;
+      __m512 dw;  // the weights' scales, lane by lane
+      if constexpr (T == QType::Q8_0) {
+        const float d0 = _cvtsh_ss(w.scales[n * nb + b]), d1 = pair ? _cvtsh_ss(w.scales[n * nb + b + 1]) : 0.0f;
+        dw = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+      } else {
+        dw = _mm512_permutexvar_ps(quarter, _mm512_maskz_loadu_ps(pair ? 0xF : 0x3, w.fscales + n * groups + 2 * b));
+      }
       for (int m = 0; m < MM; ++m) {
         __m512i xv = _mm512_maskz_loadu_epi8(bytes, xb + m * K + b * QK);
         xv = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
         const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xv));
-        const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0 * xd[m * stride + b]),
-                                                  _mm512_set1_ps(pair ? d1 * xd[m * stride + b + 1] : 0.0f));
-        acc[m] = _mm512_fmadd_ps(dot, scale, acc[m]);
+        // (x's scales of a missing last block are its padding: zero)
+        const __m512 dx = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(xd[m * stride + b]),
+                                               _mm512_set1_ps(xd[m * stride + b + 1]));
+        acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dw, dx), acc[m]);
       }
     }
     for (int m = 0; m < MM; ++m) y[(m0 + m) * N + n] = _mm512_reduce_add_ps(acc[m]);
