@@ -125,7 +125,7 @@ def test_write_kv_cache_fills_the_given_slots(ops, cache_dtype):
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 13, 40])
 def test_gguf_linear_q8_matches_rounded_activations(ops, qtype, rows):
     # 2 super-blocks of 256 (K-quants: random bytes with valid scales), else 11 blocks of 32: whole and partial
-    # groups of 8 blocks, and an odd count (the AVX-512 Q8_0 kernel takes blocks in pairs).
+    # groups of 8 blocks, and an odd count (the AVX-512 byte-row kernel takes blocks in pairs).
     in_features = 512 if GGUF_KERNEL_TYPES.get(qtype, "").endswith("_K") else 352
     blocks, dense = random_gguf_weight(qtype, 37, in_features, seed=qtype * 100 + rows)
     split = split_gguf_blocks(blocks, qtype)
