@@ -292,8 +292,10 @@ at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Te
                            [G](auto type, auto... args) {
                              constexpr QType T = decltype(type)::value;
                              if constexpr (is_q4(T)) {
-                               if (G == 16) q4_groups_linear_impl<T, 16>(args...);
-                               else q4_groups_linear_impl<T, 8>(args...);
+#if defined(__AVX512VNNI__)
+                               if (G == 16) return q4_groups_linear_impl<T, 16>(args...);
+#endif
+                               q4_groups_linear_impl<T, 8>(args...);
                              }
                            });
   }

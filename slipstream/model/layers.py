@@ -41,7 +41,7 @@ def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, i
     _attach(layer, (quants, scales, mins), 7 if with_mins else 6, int8_activations, label)
 
 
-def keep_half_precision(layers: list[nn.Module], rounded: bool = False) -> bool:
+def keep_half_precision(layers: list[nn.Module], rounded: bool) -> bool:
     """Where the weight of `layers` (one, or modules sharing it) is a bfloat16 (or float16) tensor — held so since
     loading (`hold_half_precision_weights`), or float32 with exactly such values —, keep it in that form: half the
     bytes, served by gguf_linear with float32 activations (exact), no float32 copy. `rounded`: the weights were
@@ -263,10 +263,10 @@ def dequantized(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: i
 
 def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     table = kernels()
-    if (half_linear := table.rounded_half_linear(layer, x.shape[0])) is not None:
-        return half_linear(x, layer.gguf_weight[0], bias)
     kernel = table.gguf_matmul(layer, x.shape[0])
     if kernel is None:  # the dense weight, or the blocks' values for this call (a GEMM beats the block kernels)
+        if (half_linear := table.rounded_half_linear(layer, x.shape[0])) is not None:
+            return half_linear(x, layer.gguf_weight[0], bias)
         weight = (layer.weight if layer.weight.numel() else dequantized(layer.gguf_weight, layer.gguf_type)).to(x.dtype)
         return table.dense_linear(x, weight)(x, weight, bias)
     y = kernel(x, *layer.gguf_weight, layer.gguf_type)
