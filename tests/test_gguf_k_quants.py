@@ -171,3 +171,31 @@ def test_a_k_quant_gguf_under_w4a8_takes_the_int8_kernel_within_its_bound(k_quan
     print(f"K-quants under w4a8: top-1 agreement {agreement:.3f}, max logprob error {error:.3f}")
     assert agreement >= K_QUANT_W4A8_BOUND[0] and error <= K_QUANT_W4A8_BOUND[1], (agreement, error)
     assert agreement < 1 or error > 0, "w4a8 gave exactly the exact engine's numbers: was it applied?"
+
+
+def test_the_converted_cache_holds_the_files_blocks_and_dequantizes_them_only_when_asked(k_quant_gguf):
+    """The cache keeps each kernel-served tensor as the file's rows (no float32 copy: the cache is about the
+    file's size, not 4-8x it); a load that cannot use blocks (CUDA, tensor parallelism) gets them dequantized,
+    bitwise as the gguf package does, and one that uses them never reads them as float32."""
+    from gguf import GGUFReader, dequantize
+    from safetensors import safe_open
+
+    from slipstream.model.loader import _gguf_name, _unpermute, hf_directory, iter_weights, load_config
+
+    path, types = k_quant_gguf
+    directory = hf_directory(str(path))
+    with safe_open(directory / "model.safetensors", framework="pt") as f:
+        dense = set(f.keys())
+    assert dense and all(types[name] in ("F32", "F16") for name in types if _gguf_name(name) in dense)
+    cache_bytes = sum(f.stat().st_size for f in directory.iterdir())
+    assert cache_bytes < 1.2 * path.stat().st_size
+    config = load_config(directory)
+    ours = dict(iter_weights(directory))
+    for t in GGUFReader(path).tensors:
+        name = _gguf_name(t.name)
+        want = dequantize(t.data, t.tensor_type).astype(np.float32)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            want = _unpermute(want, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
+        assert torch.equal(ours[name], torch.from_numpy(want)), name
+    served = {name for name in ours if name not in dense}
+    assert not served & {name for name, _ in iter_weights(directory, skip=served)}

@@ -2,8 +2,9 @@
 
 Accepted: nothing (the embedded SmolLM2-135M-Instruct GGUF), a `.gguf` file, a Hugging Face
 directory (config.json + *.safetensors), or a repo id already in the local Hugging Face cache.
-The network is never tried. A GGUF file is converted once into a cached Hugging Face directory
-(dequantized float32 safetensors, config, tokenizer), so later starts only memory-map it.
+The network is never tried. A GGUF file is converted once into a cached Hugging Face directory: config,
+tokenizer, the file's quantized rows of every tensor the block kernels take (the cache is about the file's
+size), and float32 safetensors of the rest (norms, types no kernel takes). Later starts only memory-map it.
 """
 
 from __future__ import annotations
@@ -118,13 +119,13 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _gguf_cache_dir(path: Path) -> Path:
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v3".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v4".encode()).hexdigest()[:16]
     root = Path(os.environ.get("SLIPSTREAM_CACHE", Path.home() / ".cache" / "slipstream"))
     return root / "gguf" / f"{path.stem}-{key}"
 
 
 def convert_gguf(path: Path) -> Path:
-    """Dequantize a GGUF into a Hugging Face directory (cached; rebuilt when the file changes)."""
+    """Convert a GGUF into a Hugging Face directory (cached; rebuilt when the file changes)."""
     out = _gguf_cache_dir(path)
     if (out / "complete").is_file():
         return out
@@ -146,20 +147,21 @@ def convert_gguf(path: Path) -> Path:
     blocks: dict[str, torch.Tensor] = {}  # the file's own quantized rows, for the CPU block kernels
     block_types: dict[str, str] = {}
     file_types: dict[str, str] = {}
-    for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=None):
+    for t in tqdm(reader.tensors, desc="converting", unit="tensor", disable=None):
         file_types[t.name] = t.tensor_type.name
-        w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        raw = np.array(t.data) if int(t.tensor_type) in GGUF_KERNEL_TYPES and w.ndim == 2 else None
         name = _gguf_name(t.name)
+        heads = None  # llama.cpp permuted the rows of q and k
         if config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
-            w = _unpermute(w, heads)
-            raw = None if raw is None else _unpermute(raw, heads)
-        tensors[name] = torch.from_numpy(np.require(w, requirements=["C", "W"]))  # F32 tensors: read-only mmap
-        if raw is not None:
-            blocks[name] = torch.from_numpy(np.ascontiguousarray(raw))
+        if int(t.tensor_type) in GGUF_KERNEL_TYPES and len(t.shape) == 2:
+            rows = np.array(t.data)  # [out, bytes per row]: rows of whole blocks
+            blocks[name] = torch.from_numpy(np.ascontiguousarray(rows if heads is None else _unpermute(rows, heads)))
             block_types[name] = str(int(t.tensor_type))
-    config.tie_word_embeddings = "lm_head.weight" not in tensors
+            continue
+        w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        w = w if heads is None else _unpermute(w, heads)
+        tensors[name] = torch.from_numpy(np.require(w, requirements=["C", "W"]))  # F32 tensors: read-only mmap
+    config.tie_word_embeddings = "lm_head.weight" not in tensors and "lm_head.weight" not in blocks
     save_file(tensors, tmp / "model.safetensors")
     save_file(blocks, tmp / GGUF_BLOCKS_FILE, metadata=block_types)
     (tmp / GGUF_TYPES_FILE).write_text(json.dumps(file_types))
@@ -199,7 +201,7 @@ PADDLE_PREFIX = "ernie."
 
 def iter_weights(directory: Path, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """(transformers name, tensor) for every tensor of the checkpoint but those named in `skip` (never read: a
-    converted GGUF's tensors that its blocks serve). A Paddle-layout ERNIE
+    converted GGUF's tensors that its blocks serve; the others' blocks are dequantized here). A Paddle-layout ERNIE
     checkpoint (`ernie.` prefix, every linear weight, lm_head included, stored [in, out]) is mapped
     to the transformers layout; its fused `qkv_proj` / `up_gate_proj` keep their names."""
     from safetensors import safe_open
@@ -223,6 +225,11 @@ def iter_weights(directory: Path, skip: Collection[str] = ()) -> Iterator[tuple[
                     if tensor.dim() == 2 and "embed_tokens" not in name:
                         tensor = tensor.t()
                 yield name, tensor
+    from slipstream.model.layers import dequantized, split_gguf_blocks
+
+    for name, rows, qtype in iter_gguf_blocks(directory):
+        if name not in skip:  # a converted GGUF's weights that no block kernel serves here (CUDA, say)
+            yield name, dequantized(split_gguf_blocks(rows, qtype), qtype)
 
 
 def iter_gguf_blocks(directory: Path) -> Iterator[tuple[str, torch.Tensor, int]]:
