@@ -30,7 +30,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent
 PEERS = ROOT / "peers"
-SERVERS = ("slipstream", "slipstream-w4a8", "vllm", "llama-server")
+SERVERS = ("slipstream", "slipstream-w4a8", "vllm", "llama-server")  # the default run
+OTHER_SERVERS = ("slipstream-bf16",)  # on request: --dtype bfloat16, beside vLLM on a bf16 checkpoint
 # The figures kept per level: (label, path in the bench serve JSON).
 FIGURES = {
     "output_tok_per_s": ("output_tok_per_s",),
@@ -159,7 +160,7 @@ def markdown(report: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument("--servers", nargs="+", choices=SERVERS + OTHER_SERVERS, default=list(SERVERS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 16, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--input-len", type=int, default=100)

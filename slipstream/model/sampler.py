@@ -2,10 +2,10 @@
 
 Order of operations: logit_bias, bad words, min_tokens suppression, penalties (repetition as in
 transformers; presence/frequency as in OpenAI's docs), then temperature, top-k, top-p, min-p and a
-draw. Drawing is argmax(p / q) with q ~ Exp(1) (the exponential race, equivalent to sampling from p),
-so a seeded row draws its noise from its own generator and gets the same tokens whatever else
-shares the batch. Returned logprobs are the model's own distribution (log-softmax of the raw
-logits), as vLLM and OpenAI report them; a row that a grammar constrains first has the tokens its
+draw. Drawing is by inverse CDF, one uniform per row against its cumulative probabilities, so a
+seeded row draws from its own generator and gets the same tokens whatever else shares the batch.
+Returned logprobs are the model's own distribution (log-softmax of the raw logits), as vLLM and
+OpenAI report them; a row that a grammar constrains first has the tokens its
 grammar forbids masked out (-inf), and its logprobs are those of the masked distribution.
 """
 
@@ -115,11 +115,18 @@ class Sampler:
         min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
         if bool((min_p > 0).any()):
             probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values, 0.0)
-        q = torch.empty_like(probs).exponential_()
+        # Inverse CDF: one uniform per row (a seeded row's from its own generator) against the row's cumulative
+        # probabilities (float32: a token's mass is off by ~1e-7 at most). The exponential race it replaces drew an
+        # exponential per vocabulary entry: 1.3 ms a row per step on CPU, a sixth of a decode step at batch 1.
+        u = torch.rand(len(seqs), 1)
         for i, s in enumerate(seqs):
             if s.generator is not None:
-                q[i] = torch.empty(probs.shape[1]).exponential_(generator=s.generator).to(dev)
-        sampled = (probs / q).argmax(dim=-1)
+                u[i] = torch.rand(1, generator=s.generator)
+        cdf = probs.cumsum(dim=-1)
+        total = cdf[:, -1:]
+        # The first token whose cumulative mass passes u x total (kept below the total: a token with mass).
+        point = torch.minimum(u.to(dev) * total, torch.nextafter(total, torch.zeros_like(total)))
+        sampled = torch.searchsorted(cdf, point, right=True).squeeze(1)
         greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
         return torch.where(greedy, greedy_tokens, sampled)
 
