@@ -383,3 +383,22 @@ def test_logprob_ranks_on_the_model(llm_fp32, story):
         else:
             assert lp.rank > 5 and lp.logprob <= values[-1]
     assert any(lp.rank > 1 for lp in out["logprobs"])  # sampling at temperature 1.2 left the argmax
+
+
+def test_draws_over_a_full_vocabulary_keep_its_long_tail():
+    """A real vocabulary's size (49,152, SmolLM2's), most of the mass outside the top 100: draws land in bands of
+    rank as often as the distribution says (a float32 cumulative sum over that many entries must not starve the
+    tail)."""
+    torch.manual_seed(0)
+    logits = torch.randn(49152, generator=torch.Generator().manual_seed(1)) * 2.5
+    probs = logits.softmax(-1)
+    rows = 2000
+    seqs = [make_seq(SamplingParams(temperature=1.0)) for _ in range(rows)]
+    tokens = torch.tensor([t for _ in range(5) for t in Sampler({EOS})(logits.expand(rows, -1).clone(), seqs)[0]])
+    order = probs.argsort(descending=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    drawn = rank[tokens]
+    for lo, hi in [(0, 10), (10, 100), (100, 1000), (1000, 10000), (10000, len(order))]:
+        expected = probs[order[lo:hi]].sum().item()
+        assert abs(((drawn >= lo) & (drawn < hi)).float().mean().item() - expected) < 0.02, (lo, hi)
