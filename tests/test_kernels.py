@@ -11,7 +11,7 @@ from server_utils import running_server
 from slipstream import SamplingParams
 from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_TYPES, Q4_TYPES, dispatch
 from slipstream.kernels.selfcheck import BREAK_ENV, q8_reference, random_gguf_weight, self_check
-from slipstream.model.layers import interleave_q4_rows, split_gguf_blocks
+from slipstream.model.layers import dequantized, interleave_q4_rows, interleave_q8_rows, row_blocks, split_gguf_blocks
 
 
 @pytest.fixture(scope="module", params=[v.name for v in dispatch.VARIANTS])
@@ -157,6 +157,26 @@ def test_gguf_linear_q8_interleaved_q4_matches_rounded_activations(ops, qtype, r
     if ops.q4_group_rows() == 8:  # a layout the build does not take
         with pytest.raises(RuntimeError, match="bad interleaved Q4 weight"):
             ops.gguf_linear_q8(x, *interleave_q4_rows(*split, 16), qtype)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 70])
+def test_gguf_linear_q8_interleaved_q8_0_matches_rounded_activations(ops, rows):
+    """The LM head's layout on AVX-512 VNNI (Q8_0 rows by 16; x offset to unsigned, the offset taken back off as
+    128 x each row's block sum), and a tied embedding's lookups in it: the gguf package's values, bitwise."""
+    blocks, dense = random_gguf_weight(8, 48, 352, seed=800 + rows)  # 3 groups of 16 rows, 11 blocks
+    split = split_gguf_blocks(blocks, 8)
+    interleaved = interleave_q8_rows(*split[:2], 16)
+    assert interleaved[0].shape == (3, 11, 512) and interleaved[2].dtype == torch.int16
+    ids = torch.tensor([0, 15, 16, 47, 3, 3])
+    assert torch.equal(dequantized(row_blocks(interleaved, 8, ids), 8), dense[ids])
+    x = 3 * torch.randn(rows, 352, generator=torch.Generator().manual_seed(rows))
+    x[0, 32:64] = 0
+    if not ops.q8_group_rows():  # a layout this build does not take
+        with pytest.raises(RuntimeError, match="bad interleaved"):
+            ops.gguf_linear_q8(x, *interleaved, 8)
+        return
+    got = ops.gguf_linear_q8(x, *interleaved, 8)
+    torch.testing.assert_close(got, q8_reference(x, dense, split, 8), rtol=1e-5, atol=3e-4)
 
 
 def test_self_check_passes(ops):

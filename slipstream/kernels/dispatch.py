@@ -218,6 +218,11 @@ class KernelTable:
         multiplies best: 16 with AVX-512 VNNI (one 64-byte vpdpbusd), else 8."""
         return self.ops.q4_group_rows() if self.has("gguf_linear_q8") else 8
 
+    def q8_group_rows(self) -> int | None:
+        """Rows per group of the interleaved Q8_0 layout (`interleave_q8_rows`) that this build's int8 kernel takes:
+        16 with AVX-512 VNNI, else None (Q8_0 rows stay as they are)."""
+        return (self.ops.q8_group_rows() or None) if self.has("gguf_linear_q8") else None
+
     def decode_stack_usable(self, int8: bool) -> bool:
         """Whether DecodeStack may run a step whose matmuls take int8 activations (w4a8) or float32 ones."""
         parts = (*DECODE_STACK_PARTS, "gguf_linear_q8" if int8 else "gguf_linear")

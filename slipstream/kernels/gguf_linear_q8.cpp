@@ -255,6 +255,23 @@ void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64
   });
 }
 
+#if defined(__AVX512VNNI__)
+// Q8_0 rows interleaved by 16 (gguf_q8_avx512.h), `wsum` their block sums of quants.
+void q8_groups_linear_impl(const float* x, Weights w, const int16_t* wsum, float* y, int64_t M, int64_t K, int64_t N) {
+  const QuantizedRows xq = quantize_rows(x, M, K);
+  std::vector<uint8_t> xu(xq.q.size());
+  for (size_t i = 0; i < xu.size(); ++i) xu[i] = static_cast<uint8_t>(xq.q[i]) ^ 0x80;
+  at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t mc = 0; mc < M; mc += 64)  // (as q4_groups_linear_impl: a group's 16 rows stay in L1)
+      for (int64_t g = begin; g < end; ++g)
+        for_row_pieces<8>(std::min<int64_t>(64, M - mc), [&](auto mm, int64_t m0) {
+          avx512::q8x16_groups<decltype(mm)::value>(xu.data(), xq.scale.data(), xq.stride, mc + m0, w, wsum, y, K, N,
+                                                    g, g + 1);
+        });
+  });
+}
+#endif
+
 template <QType T>
 void q8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const QuantizedRows xq = quantize_rows(x, M, K);
@@ -273,6 +290,14 @@ void q8_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, i
 
 }  // namespace
 
+int64_t q8_group_rows() {
+#if defined(__AVX512VNNI__)
+  return 16;
+#else
+  return 0;
+#endif
+}
+
 int64_t q4_group_rows() {
 #if defined(__AVX512VNNI__)
   return 16;
@@ -283,6 +308,18 @@ int64_t q4_group_rows() {
 
 at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
   TORCH_CHECK(!is_half(static_cast<QType>(qtype)), "gguf_linear_q8 takes quantized blocks, not F16 / BF16 rows");
+#if defined(__AVX512VNNI__)
+  if (qs.dim() == 3 && static_cast<QType>(qtype) == QType::Q8_0) {  // rows interleaved by 16: [N / 16, blocks, 512]
+    TORCH_CHECK(qs.size(2) == 512 && mins.scalar_type() == at::kShort && mins.is_contiguous() &&
+                mins.sizes() == scales.sizes(), "bad interleaved Q8_0 weight");
+    const int16_t* wsum = mins.data_ptr<int16_t>();
+    return run_gguf_linear(x, qs.view({qs.size(0) * 16, -1}), scales.view({qs.size(0) * 16, -1}), at::Tensor(), qtype,
+                           [wsum](auto type, const float* xp, Weights w, float* yp, int64_t M, int64_t K, int64_t N) {
+                             if constexpr (decltype(type)::value == QType::Q8_0)
+                               q8_groups_linear_impl(xp, w, wsum, yp, M, K, N);
+                           });
+  }
+#endif
   if (qs.dim() == 3) {  // Q4 rows interleaved by G: [N / G, blocks, 16 G]
     const int64_t G = qs.size(2) / 16;
     TORCH_CHECK(is_q4(static_cast<QType>(qtype)) && qs.size(2) == 16 * G && (G == 8 || G == q4_group_rows()),

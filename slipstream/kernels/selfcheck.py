@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TYPES
-from slipstream.model.layers import byte_form, interleave_q4_rows, split_gguf_blocks
+from slipstream.model.layers import byte_form, interleave_q4_rows, interleave_q8_rows, split_gguf_blocks
 
 BREAK_ENV = "SLIPSTREAM_SELFCHECK_BREAK"
 
@@ -98,6 +98,8 @@ def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
         want = q8_reference(x, dense, split, qtype)
         groups = {8, ops.q4_group_rows()} if qtype in Q4_TYPES else set()
         layouts = [split] + [interleave_q4_rows(*split, group) for group in sorted(groups)]
+        if name == "Q8_0" and ops.q8_group_rows():
+            layouts.append(interleave_q8_rows(*split[:2], ops.q8_group_rows()))
         for layout in layouts:
             if why := _close(perturb(ops.gguf_linear_q8(x, *layout, qtype)), want):
                 return f"{name}: {why}"

@@ -19,11 +19,15 @@ def attach_gguf_blocks(layers: nn.Module | list[nn.Module], blocks: torch.Tensor
     [out, blocks]. The blocks are then the weights: no float32 copy is kept, what no block kernel serves (a matmul
     of many rows, an embedding lookup) takes their values dequantized for the call. With `int8_activations`
     (`--quantization w4a8`) Q4_0 / Q4_1 / Q4_K blocks are interleaved by 8 or 16 rows, as this CPU's int8 kernel
-    takes them best (`interleave_q4_rows`); an embedding table in that layout keeps its float32 copy for lookups."""
+    takes them best (`interleave_q4_rows`), and on AVX-512 VNNI Q8_0 blocks by 16 (`interleave_q8_rows`: an LM head,
+    which a tied embedding's lookups then read in that layout); a Q4 embedding table keeps its float32 copy."""
     split = split_gguf_blocks(blocks, qtype)
-    group = kernels().q4_group_rows()
-    if int8_activations and qtype in Q4_TYPES and blocks.shape[0] % group == 0:
-        split = interleave_q4_rows(*split, group)
+    table = kernels()
+    if int8_activations and qtype in Q4_TYPES and blocks.shape[0] % table.q4_group_rows() == 0:
+        split = interleave_q4_rows(*split, table.q4_group_rows())
+    elif int8_activations and GGUF_KERNEL_TYPES[qtype] == "Q8_0" and (group := table.q8_group_rows()) \
+            and blocks.shape[0] % group == 0:
+        split = interleave_q8_rows(*split[:2], group)
     _attach(layers, split, qtype, int8_activations, GGUF_KERNEL_TYPES[qtype])
 
 
@@ -102,7 +106,8 @@ def _attach(layers: nn.Module | list[nn.Module], split: tuple, qtype: int, int8_
         layer.gguf_weight = split
         layer.gguf_label = label  # what the load report calls it
         layer.int8_activations = int8_activations
-    if split[0].dim() == 2 or all(isinstance(layer, LinearBase) for layer in layers):  # (see attach_gguf_blocks)
+    looked_up = split[0].dim() == 2 or GGUF_KERNEL_TYPES.get(qtype) == "Q8_0"  # by row_blocks (attach_gguf_blocks)
+    if looked_up or all(isinstance(layer, LinearBase) for layer in layers):
         for layer in layers:
             layer.weight.data = torch.empty(0)
 
@@ -255,6 +260,37 @@ def interleave_q4_rows(
     return packed.reshape(out // group, nb, 16 * group).contiguous(), by_group(scales), by_group(mins)
 
 
+def interleave_q8_rows(quants: torch.Tensor, scales: torch.Tensor, group: int = 16
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split Q8_0 blocks -> the layout gguf_linear_q8 multiplies 16 rows at a time on AVX-512 VNNI: quants
+    [out / 16, blocks, 512], where for each group of rows and block, vector k (64 bytes) holds quad k (weights
+    4k..4k+3) of each of the 16 rows, lane i being row 16g + i; fp16 scales [out / 16, blocks, 16], row-minor; and
+    in the mins' place each row's block sum of quants (int16, same shape), which the kernel's offset x takes back."""
+    out, nb = scales.shape
+    q = quants.view(torch.int8).view(out // group, group, nb, 8, 4)
+    packed = q.permute(0, 2, 3, 1, 4).reshape(out // group, nb, 32 * group).view(torch.uint8)
+    sums = q.sum(dim=(3, 4), dtype=torch.int32).to(torch.int16)  # [group, row, block]
+
+    def by_group(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(out // group, group, nb).transpose(1, 2).contiguous()
+
+    return packed.contiguous(), by_group(scales), by_group(sums)
+
+
+def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int, ids: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows `ids` of split blocks in the row layout (`dequantized` takes it), from the row layout or the
+    interleaved Q8_0 one (`interleave_q8_rows`): an embedding lookup."""
+    quants, scales, mins = split
+    if quants.dim() == 2:
+        return tuple(t[ids] if t.numel() else t for t in split)
+    assert GGUF_KERNEL_TYPES[qtype] == "Q8_0", "only Q8_0 embeddings are looked up interleaved"
+    group, nb = scales.shape[2], scales.shape[1]
+    g, lane = ids // group, ids % group
+    rows = quants.view(quants.shape[0], nb, 8, group, 4)[g, :, :, lane]  # [ids, blocks, 8, 4]
+    return rows.reshape(len(ids), nb * 32), scales[g, :, lane], torch.empty(0)
+
+
 def dequantized(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int) -> torch.Tensor:
     """Float32 values of blocks, for one call: by the compiled kernel where one serves, else dequantize_blocks."""
     kernel = kernels().gguf_dequantize()
@@ -376,7 +412,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.weight.numel():  # GGUF blocks only (one rank): the rows looked up, dequantized
-            return dequantized(tuple(t[ids] if t.numel() else t for t in self.gguf_weight), self.gguf_type)
+            return dequantized(row_blocks(self.gguf_weight, self.gguf_type, ids.flatten()), self.gguf_type
+                               ).view(*ids.shape, -1)
         if tp_size() == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start
