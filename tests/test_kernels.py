@@ -11,7 +11,15 @@ from server_utils import running_server
 from slipstream import SamplingParams
 from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_TYPES, Q4_TYPES, dispatch
 from slipstream.kernels.selfcheck import BREAK_ENV, q8_reference, random_gguf_weight, self_check
-from slipstream.model.layers import dequantized, interleave_q4_rows, interleave_q8_rows, row_blocks, split_gguf_blocks
+from slipstream.model.layers import (
+    VocabParallelEmbedding,
+    attach_gguf_blocks,
+    dequantized,
+    interleave_q4_rows,
+    interleave_q8_rows,
+    row_blocks,
+    split_gguf_blocks,
+)
 
 
 @pytest.fixture(scope="module", params=[v.name for v in dispatch.VARIANTS])
@@ -150,6 +158,8 @@ def test_gguf_linear_q8_interleaved_q4_matches_rounded_activations(ops, qtype, r
     split = split_gguf_blocks(blocks, qtype)
     interleaved = interleave_q4_rows(*split, group)
     assert interleaved[0].shape == (112 // group, 16, 16 * group)
+    ids = torch.tensor([0, 7, 8, 111, 50])
+    assert torch.equal(dequantized(row_blocks(interleaved, qtype, ids), qtype), dense[ids])  # an embedding's lookups
     x = 3 * torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
     x[0, 32:64] = 0
     got = ops.gguf_linear_q8(x, *interleaved, qtype)  # (x 3 times larger than elsewhere: 3 times the atol)
@@ -177,6 +187,19 @@ def test_gguf_linear_q8_interleaved_q8_0_matches_rounded_activations(ops, rows):
         return
     got = ops.gguf_linear_q8(x, *interleaved, 8)
     torch.testing.assert_close(got, q8_reference(x, dense, split, 8), rtol=1e-5, atol=3e-4)
+
+
+@pytest.mark.parametrize("qtype", sorted(Q4_TYPES))
+def test_a_q4_embedding_under_w4a8_looks_its_rows_up_in_the_interleaved_blocks(qtype):
+    """Under w4a8 a Q4 embedding's blocks are interleaved for the int8 kernel; its lookups are still the gguf
+    package's rows (once, they read a float32 copy that loading never filled: zeros)."""
+    in_features = 256 if GGUF_KERNEL_TYPES[qtype] == "Q4_K" else 128
+    blocks, dense = random_gguf_weight(qtype, 64, in_features, seed=qtype)
+    embedding = VocabParallelEmbedding(64, in_features)
+    attach_gguf_blocks(embedding, blocks, qtype, int8_activations=True)
+    assert embedding.gguf_weight[0].dim() == 3 and not embedding.weight.numel()  # interleaved, no float32 copy
+    ids = torch.tensor([[0, 5], [33, 63]])
+    assert torch.equal(embedding(ids), dense[ids])
 
 
 def test_self_check_passes(ops):

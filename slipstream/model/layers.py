@@ -19,8 +19,8 @@ def attach_gguf_blocks(layers: nn.Module | list[nn.Module], blocks: torch.Tensor
     [out, blocks]. The blocks are then the weights: no float32 copy is kept, what no block kernel serves (a matmul
     of many rows, an embedding lookup) takes their values dequantized for the call. With `int8_activations`
     (`--quantization w4a8`) Q4_0 / Q4_1 / Q4_K blocks are interleaved by 8 or 16 rows, as this CPU's int8 kernel
-    takes them best (`interleave_q4_rows`), and on AVX-512 VNNI Q8_0 blocks by 16 (`interleave_q8_rows`: an LM head,
-    which a tied embedding's lookups then read in that layout); a Q4 embedding table keeps its float32 copy."""
+    takes them best (`interleave_q4_rows`), and on AVX-512 VNNI Q8_0 blocks by 16 (`interleave_q8_rows`: an LM head);
+    an embedding's lookups read whichever layout its blocks have (`row_blocks`)."""
     split = split_gguf_blocks(blocks, qtype)
     table = kernels()
     if int8_activations and qtype in Q4_TYPES and blocks.shape[0] % table.q4_group_rows() == 0:
@@ -106,10 +106,8 @@ def _attach(layers: nn.Module | list[nn.Module], split: tuple, qtype: int, int8_
         layer.gguf_weight = split
         layer.gguf_label = label  # what the load report calls it
         layer.int8_activations = int8_activations
-    looked_up = split[0].dim() == 2 or GGUF_KERNEL_TYPES.get(qtype) == "Q8_0"  # by row_blocks (attach_gguf_blocks)
-    if looked_up or all(isinstance(layer, LinearBase) for layer in layers):
-        for layer in layers:
-            layer.weight.data = torch.empty(0)
+    for layer in layers:  # (an embedding looks its rows up in the blocks, whatever their layout: row_blocks)
+        layer.weight.data = torch.empty(0)
 
 
 _BYTE_FORM = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")  # types split_gguf_blocks already gives a byte per weight
@@ -279,16 +277,20 @@ def interleave_q8_rows(quants: torch.Tensor, scales: torch.Tensor, group: int = 
 
 def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int, ids: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows `ids` of split blocks in the row layout (`dequantized` takes it), from the row layout or the
-    interleaved Q8_0 one (`interleave_q8_rows`): an embedding lookup."""
+    """Rows `ids` of split blocks in the row layout (`dequantized` takes it), from the row layout or an interleaved
+    one (`interleave_q4_rows`, `interleave_q8_rows`): an embedding lookup."""
     quants, scales, mins = split
     if quants.dim() == 2:
         return tuple(t[ids] if t.numel() else t for t in split)
-    assert GGUF_KERNEL_TYPES[qtype] == "Q8_0", "only Q8_0 embeddings are looked up interleaved"
-    group, nb = scales.shape[2], scales.shape[1]
+    groups, nb, group = scales.shape
     g, lane = ids // group, ids % group
-    rows = quants.view(quants.shape[0], nb, 8, group, 4)[g, :, :, lane]  # [ids, blocks, 8, 4]
-    return rows.reshape(len(ids), nb * 32), scales[g, :, lane], torch.empty(0)
+    if GGUF_KERNEL_TYPES[qtype] == "Q8_0":  # (its mins' place holds the kernel's block sums)
+        rows = quants.view(groups, nb, 8, group, 4)[g, :, :, lane]  # [ids, blocks, quad, 4]
+        return rows.reshape(len(ids), nb * 32), scales[g, :, lane], torch.empty(0)
+    packed = quants.view(groups, nb, 4, group, 4)[g, :, :, lane]  # [ids, blocks, t, 4]: quads 2t and 2t + 1
+    weights = torch.stack([packed & 0x0F, packed >> 4], dim=-2).reshape(len(ids), nb, 32)
+    rows = weights[..., :16] | (weights[..., 16:] << 4)  # Q4_1's order: low nibbles are weights 0..15
+    return rows.reshape(len(ids), nb * 16), scales[g, :, lane], mins[g, :, lane] if mins.numel() else mins
 
 
 def dequantized(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int) -> torch.Tensor:
