@@ -19,6 +19,19 @@ namespace {
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
+// A KV head's row is a slice of each token's row of all KV heads (2 cache lines in 6 for SmolLM2's 3 half-precision
+// heads): the hardware prefetcher does not follow them, and a step's keys and values come from DRAM or L3 (the
+// weights streamed through the caches since the last step). So the kernel asks for them ahead, values 2 x PREFETCH
+// tokens, keys 4 x (eight at a time): 17-20 % faster at batch 8 / 32 or 600-token contexts with the cache cold, the
+// same with it hot (AMD EPYC Zen 4, SmolLM2-135M's heads).
+constexpr int64_t PREFETCH = 8;
+
+template <typename C>
+inline void prefetch_row(const C* row, int64_t count) {
+  for (int64_t i = 0; i < count * static_cast<int64_t>(sizeof(C)); i += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(row) + i, _MM_HINT_T0);
+}
+
 // Scores of one query against L keys (row offsets `rows` into `keys`), eight keys at a time so
 // eight independent FMA chains run and one horizontal reduction serves all eight. `scores` has
 // room for L rounded up to 8; the padding gets -inf.
@@ -30,6 +43,8 @@ void key_scores(const float* q, const C* keys, const int64_t* rows, int64_t L, i
     const int64_t n = std::min<int64_t>(8, L - t0);
     const C* k[8];
     for (int j = 0; j < 8; ++j) k[j] = keys + rows[t0 + std::min<int64_t>(j, n - 1)];
+    for (int64_t j = t0 + 4 * PREFETCH; j < std::min(L, t0 + 4 * PREFETCH + 8); ++j)
+      prefetch_row(keys + rows[j], D);
     __m256 acc[8];
     for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t i = 0; i < D; i += 8) {
@@ -71,6 +86,7 @@ void weighted_values_part(const float* p, const C* values, const int64_t* rows, 
   for (int64_t t = 0; t < L; ++t) {
     const __m256 pt = _mm256_broadcast_ss(p + t);
     const C* v = values + rows[t] + d0;
+    if (t + 2 * PREFETCH < L) prefetch_row(values + rows[t + 2 * PREFETCH] + d0, 8 * NV);
     for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(pt, load8(v + 8 * i), acc[i]);
   }
   for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
