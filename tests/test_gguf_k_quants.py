@@ -11,6 +11,7 @@ blocks make a model whose near-tied logits any rounding flips."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,24 @@ def test_the_converted_cache_holds_the_files_blocks_and_dequantizes_them_only_wh
         assert torch.equal(ours[name], torch.from_numpy(want)), name
     served = {name for name in ours if name not in dense}
     assert not served & {name for name, _ in iter_weights(directory, skip=served)}
+
+
+def test_a_new_conversion_removes_the_stale_ones_of_its_file(k_quant_gguf):
+    """Each conversion is about the file's size: those of an earlier state of the file, or by an earlier converter
+    (which did not record their source), go when the new one is made; another file's of the same name stays."""
+    from slipstream.model.loader import GGUF_SOURCE_FILE, hf_directory
+
+    path, _ = k_quant_gguf
+    old = hf_directory(str(path))
+    legacy, other = (old.parent / f"{path.stem}-{digit * 16}" for digit in "01")
+    for d in (legacy, other):
+        d.mkdir()
+        (d / "complete").touch()
+    (other / GGUF_SOURCE_FILE).write_text(str(path.parent / "elsewhere" / path.name))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed
+    new = hf_directory(str(path))
+    assert new != old and (new / "complete").is_file()
+    assert (new / GGUF_SOURCE_FILE).read_text() == str(path.resolve())
+    assert not old.exists() and not legacy.exists() and other.is_dir()
+    assert hf_directory(str(path)) == new  # and it is the cache from now on

@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 from collections import Counter
 from collections.abc import Collection, Iterator
 from importlib import metadata
@@ -124,6 +126,24 @@ def _gguf_cache_dir(path: Path) -> Path:
     return root / "gguf" / f"{path.stem}-{key}"
 
 
+GGUF_SOURCE_FILE = "source"  # in a converted directory: the GGUF file it was converted from
+
+
+def _prune_stale_conversions(out: Path, path: Path) -> None:
+    """Remove the conversions of `path` that `out` supersedes: of an earlier state of the file, or by an earlier
+    version of the converter (each about the file's size, they would pile up). A conversion records its source;
+    one of the same name that does not (made before the record was) is removed too: at worst, another file of
+    that name gets converted again. Unfinished ones (.tmp) stay: another process may be writing one."""
+    pattern = re.compile(re.escape(path.stem) + r"-[0-9a-f]{16}")
+    for d in out.parent.iterdir():
+        if d == out or not pattern.fullmatch(d.name) or not d.is_dir():
+            continue
+        source = d / GGUF_SOURCE_FILE
+        if not source.is_file() or source.read_text() == str(path.resolve()):
+            logger.info("removing %s: a stale conversion of %s", d, path)
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def convert_gguf(path: Path) -> Path:
     """Convert a GGUF into a Hugging Face directory (cached; rebuilt when the file changes)."""
     out = _gguf_cache_dir(path)
@@ -167,12 +187,12 @@ def convert_gguf(path: Path) -> Path:
     (tmp / GGUF_TYPES_FILE).write_text(json.dumps(file_types))
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / GGUF_SOURCE_FILE).write_text(str(path.resolve()))
     if os.path.exists(out):
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)
     (out / "complete").touch()
+    _prune_stale_conversions(out, path)
     return out
 
 
