@@ -47,6 +47,13 @@ HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # their torch dtypes; bflo
 # (AMD EPYC, 2 cores, AVX2 and AVX-512 alike: the kernel is faster than even a resident float32 GEMM up to ~128
 # rows, the conversion costs ~1 ns a weight).
 HALF_KERNEL_MAX_ROWS = 128
+# --dtype bfloat16 (weights rounded to bf16, `KernelTable.rounded_half_linear`): where the CPU multiplies bf16
+# natively, oneDNN's bf16 GEMM (x rounded to bf16 too, as a bf16 model computes) overtakes the half kernel from
+# ROUNDED_GEMM_MIN_ROWS rows for a weight of ROUNDED_GEMM_MIN_WEIGHTS values or more, from 64 rows for any: AMD
+# EPYC Zen 4, 2 cores, at 24 / 32 rows gate_up (3072x576) 1.18x / 1.73x, down (576x1536) 1.16x / 1.20x, the
+# 49152x576 LM head 1.28x / 1.47x; q/k/v (960x576) and o (576x576) 0.73-0.89x at 24-32 rows, 1.19x for q/k/v at 64.
+ROUNDED_GEMM_MIN_ROWS = 24
+ROUNDED_GEMM_MIN_WEIGHTS = 768 * 1024
 
 # DecodeStack runs all of a decode step's layers with these kernels and one of the two matmuls: it is only as good
 # as they are.
@@ -170,7 +177,7 @@ class KernelTable:
             return None
         if layer.int8_activations:
             return self.ops.gguf_linear_q8 if self.has("gguf_linear_q8") else None
-        if not self.has("gguf_linear"):
+        if not self.has("gguf_linear") or self.rounded_half_linear(layer, rows) is not None:
             return None
         limit = HALF_KERNEL_MAX_ROWS if layer.gguf_type in HALF_TYPES else self.variant.block_kernel_max_rows
         return self.ops.gguf_linear if rows <= limit else None
@@ -186,15 +193,16 @@ class KernelTable:
         return F.linear
 
     def rounded_half_linear(self, layer: nn.Module, rows: int) -> Callable | None:
-        """For `--dtype bfloat16` (weights rounded to it, kept as BF16 rows: `layer.rounded`), a matmul of more rows
-        than the half kernel serves on a CPU with native bf16 dot products (AVX512-BF16, AMX): x rounded to bf16
-        too, through oneDNN's bf16 GEMM, as a bf16 model computes: 1.3-1.7x its float32 GEMM at 256-1024 rows,
-        the conversions included (AMD EPYC Zen 4, AVX512-BF16). The call takes (x, rows, bias). None elsewhere
-        (exact mode included)."""
+        """For `--dtype bfloat16` (weights rounded to it, kept as BF16 rows: `layer.rounded`), a matmul of as many
+        rows as oneDNN's bf16 GEMM does faster than the half kernel (ROUNDED_GEMM_MIN_ROWS), on a CPU with native
+        bf16 dot products (AVX512-BF16, AMX): x rounded to bf16 too, as a bf16 model computes. Past the half
+        kernel's rows, 1.3-1.7x the float32 GEMM at 256-1024 rows, the conversions included (AMD EPYC Zen 4,
+        AVX512-BF16). The call takes (x, rows, bias). None elsewhere (exact mode included)."""
         if (not getattr(layer, "rounded", False) or HALF_TYPES.get(layer.gguf_type) != "BF16"
-                or rows <= HALF_KERNEL_MAX_ROWS or not native_bf16_gemm()):
+                or rows < ROUNDED_GEMM_MIN_ROWS or not native_bf16_gemm()):
             return None
-        return bf16_linear
+        small = layer.gguf_weight[0].numel() // 2 < ROUNDED_GEMM_MIN_WEIGHTS  # (BF16 rows: 2 bytes a weight)
+        return None if small and rows < 64 else bf16_linear
 
     def gguf_dequantize(self) -> Callable | None:
         """The kernel expanding blocks (row layout) or F16 / BF16 rows to float32 — for what no block kernel

@@ -185,8 +185,10 @@ class CausalLM(nn.Module):
         call, the same kernels as the Python layers run. None where a layer needs its Python path."""
         if self._decode_stack is None:
             self._decode_stack = build_decode_stack(self) or False
-        # The stack has only the block kernels: where a layer would take its dense path, so must the step.
-        serves = self._decode_stack and kernels().gguf_matmul(self.layers[0].self_attn.qkv_proj, rows) is not None
+        # The stack has only the block kernels: where a layer would take another path, so must the step.
+        table, layer = kernels(), self.layers[0]
+        serves = self._decode_stack and all(table.gguf_matmul(lin, rows) is not None for lin in (
+            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
         return self._decode_stack if serves else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
