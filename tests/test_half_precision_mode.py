@@ -18,7 +18,7 @@ from scoring import agreement_and_error, scores
 
 from slipstream import LLM
 from slipstream.kernels import HALF_TYPES, dispatch, kernels
-from slipstream.kernels.dispatch import bf16_linear, native_bf16_gemm
+from slipstream.kernels.dispatch import native_bf16_gemm, packed_bf16_linear
 from slipstream.model.loader import load_tokenizer
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
@@ -70,7 +70,8 @@ def test_half_precision_mode_stays_within_its_bound_of_transformers_bf16(safeten
                                                                          caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="slipstream")
     bf16_gemm_calls = []
-    monkeypatch.setattr(dispatch, "bf16_linear", lambda *args: bf16_gemm_calls.append(1) or bf16_linear(*args))
+    monkeypatch.setattr(dispatch, "packed_bf16_linear",
+                        lambda *args: bf16_gemm_calls.append(1) or packed_bf16_linear(*args))
     sequences, start, want, (joined, joined_start, joined_want) = bf16_reference
     llm = LLM(str(safetensors_model), dtype=dtype, kv_cache_memory=64 << 20)
     runner = llm.engine.runner

@@ -48,12 +48,15 @@ HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # their torch dtypes; bflo
 # rows, the conversion costs ~1 ns a weight).
 HALF_KERNEL_MAX_ROWS = 128
 # --dtype bfloat16 (weights rounded to bf16, `KernelTable.rounded_half_linear`): where the CPU multiplies bf16
-# natively, oneDNN's bf16 GEMM (x rounded to bf16 too, as a bf16 model computes) overtakes the half kernel from
-# ROUNDED_GEMM_MIN_ROWS rows for a weight of ROUNDED_GEMM_MIN_WEIGHTS values or more, from 64 rows for any: AMD
-# EPYC Zen 4, 2 cores, at 24 / 32 rows gate_up (3072x576) 1.18x / 1.73x, down (576x1536) 1.16x / 1.20x, the
-# 49152x576 LM head 1.28x / 1.47x; q/k/v (960x576) and o (576x576) 0.73-0.89x at 24-32 rows, 1.19x for q/k/v at 64.
-ROUNDED_GEMM_MIN_ROWS = 24
-ROUNDED_GEMM_MIN_WEIGHTS = 768 * 1024
+# natively, oneDNN's bf16 GEMM on weights packed for it at load (x rounded to bf16 too, as a bf16 model computes)
+# overtakes the half kernel from ROUNDED_GEMM_MIN_ROWS rows for a weight of ROUNDED_GEMM_MIN_WEIGHTS values or
+# more, from ROUNDED_GEMM_MIN_ROWS_SMALL for any. AMD EPYC Zen 4, 2 cores, packed GEMM (with the casts) / half
+# kernel at 8 / 100 rows: gate_up (3072x576) 1.61x / 2.65x, down (576x1536) 1.12x / 2.59x, q/k/v (960x576)
+# 1.08x / 2.24x, the 49152x576 LM head 1.61x / 2.42x; o (576x576) 0.63x at 8, 2.0x at 100; 0.3-0.9x at 1-2 rows.
+# (Unpacked, through F.linear, the GEMM was 1.2-2.4x slower.)
+ROUNDED_GEMM_MIN_ROWS = 8
+ROUNDED_GEMM_MIN_ROWS_SMALL = 32
+ROUNDED_GEMM_MIN_WEIGHTS = 512 * 1024
 
 # DecodeStack runs all of a decode step's layers with these kernels and one of the two matmuls: it is only as good
 # as they are.
@@ -193,16 +196,16 @@ class KernelTable:
         return F.linear
 
     def rounded_half_linear(self, layer: nn.Module, rows: int) -> Callable | None:
-        """For `--dtype bfloat16` (weights rounded to it, kept as BF16 rows: `layer.rounded`), a matmul of as many
-        rows as oneDNN's bf16 GEMM does faster than the half kernel (ROUNDED_GEMM_MIN_ROWS), on a CPU with native
-        bf16 dot products (AVX512-BF16, AMX): x rounded to bf16 too, as a bf16 model computes. Past the half
-        kernel's rows, 1.3-1.7x the float32 GEMM at 256-1024 rows, the conversions included (AMD EPYC Zen 4,
-        AVX512-BF16). The call takes (x, rows, bias). None elsewhere (exact mode included)."""
-        if (not getattr(layer, "rounded", False) or HALF_TYPES.get(layer.gguf_type) != "BF16"
-                or rows < ROUNDED_GEMM_MIN_ROWS or not native_bf16_gemm()):
+        """For `--dtype bfloat16` (weights rounded to it, kept as BF16 rows: `layer.rounded`, and packed for oneDNN
+        where the CPU multiplies bf16 natively: `pack_rounded_bf16`), a matmul of as many rows as oneDNN's bf16 GEMM
+        does faster than the half kernel (ROUNDED_GEMM_MIN_ROWS): x rounded to bf16 too, as a bf16 model computes.
+        The call takes (x, bias). None elsewhere (exact mode included)."""
+        packed = getattr(layer, "bf16_packed", None)
+        if packed is None or rows < ROUNDED_GEMM_MIN_ROWS:
             return None
-        small = layer.gguf_weight[0].numel() // 2 < ROUNDED_GEMM_MIN_WEIGHTS  # (BF16 rows: 2 bytes a weight)
-        return None if small and rows < 64 else bf16_linear
+        if packed.numel() < ROUNDED_GEMM_MIN_WEIGHTS and rows < ROUNDED_GEMM_MIN_ROWS_SMALL:
+            return None
+        return functools.partial(packed_bf16_linear, packed)
 
     def gguf_dequantize(self) -> Callable | None:
         """The kernel expanding blocks (row layout) or F16 / BF16 rows to float32 — for what no block kernel
@@ -243,7 +246,7 @@ class KernelTable:
             return f"{self.variant.name}: not built (plain PyTorch ops)"
         off = f"; disabled after their self-check: {', '.join(sorted(self.disabled))}" if self.disabled else ""
         gemm = "oneDNN" if self.uses_onednn_gemm() else "MKL"
-        bf16 = ", --dtype bfloat16 prompts: oneDNN bf16 GEMM" if native_bf16_gemm() else ""
+        bf16 = ", --dtype bfloat16 from 8 rows: oneDNN bf16 GEMM on packed weights" if native_bf16_gemm() else ""
         return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())} up to " \
                f"{self.variant.block_kernel_max_rows} rows, F16/BF16 rows, paged attention, norm/rotary/SwiGLU, " \
                f"decode stack; dense float32 GEMM: {gemm}{bf16}){off}"
@@ -260,9 +263,17 @@ def native_bf16_gemm() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
 
 
-def bf16_linear(x: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T for W held as BF16 rows (uint8 [N, 2K]), x rounded to bf16, float32 sums, float32 out."""
-    y = F.linear(x.to(torch.bfloat16), rows.view(torch.bfloat16)).float()
+def pack_rounded_bf16(rows: torch.Tensor) -> torch.Tensor | None:
+    """BF16 rows (uint8 [N, 2K]) of a `--dtype bfloat16` matmul packed for oneDNN's bf16 GEMM (`packed_bf16_linear`)
+    where the CPU multiplies bf16 natively; None elsewhere. A second copy of the weight, in oneDNN's layout."""
+    if not native_bf16_gemm():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(rows.view(torch.bfloat16), 32)  # (a batch hint; any serves)
+
+
+def packed_bf16_linear(packed: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T for W packed by pack_rounded_bf16, x rounded to bf16, float32 sums, float32 out."""
+    y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, None, "none", [], "").float()
     return y if bias is None else y + bias
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TYPES, kernels
+from slipstream.kernels.dispatch import pack_rounded_bf16
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
 
 
@@ -57,8 +58,11 @@ def keep_half_precision(layers: list[nn.Module], rounded: bool) -> bool:
         if half is not None and (half is weight or torch.equal(half.float(), weight)):
             rows = half.view(torch.uint8).view(weight.shape[0], -1)
             _attach(layers, (rows, torch.empty(0), torch.empty(0)), qtype, False, HALF_TYPES[qtype])
+            packed = pack_rounded_bf16(rows) if rounded and HALF_TYPES[qtype] == "BF16" else None
             for layer in layers:
                 layer.rounded = rounded
+                if packed is not None and type(layer) is not VocabParallelEmbedding:  # (its lookups read rows)
+                    layer.bf16_packed = packed
             return True
     return False
 
@@ -304,7 +308,7 @@ def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
     kernel = table.gguf_matmul(layer, x.shape[0])
     if kernel is None:  # the dense weight, or the blocks' values for this call (a GEMM beats the block kernels)
         if (half_linear := table.rounded_half_linear(layer, x.shape[0])) is not None:
-            return half_linear(x, layer.gguf_weight[0], bias)
+            return half_linear(x, bias)
         weight = (layer.weight if layer.weight.numel() else dequantized(layer.gguf_weight, layer.gguf_type)).to(x.dtype)
         return table.dense_linear(x, weight)(x, weight, bias)
     y = kernel(x, *layer.gguf_weight, layer.gguf_type)
