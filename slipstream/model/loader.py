@@ -139,9 +139,14 @@ def _prune_stale_conversions(out: Path, path: Path) -> None:
         if d == out or not pattern.fullmatch(d.name) or not d.is_dir():
             continue
         source = d / GGUF_SOURCE_FILE
-        if not source.is_file() or source.read_text() == str(path.resolve()):
-            logger.info("removing %s: a stale conversion of %s", d, path)
-            shutil.rmtree(d, ignore_errors=True)
+        if not source.is_file():
+            why = "it names no source (an earlier converter's)"
+        elif source.read_text() == str(path.resolve()):
+            why = f"superseded by {out.name}"
+        else:
+            continue
+        logger.info("removing the GGUF conversion %s: %s", d, why)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def convert_gguf(path: Path) -> Path:
