@@ -204,20 +204,26 @@ def test_the_converted_cache_holds_the_files_blocks_and_dequantizes_them_only_wh
 
 def test_a_new_conversion_removes_the_stale_ones_of_its_file(k_quant_gguf):
     """Each conversion is about the file's size: those of an earlier state of the file, or by an earlier converter
-    (which did not record their source), go when the new one is made; another file's of the same name stays."""
+    (which did not record their source), or of a file that is gone, go when a new one is made; another file's of
+    the same name stays."""
     from slipstream.model.loader import GGUF_SOURCE_FILE, hf_directory
 
     path, _ = k_quant_gguf
     old = hf_directory(str(path))
-    legacy, other = (old.parent / f"{path.stem}-{digit * 16}" for digit in "01")
-    for d in (legacy, other):
+    legacy, other, orphan = (old.parent / f"{stem}-{digit * 16}" for stem, digit in
+                             [(path.stem, "0"), (path.stem, "1"), ("deleted-model", "2")])
+    for d in (legacy, other, orphan):
         d.mkdir()
         (d / "complete").touch()
-    (other / GGUF_SOURCE_FILE).write_text(str(path.parent / "elsewhere" / path.name))
+    elsewhere = path.parent / "elsewhere" / path.name
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"")
+    (other / GGUF_SOURCE_FILE).write_text(str(elsewhere))
+    (orphan / GGUF_SOURCE_FILE).write_text(str(path.parent / "deleted-model.gguf"))
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed
     new = hf_directory(str(path))
     assert new != old and (new / "complete").is_file()
     assert (new / GGUF_SOURCE_FILE).read_text() == str(path.resolve())
-    assert not old.exists() and not legacy.exists() and other.is_dir()
+    assert not old.exists() and not legacy.exists() and not orphan.exists() and other.is_dir()
     assert hf_directory(str(path)) == new  # and it is the cache from now on

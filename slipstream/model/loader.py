@@ -130,19 +130,24 @@ GGUF_SOURCE_FILE = "source"  # in a converted directory: the GGUF file it was co
 
 
 def _prune_stale_conversions(out: Path, path: Path) -> None:
-    """Remove the conversions of `path` that `out` supersedes: of an earlier state of the file, or by an earlier
-    version of the converter (each about the file's size, they would pile up). A conversion records its source;
-    one of the same name that does not (made before the record was) is removed too: at worst, another file of
-    that name gets converted again. Unfinished ones (.tmp) stay: another process may be writing one."""
-    pattern = re.compile(re.escape(path.stem) + r"-[0-9a-f]{16}")
+    """Remove the conversions that `out` (of `path`) supersedes or that nothing can use again (each about its file's
+    size, they would pile up): of an earlier state of `path`, or by an earlier converter; of a file that is gone
+    (its key had the file's path, size and time). A conversion records its source; one of `path`'s name that does
+    not (made before the record was) is removed too: at worst, another file of that name gets converted again.
+    Unfinished ones (.tmp) stay: another process may be writing one."""
+    pattern = re.compile(r".+-[0-9a-f]{16}")
     for d in out.parent.iterdir():
         if d == out or not pattern.fullmatch(d.name) or not d.is_dir():
             continue
         source = d / GGUF_SOURCE_FILE
         if not source.is_file():
+            if not d.name.startswith(f"{path.stem}-") or len(d.name) != len(path.stem) + 17:
+                continue
             why = "it names no source (an earlier converter's)"
-        elif source.read_text() == str(path.resolve()):
+        elif (named := source.read_text()) == str(path.resolve()):
             why = f"superseded by {out.name}"
+        elif not Path(named).exists():
+            why = f"its source {named} is gone"
         else:
             continue
         logger.info("removing the GGUF conversion %s: %s", d, why)
