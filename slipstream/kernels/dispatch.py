@@ -180,7 +180,7 @@ class KernelTable:
             return None
         if layer.int8_activations:
             return self.ops.gguf_linear_q8 if self.has("gguf_linear_q8") else None
-        if not self.has("gguf_linear") or self.rounded_half_linear(layer, rows) is not None:
+        if not self.has("gguf_linear") or self._rounded_gemm_serves(layer, rows):
             return None
         limit = HALF_KERNEL_MAX_ROWS if layer.gguf_type in HALF_TYPES else self.variant.block_kernel_max_rows
         return self.ops.gguf_linear if rows <= limit else None
@@ -196,16 +196,18 @@ class KernelTable:
         return F.linear
 
     def rounded_half_linear(self, layer: nn.Module, rows: int) -> Callable | None:
-        """For `--dtype bfloat16` (weights rounded to it, kept as BF16 rows: `layer.rounded`, and packed for oneDNN
-        where the CPU multiplies bf16 natively: `pack_rounded_bf16`), a matmul of as many rows as oneDNN's bf16 GEMM
-        does faster than the half kernel (ROUNDED_GEMM_MIN_ROWS): x rounded to bf16 too, as a bf16 model computes.
-        The call takes (x, bias). None elsewhere (exact mode included)."""
+        """For `--dtype bfloat16` (weights rounded to it, kept as BF16 rows, and packed for oneDNN where the CPU
+        multiplies bf16 natively: `layer.bf16_packed`, `pack_rounded_bf16`), a matmul of as many rows as oneDNN's bf16
+        GEMM does faster than the half kernel (ROUNDED_GEMM_MIN_ROWS): x rounded to bf16 too, as a bf16 model
+        computes. The call takes (packed, x, bias). None elsewhere (exact mode included)."""
+        return packed_bf16_linear if self._rounded_gemm_serves(layer, rows) else None
+
+    @staticmethod
+    def _rounded_gemm_serves(layer: nn.Module, rows: int) -> bool:
         packed = getattr(layer, "bf16_packed", None)
         if packed is None or rows < ROUNDED_GEMM_MIN_ROWS:
-            return None
-        if packed.numel() < ROUNDED_GEMM_MIN_WEIGHTS and rows < ROUNDED_GEMM_MIN_ROWS_SMALL:
-            return None
-        return functools.partial(packed_bf16_linear, packed)
+            return False
+        return packed.numel() >= ROUNDED_GEMM_MIN_WEIGHTS or rows >= ROUNDED_GEMM_MIN_ROWS_SMALL
 
     def gguf_dequantize(self) -> Callable | None:
         """The kernel expanding blocks (row layout) or F16 / BF16 rows to float32 — for what no block kernel

@@ -50,8 +50,9 @@ def keep_half_precision(layers: list[nn.Module], rounded: bool) -> bool:
     """Where the weight of `layers` (one, or modules sharing it) is a bfloat16 (or float16) tensor — held so since
     loading (`hold_half_precision_weights`), or float32 with exactly such values —, keep it in that form: half the
     bytes, served by gguf_linear with float32 activations (exact), no float32 copy. `rounded`: the weights were
-    rounded to it (`--dtype bfloat16`), a mode that may round activations too where that is faster (a prompt's
-    rows through a native bf16 GEMM: KernelTable.rounded_half_linear). Returns whether it did."""
+    rounded to it (`--dtype bfloat16`), a mode that may round activations too where that is faster (batches through
+    a native bf16 GEMM on a packed copy, `layer.bf16_packed`: KernelTable.rounded_half_linear). Returns whether it
+    did."""
     weight = layers[0].weight.data
     for qtype, dtype in HALF_DTYPES.items():
         half = weight if weight.dtype == dtype else weight.to(dtype) if weight.dtype == torch.float32 else None
@@ -60,7 +61,6 @@ def keep_half_precision(layers: list[nn.Module], rounded: bool) -> bool:
             _attach(layers, (rows, torch.empty(0), torch.empty(0)), qtype, False, HALF_TYPES[qtype])
             packed = pack_rounded_bf16(rows) if rounded and HALF_TYPES[qtype] == "BF16" else None
             for layer in layers:
-                layer.rounded = rounded
                 if packed is not None and type(layer) is not VocabParallelEmbedding:  # (its lookups read rows)
                     layer.bf16_packed = packed
             return True
@@ -308,7 +308,7 @@ def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
     kernel = table.gguf_matmul(layer, x.shape[0])
     if kernel is None:  # the dense weight, or the blocks' values for this call (a GEMM beats the block kernels)
         if (half_linear := table.rounded_half_linear(layer, x.shape[0])) is not None:
-            return half_linear(x, bias)
+            return half_linear(layer.bf16_packed, x, bias)
         weight = (layer.weight if layer.weight.numel() else dequantized(layer.gguf_weight, layer.gguf_type)).to(x.dtype)
         return table.dense_linear(x, weight)(x, weight, bias)
     y = kernel(x, *layer.gguf_weight, layer.gguf_type)
