@@ -68,12 +68,18 @@ def test_paged_attention_decode_matches_sdpa(ops, dim, cache_dtype):
     lens = torch.tensor([1, 7, 8, 13, 24])  # partial and whole groups of 8 keys
     tables = torch.stack([torch.randperm(num_blocks)[:6] for _ in lens])
     q = torch.randn(len(lens), heads, dim)
-    got = ops.paged_attention_decode(q, k_cache, v_cache, tables, lens, dim**-0.5)
-    for i, n in enumerate(lens.tolist()):
-        k = k_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()  # [Hkv, n, D]
-        v = v_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()
-        want = F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
-        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+    threads = torch.get_num_threads()
+    try:  # 3 threads split the 30 (sequence, head) tasks inside a KV group, where the kernel's reuse of rows starts
+        for n_threads in (1, 3):
+            torch.set_num_threads(n_threads)
+            got = ops.paged_attention_decode(q, k_cache, v_cache, tables, lens, dim**-0.5)
+            for i, n in enumerate(lens.tolist()):
+                k = k_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()  # [Hkv, n, D]
+                v = v_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()
+                want = F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
+                torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("width", [64, 45])  # a multiple of the vector width, and one with a tail

@@ -32,12 +32,40 @@ inline void prefetch_row(const C* row, int64_t count) {
     _mm_prefetch(reinterpret_cast<const char*>(row) + i, _MM_HINT_T0);
 }
 
+// The next KV group's keys and values, brought into L2 while this group's heads run: a group's rows come from
+// DRAM (the weights streamed through the caches since the last step) and its first head would wait on them.
+// Each head of a group prefetches its share of the next group's rows, a few each eight tokens it works through.
+template <typename C>
+struct AheadStream {
+  const C* keys;
+  const C* values;
+  int64_t row_elems;
+  std::vector<int64_t> rows;  // the next group's row offsets; empty when another thread runs it
+  int64_t next = 0, end = 0, per_step = 0;
+
+  // Head `g` of G in a group whose L tokens take 2 * ceil(L / 8) steps: its share of the rows, spread over them.
+  void start_head(int64_t g, int64_t G, int64_t L) {
+    const int64_t n = static_cast<int64_t>(rows.size()), share = (n + G - 1) / G, steps = 2 * ((L + 7) / 8);
+    next = std::min(n, g * share);
+    end = std::min(n, next + share);
+    per_step = (share + steps - 1) / steps;
+  }
+
+  void step() {
+    for (const int64_t stop = std::min(end, next + per_step); next < stop; ++next)
+      for (int64_t i = 0; i < row_elems * static_cast<int64_t>(sizeof(C)); i += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(keys + rows[next]) + i, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(values + rows[next]) + i, _MM_HINT_T1);
+      }
+  }
+};
+
 // Scores of one query against L keys (row offsets `rows` into `keys`), eight keys at a time so
 // eight independent FMA chains run and one horizontal reduction serves all eight. `scores` has
 // room for L rounded up to 8; the padding gets -inf.
 template <typename C>
 void key_scores(const float* q, const C* keys, const int64_t* rows, int64_t L, int64_t D, float scale,
-                float* scores) {
+                float* scores, AheadStream<C>& ahead) {
   const __m256 sv = _mm256_set1_ps(scale);
   for (int64_t t0 = 0; t0 < L; t0 += 8) {
     const int64_t n = std::min<int64_t>(8, L - t0);
@@ -45,6 +73,7 @@ void key_scores(const float* q, const C* keys, const int64_t* rows, int64_t L, i
     for (int j = 0; j < 8; ++j) k[j] = keys + rows[t0 + std::min<int64_t>(j, n - 1)];
     for (int64_t j = t0 + 4 * PREFETCH; j < std::min(L, t0 + 4 * PREFETCH + 8); ++j)
       prefetch_row(keys + rows[j], D);
+    ahead.step();
     __m256 acc[8];
     for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t i = 0; i < D; i += 8) {
@@ -80,13 +109,15 @@ void softmax(float* s, int64_t L) {
 // the accumulators stay in registers (with a runtime count GCC kept them on the stack, and every
 // token's update waited on a store and a reload: 20 % of the kernel at batch 32).
 template <int NV, typename C>
-void weighted_values_part(const float* p, const C* values, const int64_t* rows, int64_t L, int64_t d0, float* out) {
+void weighted_values_part(const float* p, const C* values, const int64_t* rows, int64_t L, int64_t d0, float* out,
+                          AheadStream<C>& ahead) {
   __m256 acc[NV];
   for (int i = 0; i < NV; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t t = 0; t < L; ++t) {
     const __m256 pt = _mm256_broadcast_ss(p + t);
     const C* v = values + rows[t] + d0;
     if (t + 2 * PREFETCH < L) prefetch_row(values + rows[t + 2 * PREFETCH] + d0, 8 * NV);
+    if (t % 8 == 0) ahead.step();
     for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(pt, load8(v + 8 * i), acc[i]);
   }
   for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
@@ -94,12 +125,13 @@ void weighted_values_part(const float* p, const C* values, const int64_t* rows, 
 
 // out[0:D] = sum_t p[t] * values[rows[t]]: 64 dimensions at a time, then 32, 16, 8.
 template <typename C>
-void weighted_values(const float* p, const C* values, const int64_t* rows, int64_t L, int64_t D, float* out) {
+void weighted_values(const float* p, const C* values, const int64_t* rows, int64_t L, int64_t D, float* out,
+                     AheadStream<C>& ahead) {
   int64_t d0 = 0;
-  for (; d0 + 64 <= D; d0 += 64) weighted_values_part<8>(p, values, rows, L, d0, out);
-  if (D - d0 >= 32) weighted_values_part<4>(p, values, rows, L, d0, out), d0 += 32;
-  if (D - d0 >= 16) weighted_values_part<2>(p, values, rows, L, d0, out), d0 += 16;
-  if (D - d0 >= 8) weighted_values_part<1>(p, values, rows, L, d0, out);
+  for (; d0 + 64 <= D; d0 += 64) weighted_values_part<8>(p, values, rows, L, d0, out, ahead);
+  if (D - d0 >= 32) weighted_values_part<4>(p, values, rows, L, d0, out, ahead), d0 += 32;
+  if (D - d0 >= 16) weighted_values_part<2>(p, values, rows, L, d0, out, ahead), d0 += 16;
+  if (D - d0 >= 8) weighted_values_part<1>(p, values, rows, L, d0, out, ahead);
 }
 
 // Cache element C: float or at::Half.
@@ -110,15 +142,27 @@ void decode(const float* qp, const C* kp, const C* vp, const int64_t* bt, const 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<int64_t> rows;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / H, h = task % H, kvh = h / G, L = lens[b];
-      rows.resize(L);
+    // The row offsets of (sequence, KV head) `group`'s tokens.
+    auto group_rows = [&](int64_t group, std::vector<int64_t>& out) {
+      const int64_t b = group / Hkv, kvh = group % Hkv, L = lens[b];
+      out.resize(L);
       for (int64_t t = 0, j = 0; t < L; ++j)  // block by block: no division per token
-        for (int64_t slot = bt[b * W + j] * bs, o = 0; o < bs && t < L; ++o, ++t) rows[t] = ((slot + o) * Hkv + kvh) * D;
+        for (int64_t slot = bt[b * W + j] * bs, o = 0; o < bs && t < L; ++o, ++t) out[t] = ((slot + o) * Hkv + kvh) * D;
+    };
+    AheadStream<C> ahead{kp, vp, D};
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H, group = task / G, L = lens[b];
+      if (task == begin || h % G == 0) {  // a group's first head here: its rows, and the next group's
+        if (task == begin) group_rows(group, rows);
+        else rows.swap(ahead.rows);
+        if ((group + 1) * G < end) group_rows(group + 1, ahead.rows);
+        else ahead.rows.clear();
+      }
+      ahead.start_head(h % G, G, L);
       scores.resize((L + 7) / 8 * 8);
-      key_scores(qp + task * D, kp, rows.data(), L, D, scale, scores.data());
+      key_scores(qp + task * D, kp, rows.data(), L, D, scale, scores.data(), ahead);
       softmax(scores.data(), L);
-      weighted_values(scores.data(), vp, rows.data(), L, D, op + task * D);
+      weighted_values(scores.data(), vp, rows.data(), L, D, op + task * D, ahead);
     }
   });
 }
