@@ -99,6 +99,19 @@ def test_norm_and_activation_kernels_match_pytorch(ops, width):
     torch.testing.assert_close(ops.silu_and_mul(gate_up), F.silu(gate) * up)
 
 
+@pytest.mark.parametrize("width", [1, 5, 8, 45, 49152])  # under, at and over the vector width; a vocabulary
+def test_argmax_kernel_matches_torch_argmax(ops, width):
+    torch.manual_seed(width)
+    x = torch.randn(6, width)
+    x[1] = float("-inf")  # nothing larger than the first
+    x[2, -1] = x[2, width // 2] = x[2].max() + 1  # a repeated maximum: the first wins
+    x[3] = x[3].round()  # many ties
+    x[4, -1] = float("nan")  # NaN counts as the largest: in the tail, then in the vectors
+    x[5, width // 3] = x[5, -1] = float("nan")
+    assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(ops.argmax_rows(x[:, : max(1, width - 1)]), x[:, : max(1, width - 1)].argmax(dim=-1))
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rotary_kernel_matches_pytorch(ops, interleaved):
     torch.manual_seed(1)

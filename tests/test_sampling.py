@@ -35,7 +35,7 @@ def make_seq(params: SamplingParams, prompt=(1,), output=()) -> Sequence:
 
 def processed(params: SamplingParams, logits: torch.Tensor, prompt=(1,), output=(), sampler=None) -> torch.Tensor:
     sampler = sampler or Sampler({EOS})
-    return sampler.process_logits(logits.clone().unsqueeze(0), [make_seq(params, prompt, output)])[0]
+    return sampler.process_logits(logits.unsqueeze(0), [make_seq(params, prompt, output)])[0]
 
 
 def random_logits(vocab: int, seed: int = 0) -> torch.Tensor:

@@ -19,6 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x in place, then RMSNorm of the residual");
   m.def("rotary_", &rotary_, "rotary position embedding of q and k, in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [gate, up] row");
+  m.def("argmax_rows", &argmax_rows, "index of each row's largest value (torch.argmax's answer)");
   m.def("write_kv_cache", &write_kv_cache, "copy new keys and values into their cache slots");
   register_decode_stack(m);
 }

@@ -158,8 +158,8 @@ class KernelTable:
         return self.ops is not None and name not in self.disabled
 
     def elementwise(self, name: str, x: torch.Tensor) -> Callable | None:
-        """The kernel `name` (rms_norm, add_rms_norm_, rotary_, silu_and_mul) when it can work on `x`:
-        float32 on the CPU."""
+        """The kernel `name` (rms_norm, add_rms_norm_, rotary_, silu_and_mul, argmax_rows) when it can work on
+        `x`: float32 on the CPU."""
         if x.device.type != "cpu" or x.dtype != torch.float32 or not self.has(name):
             return None
         return getattr(self.ops, name)

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -120,6 +121,60 @@ at::Tensor silu_and_mul(at::Tensor gate_up) {
         const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
         _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
       }
+    }
+  });
+  return out;
+}
+
+// Index of each row's largest value, the first where it repeats, NaN counting as the largest (torch.argmax's
+// answer): greedy sampling's pick. torch's CPU argmax walks a row element by element: 0.7 ms for 32 rows of a
+// 49K vocabulary, where the max alone takes 0.04 ms.
+at::Tensor argmax_rows(at::Tensor x) {
+  check_rows(x, "x");
+  const int64_t T = x.size(0), V = x.size(1);
+  TORCH_CHECK(V > 0 && V < (int64_t{1} << 31), "rows of 1 to 2^31 - 1 values");
+  auto out = at::empty({T}, x.options().dtype(at::kLong));
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float* row = x.data_ptr<float>() + t * x.stride(0);
+      const int64_t v8 = V / 8 * 8;
+      int64_t arg = 0;
+      float top = row[0];
+      if (v8) {
+        // Lane j: the largest of values j, j + 8, ... and its index. Strictly larger replaces: a lane keeps its
+        // first. NaN compares false; a NaN seen anywhere sends the row to the scalar walk below.
+        __m256 best = _mm256_loadu_ps(row), nan = _mm256_cmp_ps(best, best, _CMP_UNORD_Q);
+        __m256i where = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), idx = where;
+        const __m256i step = _mm256_set1_epi32(8);
+        for (int64_t i = 8; i < v8; i += 8) {
+          const __m256 v = _mm256_loadu_ps(row + i);
+          idx = _mm256_add_epi32(idx, step);
+          const __m256 larger = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
+          best = _mm256_blendv_ps(best, v, larger);
+          where = _mm256_blendv_epi8(where, idx, _mm256_castps_si256(larger));
+          nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        if (_mm256_movemask_ps(nan)) {
+          arg = std::find_if(row, row + V, [](float f) { return std::isnan(f); }) - row;
+          out.data_ptr<int64_t>()[t] = arg;
+          continue;
+        }
+        alignas(32) float vals[8];
+        alignas(32) int32_t at[8];
+        _mm256_store_ps(vals, best);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(at), where);
+        top = vals[0], arg = at[0];
+        for (int j = 1; j < 8; ++j)
+          if (vals[j] > top || (vals[j] == top && at[j] < arg)) top = vals[j], arg = at[j];
+      }
+      for (int64_t i = v8; i < V; ++i) {  // the tail: later than every index above, so only larger replaces
+        if (std::isnan(row[i])) {
+          arg = i;
+          break;
+        }
+        if (row[i] > top) top = row[i], arg = i;
+      }
+      out.data_ptr<int64_t>()[t] = arg;
     }
   });
   return out;

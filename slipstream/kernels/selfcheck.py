@@ -178,10 +178,19 @@ def _rotary_(ops, perturb: Callable) -> str | None:
     return None
 
 
+def _argmax_rows(ops, perturb: Callable) -> str | None:
+    x = torch.randn(4, 45)
+    x[1, 40] = x[1, 7] = x[1].max() + 1  # a repeated maximum: the first is the answer
+    x[2, 9] = float("nan")  # NaN counts as the largest
+    got, want = ops.argmax_rows(x), x.argmax(dim=-1)
+    return None if torch.equal(perturb(got), want) else f"{got.tolist()} != {want.tolist()}"
+
+
 CHECKS: dict[str, Callable] = {
     "gguf_linear": _gguf_linear, "gguf_dequantize": _gguf_dequantize, "gguf_linear_q8": _gguf_linear_q8,
     "paged_attention_decode": _paged_attention_decode, "write_kv_cache": _write_kv_cache,
     "rms_norm": _rms_norm, "add_rms_norm_": _add_rms_norm_, "silu_and_mul": _silu_and_mul, "rotary_": _rotary_,
+    "argmax_rows": _argmax_rows,
 }
 
 
