@@ -76,9 +76,15 @@ inline __m256 load_scales(const uint16_t* halves, const float* floats, int64_t a
 }
 
 // Calls piece(std::integral_constant<int, MM>{}, m0) over M activation rows in pieces of MaxMM
-// rows while that many are left, then of halves down to 1: each size is its own unrolled kernel.
+// rows while that many are left, then of halves down to 1, and 3 where 3 are left (not 2 + 1: each
+// piece streams the weights' work once): each size is its own unrolled kernel.
 template <int MM, typename Piece>
 inline int64_t run_piece(int64_t left, int64_t m0, Piece& piece) {
+  if constexpr (MM == 4)
+    if (left == 3) {
+      piece(std::integral_constant<int, 3>{}, m0);
+      return 3;
+    }
   if constexpr (MM > 1)
     if (left < MM) return run_piece<MM / 2>(left, m0, piece);
   piece(std::integral_constant<int, MM>{}, m0);
