@@ -54,8 +54,12 @@ class PagedAttention(nn.Module):
             out[:nd] = o.squeeze(2)
         for chunk in ctx.prefills:
             s, e = chunk.start, chunk.start + chunk.length
+            fresh = chunk.block_table is None
+            if fresh and (prefill := kernels().prefill_attention(q, chunk.length)) is not None:
+                out[s:e] = prefill(q[s:e], k[s:e], v[s:e], self.scale)
+                continue
             qq = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, Tq, D]
-            if chunk.block_table is None:
+            if fresh:
                 kk = k[s:e].transpose(0, 1).unsqueeze(0)
                 vv = v[s:e].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
