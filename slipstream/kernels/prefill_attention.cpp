@@ -2,8 +2,10 @@
 // Queries go in tiles of 4 against tiles of 16 keys with an online softmax, so a score matrix is never
 // written out. The keys are transposed once per KV head ([D, T]): a tile's 4 x 16 scores are then 8 vector
 // accumulators that each dimension updates with one load and a broadcast per query, with no horizontal sums.
-// A task is a KV head's query block: its G query heads share each key and value tile while it is in L1.
-// SDPA's CPU flash kernel took 340-370 us for a 100-token SmolLM2 chunk (2 threads), a fifth of a prefill.
+// A task is a KV head's block of 16 queries for each of its G query heads, which read the same transposed keys
+// and values (in L2 up to the chunk length dispatch.py gives this kernel: PREFILL_KERNEL_MAX_TOKENS, beyond which
+// SDPA's flash kernel, which tiles the keys too, is faster). SDPA took 340-370 us for a 100-token SmolLM2 chunk
+// (2 threads), a fifth of a prefill.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
