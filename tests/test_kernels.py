@@ -1,12 +1,15 @@
 """The compiled CPU kernels against plain PyTorch on the same numbers: every activation-row count
 the tiling handles (8/4/2/1 pieces) and output sizes that are not a multiple of the row tile."""
 
+import shutil
+
 import httpx
 import openai
 import pytest
 import torch
 import torch.nn.functional as F
 from server_utils import running_server
+from torch.utils.cpp_extension import is_ninja_available
 
 from slipstream import SamplingParams
 from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_TYPES, Q4_TYPES, dispatch
@@ -30,7 +33,9 @@ def ops(request):
         pytest.skip(f"the {variant.name} kernels need CPU features this machine lacks: {', '.join(missing)}")
     module = dispatch.build(variant)
     if module is None:
-        pytest.skip(f"the {variant.name} kernels did not build here (no compiler?)")
+        if shutil.which("c++") and is_ninja_available():  # this machine builds them: a failed build is a defect
+            pytest.fail(f"the {variant.name} kernels failed to build (the warning above says why)")
+        pytest.skip(f"the {variant.name} kernels cannot be built here (no C++ compiler or no ninja)")
     return module
 
 

@@ -170,7 +170,9 @@ class KernelTable:
     def prefill_attention(self, q: torch.Tensor, tokens: int) -> Callable | None:
         """The causal kernel for a prompt chunk of `tokens` queries attending to its own keys (no cached prefix), up
         to the length where SDPA's flash kernel catches up (PREFILL_KERNEL_MAX_TOKENS); None: SDPA."""
-        return self.elementwise("prefill_attention", q) if tokens <= PREFILL_KERNEL_MAX_TOKENS else None
+        if tokens > PREFILL_KERNEL_MAX_TOKENS or q.shape[-1] % 8:  # (whole vectors of 8 per head)
+            return None
+        return self.elementwise("prefill_attention", q)
 
     @staticmethod
     def cache_fits(cache: torch.Tensor) -> bool:
