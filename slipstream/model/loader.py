@@ -135,13 +135,13 @@ def _prune_stale_conversions(out: Path, path: Path) -> None:
     (its key had the file's path, size and time). A conversion records its source; one of `path`'s name that does
     not (made before the record was) is removed too: at worst, another file of that name gets converted again.
     Unfinished ones (.tmp) stay: another process may be writing one."""
-    pattern = re.compile(r".+-[0-9a-f]{16}")
+    conversion, of_path = re.compile(r".+-[0-9a-f]{16}"), re.compile(re.escape(path.stem) + r"-[0-9a-f]{16}")
     for d in out.parent.iterdir():
-        if d == out or not pattern.fullmatch(d.name) or not d.is_dir():
+        if d == out or not conversion.fullmatch(d.name) or not d.is_dir():
             continue
         source = d / GGUF_SOURCE_FILE
         if not source.is_file():
-            if not d.name.startswith(f"{path.stem}-") or len(d.name) != len(path.stem) + 17:
+            if not of_path.fullmatch(d.name):
                 continue
             why = "it names no source (an earlier converter's)"
         elif (named := source.read_text()) == str(path.resolve()):
