@@ -65,17 +65,21 @@ def test_gguf_dequantize_gives_the_gguf_packages_values(ops, qtype):
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dim", [16, 64, 120, 128])  # pieces of 64, 32, 16 and 8 dimensions
-def test_paged_attention_decode_matches_sdpa(ops, dim, cache_dtype):
+# query heads a KV head: 3 (one pack of 3 heads), 4 (two of 2), 7 (3 + 3 + 1), 1
+@pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (8, 2), (7, 1), (3, 3)])
+def test_paged_attention_decode_matches_sdpa(ops, dim, cache_dtype, heads, kv_heads):
     torch.manual_seed(dim)
-    heads, kv_heads, block_size, num_blocks = 6, 2, 4, 16
+    block_size, num_blocks = 4, 16
     k_cache = torch.randn(num_blocks, block_size, kv_heads, dim).to(cache_dtype)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, dim).to(cache_dtype)
-    lens = torch.tensor([1, 7, 8, 13, 24])  # partial and whole groups of 8 keys
+    lens = torch.tensor([1, 7, 8, 13, 24, 3, 16, 20, 9])  # partial and whole groups of 8 keys
     tables = torch.stack([torch.randperm(num_blocks)[:6] for _ in lens])
     q = torch.randn(len(lens), heads, dim)
     threads = torch.get_num_threads()
-    try:  # 3 threads split the 30 (sequence, head) tasks inside a KV group, where the kernel's reuse of rows starts
-        for n_threads in (1, 3):
+    # 1 and 2 threads take a KV group's heads in packs (groups enough for them), 5 threads one head a task; 2 and 5
+    # threads split the tasks inside a KV group (7 heads to 1), where the kernel's reuse of rows starts
+    try:
+        for n_threads in (1, 2, 5):
             torch.set_num_threads(n_threads)
             got = ops.paged_attention_decode(q, k_cache, v_cache, tables, lens, dim**-0.5)
             for i, n in enumerate(lens.tolist()):

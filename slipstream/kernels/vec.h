@@ -41,6 +41,12 @@ inline __m256 hsum8(const __m256 v[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
+// The sums of v[0..3]'s lanes, added in hsum8's order.
+inline __m128 hsum4(const __m256 v[4]) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));  // low halves' sums + high halves'
+}
+
 // exp(x) for 8 floats within ~2 ulp: 2^n * e^r with r = x - n ln2 (ln2 split in two for
 // accuracy) and a degree-6 polynomial for e^r on |r| <= ln2/2 (Cephes' coefficients).
 inline __m256 exp8(__m256 x) {
