@@ -18,6 +18,7 @@ from slipstream.engine.scheduler import ScheduledSeq
 from slipstream.engine.sequence import TokenLogprobs
 from slipstream.kernels import KernelTable, kernels
 from slipstream.model.context import set_context
+from slipstream.model.huge_pages import move_weights_to_huge_pages
 from slipstream.model.layers import (
     VocabParallelEmbedding,
     hold_half_precision_weights,
@@ -143,6 +144,8 @@ class ModelRunner:
         if exact_kernels:
             # (a bf16 / fp16 checkpoint's weights, as they are, or those round_weights rounded)
             keep_half_precision_weights(self.model, rounded=self.weight_dtype != self.dtype)
+        if self.device.type == "cpu":
+            move_weights_to_huge_pages(self.model)
         logger.info("%s", weights_report(self.model, model_dir, table))
         self.num_blocks = self._allocate_kv_cache(max_model_len)
 
