@@ -189,6 +189,7 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
       const uint8_t* q = w.qs + gb * 128;
+      prefetch_q4_groups_ahead<T, 8>(w, gb);
       __m256i sum[MM];
       for (int m = 0; m < MM; ++m) sum[m] = _mm256_setzero_si256();
       // Not unrolled: unrolled, GCC interleaves the four vectors' products and spills them.

@@ -37,6 +37,7 @@ void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, int64_t st
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
       const uint8_t* q = w.qs + gb * 256;
+      prefetch_q4_groups_ahead<T, 16>(w, gb);
       __m512i sum[MM];
       for (int m = 0; m < MM; ++m) sum[m] = _mm512_setzero_si512();
 #pragma GCC unroll 1
