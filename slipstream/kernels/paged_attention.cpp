@@ -47,7 +47,7 @@ struct AheadStream {
   int64_t next = 0, end = 0, per_step = 0;
 
   // Task `g` of G in a group whose L tokens take 2 * ceil(L / 8) steps: its share of the rows, spread over them.
-  void start_head(int64_t g, int64_t G, int64_t L) {
+  void start_task(int64_t g, int64_t G, int64_t L) {
     const int64_t n = static_cast<int64_t>(rows.size()), share = (n + G - 1) / G, steps = 2 * ((L + 7) / 8);
     next = std::min(n, g * share);
     end = std::min(n, next + share);
@@ -72,6 +72,8 @@ constexpr bool WIDE_REGISTERS = true;
 constexpr bool WIDE_REGISTERS = false;
 #endif
 constexpr int MAX_PACK = 3;  // heads a task takes together
+// (The loops over heads, keys and dimensions below are unrolled by pragma: left to GCC, the nested loops stayed
+// rolled and the accumulator arrays in memory, every update a store and a reload.)
 
 // Scores of P queries (`q`, rows of D) against L keys (row offsets `rows` into `keys`), T keys at a time so T x P
 // independent FMA chains run and one horizontal reduction serves T keys. Each of `scores` has room for L rounded
@@ -111,7 +113,6 @@ void key_scores(const float* q, const C* keys, const int64_t* rows, int64_t L, i
       else _mm_storeu_ps(scores[g] + t0, _mm_mul_ps(slipstream::hsum4(acc[g]), _mm256_castps256_ps128(sv)));
     }
   }
-  #pragma GCC unroll 8
   for (int g = 0; g < P; ++g) std::fill(scores[g] + L, scores[g] + (L + 7) / 8 * 8, -std::numeric_limits<float>::infinity());
 }
 
@@ -187,10 +188,8 @@ void attend(const float* q, const C* keys, const C* values, const int64_t* rows,
   const int64_t padded = (L + 7) / 8 * 8;
   scores.resize(P * padded);
   float* s[P];
-  #pragma GCC unroll 8
   for (int g = 0; g < P; ++g) s[g] = scores.data() + g * padded;
   key_scores<P>(q, keys, rows, L, D, scale, s, ahead);
-  #pragma GCC unroll 8
   for (int g = 0; g < P; ++g) softmax(s[g], L);
   weighted_values<P>(s, values, rows, L, D, out, ahead);
 }
@@ -222,7 +221,7 @@ void decode(const float* qp, const C* kp, const C* vp, const int64_t* bt, const 
         if ((group + 1) * packs < end) group_rows(group + 1, ahead.rows);
         else ahead.rows.clear();
       }
-      ahead.start_head(pack, packs, L);
+      ahead.start_task(pack, packs, L);
       const int64_t h0 = (group % Hkv) * G + pack * pack_size, first = (b * H + h0) * D;
       switch (std::min(pack_size, G - pack * pack_size)) {
         case 1: attend<1>(qp + first, kp, vp, rows.data(), L, D, scale, scores, op + first, ahead); break;

@@ -14,6 +14,7 @@ resident memory its whole KV budget from the first second.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 
@@ -46,23 +47,26 @@ def move_weights_to_huge_pages(model: nn.Module) -> int:
     region and point the model at the copies, one tensor at a time (the old one freed before the next is copied:
     the load's peak memory grows by one tensor, not by the model); returns the bytes moved. Run before anything else
     holds the weights (the decode stack binds them on the first step)."""
+    tensors: dict[tuple, torch.Tensor] = {}
     holders: dict[tuple, list] = {}  # a tensor -> the parameters and (module, index in gguf_weight) holding it
+
+    def hold(t: torch.Tensor, holder) -> None:
+        if t.device.type == "cpu" and t.numel() and t.is_contiguous() and not t.is_mkldnn:
+            tensors.setdefault(_key(t), t)
+            holders.setdefault(_key(t), []).append(holder)
+
     for p in model.parameters():
-        holders.setdefault(_key(p.data), []).append(p)
+        hold(p.data, p)
     for m in model.modules():
         for i, t in enumerate(getattr(m, "gguf_weight", None) or ()):
-            holders.setdefault(_key(t), []).append((m, i))
-    movable = {key: (hs[0].data if isinstance(hs[0], nn.Parameter) else hs[0][0].gguf_weight[hs[0][1]])
-               for key, hs in holders.items()}
-    movable = {key: t for key, t in movable.items()
-               if t.device.type == "cpu" and t.numel() and t.is_contiguous() and not t.is_mkldnn}
-    if not movable:
+            hold(t, (m, i))
+    if not tensors:
         return 0
-    sizes = {key: -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for key, t in movable.items()}
+    sizes = {key: -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for key, t in tensors.items()}
     region = huge_page_buffer(sum(sizes.values()))
     offset = 0
-    for key in list(movable):
-        t = movable.pop(key)
+    for key in list(tensors):
+        t = tensors.pop(key)
         copy = region[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
         del t
         offset += sizes[key]
@@ -72,5 +76,15 @@ def move_weights_to_huge_pages(model: nn.Module) -> int:
             else:
                 module, i = holder
                 module.gguf_weight = (*module.gguf_weight[:i], copy, *module.gguf_weight[i + 1:])
+    _return_freed_memory()
     logger.debug("weights on huge pages: %d tensors, %.0f MiB", len(sizes), offset / 2**20)
     return offset
+
+
+def _return_freed_memory() -> None:
+    """Give the old copies' memory back to the system: glibc keeps freed heap memory resident. The embedded model in
+    w4a8, resident after its first request: 630 MB without this, 500 MB with it (560 MB without the move)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
