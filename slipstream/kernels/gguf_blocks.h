@@ -59,7 +59,9 @@ struct Weights {
 // slower with it. Always inlined: as a call in the block loop, it made GCC keep the sums in memory (slower than none).
 constexpr int64_t PREFETCH_AHEAD_BYTES = 12 * 1024;
 
-[[gnu::always_inline]] inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+[[gnu::always_inline]] inline void prefetch_l2(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+}
 
 // Block gb + (12 KB) of Q4 rows interleaved by G: its 16 G bytes of quants, and the line of scales (and mins) it
 // starts, G a block (fp16 or float32). A prefetch past the end of the weights is dropped, never faults.

@@ -113,7 +113,8 @@ void key_scores(const float* q, const C* keys, const int64_t* rows, int64_t L, i
       else _mm_storeu_ps(scores[g] + t0, _mm_mul_ps(slipstream::hsum4(acc[g]), _mm256_castps256_ps128(sv)));
     }
   }
-  for (int g = 0; g < P; ++g) std::fill(scores[g] + L, scores[g] + (L + 7) / 8 * 8, -std::numeric_limits<float>::infinity());
+  const float pad = -std::numeric_limits<float>::infinity();
+  for (int g = 0; g < P; ++g) std::fill(scores[g] + L, scores[g] + (L + 7) / 8 * 8, pad);
 }
 
 // scores -> softmax probabilities in place (padding -> 0); returns nothing, L >= 1.
