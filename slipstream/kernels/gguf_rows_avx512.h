@@ -9,6 +9,7 @@
 #pragma once
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "gguf_blocks.h"
@@ -43,12 +44,27 @@ inline __m512 load_bytes16(const void* q) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(q))));
 }
 
+// Sixteen blocks' scales and mins from block `at` (count <= 16 of them) as floats.
+template <QType T>
+inline void classic_scales16(const Weights& w, int64_t at, int64_t count, float* d, float* mn) {
+  const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
+  const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, w.scales + at));
+  _mm512_store_ps(d, s);
+  if constexpr (T == QType::Q4_0) _mm512_store_ps(mn, _mm512_mul_ps(s, _mm512_set1_ps(-8.0f)));
+  else if constexpr (has_mins(T)) _mm512_store_ps(mn, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, w.mins + at)));
+}
+
 // y[m, n] for weight rows [n0, n1) and MM activation rows: each 32 weights (two vectors) are dequantized once and
 // meet the MM rows of x in two accumulator chains per row.
 template <QType T, int MM>
 void block_rows(const float* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   const int64_t nb = K / QK;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // At one or two rows a Q4 block's work is its lookup, and converting its fp16 scale and min there took six
+  // instructions, on the pipes the lookup needs: sixteen blocks' are converted at once and broadcast from memory
+  // (30 layers of SmolLM2's matmuls at one row 10 % faster, AMD EPYC Zen 4).
+  constexpr bool scales_in_memory = is_classic(T) && is_q4(T) && MM <= 2;
+  alignas(64) float scales16[16], mins16[16];
   for (int64_t n = n0; n < n1; ++n) {
     __m512 acc[MM][2];
     for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
@@ -57,8 +73,11 @@ void block_rows(const float* x, Weights w, float* y, int64_t K, int64_t N, int64
       if constexpr (is_q4(T)) {
         // Low nibbles are weights 0..15, high nibbles 16..31; permutexvar reads an index's low 4 bits only.
         const int64_t at = n * nb + b;
-        const float d = scale_at<T>(w, at);
-        const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(min_at<T>(w, at, d)));
+        if (scales_in_memory && b % 16 == 0)
+          classic_scales16<T>(w, at, std::min<int64_t>(16, nb - b), scales16, mins16);
+        const float d = scales_in_memory ? scales16[b % 16] : scale_at<T>(w, at);
+        const float min = scales_in_memory ? mins16[b % 16] : min_at<T>(w, at, d);
+        const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(min));
         const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
             w.qs + (n * nb + b) * 16)));
         w0 = _mm512_permutexvar_ps(q, table);
