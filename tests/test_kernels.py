@@ -95,16 +95,23 @@ def test_paged_attention_decode_matches_sdpa(ops, dim, cache_dtype, heads, kv_he
 @pytest.mark.parametrize("tokens", [1, 5, 16, 37])  # partial and whole tiles of 4 queries and 16 keys
 def test_prefill_attention_matches_causal_sdpa(ops, dim, tokens):
     torch.manual_seed(dim + tokens)
+    # Chunks of `tokens`, 1 and 20 after 2 rows the kernel leaves alone (decode rows), all in one call.
+    spans = torch.tensor([[2, tokens], [2 + tokens, 1], [3 + tokens, 20]])
+    rows = 23 + tokens
     for heads, kv_heads in ((6, 2), (3, 3)):  # grouped and one query head a KV head
         # Views of one projection, as the model passes them; scaled up, so that a later key tile's larger scores
         # rescale the running sums (the float32 error grows with the scores: atol 5e-5).
-        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim) * 3
+        qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim) * 3
         sizes = [heads * dim, kv_heads * dim, kv_heads * dim]
         q, k, v = (t.unflatten(1, (-1, dim)) for t in qkv.split(sizes, dim=1))
-        got = ops.prefill_attention(q, k, v, dim**-0.5)
-        want = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), is_causal=True,
-                                              enable_gqa=True).transpose(0, 1)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)
+        got = torch.full_like(q, 7.0)
+        ops.prefill_attention_(got, q, k, v, spans, dim**-0.5)
+        assert torch.equal(got[:2], torch.full_like(q[:2], 7.0))
+        for start, length in spans.tolist():
+            chunk = slice(start, start + length)
+            want = F.scaled_dot_product_attention(*(t[chunk].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                                  enable_gqa=True).transpose(0, 1)
+            torch.testing.assert_close(got[chunk], want, rtol=1e-5, atol=5e-5)
 
 
 @pytest.mark.parametrize("width", [64, 45])  # a multiple of the vector width, and one with a tail

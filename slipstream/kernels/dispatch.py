@@ -167,12 +167,16 @@ class KernelTable:
             return None
         return getattr(self.ops, name)
 
-    def prefill_attention(self, q: torch.Tensor, tokens: int) -> Callable | None:
-        """The causal kernel for a prompt chunk of `tokens` queries attending to its own keys (no cached prefix), up
-        to the length where SDPA's flash kernel catches up (PREFILL_KERNEL_MAX_TOKENS); None: SDPA."""
-        if tokens > PREFILL_KERNEL_MAX_TOKENS or q.shape[-1] % 8:  # (whole vectors of 8 per head)
-            return None
-        return self.elementwise("prefill_attention", q)
+    def prefill_attention(self, q: torch.Tensor) -> Callable | None:
+        """The causal kernel for prompt chunks attending to their own keys, all of a step's in one call
+        (out, q, k, v, spans [chunks, 2] of (first row, rows), scale), or None: SDPA. It takes the chunks up to
+        the length where SDPA's flash kernel catches up (`prefill_kernel_takes`)."""
+        return None if q.shape[-1] % 8 else self.elementwise("prefill_attention_", q)  # (whole vectors of 8 a head)
+
+    @staticmethod
+    def prefill_kernel_takes(tokens: int) -> bool:
+        """Whether the causal kernel, rather than SDPA, attends a fresh prompt chunk of `tokens` queries."""
+        return tokens <= PREFILL_KERNEL_MAX_TOKENS
 
     @staticmethod
     def cache_fits(cache: torch.Tensor) -> bool:

@@ -126,11 +126,19 @@ def _paged_attention_decode(ops, perturb: Callable) -> str | None:
 
 
 def _prefill_attention(ops, perturb: Callable) -> str | None:
-    tokens, heads, kv_heads, dim = 21, 4, 2, 16  # a partial tile of queries and of keys
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    heads, kv_heads, dim = 4, 2, 16
+    spans = torch.tensor([[3, 21], [24, 5]])  # two chunks after 3 other rows; partial tiles of queries and keys
+    qkv = torch.randn(29, (heads + 2 * kv_heads) * dim)
     q, k, v = (t.unflatten(1, (-1, dim)) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1))
-    want = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), is_causal=True, enable_gqa=True)
-    return _close(perturb(ops.prefill_attention(q, k, v, dim**-0.5)), want.transpose(0, 1), atol=1e-5)
+    out = torch.zeros_like(q)
+    ops.prefill_attention_(out, q, k, v, spans, dim**-0.5)
+    for start, length in spans.tolist():
+        rows = slice(start, start + length)
+        want = F.scaled_dot_product_attention(*(t[rows].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                              enable_gqa=True)
+        if why := _close(perturb(out[rows]), want.transpose(0, 1), atol=1e-5):
+            return why
+    return None
 
 
 def _write_kv_cache(ops, perturb: Callable) -> str | None:
@@ -196,7 +204,7 @@ def _argmax_rows(ops, perturb: Callable) -> str | None:
 
 CHECKS: dict[str, Callable] = {
     "gguf_linear": _gguf_linear, "gguf_dequantize": _gguf_dequantize, "gguf_linear_q8": _gguf_linear_q8,
-    "paged_attention_decode": _paged_attention_decode, "prefill_attention": _prefill_attention,
+    "paged_attention_decode": _paged_attention_decode, "prefill_attention_": _prefill_attention,
     "write_kv_cache": _write_kv_cache,
     "rms_norm": _rms_norm, "add_rms_norm_": _add_rms_norm_, "silu_and_mul": _silu_and_mul, "rotary_": _rotary_,
     "argmax_rows": _argmax_rows,

@@ -52,12 +52,17 @@ class PagedAttention(nn.Module):
                 q[:nd].unsqueeze(2), kk, vv, attn_mask=ctx.decode_mask, enable_gqa=True
             )
             out[:nd] = o.squeeze(2)
+        # The fresh chunks the causal kernel takes, in one call: all their tasks shared among the threads at once.
+        table = kernels()
+        prefill = table.prefill_attention(q)
+        own = [c for c in ctx.prefills if c.block_table is None and table.prefill_kernel_takes(c.length)]
+        if prefill is not None and own:
+            prefill(out, q, k, v, torch.tensor([[c.start, c.length] for c in own]), self.scale)
         for chunk in ctx.prefills:
+            if prefill is not None and any(chunk is c for c in own):
+                continue
             s, e = chunk.start, chunk.start + chunk.length
             fresh = chunk.block_table is None
-            if fresh and (prefill := kernels().prefill_attention(q, chunk.length)) is not None:
-                out[s:e] = prefill(q[s:e], k[s:e], v[s:e], self.scale)
-                continue
             qq = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, Tq, D]
             if fresh:
                 kk = k[s:e].transpose(0, 1).unsqueeze(0)
