@@ -133,16 +133,16 @@ void prefill_attention_(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v
   const int64_t* span = spans.data_ptr<int64_t>();
   // Each chunk's keys transposed per KV head, [Hkv, D, Tp] from kt_at[c], Tp its length rounded up to a tile, the
   // padding zero (masked anyway); 64-byte aligned, so a tile's 16 keys of a dimension are one cache line.
+  auto tiles = [&](int64_t c) { return (span[2 * c + 1] + KT - 1) / KT * KT; };
   std::vector<int64_t> kt_at(chunks + 1, 0);
   for (int64_t c = 0; c < chunks; ++c) {
     TORCH_CHECK(span[2 * c] >= 0 && span[2 * c + 1] >= 1 && span[2 * c] + span[2 * c + 1] <= T, "span out of range");
-    kt_at[c + 1] = kt_at[c] + Hkv * D * ((span[2 * c + 1] + KT - 1) / KT * KT);
+    kt_at[c + 1] = kt_at[c] + Hkv * D * tiles(c);
   }
   at::Tensor kt_buf = at::zeros({kt_at[chunks]}, q.options());
   float* kt = kt_buf.data_ptr<float>();
   const Rows kr{k.data_ptr<float>(), k.stride(0)}, vr{v.data_ptr<float>(), v.stride(0)}, qr{q.data_ptr<float>(),
                                                                                             q.stride(0)};
-  auto tiles = [&](int64_t c) { return (span[2 * c + 1] + KT - 1) / KT * KT; };
   at::parallel_for(0, chunks * Hkv, 1, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t c = task / Hkv, kvh = task % Hkv, Tp = tiles(c);

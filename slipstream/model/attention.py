@@ -30,9 +30,10 @@ class PagedAttention(nn.Module):
         """q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H * D]"""
         ctx = get_context()
         kc, vc = self.k_cache, self.v_cache
+        table = kernels()
         # The fallbacks convert on the way in and out: the cache may differ from the model's dtype.
-        write_kv_cache = kernels().attention("write_kv_cache", q, kc)
-        decode = kernels().attention("paged_attention_decode", q, kc)
+        write_kv_cache = table.attention("write_kv_cache", q, kc)
+        decode = table.attention("paged_attention_decode", q, kc)
         if write_kv_cache is not None:
             write_kv_cache(k, v, kc, vc, ctx.slot_mapping)
         elif kc.numel():
@@ -53,14 +54,14 @@ class PagedAttention(nn.Module):
             )
             out[:nd] = o.squeeze(2)
         # The fresh chunks the causal kernel takes, in one call: all their tasks shared among the threads at once.
-        table = kernels()
         prefill = table.prefill_attention(q)
-        own = [c for c in ctx.prefills if c.block_table is None and table.prefill_kernel_takes(c.length)]
-        if prefill is not None and own:
-            prefill(out, q, k, v, torch.tensor([[c.start, c.length] for c in own]), self.scale)
+        own, rest = [], []
         for chunk in ctx.prefills:
-            if prefill is not None and any(chunk is c for c in own):
-                continue
+            fits = prefill is not None and chunk.block_table is None and table.prefill_kernel_takes(chunk.length)
+            (own if fits else rest).append(chunk)
+        if own:
+            prefill(out, q, k, v, torch.tensor([[c.start, c.length] for c in own]), self.scale)
+        for chunk in rest:
             s, e = chunk.start, chunk.start + chunk.length
             fresh = chunk.block_table is None
             qq = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, Tq, D]
