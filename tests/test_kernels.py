@@ -12,13 +12,14 @@ from server_utils import running_server
 from torch.utils.cpp_extension import is_ninja_available
 
 from slipstream import SamplingParams
-from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_TYPES, Q4_TYPES, dispatch
+from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_TYPES, Q4_TYPES, Q5_0, dispatch
 from slipstream.kernels.selfcheck import BREAK_ENV, q8_reference, random_gguf_weight, self_check
 from slipstream.model.layers import (
     VocabParallelEmbedding,
     attach_gguf_blocks,
     dequantized,
     interleave_q4_rows,
+    interleave_q5_0_rows,
     interleave_q8_rows,
     row_blocks,
     split_gguf_blocks,
@@ -216,8 +217,35 @@ def test_gguf_linear_q8_interleaved_q4_matches_rounded_activations(ops, qtype, r
     got = ops.gguf_linear_q8(x, *interleaved, qtype)  # (x 3 times larger than elsewhere: 3 times the atol)
     torch.testing.assert_close(got, q8_reference(x, dense, split, qtype), rtol=1e-5, atol=3e-4)
     if ops.q4_group_rows() == 8:  # a layout the build does not take
-        with pytest.raises(RuntimeError, match="bad interleaved Q4 weight"):
+        with pytest.raises(RuntimeError, match="bad interleaved Q4 / Q5_0 weight"):
             ops.gguf_linear_q8(x, *interleave_q4_rows(*split, 16), qtype)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 70])
+@pytest.mark.parametrize("group", [8, 16])
+def test_gguf_linear_q8_interleaved_q5_0_matches_rounded_activations(ops, rows, group):
+    """Q5_0 at its file's 5 bits a weight (a Q4_K_M file's most common type): nibbles interleaved as Q4's, a plane of
+    fifth bits, quants 0..31 whose offset of 16 meets the exact x; an embedding's lookups give the gguf package's
+    values. Two rows of all-31 quants against a block of x at +127 are the int16 sums' worst case (AVX2's maddubs)."""
+    if group > ops.q4_group_rows():
+        pytest.skip(f"{group}-row groups are the AVX-512 VNNI build's (this one takes {ops.q4_group_rows()})")
+    from gguf import GGMLQuantizationType, quants
+
+    blocks, _ = random_gguf_weight(Q5_0, 112, 352, seed=600 + rows)  # 14 groups of 8 rows or 7 of 16, 11 blocks
+    blocks.view(112, 11, 22)[[3, 60], 1, 2:] = 0xFF  # (fifth bits and nibbles all set: quants 31)
+    dense = torch.from_numpy(quants.dequantize(blocks.numpy(), GGMLQuantizationType.Q5_0).copy())
+    interleaved = interleave_q5_0_rows(blocks, group)
+    assert interleaved[0].shape == (112 // group, 11, 20 * group) and interleaved[1].shape == (112 // group, 11, group)
+    ids = torch.tensor([0, 7, 8, 111, 50, 3])
+    assert torch.equal(dequantized(row_blocks(interleaved, Q5_0, ids), Q5_0), dense[ids])
+    x = 3 * torch.randn(rows, 352, generator=torch.Generator().manual_seed(rows))
+    x[0, 32:64] = 0
+    x[-1, 32:64] = 5.0  # quantized to +127
+    got = ops.gguf_linear_q8(x, *interleaved, Q5_0)
+    want = q8_reference(x, dense, split_gguf_blocks(blocks, Q5_0), Q5_0, q5_0_nibbles=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=3e-4)
+    exact = F.linear(x, dense)
+    assert (got - exact).abs().max() < 0.03 * exact.abs().max()
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 70])
@@ -240,9 +268,9 @@ def test_gguf_linear_q8_interleaved_q8_0_matches_rounded_activations(ops, rows):
     torch.testing.assert_close(got, q8_reference(x, dense, split, 8), rtol=1e-5, atol=3e-4)
 
 
-@pytest.mark.parametrize("qtype", sorted(Q4_TYPES))
+@pytest.mark.parametrize("qtype", sorted(Q4_TYPES | {Q5_0}))
 def test_a_q4_embedding_under_w4a8_looks_its_rows_up_in_the_interleaved_blocks(qtype):
-    """Under w4a8 a Q4 embedding's blocks are interleaved for the int8 kernel; its lookups are still the gguf
+    """Under w4a8 a Q4 (or Q5_0) embedding's blocks are interleaved for the int8 kernel; its lookups are still the gguf
     package's rows (once, they read a float32 copy that loading never filled: zeros)."""
     in_features = 256 if GGUF_KERNEL_TYPES[qtype] == "Q4_K" else 128
     blocks, dense = random_gguf_weight(qtype, 64, in_features, seed=qtype)

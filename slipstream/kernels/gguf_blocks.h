@@ -38,6 +38,16 @@ constexpr bool has_mins(QType t) {
   return t == QType::Q4_1 || t == QType::Q5_1 || t == QType::Q4_K || t == QType::Q5_K;
 }
 
+// gguf_linear_q8's layout of rows interleaved by G (`interleave_q4_rows`, `interleave_q5_0_rows` in layers.py): per
+// group and block, 16 G bytes of nibbles and, for Q5_0 (quants 0..31, offset by 16 as Q4_0's by 8), 4 G bytes of
+// their fifth bits, bit k of byte j belonging to the weight whose low bits are byte j of quad k; the scales are fp16
+// (Q4_0, Q4_1) or float32 (Q4_K, Q5_0), one a row and block.
+constexpr bool is_nibble_group_type(QType t) { return is_q4(t) || t == QType::Q5_0; }
+template <QType T, int G>
+constexpr int64_t group_block_bytes() {
+  return (T == QType::Q5_0 ? 20 : 16) * G;
+}
+
 // Bytes of one 32-weight block's quants.
 template <QType T>
 constexpr int quant_bytes() {
@@ -63,12 +73,13 @@ constexpr int64_t PREFETCH_AHEAD_BYTES = 12 * 1024;
   _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
 }
 
-// Block gb + (12 KB) of Q4 rows interleaved by G: its 16 G bytes of quants, and the line of scales (and mins) it
-// starts, G a block (fp16 or float32). A prefetch past the end of the weights is dropped, never faults.
+// Block gb + (12 KB) of rows interleaved by G: its bytes of quants, and the line of scales (and mins) it starts, G a
+// block (fp16 or float32). A prefetch past the end of the weights is dropped, never faults.
 template <QType T, int G>
 [[gnu::always_inline]] inline void prefetch_q4_groups_ahead(const Weights& w, int64_t gb) {
-  constexpr int64_t ahead = PREFETCH_AHEAD_BYTES / (16 * G), per_line = 64 / (G * (is_classic(T) ? 2 : 4));
-  for (int64_t i = 0; i < 16 * G; i += 64) prefetch_l2(w.qs + (gb + ahead) * 16 * G + i);
+  constexpr int64_t bytes = group_block_bytes<T, G>();
+  constexpr int64_t ahead = PREFETCH_AHEAD_BYTES / bytes, per_line = 64 / (G * (is_classic(T) ? 2 : 4));
+  for (int64_t i = 0; i < bytes; i += 64) prefetch_l2(w.qs + (gb + ahead) * bytes + i);
   if ((gb + ahead) % per_line) return;
   const int64_t at = (gb + ahead) * G;
   if constexpr (is_classic(T)) {
@@ -137,8 +148,10 @@ inline void for_weight_tiles(int64_t M, int64_t N, Piece piece) {
 }
 
 // Checks x [M, K] float32 against the split weights and returns their pointers.
+// `nibble_groups`: rows interleaved by gguf_linear_q8's groups (viewed as [N, ...]), Q5_0's as nb blocks of 20 bytes
+// with a float32 scale each rather than a byte a weight.
 inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
-                             const at::Tensor& mins, int64_t qtype) {
+                             const at::Tensor& mins, int64_t qtype, bool nibble_groups = false) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous 2-D float32 tensor");
   const int64_t K = x.size(1), N = qs.size(0), nb = K / QK;
@@ -146,12 +159,14 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
   const auto type = static_cast<QType>(qtype);
   TORCH_CHECK(is_classic(type) || type == QType::Q4_K || is_k16(type) || is_half(type), "unsupported GGUF type ",
               qtype);
-  const int64_t q_bytes = is_half(type) ? 2 * K : is_k16(type) ? K : nb * (type == QType::Q8_0 ? 32 : 16);
+  const bool bytes = is_k16(type) && !nibble_groups;  // a byte a weight
+  const int64_t block_bytes = type == QType::Q8_0 ? 32 : type == QType::Q5_0 ? 20 : 16;  // (Q5_0: nibble groups)
+  const int64_t q_bytes = is_half(type) ? 2 * K : bytes ? K : nb * block_bytes;
   TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.dim() == 2 && qs.size(1) == q_bytes,
               "bad GGUF weight");
   Weights w{qs.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, nullptr};
   if (is_half(type)) return w;
-  const int64_t groups = is_k16(type) ? K / 16 : nb;  // scales per row
+  const int64_t groups = bytes ? K / 16 : nb;  // scales per row
   const auto scale_type = is_classic(type) ? at::kShort : at::kFloat;
   TORCH_CHECK(scales.scalar_type() == scale_type && scales.is_contiguous() && scales.dim() == 2 &&
               scales.size(0) == N && scales.size(1) == groups, "bad GGUF weight");
@@ -171,9 +186,9 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
 // (std::integral_constant<QType, ...>): the checks, allocation and dispatch every GGUF matmul shares.
 template <typename Impl>
 at::Tensor run_gguf_linear(at::Tensor x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
-                           int64_t qtype, Impl impl) {
+                           int64_t qtype, Impl impl, bool nibble_groups = false) {
   x = x.contiguous();
-  const Weights w = check_weights(x, qs, scales, mins, qtype);
+  const Weights w = check_weights(x, qs, scales, mins, qtype, nibble_groups);
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();

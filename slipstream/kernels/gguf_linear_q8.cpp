@@ -4,9 +4,10 @@
 // llama.cpp does; a block's dot product with a GGUF weight block is then integer multiply-adds
 // (maddubs + madd: 32 products in two instructions) rather than expanding the weights to fp32,
 // about half the instructions of gguf_linear. Block sums for the min term (Q4_1, Q4_K, Q5_1, Q5_K) and
-// the -8 offset (Q4_0) use the exact fp32 activations, so rounding x is the only error this adds. Every
-// type the loader gives is served: Q4_0 / Q4_1 / Q4_K as nibbles, Q8_0 as bytes, and the byte-per-weight
-// form of Q5_0 / Q5_1 / Q5_K / Q6_K (|q| <= 32, scales per 16 weights: gguf_blocks.h).
+// the -8 / -16 offsets (Q4_0, interleaved Q5_0) use the exact fp32 activations, so rounding x is the only
+// error this adds. Every type the loader gives is served: Q4_0 / Q4_1 / Q4_K as nibbles, Q5_0 as nibbles
+// and fifth bits (rows interleaved by groups), Q8_0 as bytes, and the byte-per-weight form of Q5_0 / Q5_1 /
+// Q5_K / Q6_K (|q| <= 32, scales per 16 weights: gguf_blocks.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -170,9 +171,10 @@ void q8_k16_rows(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
 
 // Q4 weights interleaved by 8 rows (`interleave_q4_rows` in layers.py): for rows 8g..8g+7 and
 // block b, 128 bytes hold four vectors whose low nibbles are quads 2t and high nibbles quads 2t+1,
-// lane i (4 bytes) of quad k being row 8g+i's weights 4k..4k+3. One maddubs against a broadcast
-// quad of x then advances eight rows at once, the block's eight products add up in int16 (|sum| <=
-// 8 * 2 * 15 * 127 < 2^15), and converting and scaling happen once per block for all eight rows:
+// lane i (4 bytes) of quad k being row 8g+i's weights 4k..4k+3 (Q5_0: then 32 bytes of their fifth
+// bits, gguf_blocks.h). One maddubs against a broadcast quad of x then advances eight rows at once,
+// the block's eight products add up in int16 (|sum| <= 8 * 2 * 15 * 127 < 2^15; Q5_0's quants, up to
+// 31, widen to int32 every two), and converting and scaling happen once per block for all eight rows:
 // about half the multiply-unit work of the row layout, which bounds large batches.
 template <QType T, int MM>
 void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K, int64_t N, int64_t g0,
@@ -182,47 +184,54 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
   const float* xd = xq.scale.data() + m0 * xq.stride;
   const float* xs = xq.sum.data() + m0 * xq.stride;
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // (AVX2's widening)
-  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i low = _mm256_set1_epi8(0x0F), fifth = _mm256_set1_epi8(0x10);
+  // int16 sums (AVX2 without VNNI) widen to int32 once a block, Q5_0's every two vectors; VNNI's are int32 already.
+  constexpr bool wide = SLIPSTREAM_VNNI || T == QType::Q5_0;
   for (int64_t g = g0; g < g1; ++g) {
     __m256 acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
-      const uint8_t* q = w.qs + gb * 128;
+      const uint8_t* q = w.qs + gb * group_block_bytes<T, 8>();
       prefetch_q4_groups_ahead<T, 8>(w, gb);
       __m256i sum[MM];
       for (int m = 0; m < MM; ++m) sum[m] = _mm256_setzero_si256();
+      [[maybe_unused]] __m256i high_bits;  // Q5_0: bits 0 and 1 of each byte are quads 2t and 2t+1's fifth bits
+      if constexpr (T == QType::Q5_0) high_bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128));
       // Not unrolled: unrolled, GCC interleaves the four vectors' products and spills them.
 #pragma GCC unroll 1
       for (int t = 0; t < 4; ++t) {
         const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * t));
-        const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+        __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+        if constexpr (T == QType::Q5_0) {  // (16-bit shifts: only bits 0 and 1 of each byte are read, never crossed)
+          lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(high_bits, 4), fifth));
+          hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(high_bits, 3), fifth));
+          high_bits = _mm256_srli_epi16(high_bits, 2);
+        }
         for (int m = 0; m < MM; ++m) {
           const int8_t* quad = xb + m * K + b * QK + 8 * t;
           int32_t x0, x1;
           std::memcpy(&x0, quad, 4);
           std::memcpy(&x1, quad + 4, 4);
-#if SLIPSTREAM_VNNI  // int32 sums straight away
+#if SLIPSTREAM_VNNI
           sum[m] = dot_u8s8(dot_u8s8(sum[m], lo, _mm256_set1_epi32(x0)), hi, _mm256_set1_epi32(x1));
-#else  // int16 sums, widened once per block below
-          sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)));
-          sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
+#else
+          const __m256i pair = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)),
+                                                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
+          if constexpr (wide) sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(pair, ones));
+          else sum[m] = _mm256_add_epi16(sum[m], pair);
 #endif
         }
       }
       const __m256 d = load_scales<T>(w.scales, w.fscales, gb * 8, 8);
-      // Q4_1 / Q4_K: + min * sum(x); Q4_0: quants are offset by 8, so - 8 * d * sum(x).
+      // Q4_1 / Q4_K: + min * sum(x); Q4_0 / Q5_0: quants are offset by 8 / 16, so - 8 / 16 * d * sum(x).
       __m256 offset;
       if constexpr (has_mins(T))
         offset = load_scales<T>(w.mins, w.fmins, gb * 8, 8);
       else
-        offset = _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
+        offset = _mm256_mul_ps(d, _mm256_set1_ps(T == QType::Q5_0 ? -16.0f : -8.0f));
       for (int m = 0; m < MM; ++m) {
-#if SLIPSTREAM_VNNI
-        const __m256 dot = _mm256_cvtepi32_ps(sum[m]);
-#else
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[m], ones));
-#endif
+        const __m256 dot = _mm256_cvtepi32_ps(wide ? sum[m] : _mm256_madd_epi16(sum[m], ones));
         acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(xd[m * xq.stride + b])), acc[m]);
         acc[m] = _mm256_fmadd_ps(offset, _mm256_set1_ps(xs[m * xq.stride + b]), acc[m]);
       }
@@ -231,7 +240,7 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
   }
 }
 
-// Q4 rows interleaved by G = 8 (q4x8_groups) or, in AVX-512 VNNI builds, 16 (gguf_q8_avx512.h).
+// Q4 / Q5_0 rows interleaved by G = 8 (q4x8_groups) or, in AVX-512 VNNI builds, 16 (gguf_q8_avx512.h).
 template <QType T, int G>
 void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const QuantizedRows xq = quantize_rows(x, M, K);
@@ -321,21 +330,22 @@ at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Te
                            });
   }
 #endif
-  if (qs.dim() == 3) {  // Q4 rows interleaved by G: [N / G, blocks, 16 G]
-    const int64_t G = qs.size(2) / 16;
-    TORCH_CHECK(is_q4(static_cast<QType>(qtype)) && qs.size(2) == 16 * G && (G == 8 || G == q4_group_rows()),
-                "bad interleaved Q4 weight");
+  if (qs.dim() == 3) {  // Q4 / Q5_0 rows interleaved by G: [N / G, blocks, 16 G (Q5_0: 20 G)]
+    const auto type = static_cast<QType>(qtype);
+    const int64_t G = qs.size(2) / (type == QType::Q5_0 ? 20 : 16);
+    TORCH_CHECK(is_nibble_group_type(type) && qs.size(2) == (type == QType::Q5_0 ? 20 : 16) * G &&
+                (G == 8 || G == q4_group_rows()), "bad interleaved Q4 / Q5_0 weight");
     return run_gguf_linear(x, qs.view({qs.size(0) * G, -1}), scales.view({qs.size(0) * G, -1}),
                            mins.numel() ? mins.view({qs.size(0) * G, -1}) : mins, qtype,
                            [G](auto type, auto... args) {
                              constexpr QType T = decltype(type)::value;
-                             if constexpr (is_q4(T)) {
+                             if constexpr (is_nibble_group_type(T)) {
 #if defined(__AVX512VNNI__)
                                if (G == 16) return q4_groups_linear_impl<T, 16>(args...);
 #endif
                                q4_groups_linear_impl<T, 8>(args...);
                              }
-                           });
+                           }, /*nibble_groups=*/true);
   }
   return run_gguf_linear(x, qs, scales, mins, qtype,
                          [](auto type, auto... args) {

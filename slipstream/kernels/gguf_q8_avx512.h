@@ -2,8 +2,9 @@
 //
 // The layout of q4x8_groups (gguf_linear_q8.cpp) with 16 rows a group: for rows 16g..16g+15 and block b, 256 bytes
 // hold four 64-byte vectors whose low nibbles are quads 2t and high nibbles quads 2t+1, lane i (4 bytes) of quad k
-// being row 16g+i's weights 4k..4k+3. One vpdpbusd against a broadcast quad of x advances sixteen rows, twice the
-// 8-row kernel's eight, and each block's sums go to float32 and meet the scales once for all sixteen.
+// being row 16g+i's weights 4k..4k+3 (Q5_0: then 64 bytes of their fifth bits, gguf_blocks.h). One vpdpbusd against a
+// broadcast quad of x advances sixteen rows, twice the 8-row kernel's eight, and each block's sums go to float32 and
+// meet the scales once for all sixteen.
 #pragma once
 #include <immintrin.h>
 
@@ -30,20 +31,27 @@ void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, int64_t st
   const int8_t* xb = xq + m0 * K;
   xd += m0 * stride;
   xs += m0 * stride;
-  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i low = _mm512_set1_epi8(0x0F), fifth = _mm512_set1_epi8(0x10);
   for (int64_t g = g0; g < g1; ++g) {
     __m512 acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
-      const uint8_t* q = w.qs + gb * 256;
+      const uint8_t* q = w.qs + gb * group_block_bytes<T, 16>();
       prefetch_q4_groups_ahead<T, 16>(w, gb);
       __m512i sum[MM];
       for (int m = 0; m < MM; ++m) sum[m] = _mm512_setzero_si512();
+      [[maybe_unused]] __m512i high_bits;  // Q5_0: bits 0 and 1 of each byte are quads 2t and 2t+1's fifth bits
+      if constexpr (T == QType::Q5_0) high_bits = _mm512_loadu_si512(q + 256);
 #pragma GCC unroll 1
       for (int t = 0; t < 4; ++t) {
         const __m512i packed = _mm512_loadu_si512(q + 64 * t);
-        const __m512i lo = _mm512_and_si512(packed, low), hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+        __m512i lo = _mm512_and_si512(packed, low), hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+        if constexpr (T == QType::Q5_0) {  // (16-bit shifts: only bits 0 and 1 of each byte are read, never crossed)
+          lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(high_bits, 4), fifth));
+          hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_slli_epi16(high_bits, 3), fifth));
+          high_bits = _mm512_srli_epi16(high_bits, 2);
+        }
         for (int m = 0; m < MM; ++m) {
           int32_t x0, x1;
           std::memcpy(&x0, xb + m * K + b * QK + 8 * t, 4);
@@ -53,10 +61,10 @@ void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, int64_t st
         }
       }
       const __m512 d = load_scales16<T>(w.scales, w.fscales, gb * 16);
-      // Q4_1 / Q4_K: + min * sum(x); Q4_0: quants are offset by 8, so - 8 * d * sum(x).
+      // Q4_1 / Q4_K: + min * sum(x); Q4_0 / Q5_0: quants are offset by 8 / 16, so - 8 / 16 * d * sum(x).
       __m512 offset;
       if constexpr (has_mins(T)) offset = load_scales16<T>(w.mins, w.fmins, gb * 16);
-      else offset = _mm512_mul_ps(d, _mm512_set1_ps(-8.0f));
+      else offset = _mm512_mul_ps(d, _mm512_set1_ps(T == QType::Q5_0 ? -16.0f : -8.0f));
       for (int m = 0; m < MM; ++m) {
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m]), _mm512_mul_ps(d, _mm512_set1_ps(xd[m * stride + b])),
                                  acc[m]);

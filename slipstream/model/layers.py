@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TYPES, kernels
+from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TYPES, Q5_0, kernels
 from slipstream.kernels.dispatch import pack_rounded_bf16
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
 
@@ -19,13 +19,18 @@ def attach_gguf_blocks(layers: nn.Module | list[nn.Module], blocks: torch.Tensor
     their weights, split into the kernel's layout: quants [out, blocks * quant bytes], fp16 scales and (Q4_1) mins
     [out, blocks]. The blocks are then the weights: no float32 copy is kept, what no block kernel serves (a matmul
     of many rows, an embedding lookup) takes their values dequantized for the call. With `int8_activations`
-    (`--quantization w4a8`) Q4_0 / Q4_1 / Q4_K blocks are interleaved by 8 or 16 rows, as this CPU's int8 kernel
-    takes them best (`interleave_q4_rows`), and on AVX-512 VNNI Q8_0 blocks by 16 (`interleave_q8_rows`: an LM head);
+    (`--quantization w4a8`) Q4_0 / Q4_1 / Q4_K and Q5_0 blocks are interleaved by 8 or 16 rows, as this CPU's int8
+    kernel takes them best (`interleave_q4_rows`, `interleave_q5_0_rows`), and on AVX-512 VNNI Q8_0 blocks by 16
+    (`interleave_q8_rows`: an LM head);
     an embedding's lookups read whichever layout its blocks have (`row_blocks`)."""
-    split = split_gguf_blocks(blocks, qtype)
     table = kernels()
-    if int8_activations and qtype in Q4_TYPES and blocks.shape[0] % table.q4_group_rows() == 0:
-        split = interleave_q4_rows(*split, table.q4_group_rows())
+    group = table.q4_group_rows()
+    if int8_activations and qtype == Q5_0 and blocks.shape[0] % group == 0:
+        split = interleave_q5_0_rows(blocks, group)
+    else:
+        split = split_gguf_blocks(blocks, qtype)
+    if int8_activations and qtype in Q4_TYPES and blocks.shape[0] % group == 0:
+        split = interleave_q4_rows(*split, group)
     elif int8_activations and GGUF_KERNEL_TYPES[qtype] == "Q8_0" and (group := table.q8_group_rows()) \
             and blocks.shape[0] % group == 0:
         split = interleave_q8_rows(*split[:2], group)
@@ -262,6 +267,26 @@ def interleave_q4_rows(
     return packed.reshape(out // group, nb, 16 * group).contiguous(), by_group(scales), by_group(mins)
 
 
+def interleave_q5_0_rows(blocks: torch.Tensor, group: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q5_0 blocks (fp16 d, 32 fifth bits, 16 bytes of low nibbles; weight d x (quant - 16)) -> the layout
+    gguf_linear_q8 multiplies `group` rows at a time, at the file's 5 bits a weight where the byte form takes 8:
+    quants [out / group, blocks, 20 group], per group and block the low nibbles interleaved as interleave_q4_rows
+    lays them out (16 group bytes), then a plane of their fifth bits (4 group bytes), bit k of byte j being the
+    fifth bit of the weight whose low bits are byte j of quad k; float32 scales [out / group, blocks, group]; no
+    mins (the kernel takes quants 0..31 and the offset of 16 through the exact sums of x, as Q4_0's 8)."""
+    out = blocks.shape[0]
+    b = blocks.view(out, -1, 22)
+    nb = b.shape[1]
+    d = b[..., 0:2].contiguous().view(torch.float16).float().view(out, nb)
+    # (Q5_0's nibbles are in Q4_1's order already: low nibbles are weights 0..15, high nibbles 16..31)
+    nibbles, scales, _ = interleave_q4_rows(b[..., 6:].reshape(out, nb * 16), d, torch.empty(0), group)
+    high = b[..., 2:6].contiguous().view(torch.int32)  # [out, nb, 1]: bit i is weight i's fifth bit
+    bits = ((high >> torch.arange(32, dtype=torch.int32)) & 1).to(torch.uint8)  # [out, nb, 32]
+    quads = bits.view(out // group, group, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(out // group, nb, 8, 4 * group)
+    plane = (quads << torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)).sum(dim=2, dtype=torch.uint8)
+    return torch.cat([nibbles, plane], dim=-1), scales, torch.empty(0)
+
+
 def interleave_q8_rows(quants: torch.Tensor, scales: torch.Tensor, group: int = 16
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split Q8_0 blocks -> the layout gguf_linear_q8 multiplies 16 rows at a time on AVX-512 VNNI: quants
@@ -282,7 +307,7 @@ def interleave_q8_rows(quants: torch.Tensor, scales: torch.Tensor, group: int = 
 def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int, ids: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows `ids` of split blocks in the row layout (`dequantized` takes it), from the row layout or an interleaved
-    one (`interleave_q4_rows`, `interleave_q8_rows`): an embedding lookup."""
+    one (`interleave_q4_rows`, `interleave_q5_0_rows`, `interleave_q8_rows`): an embedding lookup."""
     quants, scales, mins = split
     if quants.dim() == 2:
         return tuple(t[ids] if t.numel() else t for t in split)
@@ -291,8 +316,13 @@ def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: in
     if GGUF_KERNEL_TYPES[qtype] == "Q8_0":  # (its mins' place holds the kernel's block sums)
         rows = quants.view(groups, nb, 8, group, 4)[g, :, :, lane]  # [ids, blocks, quad, 4]
         return rows.reshape(len(ids), nb * 32), scales[g, :, lane], torch.empty(0)
-    packed = quants.view(groups, nb, 4, group, 4)[g, :, :, lane]  # [ids, blocks, t, 4]: quads 2t and 2t + 1
-    weights = torch.stack([packed & 0x0F, packed >> 4], dim=-2).reshape(len(ids), nb, 32)
+    packed = quants[..., : 16 * group].reshape(groups, nb, 4, group, 4)[g, :, :, lane]  # [ids, blocks, t, 4]
+    weights = torch.stack([packed & 0x0F, packed >> 4], dim=-2).reshape(len(ids), nb, 32)  # (quads 2t and 2t + 1)
+    if qtype == Q5_0:  # + the fifth bits: the byte form (split_gguf_blocks), d x (quant - 16)
+        plane = quants[..., 16 * group :].reshape(groups, nb, group, 4)[g, :, lane]  # [ids, blocks, 4]
+        fifth = (plane.unsqueeze(-2) >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1  # [ids, blocks, quad, 4]
+        q = (weights | (fifth.reshape(len(ids), nb, 32) << 4)).to(torch.int8) - 16
+        return q.view(torch.uint8).reshape(len(ids), -1), _per16(scales[g, :, lane]), torch.empty(0)
     rows = weights[..., :16] | (weights[..., 16:] << 4)  # Q4_1's order: low nibbles are weights 0..15
     return rows.reshape(len(ids), nb * 16), scales[g, :, lane], mins[g, :, lane] if mins.numel() else mins
 
