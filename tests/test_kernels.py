@@ -18,9 +18,9 @@ from slipstream.model.layers import (
     VocabParallelEmbedding,
     attach_gguf_blocks,
     dequantized,
+    interleave_byte_rows,
     interleave_q4_rows,
     interleave_q5_0_rows,
-    interleave_q8_rows,
     row_blocks,
     split_gguf_blocks,
 )
@@ -248,24 +248,28 @@ def test_gguf_linear_q8_interleaved_q5_0_matches_rounded_activations(ops, rows, 
     assert (got - exact).abs().max() < 0.03 * exact.abs().max()
 
 
+@pytest.mark.parametrize("qtype", [8, 6, 7, 13, 14])  # Q8_0, and the byte form of Q5_0, Q5_1, Q5_K, Q6_K
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 70])
-def test_gguf_linear_q8_interleaved_q8_0_matches_rounded_activations(ops, rows):
-    """The LM head's layout on AVX-512 VNNI (Q8_0 rows by 16; x offset to unsigned, the offset taken back off as
-    128 x each row's block sum), and a tied embedding's lookups in it: the gguf package's values, bitwise."""
-    blocks, dense = random_gguf_weight(8, 48, 352, seed=800 + rows)  # 3 groups of 16 rows, 11 blocks
-    split = split_gguf_blocks(blocks, 8)
-    interleaved = interleave_q8_rows(*split[:2], 16)
-    assert interleaved[0].shape == (3, 11, 512) and interleaved[2].dtype == torch.int16
+def test_gguf_linear_q8_interleaved_bytes_match_rounded_activations(ops, qtype, rows):
+    """Byte rows by 16 on AVX-512 VNNI (an LM head's Q8_0; a Q4_K_M file's Q6_K down projections and mixed q/k/v in
+    the byte form, scales and mins per 16): x offset to unsigned, the offset taken back off as 128 x each row's
+    sums of quants; and a tied embedding's lookups in the layout: the gguf package's values, bitwise."""
+    in_features = 512 if GGUF_KERNEL_TYPES[qtype].endswith("_K") else 352  # (2 super-blocks; else 11 blocks)
+    blocks, dense = random_gguf_weight(qtype, 48, in_features, seed=800 + rows)  # 3 groups of 16 rows
+    split = split_gguf_blocks(blocks, qtype)
+    interleaved = interleave_byte_rows(*split, 16)
+    per_block = 1 if qtype == 8 else 2  # scales
+    assert interleaved[0].shape == (3, in_features // 32, 512 + 32 * per_block)
     ids = torch.tensor([0, 15, 16, 47, 3, 3])
-    assert torch.equal(dequantized(row_blocks(interleaved, 8, ids), 8), dense[ids])
-    x = 3 * torch.randn(rows, 352, generator=torch.Generator().manual_seed(rows))
+    assert torch.equal(dequantized(row_blocks(interleaved, qtype, ids), qtype), dense[ids])
+    x = 3 * torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
     x[0, 32:64] = 0
     if not ops.q8_group_rows():  # a layout this build does not take
         with pytest.raises(RuntimeError, match="bad interleaved"):
-            ops.gguf_linear_q8(x, *interleaved, 8)
+            ops.gguf_linear_q8(x, *interleaved, qtype)
         return
-    got = ops.gguf_linear_q8(x, *interleaved, 8)
-    torch.testing.assert_close(got, q8_reference(x, dense, split, 8), rtol=1e-5, atol=3e-4)
+    got = ops.gguf_linear_q8(x, *interleaved, qtype)
+    torch.testing.assert_close(got, q8_reference(x, dense, split, qtype), rtol=1e-5, atol=3e-4)
 
 
 @pytest.mark.parametrize("qtype", sorted(Q4_TYPES | {Q5_0}))

@@ -38,14 +38,24 @@ constexpr bool has_mins(QType t) {
   return t == QType::Q4_1 || t == QType::Q5_1 || t == QType::Q4_K || t == QType::Q5_K;
 }
 
-// gguf_linear_q8's layout of rows interleaved by G (`interleave_q4_rows`, `interleave_q5_0_rows` in layers.py): per
-// group and block, 16 G bytes of nibbles and, for Q5_0 (quants 0..31, offset by 16 as Q4_0's by 8), 4 G bytes of
-// their fifth bits, bit k of byte j belonging to the weight whose low bits are byte j of quad k; the scales are fp16
-// (Q4_0, Q4_1) or float32 (Q4_K, Q5_0), one a row and block.
+// How split weights are laid out: row after row (gguf_linear, and gguf_linear_q8's row kernels), or rows interleaved
+// in groups for gguf_linear_q8's group kernels (viewed as [N, ...] for the checks):
+// - NibbleGroups (`interleave_q4_rows`, `interleave_q5_0_rows` in layers.py), G = 8 or 16 rows: per group and
+//   block, 16 G bytes of nibbles and, for Q5_0 (quants 0..31, offset by 16 as Q4_0's by 8), 4 G bytes of their
+//   fifth bits, bit k of byte j belonging to the weight whose low bits are byte j of quad k; scales fp16 (Q4_0,
+//   Q4_1) or float32 (Q4_K, Q5_0), one a row and block.
+// - ByteGroups (`interleave_byte_rows`), 16 rows, AVX-512 VNNI: Q8_0 and the byte form of the others: per group and
+//   block, 512 bytes of quants (vector k's lane i: row i's weights 4k..4k+3), then each row's sums of quants (int16)
+//   per scale: one a block (Q8_0, fp16 scales) or two (the byte form, float32 scales and mins per 16).
+enum class Layout { Rows, NibbleGroups, ByteGroups };
 constexpr bool is_nibble_group_type(QType t) { return is_q4(t) || t == QType::Q5_0; }
 template <QType T, int G>
 constexpr int64_t group_block_bytes() {
   return (T == QType::Q5_0 ? 20 : 16) * G;
+}
+template <QType T>
+constexpr int byte_group_scales() {  // per block
+  return T == QType::Q8_0 ? 1 : 2;
 }
 
 // Bytes of one 32-weight block's quants.
@@ -62,32 +72,35 @@ struct Weights {
   const float* fmins;
 };
 
-// Bytes ahead of a grouped Q4 kernel's streams (quants, scales, mins) that it asks L2 for: the hardware prefetcher
-// alone leaves them short of DRAM's bandwidth. 12 KB ahead, 30 layers of SmolLM2's w4a8 matmuls (weights on huge
-// pages, from DRAM; AMD EPYC Zen 4, 2 threads) ran faster by 1-3 / 16-20 / 10 % at 1 / 8 / 32 rows in 16-row groups,
-// 8 / 15 / 3 % in 8-row groups. The Q8_0 LM head's one long stream already ran at DRAM's bandwidth (37 GB/s), and
-// slower with it. Always inlined: as a call in the block loop, it made GCC keep the sums in memory (slower than none).
+// Bytes ahead of a group kernel's streams (quants, scales, mins) that it asks L2 for: the hardware prefetcher alone
+// leaves them short of DRAM's bandwidth. 12 KB ahead, 30 layers of SmolLM2's w4a8 matmuls (weights on huge pages,
+// from DRAM; AMD EPYC Zen 4, 2 threads) ran faster by 1-3 / 16-20 / 10 % at 1 / 8 / 32 rows in 16-row Q4 groups,
+// 8 / 15 / 3 % in 8-row groups; byte groups (40 distinct weights in turn, one process) 15-30 % at 1 / 4 / 16 rows,
+// the 49152-row Q8_0 LM head included (28 GB/s at one row). Always inlined: as a call in the block loop, it made GCC
+// keep the sums in memory (slower than none).
 constexpr int64_t PREFETCH_AHEAD_BYTES = 12 * 1024;
 
 [[gnu::always_inline]] inline void prefetch_l2(const void* p) {
   _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
 }
 
-// Block gb + (12 KB) of rows interleaved by G: its bytes of quants, and the line of scales (and mins) it starts, G a
-// block (fp16 or float32). A prefetch past the end of the weights is dropped, never faults.
-template <QType T, int G>
-[[gnu::always_inline]] inline void prefetch_q4_groups_ahead(const Weights& w, int64_t gb) {
-  constexpr int64_t bytes = group_block_bytes<T, G>();
-  constexpr int64_t ahead = PREFETCH_AHEAD_BYTES / bytes, per_line = 64 / (G * (is_classic(T) ? 2 : 4));
-  for (int64_t i = 0; i < bytes; i += 64) prefetch_l2(w.qs + (gb + ahead) * bytes + i);
-  if ((gb + ahead) % per_line) return;
-  const int64_t at = (gb + ahead) * G;
-  if constexpr (is_classic(T)) {
-    prefetch_l2(w.scales + at);
-    if constexpr (has_mins(T)) prefetch_l2(w.mins + at);
-  } else {
-    prefetch_l2(w.fscales + at);
-    if constexpr (has_mins(T)) prefetch_l2(w.fmins + at);
+// Block gb + (12 KB) of rows interleaved by G, Bytes of quants a block and S scales (and mins) a row and block (fp16
+// or float32): its quants, and the lines of scales (and mins) it starts. A prefetch past the end of the weights is
+// dropped, never faults.
+template <QType T, int G, int64_t Bytes, int S = 1>
+[[gnu::always_inline]] inline void prefetch_groups_ahead(const Weights& w, int64_t gb) {
+  constexpr int64_t ahead = PREFETCH_AHEAD_BYTES / Bytes, scale_bytes = G * S * (is_classic(T) ? 2 : 4);
+  for (int64_t i = 0; i < Bytes; i += 64) prefetch_l2(w.qs + (gb + ahead) * Bytes + i);
+  if (scale_bytes < 64 && (gb + ahead) % (64 / scale_bytes)) return;  // (several blocks' scales to a line)
+  const int64_t at = (gb + ahead) * G * S;
+  for (int64_t i = 0; i < std::max<int64_t>(scale_bytes, 64); i += 64) {
+    if constexpr (is_classic(T)) {
+      prefetch_l2(w.scales + at + i / 2);
+      if constexpr (has_mins(T)) prefetch_l2(w.mins + at + i / 2);
+    } else {
+      prefetch_l2(w.fscales + at + i / 4);
+      if constexpr (has_mins(T)) prefetch_l2(w.fmins + at + i / 4);
+    }
   }
 }
 
@@ -147,11 +160,9 @@ inline void for_weight_tiles(int64_t M, int64_t N, Piece piece) {
   });
 }
 
-// Checks x [M, K] float32 against the split weights and returns their pointers.
-// `nibble_groups`: rows interleaved by gguf_linear_q8's groups (viewed as [N, ...]), Q5_0's as nb blocks of 20 bytes
-// with a float32 scale each rather than a byte a weight.
+// Checks x [M, K] float32 against the split weights (in `layout`, viewed as rows) and returns their pointers.
 inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
-                             const at::Tensor& mins, int64_t qtype, bool nibble_groups = false) {
+                             const at::Tensor& mins, int64_t qtype, Layout layout = Layout::Rows) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous 2-D float32 tensor");
   const int64_t K = x.size(1), N = qs.size(0), nb = K / QK;
@@ -159,14 +170,18 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
   const auto type = static_cast<QType>(qtype);
   TORCH_CHECK(is_classic(type) || type == QType::Q4_K || is_k16(type) || is_half(type), "unsupported GGUF type ",
               qtype);
-  const bool bytes = is_k16(type) && !nibble_groups;  // a byte a weight
-  const int64_t block_bytes = type == QType::Q8_0 ? 32 : type == QType::Q5_0 ? 20 : 16;  // (Q5_0: nibble groups)
-  const int64_t q_bytes = is_half(type) ? 2 * K : bytes ? K : nb * block_bytes;
+  const bool bytes = is_k16(type) && layout != Layout::NibbleGroups;  // a byte a weight, a scale per 16
+  const int64_t per_block = bytes ? 2 : 1;  // scales
+  int64_t q_bytes = nb * (type == QType::Q8_0 ? 32 : type == QType::Q5_0 ? 20 : 16);  // (Q5_0: nibble groups)
+  if (is_half(type)) q_bytes = 2 * K;
+  else if (layout == Layout::ByteGroups) q_bytes = nb * (32 + 2 * per_block);  // (quants and their sums)
+  else if (bytes) q_bytes = K;
+  TORCH_CHECK(layout != Layout::ByteGroups || type == QType::Q8_0 || bytes, "bad interleaved bytes");
   TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.dim() == 2 && qs.size(1) == q_bytes,
               "bad GGUF weight");
   Weights w{qs.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, nullptr};
   if (is_half(type)) return w;
-  const int64_t groups = bytes ? K / 16 : nb;  // scales per row
+  const int64_t groups = nb * per_block;  // scales per row
   const auto scale_type = is_classic(type) ? at::kShort : at::kFloat;
   TORCH_CHECK(scales.scalar_type() == scale_type && scales.is_contiguous() && scales.dim() == 2 &&
               scales.size(0) == N && scales.size(1) == groups, "bad GGUF weight");
@@ -186,9 +201,9 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
 // (std::integral_constant<QType, ...>): the checks, allocation and dispatch every GGUF matmul shares.
 template <typename Impl>
 at::Tensor run_gguf_linear(at::Tensor x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
-                           int64_t qtype, Impl impl, bool nibble_groups = false) {
+                           int64_t qtype, Impl impl, Layout layout = Layout::Rows) {
   x = x.contiguous();
-  const Weights w = check_weights(x, qs, scales, mins, qtype, nibble_groups);
+  const Weights w = check_weights(x, qs, scales, mins, qtype, layout);
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();

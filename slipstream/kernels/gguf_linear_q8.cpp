@@ -193,7 +193,7 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
       const uint8_t* q = w.qs + gb * group_block_bytes<T, 8>();
-      prefetch_q4_groups_ahead<T, 8>(w, gb);
+      prefetch_groups_ahead<T, 8, group_block_bytes<T, 8>()>(w, gb);
       __m256i sum[MM];
       for (int m = 0; m < MM; ++m) sum[m] = _mm256_setzero_si256();
       [[maybe_unused]] __m256i high_bits;  // Q5_0: bits 0 and 1 of each byte are quads 2t and 2t+1's fifth bits
@@ -266,17 +266,18 @@ void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64
 }
 
 #if defined(__AVX512VNNI__)
-// Q8_0 rows interleaved by 16 (gguf_q8_avx512.h), `wsum` their block sums of quants.
-void q8_groups_linear_impl(const float* x, Weights w, const int16_t* wsum, float* y, int64_t M, int64_t K, int64_t N) {
+// Byte rows interleaved by 16 (gguf_q8_avx512.h).
+template <QType T>
+void byte_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const QuantizedRows xq = quantize_rows(x, M, K);
   std::vector<uint8_t> xu(xq.q.size());
   for (size_t i = 0; i < xu.size(); ++i) xu[i] = static_cast<uint8_t>(xq.q[i]) ^ 0x80;
   at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
     for (int64_t mc = 0; mc < M; mc += 64)  // (as q4_groups_linear_impl: a group's 16 rows stay in L1)
       for (int64_t g = begin; g < end; ++g)
-        for_row_pieces<8>(std::min<int64_t>(64, M - mc), [&](auto mm, int64_t m0) {
-          avx512::q8x16_groups<decltype(mm)::value>(xu.data(), xq.scale.data(), xq.stride, mc + m0, w, wsum, y, K, N,
-                                                    g, g + 1);
+        for_row_pieces<byte_group_scales<T>() == 1 ? 8 : 4>(std::min<int64_t>(64, M - mc), [&](auto mm, int64_t m0) {
+          avx512::byte_x16_groups<T, decltype(mm)::value>(xu.data(), xq.scale.data(), xq.half_sum.data(), xq.stride,
+                                                          mc + m0, w, y, K, N, g, g + 1);
         });
   });
 }
@@ -318,20 +319,20 @@ int64_t q4_group_rows() {
 
 at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
   TORCH_CHECK(!is_half(static_cast<QType>(qtype)), "gguf_linear_q8 takes quantized blocks, not F16 / BF16 rows");
+  const auto type = static_cast<QType>(qtype);
+  if (qs.dim() == 3 && (type == QType::Q8_0 || is_k16(type)) && qs.size(2) >= 512) {  // byte rows by 16
 #if defined(__AVX512VNNI__)
-  if (qs.dim() == 3 && static_cast<QType>(qtype) == QType::Q8_0) {  // rows interleaved by 16: [N / 16, blocks, 512]
-    TORCH_CHECK(qs.size(2) == 512 && mins.scalar_type() == at::kShort && mins.is_contiguous() &&
-                mins.sizes() == scales.sizes(), "bad interleaved Q8_0 weight");
-    const int16_t* wsum = mins.data_ptr<int16_t>();
-    return run_gguf_linear(x, qs.view({qs.size(0) * 16, -1}), scales.view({qs.size(0) * 16, -1}), at::Tensor(), qtype,
-                           [wsum](auto type, const float* xp, Weights w, float* yp, int64_t M, int64_t K, int64_t N) {
-                             if constexpr (decltype(type)::value == QType::Q8_0)
-                               q8_groups_linear_impl(xp, w, wsum, yp, M, K, N);
-                           });
-  }
+    return run_gguf_linear(x, qs.view({qs.size(0) * 16, -1}), scales.view({qs.size(0) * 16, -1}),
+                           mins.numel() ? mins.view({qs.size(0) * 16, -1}) : mins, qtype,
+                           [](auto type, auto... args) {
+                             constexpr QType T = decltype(type)::value;
+                             if constexpr (T == QType::Q8_0 || is_k16(T)) byte_groups_linear_impl<T>(args...);
+                           }, Layout::ByteGroups);
+#else
+    TORCH_CHECK(false, "bad interleaved bytes: rows interleaved by 16 take the AVX-512 VNNI build");
 #endif
+  }
   if (qs.dim() == 3) {  // Q4 / Q5_0 rows interleaved by G: [N / G, blocks, 16 G (Q5_0: 20 G)]
-    const auto type = static_cast<QType>(qtype);
     const int64_t G = qs.size(2) / (type == QType::Q5_0 ? 20 : 16);
     TORCH_CHECK(is_nibble_group_type(type) && qs.size(2) == (type == QType::Q5_0 ? 20 : 16) * G &&
                 (G == 8 || G == q4_group_rows()), "bad interleaved Q4 / Q5_0 weight");
@@ -345,7 +346,7 @@ at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Te
 #endif
                                q4_groups_linear_impl<T, 8>(args...);
                              }
-                           }, /*nibble_groups=*/true);
+                           }, Layout::NibbleGroups);
   }
   return run_gguf_linear(x, qs, scales, mins, qtype,
                          [](auto type, auto... args) {

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TYPES, Q5_0
 from slipstream.model.layers import (
     byte_form,
+    interleave_byte_rows,
     interleave_q4_rows,
     interleave_q5_0_rows,
-    interleave_q8_rows,
     split_gguf_blocks,
 )
 
@@ -108,8 +108,8 @@ def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
         want = q8_reference(x, dense, split, qtype)
         groups = sorted({8, ops.q4_group_rows()})
         layouts = [(split, want)] + [(interleave_q4_rows(*split, group), want) for group in groups if qtype in Q4_TYPES]
-        if name == "Q8_0" and ops.q8_group_rows():
-            layouts.append((interleave_q8_rows(*split[:2], ops.q8_group_rows()), want))
+        if ops.q8_group_rows() and qtype not in Q4_TYPES:  # Q8_0 and the byte form
+            layouts.append((interleave_byte_rows(*split, ops.q8_group_rows()), want))
         if qtype == Q5_0:
             want_nibbles = q8_reference(x, dense, split, qtype, q5_0_nibbles=True)
             layouts += [(interleave_q5_0_rows(blocks, group), want_nibbles) for group in groups]

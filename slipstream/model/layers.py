@@ -19,22 +19,30 @@ def attach_gguf_blocks(layers: nn.Module | list[nn.Module], blocks: torch.Tensor
     their weights, split into the kernel's layout: quants [out, blocks * quant bytes], fp16 scales and (Q4_1) mins
     [out, blocks]. The blocks are then the weights: no float32 copy is kept, what no block kernel serves (a matmul
     of many rows, an embedding lookup) takes their values dequantized for the call. With `int8_activations`
-    (`--quantization w4a8`) Q4_0 / Q4_1 / Q4_K and Q5_0 blocks are interleaved by 8 or 16 rows, as this CPU's int8
-    kernel takes them best (`interleave_q4_rows`, `interleave_q5_0_rows`), and on AVX-512 VNNI Q8_0 blocks by 16
-    (`interleave_q8_rows`: an LM head);
-    an embedding's lookups read whichever layout its blocks have (`row_blocks`)."""
-    table = kernels()
-    group = table.q4_group_rows()
+    (`--quantization w4a8`) they take the layout this CPU's int8 kernel multiplies fastest (`int8_layout`); an
+    embedding's lookups read whichever layout its blocks have (`row_blocks`)."""
+    group = kernels().q4_group_rows()
     if int8_activations and qtype == Q5_0 and blocks.shape[0] % group == 0:
         split = interleave_q5_0_rows(blocks, group)
     else:
         split = split_gguf_blocks(blocks, qtype)
-    if int8_activations and qtype in Q4_TYPES and blocks.shape[0] % group == 0:
-        split = interleave_q4_rows(*split, group)
-    elif int8_activations and GGUF_KERNEL_TYPES[qtype] == "Q8_0" and (group := table.q8_group_rows()) \
-            and blocks.shape[0] % group == 0:
-        split = interleave_q8_rows(*split[:2], group)
+        split = int8_layout(split, qtype) if int8_activations else split
     _attach(layers, split, qtype, int8_activations, GGUF_KERNEL_TYPES[qtype])
+
+
+def int8_layout(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split blocks (row layout) in the layout this CPU's int8 kernel (gguf_linear_q8) multiplies fastest, where
+    their row count allows: Q4_0 / Q4_1 / Q4_K interleaved by 8 or 16 rows (`interleave_q4_rows`), and on AVX-512
+    VNNI Q8_0 and the byte form (Q5_0 / Q5_1 / Q5_K / Q6_K) by 16 (`interleave_byte_rows`). Q5_0 blocks fare better
+    still as interleave_q5_0_rows lays them out (from the file's blocks: attach_gguf_blocks)."""
+    table, out = kernels(), split[0].shape[0]
+    if qtype in Q4_TYPES and out % table.q4_group_rows() == 0:
+        return interleave_q4_rows(*split, table.q4_group_rows())
+    if (GGUF_KERNEL_TYPES[qtype] == "Q8_0" or GGUF_KERNEL_TYPES[qtype] in _BYTE_FORM) \
+            and (group := table.q8_group_rows()) and out % group == 0:
+        return interleave_byte_rows(*split, group)
+    return split
 
 
 def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, int]], int8_activations: bool
@@ -48,7 +56,9 @@ def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, i
     scales = torch.cat([d for _, d, _ in forms])
     mins = torch.cat([m if m.numel() else torch.zeros_like(d) for _, d, m in forms]) if with_mins else torch.empty(0)
     label = "+".join(GGUF_KERNEL_TYPES[qtype] for _, qtype in parts)
-    _attach(layer, (quants, scales, mins), 7 if with_mins else 6, int8_activations, label)
+    qtype = 7 if with_mins else 6
+    split = (quants, scales, mins)
+    _attach(layer, int8_layout(split, qtype) if int8_activations else split, qtype, int8_activations, label)
 
 
 def keep_half_precision(layers: list[nn.Module], rounded: bool) -> bool:
@@ -287,35 +297,47 @@ def interleave_q5_0_rows(blocks: torch.Tensor, group: int = 8) -> tuple[torch.Te
     return torch.cat([nibbles, plane], dim=-1), scales, torch.empty(0)
 
 
-def interleave_q8_rows(quants: torch.Tensor, scales: torch.Tensor, group: int = 16
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split Q8_0 blocks -> the layout gguf_linear_q8 multiplies 16 rows at a time on AVX-512 VNNI: quants
-    [out / 16, blocks, 512], where for each group of rows and block, vector k (64 bytes) holds quad k (weights
-    4k..4k+3) of each of the 16 rows, lane i being row 16g + i; fp16 scales [out / 16, blocks, 16], row-minor; and
-    in the mins' place each row's block sum of quants (int16, same shape), which the kernel's offset x takes back."""
-    out, nb = scales.shape
+def interleave_byte_rows(quants: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int = 16
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split Q8_0 blocks, or the byte form of another type (a byte a weight, float32 scales and mins per 16) -> the
+    layout gguf_linear_q8 multiplies 16 rows at a time on AVX-512 VNNI: quants [out / 16, blocks, 512 + 32 s] where
+    s is the scales a block (Q8_0 1, the byte form 2): for each group of rows and block, vector k (64 bytes) holds
+    quad k (weights 4k..4k+3) of each of the 16 rows, lane i being row 16g + i, and then each row's sums of quants
+    per scale (int16 [s, 16]), which the kernel's offset x takes back; scales (and mins) [out / 16, blocks, 16 s],
+    row-minor within each of the block's s."""
+    out, nb = quants.shape[0], quants.shape[1] // 32
+    per_block = scales.shape[1] // nb
     q = quants.view(torch.int8).view(out // group, group, nb, 8, 4)
     packed = q.permute(0, 2, 3, 1, 4).reshape(out // group, nb, 32 * group).view(torch.uint8)
-    sums = q.sum(dim=(3, 4), dtype=torch.int32).to(torch.int16)  # [group, row, block]
+    sums = q.view(out // group, group, nb, per_block, -1).sum(-1, dtype=torch.int32).to(torch.int16)
 
-    def by_group(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(out // group, group, nb).transpose(1, 2).contiguous()
+    def by_group(t: torch.Tensor) -> torch.Tensor:  # [out, nb s] -> [out / 16, nb, s 16]
+        t = t.view(out // group, group, nb, per_block).permute(0, 2, 3, 1)
+        return t.reshape(out // group, nb, per_block * group).contiguous() if t.numel() else t
 
-    return packed.contiguous(), by_group(scales), by_group(sums)
+    interleaved = torch.cat([packed, by_group(sums.view(out, -1)).view(torch.uint8)], dim=-1)
+    return interleaved, by_group(scales), by_group(mins) if mins.numel() else mins
 
 
 def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int, ids: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows `ids` of split blocks in the row layout (`dequantized` takes it), from the row layout or an interleaved
-    one (`interleave_q4_rows`, `interleave_q5_0_rows`, `interleave_q8_rows`): an embedding lookup."""
+    one (`interleave_q4_rows`, `interleave_q5_0_rows`, `interleave_byte_rows`): an embedding lookup."""
     quants, scales, mins = split
     if quants.dim() == 2:
         return tuple(t[ids] if t.numel() else t for t in split)
-    groups, nb, group = scales.shape
+    groups, nb = quants.shape[:2]
+    if quants.shape[2] >= 512:  # byte rows by 16 (interleave_byte_rows): Q8_0, or the byte form's per 16
+        per_block = scales.shape[2] // 16
+        g, lane = ids // 16, ids % 16
+        rows = quants[..., :512].reshape(groups, nb, 8, 16, 4)[g, :, :, lane]  # [ids, blocks, quad, 4]
+
+        def per_row(t: torch.Tensor) -> torch.Tensor:
+            return t.view(groups, nb, per_block, 16)[g, :, :, lane].reshape(len(ids), -1) if t.numel() else t
+
+        return rows.reshape(len(ids), nb * 32), per_row(scales), per_row(mins)
+    group = scales.shape[2]
     g, lane = ids // group, ids % group
-    if GGUF_KERNEL_TYPES[qtype] == "Q8_0":  # (its mins' place holds the kernel's block sums)
-        rows = quants.view(groups, nb, 8, group, 4)[g, :, :, lane]  # [ids, blocks, quad, 4]
-        return rows.reshape(len(ids), nb * 32), scales[g, :, lane], torch.empty(0)
     packed = quants[..., : 16 * group].reshape(groups, nb, 4, group, 4)[g, :, :, lane]  # [ids, blocks, t, 4]
     weights = torch.stack([packed & 0x0F, packed >> 4], dim=-2).reshape(len(ids), nb, 32)  # (quads 2t and 2t + 1)
     if qtype == Q5_0:  # + the fifth bits: the byte form (split_gguf_blocks), d x (quant - 16)
