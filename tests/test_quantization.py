@@ -25,10 +25,11 @@ needs_kernels = pytest.mark.skipif(kernels().ops is None, reason="w4a8 needs the
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
              "List three uses of copper.", "How do I reverse a list in Python?", "Tell me a short story about a cat.",
              "What causes rain?", "Give me a recipe for pancakes."]
-# Measured on this model: 0.94 agreement, 0.46 max error. A 4-bit model's top two tokens are often
-# close, so some positions flip; a broken kernel scores far below (random ~0, shifted logits ~0.5).
-MIN_TOP1_AGREEMENT = 0.88
-MAX_LOGPROB_ERROR = 1.0
+# Measured on this model (AMD EPYC Zen 4, avx512_vnni kernels): 0.967 agreement, 0.31 max error (0.932 / 0.64 while
+# the min and offset terms met the exact x rather than the rounded x's sums). A 4-bit model's top two tokens are
+# often close, so some positions flip; a broken kernel scores far below (random ~0, shifted logits ~0.5).
+MIN_TOP1_AGREEMENT = 0.9
+MAX_LOGPROB_ERROR = 0.75
 
 
 @needs_kernels

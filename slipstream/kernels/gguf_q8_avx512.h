@@ -23,7 +23,7 @@ inline __m512 load_scales16(const uint16_t* halves, const float* floats, int64_t
 }
 
 // Groups [g0, g1) of 16 weight rows times MM activation rows from m0 of x quantized to int8 blocks: `xq` its quants
-// [M, K], `xd` / `xs` its block scales and exact sums (`stride` per row).
+// [M, K], `xd` / `xs` its block scales and sums of rounded values (`stride` per row).
 template <QType T, int MM>
 void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, int64_t stride, int64_t m0, Weights w, float* y,
                   int64_t K, int64_t N, int64_t g0, int64_t g1) {
@@ -81,7 +81,7 @@ void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, int64_t st
 // vpdpbusd against a broadcast quad of x advances sixteen rows, where byte_rows reduces each row across its lanes at
 // the end. vpdpbusd takes one side unsigned: x's quants offset by 128 (`xu`, x ^ 0x80), the offset taken back off as
 // 128 times each row's sum of quants per scale (int16, after the quants): exact in int32. The byte form's two scales
-// a block (and mins, which meet the exact sums of x's halves, `xhs`) take vectors 0-3 and 4-7 apart.
+// a block (and mins, which meet the sums of x's rounded halves, `xhs`) take vectors 0-3 and 4-7 apart.
 template <QType T, int MM>
 void byte_x16_groups(const uint8_t* xu, const float* xd, const float* xhs, int64_t stride, int64_t m0, Weights w,
                      float* y, int64_t K, int64_t N, int64_t g0, int64_t g1) {
@@ -130,7 +130,7 @@ void byte_x16_groups(const uint8_t* xu, const float* xd, const float* xhs, int64
 // Q5_K / Q6_K (a scale, and for Q5_1 / Q5_K a min, per 16) — times MM activation rows, two blocks per 64-byte
 // vpdpbusd: int32 lanes 0-7 hold block b's sums (0-3 its first 16 products), 8-15 block b+1's, scaled lane by lane.
 // As in q8_rows (gguf_linear_q8.cpp), vpdpbusd takes unsigned bytes: the weights' magnitudes, their signs moved
-// onto x. The mins meet the exact sums of x's halves (`xhs`, 2 `stride` per row), 16 at a time.
+// onto x. The mins meet the sums of x's rounded halves (`xhs`, 2 `stride` per row), 16 at a time.
 template <QType T, int MM>
 void byte_rows(const int8_t* xq, const float* xd, const float* xhs, int64_t stride, int64_t m0, Weights w, float* y,
                int64_t K, int64_t N, int64_t n0, int64_t n1) {

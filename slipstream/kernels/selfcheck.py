@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TYPES, Q5_0
 from slipstream.model.layers import (
-    byte_form,
     interleave_byte_rows,
     interleave_q4_rows,
     interleave_q5_0_rows,
@@ -26,24 +25,13 @@ from slipstream.model.layers import (
 BREAK_ENV = "SLIPSTREAM_SELFCHECK_BREAK"
 
 
-def q8_reference(x: torch.Tensor, dense: torch.Tensor, split: tuple, qtype: int, q5_0_nibbles: bool = False
-                 ) -> torch.Tensor:
+def q8_reference(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """What gguf_linear_q8 computes, in PyTorch: x rounded to int8 per 32-value block (scale = max|x| / 127)
-    times the dequantized weights, except that each weight's offset term (the min of Q4_1 / Q4_K / Q5_1 / Q5_K,
-    Q4_0's -8 * scale; with `q5_0_nibbles`, the layout of `interleave_q5_0_rows`, Q5_0's -16 * scale) meets the
-    exact x."""
+    times the dequantized weights (their mins and offsets meet the rounded x too)."""
     blocks = x.view(x.shape[0], -1, 32)
     d = blocks.abs().amax(-1, keepdim=True) / 127
     rounded = (torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0) * d).flatten(1)
-    name = GGUF_KERNEL_TYPES[qtype]
-    if name == "Q4_0":  # (its byte form has the offset in the quants; the kernel takes the nibbles)
-        offset = (-8 * split[1].view(torch.float16).float()).repeat_interleave(32, dim=1)
-    elif q5_0_nibbles:
-        offset = -16 * split[1].repeat_interleave(16, dim=1)  # (the byte form's scales, per 16)
-    else:
-        mins = byte_form(split, qtype)[2]
-        offset = mins.repeat_interleave(16, dim=1) if mins.numel() else torch.zeros_like(dense)
-    return rounded @ (dense - offset).T + x @ offset.T
+    return rounded @ dense.T
 
 
 # K-quant super-blocks (256 weights): their bytes, and where their fp16 scale fields (d, dmin) sit.
@@ -105,16 +93,15 @@ def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
     for qtype, name in GGUF_KERNEL_TYPES.items():
         blocks, dense = random_gguf_weight(qtype, 48, 512, qtype)
         split = split_gguf_blocks(blocks, qtype)
-        want = q8_reference(x, dense, split, qtype)
+        want = q8_reference(x, dense)
         groups = sorted({8, ops.q4_group_rows()})
-        layouts = [(split, want)] + [(interleave_q4_rows(*split, group), want) for group in groups if qtype in Q4_TYPES]
+        layouts = [split] + [interleave_q4_rows(*split, group) for group in groups if qtype in Q4_TYPES]
         if ops.q8_group_rows() and qtype not in Q4_TYPES:  # Q8_0 and the byte form
-            layouts.append((interleave_byte_rows(*split, ops.q8_group_rows()), want))
+            layouts.append(interleave_byte_rows(*split, ops.q8_group_rows()))
         if qtype == Q5_0:
-            want_nibbles = q8_reference(x, dense, split, qtype, q5_0_nibbles=True)
-            layouts += [(interleave_q5_0_rows(blocks, group), want_nibbles) for group in groups]
-        for layout, expected in layouts:
-            if why := _close(perturb(ops.gguf_linear_q8(x, *layout, qtype)), expected):
+            layouts += [interleave_q5_0_rows(blocks, group) for group in groups]
+        for layout in layouts:
+            if why := _close(perturb(ops.gguf_linear_q8(x, *layout, qtype)), want):
                 return f"{name}: {why}"
     return None
 
