@@ -198,13 +198,17 @@ def test_gguf_linear_q8_matches_rounded_activations(ops, qtype, rows):
     assert (got - exact).abs().max() < 0.03 * exact.abs().max()
 
 
+def skip_unless_the_build_takes(ops, group: int) -> None:
+    if group > ops.q4_group_rows():
+        pytest.skip(f"{group}-row groups are the AVX-512 VNNI build's (this one takes {ops.q4_group_rows()})")
+
+
 @pytest.mark.parametrize("qtype", sorted(Q4_TYPES))
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13])
 @pytest.mark.parametrize("group", [8, 16])
 def test_gguf_linear_q8_interleaved_q4_matches_rounded_activations(ops, qtype, rows, group):
     """Both layouts where the build takes them: 8-row groups everywhere, 16-row groups on AVX-512 VNNI."""
-    if group > ops.q4_group_rows():
-        pytest.skip(f"{group}-row groups are the AVX-512 VNNI build's (this one takes {ops.q4_group_rows()})")
+    skip_unless_the_build_takes(ops, group)
     out_features, in_features = 112, 512  # 14 groups of 8 rows or 7 of 16, 16 blocks
     blocks, dense = random_gguf_weight(qtype, out_features, in_features, seed=qtype * 10 + rows)
     split = split_gguf_blocks(blocks, qtype)
@@ -228,8 +232,7 @@ def test_gguf_linear_q8_interleaved_q5_0_matches_rounded_activations(ops, rows, 
     fifth bits, quants 0..31 whose offset of 16 meets the sums of the rounded x; an embedding's lookups give the gguf
     package's values. Two rows of all-31 quants against a block of x at +127 are the int16 sums' worst case (AVX2's
     maddubs)."""
-    if group > ops.q4_group_rows():
-        pytest.skip(f"{group}-row groups are the AVX-512 VNNI build's (this one takes {ops.q4_group_rows()})")
+    skip_unless_the_build_takes(ops, group)
     from gguf import GGMLQuantizationType, quants
 
     blocks, _ = random_gguf_weight(Q5_0, 112, 352, seed=600 + rows)  # 14 groups of 8 rows or 7 of 16, 11 blocks

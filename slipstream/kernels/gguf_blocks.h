@@ -49,10 +49,13 @@ constexpr bool has_mins(QType t) {
 //   per scale: one a block (Q8_0, fp16 scales) or two (the byte form, float32 scales and mins per 16).
 enum class Layout { Rows, NibbleGroups, ByteGroups };
 constexpr bool is_nibble_group_type(QType t) { return is_q4(t) || t == QType::Q5_0; }
+constexpr int64_t nibble_group_row_bytes(QType t) { return t == QType::Q5_0 ? 20 : 16; }  // a row and block
 template <QType T, int G>
 constexpr int64_t group_block_bytes() {
-  return (T == QType::Q5_0 ? 20 : 16) * G;
+  return nibble_group_row_bytes(T) * G;
 }
+// What the quants of the types without mins are offset by in the nibble groups (Q4_0 as in the file; Q5_0's 0..31).
+constexpr float quant_offset(QType t) { return t == QType::Q5_0 ? 16.0f : 8.0f; }
 template <QType T>
 constexpr int byte_group_scales() {  // per block
   return T == QType::Q8_0 ? 1 : 2;
@@ -172,7 +175,7 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
               qtype);
   const bool bytes = is_k16(type) && layout != Layout::NibbleGroups;  // a byte a weight, a scale per 16
   const int64_t per_block = bytes ? 2 : 1;  // scales
-  int64_t q_bytes = nb * (type == QType::Q8_0 ? 32 : type == QType::Q5_0 ? 20 : 16);  // (Q5_0: nibble groups)
+  int64_t q_bytes = nb * (type == QType::Q8_0 ? 32 : nibble_group_row_bytes(type));  // (Q5_0: nibble groups)
   if (is_half(type)) q_bytes = 2 * K;
   else if (layout == Layout::ByteGroups) q_bytes = nb * (32 + 2 * per_block);  // (quants and their sums)
   else if (bytes) q_bytes = K;

@@ -236,7 +236,7 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
       if constexpr (has_mins(T))
         offset = load_scales<T>(w.mins, w.fmins, gb * 8, 8);
       else
-        offset = _mm256_mul_ps(d, _mm256_set1_ps(T == QType::Q5_0 ? -16.0f : -8.0f));
+        offset = _mm256_mul_ps(d, _mm256_set1_ps(-quant_offset(T)));
       for (int m = 0; m < MM; ++m) {
         const __m256 dot = _mm256_cvtepi32_ps(wide ? sum[m] : _mm256_madd_epi16(sum[m], ones));
         acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(xd[m * xq.stride + b])), acc[m]);
@@ -340,8 +340,8 @@ at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Te
 #endif
   }
   if (qs.dim() == 3) {  // Q4 / Q5_0 rows interleaved by G: [N / G, blocks, 16 G (Q5_0: 20 G)]
-    const int64_t G = qs.size(2) / (type == QType::Q5_0 ? 20 : 16);
-    TORCH_CHECK(is_nibble_group_type(type) && qs.size(2) == (type == QType::Q5_0 ? 20 : 16) * G &&
+    const int64_t G = qs.size(2) / nibble_group_row_bytes(type);
+    TORCH_CHECK(is_nibble_group_type(type) && qs.size(2) == nibble_group_row_bytes(type) * G &&
                 (G == 8 || G == q4_group_rows()), "bad interleaved Q4 / Q5_0 weight");
     return run_gguf_linear(x, qs.view({qs.size(0) * G, -1}), scales.view({qs.size(0) * G, -1}),
                            mins.numel() ? mins.view({qs.size(0) * G, -1}) : mins, qtype,

@@ -64,7 +64,7 @@ void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, int64_t st
       // Q4_1 / Q4_K: + min * sum(x); Q4_0 / Q5_0: quants are offset by 8 / 16, so - 8 / 16 * d * sum(x).
       __m512 offset;
       if constexpr (has_mins(T)) offset = load_scales16<T>(w.mins, w.fmins, gb * 16);
-      else offset = _mm512_mul_ps(d, _mm512_set1_ps(T == QType::Q5_0 ? -16.0f : -8.0f));
+      else offset = _mm512_mul_ps(d, _mm512_set1_ps(-quant_offset(T)));
       for (int m = 0; m < MM; ++m) {
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m]), _mm512_mul_ps(d, _mm512_set1_ps(xd[m * stride + b])),
                                  acc[m]);
