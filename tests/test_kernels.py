@@ -21,6 +21,7 @@ from slipstream.model.layers import (
     interleave_byte_rows,
     interleave_q4_rows,
     interleave_q5_0_rows,
+    interleave_q6_k_rows,
     row_blocks,
     split_gguf_blocks,
 )
@@ -221,31 +222,41 @@ def test_gguf_linear_q8_interleaved_q4_matches_rounded_activations(ops, qtype, r
     got = ops.gguf_linear_q8(x, *interleaved, qtype)  # (x 3 times larger than elsewhere: 3 times the atol)
     torch.testing.assert_close(got, q8_reference(x, dense), rtol=1e-5, atol=3e-4)
     if ops.q4_group_rows() == 8:  # a layout the build does not take
-        with pytest.raises(RuntimeError, match="bad interleaved Q4 / Q5_0 weight"):
+        with pytest.raises(RuntimeError, match="bad interleaved Q4 / Q5_0 / Q6_K weight"):
             ops.gguf_linear_q8(x, *interleave_q4_rows(*split, 16), qtype)
 
 
+@pytest.mark.parametrize("qtype", [Q5_0, 14])  # Q5_0, Q6_K
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 70])
 @pytest.mark.parametrize("group", [8, 16])
-def test_gguf_linear_q8_interleaved_q5_0_matches_rounded_activations(ops, rows, group):
-    """Q5_0 at its file's 5 bits a weight (a Q4_K_M file's most common type): nibbles interleaved as Q4's, a plane of
-    fifth bits, quants 0..31 whose offset of 16 meets the sums of the rounded x; an embedding's lookups give the gguf
-    package's values. Two rows of all-31 quants against a block of x at +127 are the int16 sums' worst case (AVX2's
+def test_gguf_linear_q8_interleaved_high_bits_match_rounded_activations(ops, qtype, rows, group):
+    """Q5_0 and Q6_K at their file's 5 / 6 bits a weight (a Q4_K_M file's most common type; its down projections, v and
+    LM head): nibbles interleaved as Q4's, planes of the high bits, quants 0..31 / 0..63 whose offset of 16 / 32 meets
+    the sums of the rounded x (Q6_K: of its halves, a scale per 16); an embedding's lookups give the gguf package's
+    values. Two rows of all-set quants against a block of x at +127 are the int16 sums' worst case (AVX2's
     maddubs)."""
     skip_unless_the_build_takes(ops, group)
-    from gguf import GGMLQuantizationType, quants
+    from gguf import quants
 
-    blocks, _ = random_gguf_weight(Q5_0, 112, 352, seed=600 + rows)  # 14 groups of 8 rows or 7 of 16, 11 blocks
-    blocks.view(112, 11, 22)[[3, 60], 1, 2:] = 0xFF  # (fifth bits and nibbles all set: quants 31)
-    dense = torch.from_numpy(quants.dequantize(blocks.numpy(), GGMLQuantizationType.Q5_0).copy())
-    interleaved = interleave_q5_0_rows(blocks, group)
-    assert interleaved[0].shape == (112 // group, 11, 20 * group) and interleaved[1].shape == (112 // group, 11, group)
+    q6_k = GGUF_KERNEL_TYPES[qtype] == "Q6_K"
+    in_features, row_bytes = (512, 24) if q6_k else (352, 20)  # (2 super-blocks; 11 blocks)
+    blocks, _ = random_gguf_weight(qtype, 112, in_features, seed=600 + rows)  # 14 groups of 8 rows or 7 of 16
+    if q6_k:
+        blocks.view(112, 2, 210)[[3, 60], 0, :192] = 0xFF  # (low and high bits all set: quants 63)
+        interleaved = interleave_q6_k_rows(*split_gguf_blocks(blocks, qtype), group)
+    else:
+        blocks.view(112, 11, 22)[[3, 60], 1, 2:] = 0xFF  # (fifth bits and nibbles all set: quants 31)
+        interleaved = interleave_q5_0_rows(blocks, group)
+    dense = torch.from_numpy(quants.dequantize(blocks.numpy(), qtype).copy())
+    nb = in_features // 32
+    assert interleaved[0].shape == (112 // group, nb, row_bytes * group)
+    assert interleaved[1].shape == (112 // group, nb, (2 if q6_k else 1) * group)
     ids = torch.tensor([0, 7, 8, 111, 50, 3])
-    assert torch.equal(dequantized(row_blocks(interleaved, Q5_0, ids), Q5_0), dense[ids])
-    x = 3 * torch.randn(rows, 352, generator=torch.Generator().manual_seed(rows))
+    assert torch.equal(dequantized(row_blocks(interleaved, qtype, ids), qtype), dense[ids])
+    x = 3 * torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
     x[0, 32:64] = 0
-    x[-1, 32:64] = 5.0  # quantized to +127
-    got = ops.gguf_linear_q8(x, *interleaved, Q5_0)
+    x[-1, :64] = 5.0  # quantized to +127
+    got = ops.gguf_linear_q8(x, *interleaved, qtype)
     torch.testing.assert_close(got, q8_reference(x, dense), rtol=1e-5, atol=3e-4)
     exact = F.linear(x, dense)
     assert (got - exact).abs().max() < 0.03 * exact.abs().max()
@@ -275,11 +286,11 @@ def test_gguf_linear_q8_interleaved_bytes_match_rounded_activations(ops, qtype, 
     torch.testing.assert_close(got, q8_reference(x, dense), rtol=1e-5, atol=3e-4)
 
 
-@pytest.mark.parametrize("qtype", sorted(Q4_TYPES | {Q5_0}))
+@pytest.mark.parametrize("qtype", sorted(Q4_TYPES | {Q5_0, 14}))
 def test_a_q4_embedding_under_w4a8_looks_its_rows_up_in_the_interleaved_blocks(qtype):
-    """Under w4a8 a Q4 (or Q5_0) embedding's blocks are interleaved for the int8 kernel; its lookups are still the gguf
-    package's rows (once, they read a float32 copy that loading never filled: zeros)."""
-    in_features = 256 if GGUF_KERNEL_TYPES[qtype] == "Q4_K" else 128
+    """Under w4a8 a Q4 (or Q5_0, Q6_K) embedding's blocks are interleaved for the int8 kernel; its lookups are still
+    the gguf package's rows (once, they read a float32 copy that loading never filled: zeros)."""
+    in_features = 256 if GGUF_KERNEL_TYPES[qtype].endswith("_K") else 128
     blocks, dense = random_gguf_weight(qtype, 64, in_features, seed=qtype)
     embedding = VocabParallelEmbedding(64, in_features)
     attach_gguf_blocks(embedding, blocks, qtype, int8_activations=True)

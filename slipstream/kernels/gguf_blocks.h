@@ -40,22 +40,28 @@ constexpr bool has_mins(QType t) {
 
 // How split weights are laid out: row after row (gguf_linear, and gguf_linear_q8's row kernels), or rows interleaved
 // in groups for gguf_linear_q8's group kernels (viewed as [N, ...] for the checks):
-// - NibbleGroups (`interleave_q4_rows`, `interleave_q5_0_rows` in layers.py), G = 8 or 16 rows: per group and
-//   block, 16 G bytes of nibbles and, for Q5_0 (quants 0..31, offset by 16 as Q4_0's by 8), 4 G bytes of their
-//   fifth bits, bit k of byte j belonging to the weight whose low bits are byte j of quad k; scales fp16 (Q4_0,
-//   Q4_1) or float32 (Q4_K, Q5_0), one a row and block.
+// - NibbleGroups (`interleave_q4_rows`, `interleave_q5_0_rows`, `interleave_q6_k_rows` in layers.py), G = 8 or 16
+//   rows: per group and block, 16 G bytes of nibbles (vector t: quads 2t and 2t+1, lane i row i's), then the high bits
+//   of the types with more than four: Q5_0's plane of fifth bits (4 G bytes; bit k of byte j belongs to the weight
+//   whose low bits are byte j of quad k), Q6_K's two planes of high pairs (8 G bytes; bits 2k..2k+1 of byte j of
+//   plane p belong to quad 4p+k's byte j). Their quants, 0..31 / 0..63, are offset by 16 / 32 as Q4_0's by 8. Scales
+//   fp16 (Q4_0, Q4_1) or float32 (Q4_K, Q5_0, Q6_K), one a row and block (Q6_K: one per 16 weights, two).
 // - ByteGroups (`interleave_byte_rows`), 16 rows, AVX-512 VNNI: Q8_0 and the byte form of the others: per group and
 //   block, 512 bytes of quants (vector k's lane i: row i's weights 4k..4k+3), then each row's sums of quants (int16)
 //   per scale: one a block (Q8_0, fp16 scales) or two (the byte form, float32 scales and mins per 16).
 enum class Layout { Rows, NibbleGroups, ByteGroups };
-constexpr bool is_nibble_group_type(QType t) { return is_q4(t) || t == QType::Q5_0; }
-constexpr int64_t nibble_group_row_bytes(QType t) { return t == QType::Q5_0 ? 20 : 16; }  // a row and block
+constexpr bool is_nibble_group_type(QType t) { return is_q4(t) || t == QType::Q5_0 || t == QType::Q6_K; }
+constexpr int64_t nibble_group_row_bytes(QType t) {  // a row and block
+  return t == QType::Q5_0 ? 20 : t == QType::Q6_K ? 24 : 16;
+}
+constexpr int nibble_group_scales(QType t) { return t == QType::Q6_K ? 2 : 1; }  // a row and block
 template <QType T, int G>
 constexpr int64_t group_block_bytes() {
   return nibble_group_row_bytes(T) * G;
 }
-// What the quants of the types without mins are offset by in the nibble groups (Q4_0 as in the file; Q5_0's 0..31).
-constexpr float quant_offset(QType t) { return t == QType::Q5_0 ? 16.0f : 8.0f; }
+// What the quants of the types without mins are offset by in the nibble groups (Q4_0 as in the file; Q5_0's 0..31,
+// Q6_K's 0..63).
+constexpr float quant_offset(QType t) { return t == QType::Q5_0 ? 16.0f : t == QType::Q6_K ? 32.0f : 8.0f; }
 template <QType T>
 constexpr int byte_group_scales() {  // per block
   return T == QType::Q8_0 ? 1 : 2;
@@ -174,8 +180,8 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
   TORCH_CHECK(is_classic(type) || type == QType::Q4_K || is_k16(type) || is_half(type), "unsupported GGUF type ",
               qtype);
   const bool bytes = is_k16(type) && layout != Layout::NibbleGroups;  // a byte a weight, a scale per 16
-  const int64_t per_block = bytes ? 2 : 1;  // scales
-  int64_t q_bytes = nb * (type == QType::Q8_0 ? 32 : nibble_group_row_bytes(type));  // (Q5_0: nibble groups)
+  const int64_t per_block = bytes ? 2 : nibble_group_scales(type);  // scales
+  int64_t q_bytes = nb * (type == QType::Q8_0 ? 32 : nibble_group_row_bytes(type));  // (Q5_0, Q6_K: nibble groups)
   if (is_half(type)) q_bytes = 2 * K;
   else if (layout == Layout::ByteGroups) q_bytes = nb * (32 + 2 * per_block);  // (quants and their sums)
   else if (bytes) q_bytes = K;

@@ -9,8 +9,8 @@
 // zero), not with their unsigned quants. (The exact sums of x left a min x sum-of-rounding-errors term: w4a8
 // agreed with the exact engine on 0.932 of SmolLM2's greedy tokens, max logprob error 0.64, and on 0.949 / 0.58
 // of its Q4_K_M copy's; with the rounded sums 0.967 / 0.31 and 0.963 / 0.32.)
-// Every type the loader gives is served: Q4_0 / Q4_1 / Q4_K as nibbles, Q5_0 as nibbles
-// and fifth bits (rows interleaved by groups), Q8_0 as bytes, and the byte-per-weight form of Q5_0 / Q5_1 /
+// Every type the loader gives is served: Q4_0 / Q4_1 / Q4_K as nibbles, Q5_0 / Q6_K as nibbles
+// and planes of high bits (rows interleaved by groups), Q8_0 as bytes, and the byte-per-weight form of Q5_0 / Q5_1 /
 // Q5_K / Q6_K (|q| <= 32, scales per 16 weights: gguf_blocks.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -178,31 +178,35 @@ void q8_k16_rows(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
 
 // Q4 weights interleaved by 8 rows (`interleave_q4_rows` in layers.py): for rows 8g..8g+7 and
 // block b, 128 bytes hold four vectors whose low nibbles are quads 2t and high nibbles quads 2t+1,
-// lane i (4 bytes) of quad k being row 8g+i's weights 4k..4k+3 (Q5_0: then 32 bytes of their fifth
+// lane i (4 bytes) of quad k being row 8g+i's weights 4k..4k+3 (Q5_0, Q6_K: then planes of their high
 // bits, gguf_blocks.h). One maddubs against a broadcast quad of x then advances eight rows at once,
-// the block's eight products add up in int16 (|sum| <= 8 * 2 * 15 * 127 < 2^15; Q5_0's quants, up to
-// 31, widen to int32 every two), and converting and scaling happen once per block for all eight rows:
-// about half the multiply-unit work of the row layout, which bounds large batches.
+// the block's eight products add up in int16 (|sum| <= 8 * 2 * 15 * 127 < 2^15; Q5_0's and Q6_K's quants,
+// up to 31 / 63, widen to int32 every two), and converting and scaling happen once per block for all eight
+// rows: about half the multiply-unit work of the row layout, which bounds large batches.
 template <QType T, int MM>
 void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K, int64_t N, int64_t g0,
                  int64_t g1) {
+  constexpr int S = nibble_group_scales(T);  // Q6_K: a scale per 16 weights, vectors 0-1 and 2-3
   const int64_t nb = K / QK;
   const int8_t* xb = xq.q.data() + m0 * K;
   const float* xd = xq.scale.data() + m0 * xq.stride;
   const float* xs = xq.sum.data() + m0 * xq.stride;
+  const float* xhs = xq.half_sum.data() + m0 * 2 * xq.stride;
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // (AVX2's widening)
-  const __m256i low = _mm256_set1_epi8(0x0F), fifth = _mm256_set1_epi8(0x10);
-  // int16 sums (AVX2 without VNNI) widen to int32 once a block, Q5_0's every two vectors; VNNI's are int32 already.
-  constexpr bool wide = SLIPSTREAM_VNNI || T == QType::Q5_0;
+  const __m256i low = _mm256_set1_epi8(0x0F), fifth = _mm256_set1_epi8(0x10), pair = _mm256_set1_epi8(0x30);
+  // int16 sums (AVX2 without VNNI) widen to int32 once a block, Q5_0's and Q6_K's every two vectors; VNNI's are
+  // int32 already.
+  constexpr bool wide = SLIPSTREAM_VNNI || T == QType::Q5_0 || T == QType::Q6_K;
   for (int64_t g = g0; g < g1; ++g) {
     __m256 acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
       const uint8_t* q = w.qs + gb * group_block_bytes<T, 8>();
-      prefetch_groups_ahead<T, 8, group_block_bytes<T, 8>()>(w, gb);
-      __m256i sum[MM];
-      for (int m = 0; m < MM; ++m) sum[m] = _mm256_setzero_si256();
+      prefetch_groups_ahead<T, 8, group_block_bytes<T, 8>(), S>(w, gb);
+      __m256i sum[S][MM];
+      for (int h = 0; h < S; ++h)
+        for (int m = 0; m < MM; ++m) sum[h][m] = _mm256_setzero_si256();
       [[maybe_unused]] __m256i high_bits;  // Q5_0: bits 0 and 1 of each byte are quads 2t and 2t+1's fifth bits
       if constexpr (T == QType::Q5_0) high_bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128));
       // Not unrolled: unrolled, GCC interleaves the four vectors' products and spills them.
@@ -210,47 +214,58 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
       for (int t = 0; t < 4; ++t) {
         const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * t));
         __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-        if constexpr (T == QType::Q5_0) {  // (16-bit shifts: only bits 0 and 1 of each byte are read, never crossed)
+        // (16-bit shifts: the masks keep each byte's own bits, never those shifted in from its neighbour)
+        if constexpr (T == QType::Q5_0) {
           lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(high_bits, 4), fifth));
           hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(high_bits, 3), fifth));
           high_bits = _mm256_srli_epi16(high_bits, 2);
+        } else if constexpr (T == QType::Q6_K) {  // plane t / 2, its bits 0-3 (t even) or 4-7 (odd): two pairs
+          const __m256i pairs = _mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128 + 32 * (t / 2))),
+                                                 _mm_cvtsi32_si128(4 * (t % 2)));
+          lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(pairs, 4), pair));
+          hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(pairs, 2), pair));
         }
         for (int m = 0; m < MM; ++m) {
           const int8_t* quad = xb + m * K + b * QK + 8 * t;
           int32_t x0, x1;
           std::memcpy(&x0, quad, 4);
           std::memcpy(&x1, quad + 4, 4);
+          __m256i& s = sum[t * S / 4][m];
 #if SLIPSTREAM_VNNI
-          sum[m] = dot_u8s8(dot_u8s8(sum[m], lo, _mm256_set1_epi32(x0)), hi, _mm256_set1_epi32(x1));
+          s = dot_u8s8(dot_u8s8(s, lo, _mm256_set1_epi32(x0)), hi, _mm256_set1_epi32(x1));
 #else
-          const __m256i pair = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)),
-                                                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
-          if constexpr (wide) sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(pair, ones));
-          else sum[m] = _mm256_add_epi16(sum[m], pair);
+          const __m256i two = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)),
+                                               _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
+          if constexpr (wide) s = _mm256_add_epi32(s, _mm256_madd_epi16(two, ones));
+          else s = _mm256_add_epi16(s, two);
 #endif
         }
       }
-      const __m256 d = load_scales<T>(w.scales, w.fscales, gb * 8, 8);
-      // Q4_1 / Q4_K: + min * sum(x); Q4_0 / Q5_0: quants are offset by 8 / 16, so - 8 / 16 * d * sum(x).
-      __m256 offset;
-      if constexpr (has_mins(T))
-        offset = load_scales<T>(w.mins, w.fmins, gb * 8, 8);
-      else
-        offset = _mm256_mul_ps(d, _mm256_set1_ps(-quant_offset(T)));
-      for (int m = 0; m < MM; ++m) {
-        const __m256 dot = _mm256_cvtepi32_ps(wide ? sum[m] : _mm256_madd_epi16(sum[m], ones));
-        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(xd[m * xq.stride + b])), acc[m]);
-        acc[m] = _mm256_fmadd_ps(offset, _mm256_set1_ps(xs[m * xq.stride + b]), acc[m]);
+      for (int h = 0; h < S; ++h) {
+        const __m256 d = load_scales<T>(w.scales, w.fscales, (gb * S + h) * 8, 8);
+        // Q4_1 / Q4_K: + min * sum(x); the others' quants are offset by 8 / 16 / 32: - offset * d * sum(x).
+        __m256 offset;
+        if constexpr (has_mins(T))
+          offset = load_scales<T>(w.mins, w.fmins, gb * 8, 8);
+        else
+          offset = _mm256_mul_ps(d, _mm256_set1_ps(-quant_offset(T)));
+        for (int m = 0; m < MM; ++m) {
+          const __m256 dot = _mm256_cvtepi32_ps(wide ? sum[h][m] : _mm256_madd_epi16(sum[h][m], ones));
+          acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(xd[m * xq.stride + b])), acc[m]);
+          const float x_sum = S == 1 ? xs[m * xq.stride + b] : xhs[m * 2 * xq.stride + 2 * b + h];
+          acc[m] = _mm256_fmadd_ps(offset, _mm256_set1_ps(x_sum), acc[m]);
+        }
       }
     }
     for (int m = 0; m < MM; ++m) _mm256_storeu_ps(y + (m0 + m) * N + 8 * g, acc[m]);
   }
 }
 
-// Q4 / Q5_0 rows interleaved by G = 8 (q4x8_groups) or, in AVX-512 VNNI builds, 16 (gguf_q8_avx512.h).
+// Q4 / Q5_0 / Q6_K rows interleaved by G = 8 (q4x8_groups) or, in AVX-512 VNNI builds, 16 (gguf_q8_avx512.h).
 template <QType T, int G>
 void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const QuantizedRows xq = quantize_rows(x, M, K);
+  constexpr int PIECE = G == 16 && T == QType::Q6_K ? 8 : 4;
   at::parallel_for(0, N / G, 16 / G, [&](int64_t begin, int64_t end) {
     // 16 weight rows at a time stay in L1 while the pieces of 64 activation rows (in L2) pass them.
     // Without the 64-row chunks a prompt's 2048 rows (1.2 MB at K = 576) came from L3 for every 16
@@ -258,10 +273,11 @@ void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64
     for (int64_t mc = 0; mc < M; mc += 64)
       for (int64_t g0 = begin; g0 < end; g0 += 16 / G) {
         const int64_t g1 = std::min(g0 + 16 / G, end);
-        for_row_pieces<4>(std::min<int64_t>(64, M - mc), [&](auto mm, int64_t m0) {
+        for_row_pieces<PIECE>(std::min<int64_t>(64, M - mc), [&](auto mm, int64_t m0) {
 #if defined(__AVX512VNNI__)
           if constexpr (G == 16) {
-            avx512::q4x16_groups<T, decltype(mm)::value>(xq.q.data(), xq.scale.data(), xq.sum.data(), xq.stride,
+            avx512::q4x16_groups<T, decltype(mm)::value>(xq.q.data(), xq.scale.data(), xq.sum.data(),
+                                                         xq.half_sum.data(), xq.stride,
                                                          mc + m0, w, y, K, N, g0, g1);
             return;
           }
@@ -339,10 +355,10 @@ at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Te
     TORCH_CHECK(false, "bad interleaved bytes: rows interleaved by 16 take the AVX-512 VNNI build");
 #endif
   }
-  if (qs.dim() == 3) {  // Q4 / Q5_0 rows interleaved by G: [N / G, blocks, 16 G (Q5_0: 20 G)]
+  if (qs.dim() == 3) {  // Q4 / Q5_0 / Q6_K rows interleaved by G: [N / G, blocks, 16 G (Q5_0: 20 G, Q6_K: 24 G)]
     const int64_t G = qs.size(2) / nibble_group_row_bytes(type);
     TORCH_CHECK(is_nibble_group_type(type) && qs.size(2) == nibble_group_row_bytes(type) * G &&
-                (G == 8 || G == q4_group_rows()), "bad interleaved Q4 / Q5_0 weight");
+                (G == 8 || G == q4_group_rows()), "bad interleaved Q4 / Q5_0 / Q6_K weight");
     return run_gguf_linear(x, qs.view({qs.size(0) * G, -1}), scales.view({qs.size(0) * G, -1}),
                            mins.numel() ? mins.view({qs.size(0) * G, -1}) : mins, qtype,
                            [G](auto type, auto... args) {

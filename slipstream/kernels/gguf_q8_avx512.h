@@ -2,7 +2,7 @@
 //
 // The layout of q4x8_groups (gguf_linear_q8.cpp) with 16 rows a group: for rows 16g..16g+15 and block b, 256 bytes
 // hold four 64-byte vectors whose low nibbles are quads 2t and high nibbles quads 2t+1, lane i (4 bytes) of quad k
-// being row 16g+i's weights 4k..4k+3 (Q5_0: then 64 bytes of their fifth bits, gguf_blocks.h). One vpdpbusd against a
+// being row 16g+i's weights 4k..4k+3 (Q5_0, Q6_K: then planes of their high bits, gguf_blocks.h). One vpdpbusd against a
 // broadcast quad of x advances sixteen rows, twice the 8-row kernel's eight, and each block's sums go to float32 and
 // meet the scales once for all sixteen.
 #pragma once
@@ -23,52 +23,64 @@ inline __m512 load_scales16(const uint16_t* halves, const float* floats, int64_t
 }
 
 // Groups [g0, g1) of 16 weight rows times MM activation rows from m0 of x quantized to int8 blocks: `xq` its quants
-// [M, K], `xd` / `xs` its block scales and sums of rounded values (`stride` per row).
+// [M, K], `xd` / `xs` / `xhs` its block scales, sums of rounded values and sums of their halves (`stride` per row,
+// 2 `stride` for halves).
 template <QType T, int MM>
-void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, int64_t stride, int64_t m0, Weights w, float* y,
-                  int64_t K, int64_t N, int64_t g0, int64_t g1) {
+void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, const float* xhs, int64_t stride, int64_t m0,
+                  Weights w, float* y, int64_t K, int64_t N, int64_t g0, int64_t g1) {
+  constexpr int S = nibble_group_scales(T);  // Q6_K: a scale per 16 weights, vectors 0-1 and 2-3
   const int64_t nb = K / QK;
   const int8_t* xb = xq + m0 * K;
   xd += m0 * stride;
   xs += m0 * stride;
-  const __m512i low = _mm512_set1_epi8(0x0F), fifth = _mm512_set1_epi8(0x10);
+  xhs += m0 * 2 * stride;
+  const __m512i low = _mm512_set1_epi8(0x0F), fifth = _mm512_set1_epi8(0x10), pair = _mm512_set1_epi8(0x30);
   for (int64_t g = g0; g < g1; ++g) {
     __m512 acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
       const uint8_t* q = w.qs + gb * group_block_bytes<T, 16>();
-      prefetch_groups_ahead<T, 16, group_block_bytes<T, 16>()>(w, gb);
-      __m512i sum[MM];
-      for (int m = 0; m < MM; ++m) sum[m] = _mm512_setzero_si512();
+      prefetch_groups_ahead<T, 16, group_block_bytes<T, 16>(), S>(w, gb);
+      __m512i sum[S][MM];
+      for (int h = 0; h < S; ++h)
+        for (int m = 0; m < MM; ++m) sum[h][m] = _mm512_setzero_si512();
       [[maybe_unused]] __m512i high_bits;  // Q5_0: bits 0 and 1 of each byte are quads 2t and 2t+1's fifth bits
       if constexpr (T == QType::Q5_0) high_bits = _mm512_loadu_si512(q + 256);
 #pragma GCC unroll 1
       for (int t = 0; t < 4; ++t) {
         const __m512i packed = _mm512_loadu_si512(q + 64 * t);
         __m512i lo = _mm512_and_si512(packed, low), hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-        if constexpr (T == QType::Q5_0) {  // (16-bit shifts: only bits 0 and 1 of each byte are read, never crossed)
-          lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(high_bits, 4), fifth));
-          hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_slli_epi16(high_bits, 3), fifth));
+        // (16-bit shifts: the masks keep each byte's own bits, never those shifted in from its neighbour)
+        if constexpr (T == QType::Q5_0) {  // lo | (fifth bit << 4), by ternary logic A | (B & C)
+          lo = _mm512_ternarylogic_epi32(lo, _mm512_slli_epi16(high_bits, 4), fifth, 0xF8);
+          hi = _mm512_ternarylogic_epi32(hi, _mm512_slli_epi16(high_bits, 3), fifth, 0xF8);
           high_bits = _mm512_srli_epi16(high_bits, 2);
+        } else if constexpr (T == QType::Q6_K) {  // plane t / 2, its bits 0-3 (t even) or 4-7 (odd): two pairs
+          const __m512i pairs = _mm512_srl_epi16(_mm512_loadu_si512(q + 256 + 64 * (t / 2)), _mm_cvtsi32_si128(4 * (t % 2)));
+          lo = _mm512_ternarylogic_epi32(lo, _mm512_slli_epi16(pairs, 4), pair, 0xF8);
+          hi = _mm512_ternarylogic_epi32(hi, _mm512_slli_epi16(pairs, 2), pair, 0xF8);
         }
         for (int m = 0; m < MM; ++m) {
           int32_t x0, x1;
           std::memcpy(&x0, xb + m * K + b * QK + 8 * t, 4);
           std::memcpy(&x1, xb + m * K + b * QK + 8 * t + 4, 4);
-          sum[m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[m], lo, _mm512_set1_epi32(x0)), hi,
-                                       _mm512_set1_epi32(x1));
+          sum[t * S / 4][m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[t * S / 4][m], lo, _mm512_set1_epi32(x0)),
+                                                  hi, _mm512_set1_epi32(x1));
         }
       }
-      const __m512 d = load_scales16<T>(w.scales, w.fscales, gb * 16);
-      // Q4_1 / Q4_K: + min * sum(x); Q4_0 / Q5_0: quants are offset by 8 / 16, so - 8 / 16 * d * sum(x).
-      __m512 offset;
-      if constexpr (has_mins(T)) offset = load_scales16<T>(w.mins, w.fmins, gb * 16);
-      else offset = _mm512_mul_ps(d, _mm512_set1_ps(-quant_offset(T)));
-      for (int m = 0; m < MM; ++m) {
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m]), _mm512_mul_ps(d, _mm512_set1_ps(xd[m * stride + b])),
-                                 acc[m]);
-        acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xs[m * stride + b]), acc[m]);
+      for (int h = 0; h < S; ++h) {
+        const __m512 d = load_scales16<T>(w.scales, w.fscales, (gb * S + h) * 16);
+        // Q4_1 / Q4_K: + min * sum(x); the others' quants are offset by 8 / 16 / 32: - offset * d * sum(x).
+        __m512 offset;
+        if constexpr (has_mins(T)) offset = load_scales16<T>(w.mins, w.fmins, gb * 16);
+        else offset = _mm512_mul_ps(d, _mm512_set1_ps(-quant_offset(T)));
+        for (int m = 0; m < MM; ++m) {
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[h][m]), _mm512_mul_ps(d, _mm512_set1_ps(xd[m * stride + b])),
+                                   acc[m]);
+          const float x_sum = S == 1 ? xs[m * stride + b] : xhs[m * 2 * stride + 2 * b + h];
+          acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(x_sum), acc[m]);
+        }
       }
     }
     for (int m = 0; m < MM; ++m) _mm512_storeu_ps(y + (m0 + m) * N + 16 * g, acc[m]);

@@ -19,6 +19,7 @@ from slipstream.model.layers import (
     interleave_byte_rows,
     interleave_q4_rows,
     interleave_q5_0_rows,
+    interleave_q6_k_rows,
     split_gguf_blocks,
 )
 
@@ -100,6 +101,8 @@ def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
             layouts.append(interleave_byte_rows(*split, ops.q8_group_rows()))
         if qtype == Q5_0:
             layouts += [interleave_q5_0_rows(blocks, group) for group in groups]
+        if name == "Q6_K":
+            layouts += [interleave_q6_k_rows(*split, group) for group in groups]
         for layout in layouts:
             if why := _close(perturb(ops.gguf_linear_q8(x, *layout, qtype)), want):
                 return f"{name}: {why}"

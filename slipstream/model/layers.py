@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TYPES, Q5_0, kernels
+from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TYPES, kernels
 from slipstream.kernels.dispatch import pack_rounded_bf16
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
 
@@ -21,12 +21,16 @@ def attach_gguf_blocks(layers: nn.Module | list[nn.Module], blocks: torch.Tensor
     of many rows, an embedding lookup) takes their values dequantized for the call. With `int8_activations`
     (`--quantization w4a8`) they take the layout this CPU's int8 kernel multiplies fastest (`int8_layout`); an
     embedding's lookups read whichever layout its blocks have (`row_blocks`)."""
-    group = kernels().q4_group_rows()
-    if int8_activations and qtype == Q5_0 and blocks.shape[0] % group == 0:
+    group, name = kernels().q4_group_rows(), GGUF_KERNEL_TYPES[qtype]
+    nibbles = int8_activations and name in ("Q5_0", "Q6_K") and blocks.shape[0] % group == 0
+    if nibbles and name == "Q5_0":
         split = interleave_q5_0_rows(blocks, group)
     else:
         split = split_gguf_blocks(blocks, qtype)
-        split = int8_layout(split, qtype) if int8_activations else split
+        if nibbles:
+            split = interleave_q6_k_rows(*split, group)
+        elif int8_activations:
+            split = int8_layout(split, qtype)
     _attach(layers, split, qtype, int8_activations, GGUF_KERNEL_TYPES[qtype])
 
 
@@ -264,15 +268,17 @@ def interleave_q4_rows(
     """Split Q4 blocks -> the layout gguf_linear_q8 multiplies `group` (8, or 16 on AVX-512) rows at a time: quants
     [out / group, blocks, 16 group], where for each group of rows and block, vector t (4 group bytes) holds in
     its low nibbles quad 2t and in its high nibbles quad 2t + 1, and quad k's 4-byte lane i is row
-    (group g + i)'s weights 4k..4k+3; scales and mins [out / group, blocks, group], row-minor likewise."""
-    out, nb = scales.shape
+    (group g + i)'s weights 4k..4k+3; scales and mins [out / group, blocks, group] (or s per block: [.., s group]),
+    row-minor likewise."""
+    out, nb = quants.shape[0], quants.shape[1] // 16
     q = quants.view(out, nb, 16)
     weights = torch.cat([q & 0x0F, q >> 4], dim=2)  # [out, nb, 32]: a block's low nibbles are weights 0..15
     quads = weights.view(out // group, group, nb, 8, 4).permute(0, 2, 3, 1, 4)  # [group, block, quad, row, 4]
     packed = quads[:, :, 0::2] | (quads[:, :, 1::2] << 4)  # [group, block, 4, row, 4]
 
-    def by_group(t: torch.Tensor) -> torch.Tensor:
-        return t.view(out // group, group, nb).transpose(1, 2).contiguous() if t.numel() else t
+    def by_group(t: torch.Tensor) -> torch.Tensor:  # [out, nb s] -> [out / group, nb, s group]
+        t = t.view(out // group, group, nb, -1).permute(0, 2, 3, 1)
+        return t.reshape(out // group, nb, -1).contiguous() if t.numel() else t
 
     return packed.reshape(out // group, nb, 16 * group).contiguous(), by_group(scales), by_group(mins)
 
@@ -295,6 +301,26 @@ def interleave_q5_0_rows(blocks: torch.Tensor, group: int = 8) -> tuple[torch.Te
     quads = bits.view(out // group, group, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(out // group, nb, 8, 4 * group)
     plane = (quads << torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)).sum(dim=2, dtype=torch.uint8)
     return torch.cat([nibbles, plane], dim=-1), scales, torch.empty(0)
+
+
+def interleave_q6_k_rows(quants: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int = 8
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q6_K's byte form (split_gguf_blocks: quants q - 32, float32 scales per 16) -> the layout gguf_linear_q8
+    multiplies `group` rows at a time, at 6 bits a weight where the byte form takes 8: quants [out / group, blocks,
+    24 group], per group and block the low nibbles of q (0..63) interleaved as interleave_q4_rows lays them out
+    (16 group bytes), then two planes of their high pairs (4 group bytes each), bits 2k..2k+1 of byte j of plane p
+    being those of the weight whose low bits are byte j of quad 4p + k; float32 scales [out / group, blocks,
+    2 group] (a block's halves', row-minor each); no mins (the kernel takes the offset of 32 through the sums of x's
+    rounded halves)."""
+    out, nb = quants.shape[0], quants.shape[1] // 32
+    q = (quants.view(torch.int8).view(out, nb, 32).to(torch.int16) + 32).to(torch.uint8)  # 0..63
+    low = q & 0x0F
+    packed = low[..., :16] | (low[..., 16:] << 4)  # Q4_1's order: low nibbles are weights 0..15
+    nibbles, grouped_scales, _ = interleave_q4_rows(packed.reshape(out, nb * 16), scales, torch.empty(0), group)
+    quads = (q >> 4).view(out // group, group, nb, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)  # [group, block, p, k, row, 4]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1, 1)
+    planes = (quads << shifts).sum(dim=3, dtype=torch.uint8).reshape(out // group, nb, 8 * group)
+    return torch.cat([nibbles, planes], dim=-1), grouped_scales, torch.empty(0)
 
 
 def interleave_byte_rows(quants: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int = 16
@@ -322,7 +348,8 @@ def interleave_byte_rows(quants: torch.Tensor, scales: torch.Tensor, mins: torch
 def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int, ids: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows `ids` of split blocks in the row layout (`dequantized` takes it), from the row layout or an interleaved
-    one (`interleave_q4_rows`, `interleave_q5_0_rows`, `interleave_byte_rows`): an embedding lookup."""
+    one (`interleave_q4_rows`, `interleave_q5_0_rows`, `interleave_q6_k_rows`, `interleave_byte_rows`): an
+    embedding lookup."""
     quants, scales, mins = split
     if quants.dim() == 2:
         return tuple(t[ids] if t.numel() else t for t in split)
@@ -336,15 +363,20 @@ def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: in
             return t.view(groups, nb, per_block, 16)[g, :, :, lane].reshape(len(ids), -1) if t.numel() else t
 
         return rows.reshape(len(ids), nb * 32), per_row(scales), per_row(mins)
-    group = scales.shape[2]
+    name = GGUF_KERNEL_TYPES[qtype]
+    group = quants.shape[2] // {"Q5_0": 20, "Q6_K": 24}.get(name, 16)
     g, lane = ids // group, ids % group
     packed = quants[..., : 16 * group].reshape(groups, nb, 4, group, 4)[g, :, :, lane]  # [ids, blocks, t, 4]
     weights = torch.stack([packed & 0x0F, packed >> 4], dim=-2).reshape(len(ids), nb, 32)  # (quads 2t and 2t + 1)
-    if qtype == Q5_0:  # + the fifth bits: the byte form (split_gguf_blocks), d x (quant - 16)
-        plane = quants[..., 16 * group :].reshape(groups, nb, group, 4)[g, :, lane]  # [ids, blocks, 4]
-        fifth = (plane.unsqueeze(-2) >> torch.arange(8, dtype=torch.uint8).view(8, 1)) & 1  # [ids, blocks, quad, 4]
-        q = (weights | (fifth.reshape(len(ids), nb, 32) << 4)).to(torch.int8) - 16
-        return q.view(torch.uint8).reshape(len(ids), -1), _per16(scales[g, :, lane]), torch.empty(0)
+    if name in ("Q5_0", "Q6_K"):  # + the high bits: the byte form (split_gguf_blocks), d x (quant - 16 / 32)
+        bits, offset = (1, 16) if name == "Q5_0" else (2, 32)
+        per_plane = 8 // bits  # quads
+        planes = quants[..., 16 * group :].reshape(groups, nb, bits, group, 4)[g, :, :, lane]  # [ids, blocks, p, 4]
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8).view(per_plane, 1)
+        high = (planes.unsqueeze(-2) >> shifts) & ((1 << bits) - 1)  # [ids, blocks, p, k, 4]: quad p per_plane + k
+        q = (weights | (high.reshape(len(ids), nb, 32) << 4)).to(torch.int8) - offset
+        lane_scales = scales.view(groups, nb, -1, group)[g, :, :, lane].reshape(len(ids), -1)
+        return q.view(torch.uint8).reshape(len(ids), -1), _per16(lane_scales) if bits == 1 else lane_scales, mins
     rows = weights[..., :16] | (weights[..., 16:] << 4)  # Q4_1's order: low nibbles are weights 0..15
     return rows.reshape(len(ids), nb * 16), scales[g, :, lane], mins[g, :, lane] if mins.numel() else mins
 
