@@ -265,20 +265,29 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
 template <QType T, int G>
 void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const QuantizedRows xq = quantize_rows(x, M, K);
-  constexpr int PIECE = G == 16 && T == QType::Q6_K ? 8 : 4;
   at::parallel_for(0, N / G, 16 / G, [&](int64_t begin, int64_t end) {
     // 16 weight rows at a time stay in L1 while the pieces of 64 activation rows (in L2) pass them.
     // Without the 64-row chunks a prompt's 2048 rows (1.2 MB at K = 576) came from L3 for every 16
     // weight rows: 15 % slower.
     for (int64_t mc = 0; mc < M; mc += 64)
       for (int64_t g0 = begin; g0 < end; g0 += 16 / G) {
+        const int64_t rows = std::min<int64_t>(64, M - mc);
+#if defined(__AVX512VNNI__)
+        if constexpr (G == 16 && (T == QType::Q5_0 || T == QType::Q6_K)) {
+          if (rows > 4) {
+            avx512::q4x16_group_tile<T, T == QType::Q6_K ? 4 : 8>(xq.q.data(), xq.scale.data(), xq.sum.data(),
+                                                                  xq.half_sum.data(), xq.stride, mc, rows, w, y, K,
+                                                                  N, g0);
+            continue;
+          }
+        }
+#endif
         const int64_t g1 = std::min(g0 + 16 / G, end);
-        for_row_pieces<PIECE>(std::min<int64_t>(64, M - mc), [&](auto mm, int64_t m0) {
+        for_row_pieces<4>(rows, [&](auto mm, int64_t m0) {
 #if defined(__AVX512VNNI__)
           if constexpr (G == 16) {
             avx512::q4x16_groups<T, decltype(mm)::value>(xq.q.data(), xq.scale.data(), xq.sum.data(),
-                                                         xq.half_sum.data(), xq.stride,
-                                                         mc + m0, w, y, K, N, g0, g1);
+                                                         xq.half_sum.data(), xq.stride, mc + m0, w, y, K, N, g0, g1);
             return;
           }
 #endif

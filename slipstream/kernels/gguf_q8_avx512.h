@@ -22,69 +22,109 @@ inline __m512 load_scales16(const uint16_t* halves, const float* floats, int64_t
   else return _mm512_loadu_ps(floats + at);
 }
 
+// Block `q` of a group of 16 rows unpacked: lo[t] / hi[t] hold quads 2t / 2t+1 (its low / high nibbles) of the 16
+// rows, with the high bits of Q5_0 / Q6_K ORed in. (16-bit shifts: the masks keep each byte's own bits, never those
+// shifted in from its neighbour; ternary logic 0xF8 is A | (B & C).)
+template <QType T>
+[[gnu::always_inline]] inline void unpack_nibble_block(const uint8_t* q, __m512i lo[4], __m512i hi[4]) {
+  const __m512i low = _mm512_set1_epi8(0x0F), fifth = _mm512_set1_epi8(0x10), pair = _mm512_set1_epi8(0x30);
+  [[maybe_unused]] __m512i high_bits;  // Q5_0: bits 0 and 1 of each byte are quads 2t and 2t+1's fifth bits
+  if constexpr (T == QType::Q5_0) high_bits = _mm512_loadu_si512(q + 256);
+  for (int t = 0; t < 4; ++t) {
+    const __m512i packed = _mm512_loadu_si512(q + 64 * t);
+    lo[t] = _mm512_and_si512(packed, low);
+    hi[t] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+    if constexpr (T == QType::Q5_0) {
+      lo[t] = _mm512_ternarylogic_epi32(lo[t], _mm512_slli_epi16(high_bits, 4), fifth, 0xF8);
+      hi[t] = _mm512_ternarylogic_epi32(hi[t], _mm512_slli_epi16(high_bits, 3), fifth, 0xF8);
+      high_bits = _mm512_srli_epi16(high_bits, 2);
+    } else if constexpr (T == QType::Q6_K) {  // plane t / 2, its bits 0-3 (t even) or 4-7 (odd): two pairs
+      __m512i pairs = _mm512_loadu_si512(q + 256 + 64 * (t / 2));
+      if (t % 2) pairs = _mm512_srli_epi16(pairs, 4);
+      lo[t] = _mm512_ternarylogic_epi32(lo[t], _mm512_slli_epi16(pairs, 4), pair, 0xF8);
+      hi[t] = _mm512_ternarylogic_epi32(hi[t], _mm512_slli_epi16(pairs, 2), pair, 0xF8);
+    }
+  }
+}
+
+// x's quantized block b (`xq` at row m's block b: 32 bytes, rows K apart) for rows 0..MM-1 against the unpacked
+// weights, then scaled: acc[m] += d * x scale * sum (per scale h of the block), + offset * x sum.
+template <QType T, int MM, typename Acc>
+[[gnu::always_inline]] inline void nibble_block_dots(const Weights& w, int64_t gb, const __m512i lo[4],
+                                                     const __m512i hi[4], const int8_t* xq, int64_t K, const float* xd,
+                                                     const float* xs, const float* xhs, int64_t stride, Acc acc) {
+  constexpr int S = nibble_group_scales(T);  // Q6_K: a scale per 16 weights, vectors 0-1 and 2-3
+  __m512i sum[S][MM];
+  for (int h = 0; h < S; ++h)
+    for (int m = 0; m < MM; ++m) sum[h][m] = _mm512_setzero_si512();
+  for (int t = 0; t < 4; ++t)
+    for (int m = 0; m < MM; ++m) {
+      int32_t x0, x1;
+      std::memcpy(&x0, xq + m * K + 8 * t, 4);
+      std::memcpy(&x1, xq + m * K + 8 * t + 4, 4);
+      sum[t * S / 4][m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[t * S / 4][m], lo[t], _mm512_set1_epi32(x0)),
+                                              hi[t], _mm512_set1_epi32(x1));
+    }
+  for (int h = 0; h < S; ++h) {
+    const __m512 d = load_scales16<T>(w.scales, w.fscales, (gb * S + h) * 16);
+    // Q4_1 / Q4_K: + min * sum(x); the others' quants are offset by 8 / 16 / 32: - offset * d * sum(x).
+    __m512 offset;
+    if constexpr (has_mins(T)) offset = load_scales16<T>(w.mins, w.fmins, gb * 16);
+    else offset = _mm512_mul_ps(d, _mm512_set1_ps(-quant_offset(T)));
+    for (int m = 0; m < MM; ++m) {
+      __m512& a = acc(m);
+      a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[h][m]), _mm512_mul_ps(d, _mm512_set1_ps(xd[m * stride])), a);
+      a = _mm512_fmadd_ps(offset, _mm512_set1_ps(S == 1 ? xs[m * stride] : xhs[2 * m * stride + h]), a);
+    }
+  }
+}
+
 // Groups [g0, g1) of 16 weight rows times MM activation rows from m0 of x quantized to int8 blocks: `xq` its quants
 // [M, K], `xd` / `xs` / `xhs` its block scales, sums of rounded values and sums of their halves (`stride` per row,
-// 2 `stride` for halves).
+// 2 `stride` for halves). The accumulators stay in registers.
 template <QType T, int MM>
 void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, const float* xhs, int64_t stride, int64_t m0,
                   Weights w, float* y, int64_t K, int64_t N, int64_t g0, int64_t g1) {
-  constexpr int S = nibble_group_scales(T);  // Q6_K: a scale per 16 weights, vectors 0-1 and 2-3
   const int64_t nb = K / QK;
-  const int8_t* xb = xq + m0 * K;
-  xd += m0 * stride;
-  xs += m0 * stride;
-  xhs += m0 * 2 * stride;
-  const __m512i low = _mm512_set1_epi8(0x0F), fifth = _mm512_set1_epi8(0x10), pair = _mm512_set1_epi8(0x30);
   for (int64_t g = g0; g < g1; ++g) {
     __m512 acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
       const uint8_t* q = w.qs + gb * group_block_bytes<T, 16>();
-      prefetch_groups_ahead<T, 16, group_block_bytes<T, 16>(), S>(w, gb);
-      __m512i sum[S][MM];
-      for (int h = 0; h < S; ++h)
-        for (int m = 0; m < MM; ++m) sum[h][m] = _mm512_setzero_si512();
-      [[maybe_unused]] __m512i high_bits;  // Q5_0: bits 0 and 1 of each byte are quads 2t and 2t+1's fifth bits
-      if constexpr (T == QType::Q5_0) high_bits = _mm512_loadu_si512(q + 256);
-#pragma GCC unroll 1
-      for (int t = 0; t < 4; ++t) {
-        const __m512i packed = _mm512_loadu_si512(q + 64 * t);
-        __m512i lo = _mm512_and_si512(packed, low), hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-        // (16-bit shifts: the masks keep each byte's own bits, never those shifted in from its neighbour)
-        if constexpr (T == QType::Q5_0) {  // lo | (fifth bit << 4), by ternary logic A | (B & C)
-          lo = _mm512_ternarylogic_epi32(lo, _mm512_slli_epi16(high_bits, 4), fifth, 0xF8);
-          hi = _mm512_ternarylogic_epi32(hi, _mm512_slli_epi16(high_bits, 3), fifth, 0xF8);
-          high_bits = _mm512_srli_epi16(high_bits, 2);
-        } else if constexpr (T == QType::Q6_K) {  // plane t / 2, its bits 0-3 (t even) or 4-7 (odd): two pairs
-          const __m512i pairs = _mm512_srl_epi16(_mm512_loadu_si512(q + 256 + 64 * (t / 2)), _mm_cvtsi32_si128(4 * (t % 2)));
-          lo = _mm512_ternarylogic_epi32(lo, _mm512_slli_epi16(pairs, 4), pair, 0xF8);
-          hi = _mm512_ternarylogic_epi32(hi, _mm512_slli_epi16(pairs, 2), pair, 0xF8);
-        }
-        for (int m = 0; m < MM; ++m) {
-          int32_t x0, x1;
-          std::memcpy(&x0, xb + m * K + b * QK + 8 * t, 4);
-          std::memcpy(&x1, xb + m * K + b * QK + 8 * t + 4, 4);
-          sum[t * S / 4][m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[t * S / 4][m], lo, _mm512_set1_epi32(x0)),
-                                                  hi, _mm512_set1_epi32(x1));
-        }
-      }
-      for (int h = 0; h < S; ++h) {
-        const __m512 d = load_scales16<T>(w.scales, w.fscales, (gb * S + h) * 16);
-        // Q4_1 / Q4_K: + min * sum(x); the others' quants are offset by 8 / 16 / 32: - offset * d * sum(x).
-        __m512 offset;
-        if constexpr (has_mins(T)) offset = load_scales16<T>(w.mins, w.fmins, gb * 16);
-        else offset = _mm512_mul_ps(d, _mm512_set1_ps(-quant_offset(T)));
-        for (int m = 0; m < MM; ++m) {
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[h][m]), _mm512_mul_ps(d, _mm512_set1_ps(xd[m * stride + b])),
-                                   acc[m]);
-          const float x_sum = S == 1 ? xs[m * stride + b] : xhs[m * 2 * stride + 2 * b + h];
-          acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(x_sum), acc[m]);
-        }
-      }
+      prefetch_groups_ahead<T, 16, group_block_bytes<T, 16>(), nibble_group_scales(T)>(w, gb);
+      __m512i lo[4], hi[4];
+      unpack_nibble_block<T>(q, lo, hi);
+      nibble_block_dots<T, MM>(w, gb, lo, hi, xq + m0 * K + b * QK, K, xd + m0 * stride + b, xs + m0 * stride + b,
+                               xhs + 2 * (m0 * stride + b), stride, [&](int m) -> __m512& { return acc[m]; });
     }
     for (int m = 0; m < MM; ++m) _mm512_storeu_ps(y + (m0 + m) * N + 16 * g, acc[m]);
   }
+}
+
+// As q4x16_groups for group g and `rows` (<= 64) activation rows, each block's weights unpacked once for all of them:
+// they pass it in pieces of up to PIECE, their outputs gathering in a tile in L1. Where unpacking is costly (Q5_0's and
+// Q6_K's high bits), once per block rather than once per piece of 4 rows: Q6_K's 576x1536 at 8 / 32 / 64 rows 20 / 31
+// / 28 % faster, Q5_0's 960x576 2 / 9 / 6 % (AMD EPYC Zen 4); Q4's, cheaper to unpack, lost as much to the tile.
+template <QType T, int PIECE>
+void q4x16_group_tile(const int8_t* xq, const float* xd, const float* xs, const float* xhs, int64_t stride, int64_t m0,
+                      int64_t rows, Weights w, float* y, int64_t K, int64_t N, int64_t g) {
+  const int64_t nb = K / QK;
+  alignas(64) __m512 tile[64];  // (not y itself: its rows are N apart, at N = 3072 all in one L1 set)
+  for (int64_t m = 0; m < rows; ++m) tile[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t gb = g * nb + b;
+    const uint8_t* q = w.qs + gb * group_block_bytes<T, 16>();
+    prefetch_groups_ahead<T, 16, group_block_bytes<T, 16>(), nibble_group_scales(T)>(w, gb);
+    __m512i lo[4], hi[4];
+    unpack_nibble_block<T>(q, lo, hi);
+    for_row_pieces<PIECE>(rows, [&](auto mm, int64_t mp) {
+      const int64_t r = (m0 + mp) * stride + b;
+      nibble_block_dots<T, decltype(mm)::value>(w, gb, lo, hi, xq + (m0 + mp) * K + b * QK, K, xd + r, xs + r,
+                                                xhs + 2 * r, stride, [&](int m) -> __m512& { return tile[mp + m]; });
+    });
+  }
+  for (int64_t m = 0; m < rows; ++m) _mm512_storeu_ps(y + (m0 + m) * N + 16 * g, tile[m]);
 }
 
 // Byte rows interleaved by 16 (gguf_blocks.h's ByteGroups, `interleave_byte_rows`): Q8_0 (an LM head under w4a8)
