@@ -45,7 +45,7 @@ constexpr bool has_mins(QType t) {
 //   of the types with more than four: Q5_0's plane of fifth bits (4 G bytes; bit k of byte j belongs to the weight
 //   whose low bits are byte j of quad k), Q6_K's two planes of high pairs (8 G bytes; bits 2k..2k+1 of byte j of
 //   plane p belong to quad 4p+k's byte j). Their quants, 0..31 / 0..63, are offset by 16 / 32 as Q4_0's by 8. Scales
-//   fp16 (Q4_0, Q4_1) or float32 (Q4_K, Q5_0, Q6_K), one a row and block (Q6_K: one per 16 weights, two).
+//   fp16 (Q4_0, Q4_1, Q5_0) or float32 (Q4_K, Q6_K), one a row and block (Q6_K: one per 16 weights, two).
 // - ByteGroups (`interleave_byte_rows`), 16 rows, AVX-512 VNNI: Q8_0 and the byte form of the others: per group and
 //   block, 512 bytes of quants (vector k's lane i: row i's weights 4k..4k+3), then each row's sums of quants (int16)
 //   per scale: one a block (Q8_0, fp16 scales) or two (the byte form, float32 scales and mins per 16).
@@ -55,6 +55,11 @@ constexpr int64_t nibble_group_row_bytes(QType t) {  // a row and block
   return t == QType::Q5_0 ? 20 : t == QType::Q6_K ? 24 : 16;
 }
 constexpr int nibble_group_scales(QType t) { return t == QType::Q6_K ? 2 : 1; }  // a row and block
+// Whether the scales (and mins) of a type in a layout are fp16: the classic types' everywhere, and Q5_0's in the nibble
+// groups (the file's d, exact; its byte form's per-16 scales are float32, as are the K-quants' products of two).
+constexpr bool half_scales(QType t, Layout layout) {
+  return is_classic(t) || (t == QType::Q5_0 && layout == Layout::NibbleGroups);
+}
 template <QType T, int G>
 constexpr int64_t group_block_bytes() {
   return nibble_group_row_bytes(T) * G;
@@ -96,14 +101,14 @@ constexpr int64_t PREFETCH_AHEAD_BYTES = 12 * 1024;
 // Block gb + (12 KB) of rows interleaved by G, Bytes of quants a block and S scales (and mins) a row and block (fp16
 // or float32): its quants, and the lines of scales (and mins) it starts. A prefetch past the end of the weights is
 // dropped, never faults.
-template <QType T, int G, int64_t Bytes, int S = 1>
+template <QType T, Layout L, int G, int64_t Bytes, int S = 1>
 [[gnu::always_inline]] inline void prefetch_groups_ahead(const Weights& w, int64_t gb) {
-  constexpr int64_t ahead = PREFETCH_AHEAD_BYTES / Bytes, scale_bytes = G * S * (is_classic(T) ? 2 : 4);
+  constexpr int64_t ahead = PREFETCH_AHEAD_BYTES / Bytes, scale_bytes = G * S * (half_scales(T, L) ? 2 : 4);
   for (int64_t i = 0; i < Bytes; i += 64) prefetch_l2(w.qs + (gb + ahead) * Bytes + i);
   if (scale_bytes < 64 && (gb + ahead) % (64 / scale_bytes)) return;  // (several blocks' scales to a line)
   const int64_t at = (gb + ahead) * G * S;
   for (int64_t i = 0; i < std::max<int64_t>(scale_bytes, 64); i += 64) {
-    if constexpr (is_classic(T)) {
+    if constexpr (half_scales(T, L)) {
       prefetch_l2(w.scales + at + i / 2);
       if constexpr (has_mins(T)) prefetch_l2(w.mins + at + i / 2);
     } else {
@@ -129,10 +134,10 @@ inline __m256 load_halves(const uint16_t* h, int64_t n) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(buf)));
 }
 
-// Eight blocks' scales (or mins) from index `at`, `count` of them valid: fp16 (classic types) or float32.
-template <QType T>
+// Eight blocks' scales (or mins) from index `at`, `count` of them valid: fp16 or float32 (`half_scales`).
+template <QType T, Layout L = Layout::Rows>
 inline __m256 load_scales(const uint16_t* halves, const float* floats, int64_t at, int64_t count) {
-  if constexpr (is_classic(T)) return load_halves(halves + at, count);
+  if constexpr (half_scales(T, L)) return load_halves(halves + at, count);
   else return load_floats(floats + at, count);
 }
 
@@ -191,12 +196,13 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
   Weights w{qs.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, nullptr};
   if (is_half(type)) return w;
   const int64_t groups = nb * per_block;  // scales per row
-  const auto scale_type = is_classic(type) ? at::kShort : at::kFloat;
+  const bool half = half_scales(type, layout);
+  const auto scale_type = half ? at::kShort : at::kFloat;
   TORCH_CHECK(scales.scalar_type() == scale_type && scales.is_contiguous() && scales.dim() == 2 &&
               scales.size(0) == N && scales.size(1) == groups, "bad GGUF weight");
   TORCH_CHECK(!has_mins(type) || (mins.scalar_type() == scale_type && mins.is_contiguous() &&
                                   mins.sizes() == scales.sizes()), "this GGUF type needs a min per block");
-  if (is_classic(type)) {
+  if (half) {
     w.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<int16_t>());
     if (has_mins(type)) w.mins = reinterpret_cast<const uint16_t*>(mins.data_ptr<int16_t>());
   } else {

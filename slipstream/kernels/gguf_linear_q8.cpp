@@ -203,7 +203,7 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
       const uint8_t* q = w.qs + gb * group_block_bytes<T, 8>();
-      prefetch_groups_ahead<T, 8, group_block_bytes<T, 8>(), S>(w, gb);
+      prefetch_groups_ahead<T, Layout::NibbleGroups, 8, group_block_bytes<T, 8>(), S>(w, gb);
       __m256i sum[S][MM];
       for (int h = 0; h < S; ++h)
         for (int m = 0; m < MM; ++m) sum[h][m] = _mm256_setzero_si256();
@@ -242,11 +242,11 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
         }
       }
       for (int h = 0; h < S; ++h) {
-        const __m256 d = load_scales<T>(w.scales, w.fscales, (gb * S + h) * 8, 8);
+        const __m256 d = load_scales<T, Layout::NibbleGroups>(w.scales, w.fscales, (gb * S + h) * 8, 8);
         // Q4_1 / Q4_K: + min * sum(x); the others' quants are offset by 8 / 16 / 32: - offset * d * sum(x).
         __m256 offset;
         if constexpr (has_mins(T))
-          offset = load_scales<T>(w.mins, w.fmins, gb * 8, 8);
+          offset = load_scales<T, Layout::NibbleGroups>(w.mins, w.fmins, gb * 8, 8);
         else
           offset = _mm256_mul_ps(d, _mm256_set1_ps(-quant_offset(T)));
         for (int m = 0; m < MM; ++m) {

@@ -15,10 +15,10 @@
 
 namespace slipstream::avx512 {
 
-// Sixteen rows' scales (or mins) from index `at`: fp16 (classic types) or float32.
-template <QType T>
+// Sixteen rows' scales (or mins) from index `at`: fp16 or float32 (`half_scales`).
+template <QType T, Layout L>
 inline __m512 load_scales16(const uint16_t* halves, const float* floats, int64_t at) {
-  if constexpr (is_classic(T)) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(halves + at)));
+  if constexpr (half_scales(T, L)) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(halves + at)));
   else return _mm512_loadu_ps(floats + at);
 }
 
@@ -66,10 +66,10 @@ template <QType T, int MM, typename Acc>
                                               hi[t], _mm512_set1_epi32(x1));
     }
   for (int h = 0; h < S; ++h) {
-    const __m512 d = load_scales16<T>(w.scales, w.fscales, (gb * S + h) * 16);
+    const __m512 d = load_scales16<T, Layout::NibbleGroups>(w.scales, w.fscales, (gb * S + h) * 16);
     // Q4_1 / Q4_K: + min * sum(x); the others' quants are offset by 8 / 16 / 32: - offset * d * sum(x).
     __m512 offset;
-    if constexpr (has_mins(T)) offset = load_scales16<T>(w.mins, w.fmins, gb * 16);
+    if constexpr (has_mins(T)) offset = load_scales16<T, Layout::NibbleGroups>(w.mins, w.fmins, gb * 16);
     else offset = _mm512_mul_ps(d, _mm512_set1_ps(-quant_offset(T)));
     for (int m = 0; m < MM; ++m) {
       __m512& a = acc(m);
@@ -92,7 +92,7 @@ void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, const floa
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
       const uint8_t* q = w.qs + gb * group_block_bytes<T, 16>();
-      prefetch_groups_ahead<T, 16, group_block_bytes<T, 16>(), nibble_group_scales(T)>(w, gb);
+      prefetch_groups_ahead<T, Layout::NibbleGroups, 16, group_block_bytes<T, 16>(), nibble_group_scales(T)>(w, gb);
       __m512i lo[4], hi[4];
       unpack_nibble_block<T>(q, lo, hi);
       nibble_block_dots<T, MM>(w, gb, lo, hi, xq + m0 * K + b * QK, K, xd + m0 * stride + b, xs + m0 * stride + b,
@@ -115,7 +115,7 @@ void q4x16_group_tile(const int8_t* xq, const float* xd, const float* xs, const 
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t gb = g * nb + b;
     const uint8_t* q = w.qs + gb * group_block_bytes<T, 16>();
-    prefetch_groups_ahead<T, 16, group_block_bytes<T, 16>(), nibble_group_scales(T)>(w, gb);
+    prefetch_groups_ahead<T, Layout::NibbleGroups, 16, group_block_bytes<T, 16>(), nibble_group_scales(T)>(w, gb);
     __m512i lo[4], hi[4];
     unpack_nibble_block<T>(q, lo, hi);
     for_row_pieces<PIECE>(rows, [&](auto mm, int64_t mp) {
@@ -148,7 +148,7 @@ void byte_x16_groups(const uint8_t* xu, const float* xd, const float* xhs, int64
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
       const uint8_t* q = w.qs + gb * (512 + 32 * H);
-      prefetch_groups_ahead<T, 16, 512 + 32 * H, H>(w, gb);
+      prefetch_groups_ahead<T, Layout::ByteGroups, 16, 512 + 32 * H, H>(w, gb);
       __m512i sum[H][MM];
       for (int h = 0; h < H; ++h)
         for (int m = 0; m < MM; ++m) sum[h][m] = _mm512_setzero_si512();
@@ -163,7 +163,7 @@ void byte_x16_groups(const uint8_t* xu, const float* xd, const float* xhs, int64
       for (int h = 0; h < H; ++h) {
         const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 512 + 32 * h));
         const __m512i offset = _mm512_slli_epi32(_mm512_cvtepi16_epi32(sums), 7);
-        const __m512 d = load_scales16<T>(w.scales, w.fscales, (gb * H + h) * 16);
+        const __m512 d = load_scales16<T, Layout::ByteGroups>(w.scales, w.fscales, (gb * H + h) * 16);
         [[maybe_unused]] __m512 min;
         if constexpr (has_mins(T)) min = _mm512_loadu_ps(w.fmins + (gb * H + h) * 16);
         for (int m = 0; m < MM; ++m) {

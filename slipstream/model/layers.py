@@ -288,12 +288,12 @@ def interleave_q5_0_rows(blocks: torch.Tensor, group: int = 8) -> tuple[torch.Te
     gguf_linear_q8 multiplies `group` rows at a time, at the file's 5 bits a weight where the byte form takes 8:
     quants [out / group, blocks, 20 group], per group and block the low nibbles interleaved as interleave_q4_rows
     lays them out (16 group bytes), then a plane of their fifth bits (4 group bytes), bit k of byte j being the
-    fifth bit of the weight whose low bits are byte j of quad k; float32 scales [out / group, blocks, group]; no
-    mins (the kernel takes quants 0..31 and the offset of 16 through the exact sums of x, as Q4_0's 8)."""
+    fifth bit of the weight whose low bits are byte j of quad k; the file's fp16 scales [out / group, blocks, group];
+    no mins (the kernel takes quants 0..31 and the offset of 16 through the sums of x, as Q4_0's 8)."""
     out = blocks.shape[0]
     b = blocks.view(out, -1, 22)
     nb = b.shape[1]
-    d = b[..., 0:2].contiguous().view(torch.float16).float().view(out, nb)
+    d = b[..., 0:2].contiguous().view(torch.int16).view(out, nb)  # (fp16, as the file holds it)
     # (Q5_0's nibbles are in Q4_1's order already: low nibbles are weights 0..15, high nibbles 16..31)
     nibbles, scales, _ = interleave_q4_rows(b[..., 6:].reshape(out, nb * 16), d, torch.empty(0), group)
     high = b[..., 2:6].contiguous().view(torch.int32)  # [out, nb, 1]: bit i is weight i's fifth bit
@@ -376,7 +376,9 @@ def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: in
         high = (planes.unsqueeze(-2) >> shifts) & ((1 << bits) - 1)  # [ids, blocks, p, k, 4]: quad p per_plane + k
         q = (weights | (high.reshape(len(ids), nb, 32) << 4)).to(torch.int8) - offset
         lane_scales = scales.view(groups, nb, -1, group)[g, :, :, lane].reshape(len(ids), -1)
-        return q.view(torch.uint8).reshape(len(ids), -1), _per16(lane_scales) if bits == 1 else lane_scales, mins
+        if name == "Q5_0":  # (fp16 per block -> the byte form's float32 per 16)
+            lane_scales = _per16(lane_scales.view(torch.float16).float())
+        return q.view(torch.uint8).reshape(len(ids), -1), lane_scales, mins
     rows = weights[..., :16] | (weights[..., 16:] << 4)  # Q4_1's order: low nibbles are weights 0..15
     return rows.reshape(len(ids), nb * 16), scales[g, :, lane], mins[g, :, lane] if mins.numel() else mins
 
