@@ -183,82 +183,140 @@ void q8_k16_rows(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
 // the block's eight products add up in int16 (|sum| <= 8 * 2 * 15 * 127 < 2^15; Q5_0's and Q6_K's quants,
 // up to 31 / 63, widen to int32 every two), and converting and scaling happen once per block for all eight
 // rows: about half the multiply-unit work of the row layout, which bounds large batches.
+
+// Vector t of block `q` of a group of 8 rows unpacked: lo / hi hold quads 2t / 2t+1 (its low / high nibbles) of the 8
+// rows, with the high bits of Q5_0 / Q6_K ORed in. (16-bit shifts: the masks keep each byte's own bits, never those
+// shifted in from its neighbour.)
+template <QType T>
+[[gnu::always_inline]] inline void unpack_nibble_vector8(const uint8_t* q, int t, __m256i& lo, __m256i& hi) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * t));
+  lo = _mm256_and_si256(packed, low);
+  hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+  if constexpr (T == QType::Q5_0) {  // bits 2t and 2t+1 of each byte are quads 2t and 2t+1's fifth bits
+    const __m256i fifth = _mm256_set1_epi8(0x10);
+    const __m256i high_bits = _mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128)),
+                                               _mm_cvtsi32_si128(2 * t));
+    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(high_bits, 4), fifth));
+    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(high_bits, 3), fifth));
+  } else if constexpr (T == QType::Q6_K) {  // plane t / 2, its bits 0-3 (t even) or 4-7 (odd): two pairs
+    const __m256i pair = _mm256_set1_epi8(0x30);
+    const __m256i pairs = _mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128 + 32 * (t / 2))),
+                                           _mm_cvtsi32_si128(4 * (t % 2)));
+    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(pairs, 4), pair));
+    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(pairs, 2), pair));
+  }
+}
+
+// int16 sums (AVX2 without VNNI) widen to int32 once a block, Q5_0's and Q6_K's every two vectors; VNNI's are int32
+// already.
+template <QType T>
+constexpr bool wide_sums() {
+  return SLIPSTREAM_VNNI || T == QType::Q5_0 || T == QType::Q6_K;
+}
+
+// Vector t's products with MM rows of x's quantized block (`xb` at row 0's block, rows K apart), into the sums of its
+// scale (Q6_K: vectors 0-1 and 2-3 have a scale each).
+template <QType T, int MM>
+[[gnu::always_inline]] inline void nibble_vector_dots8(__m256i lo, __m256i hi, int t, const int8_t* xb, int64_t K,
+                                                       __m256i sum[][MM]) {
+  for (int m = 0; m < MM; ++m) {
+    int32_t x0, x1;
+    std::memcpy(&x0, xb + m * K + 8 * t, 4);
+    std::memcpy(&x1, xb + m * K + 8 * t + 4, 4);
+    __m256i& s = sum[t * nibble_group_scales(T) / 4][m];
+#if SLIPSTREAM_VNNI
+    s = dot_u8s8(dot_u8s8(s, lo, _mm256_set1_epi32(x0)), hi, _mm256_set1_epi32(x1));
+#else
+    const __m256i two = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)),
+                                         _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
+    if constexpr (wide_sums<T>()) s = _mm256_add_epi32(s, _mm256_madd_epi16(two, _mm256_set1_epi16(1)));
+    else s = _mm256_add_epi16(s, two);
+#endif
+  }
+}
+
+// A block's sums scaled: acc(m) += d * x scale * sum (per scale h), + offset * x sum (`xd`, `xs` at row 0's block,
+// rows `stride` apart; `xhs` at its first half, rows 2 `stride` apart).
+template <QType T, int MM, typename Acc>
+[[gnu::always_inline]] inline void scale_nibble_block8(const Weights& w, int64_t gb, __m256i sum[][MM], const float* xd,
+                                                       const float* xs, const float* xhs, int64_t stride, Acc acc) {
+  constexpr int S = nibble_group_scales(T);
+  for (int h = 0; h < S; ++h) {
+    const __m256 d = load_scales<T, Layout::NibbleGroups>(w.scales, w.fscales, (gb * S + h) * 8, 8);
+    // Q4_1 / Q4_K: + min * sum(x); the others' quants are offset by 8 / 16 / 32: - offset * d * sum(x).
+    __m256 offset;
+    if constexpr (has_mins(T)) offset = load_scales<T, Layout::NibbleGroups>(w.mins, w.fmins, gb * 8, 8);
+    else offset = _mm256_mul_ps(d, _mm256_set1_ps(-quant_offset(T)));
+    for (int m = 0; m < MM; ++m) {
+      __m256& a = acc(m);
+      const __m256i s = wide_sums<T>() ? sum[h][m] : _mm256_madd_epi16(sum[h][m], _mm256_set1_epi16(1));
+      a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xd[m * stride])), a);
+      a = _mm256_fmadd_ps(offset, _mm256_set1_ps(S == 1 ? xs[m * stride] : xhs[2 * m * stride + h]), a);
+    }
+  }
+}
+
+// Groups [g0, g1) of 8 weight rows times MM activation rows from m0, the accumulators in registers.
 template <QType T, int MM>
 void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64_t K, int64_t N, int64_t g0,
                  int64_t g1) {
-  constexpr int S = nibble_group_scales(T);  // Q6_K: a scale per 16 weights, vectors 0-1 and 2-3
-  const int64_t nb = K / QK;
-  const int8_t* xb = xq.q.data() + m0 * K;
-  const float* xd = xq.scale.data() + m0 * xq.stride;
-  const float* xs = xq.sum.data() + m0 * xq.stride;
-  const float* xhs = xq.half_sum.data() + m0 * 2 * xq.stride;
-  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // (AVX2's widening)
-  const __m256i low = _mm256_set1_epi8(0x0F), fifth = _mm256_set1_epi8(0x10), pair = _mm256_set1_epi8(0x30);
-  // int16 sums (AVX2 without VNNI) widen to int32 once a block, Q5_0's and Q6_K's every two vectors; VNNI's are
-  // int32 already.
-  constexpr bool wide = SLIPSTREAM_VNNI || T == QType::Q5_0 || T == QType::Q6_K;
+  constexpr int S = nibble_group_scales(T);
+  const int64_t nb = K / QK, stride = xq.stride;
   for (int64_t g = g0; g < g1; ++g) {
     __m256 acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t gb = g * nb + b;
+      const int64_t gb = g * nb + b, r = m0 * stride + b;
       const uint8_t* q = w.qs + gb * group_block_bytes<T, 8>();
       prefetch_groups_ahead<T, Layout::NibbleGroups, 8, group_block_bytes<T, 8>(), S>(w, gb);
       __m256i sum[S][MM];
       for (int h = 0; h < S; ++h)
         for (int m = 0; m < MM; ++m) sum[h][m] = _mm256_setzero_si256();
-      [[maybe_unused]] __m256i high_bits;  // Q5_0: bits 0 and 1 of each byte are quads 2t and 2t+1's fifth bits
-      if constexpr (T == QType::Q5_0) high_bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128));
-      // Not unrolled: unrolled, GCC interleaves the four vectors' products and spills them.
+      // Vector by vector, not unrolled: unrolled (or all four unpacked first), GCC keeps more vectors than AVX2's 16
+      // registers hold and spills them (Q4 groups 15-30 % slower at 4-64 rows).
 #pragma GCC unroll 1
       for (int t = 0; t < 4; ++t) {
-        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * t));
-        __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-        // (16-bit shifts: the masks keep each byte's own bits, never those shifted in from its neighbour)
-        if constexpr (T == QType::Q5_0) {
-          lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(high_bits, 4), fifth));
-          hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(high_bits, 3), fifth));
-          high_bits = _mm256_srli_epi16(high_bits, 2);
-        } else if constexpr (T == QType::Q6_K) {  // plane t / 2, its bits 0-3 (t even) or 4-7 (odd): two pairs
-          const __m256i pairs = _mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128 + 32 * (t / 2))),
-                                                 _mm_cvtsi32_si128(4 * (t % 2)));
-          lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(pairs, 4), pair));
-          hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(pairs, 2), pair));
-        }
-        for (int m = 0; m < MM; ++m) {
-          const int8_t* quad = xb + m * K + b * QK + 8 * t;
-          int32_t x0, x1;
-          std::memcpy(&x0, quad, 4);
-          std::memcpy(&x1, quad + 4, 4);
-          __m256i& s = sum[t * S / 4][m];
-#if SLIPSTREAM_VNNI
-          s = dot_u8s8(dot_u8s8(s, lo, _mm256_set1_epi32(x0)), hi, _mm256_set1_epi32(x1));
-#else
-          const __m256i two = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)),
-                                               _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
-          if constexpr (wide) s = _mm256_add_epi32(s, _mm256_madd_epi16(two, ones));
-          else s = _mm256_add_epi16(s, two);
-#endif
-        }
+        __m256i lo, hi;
+        unpack_nibble_vector8<T>(q, t, lo, hi);
+        nibble_vector_dots8<T, MM>(lo, hi, t, xq.q.data() + m0 * K + b * QK, K, sum);
       }
-      for (int h = 0; h < S; ++h) {
-        const __m256 d = load_scales<T, Layout::NibbleGroups>(w.scales, w.fscales, (gb * S + h) * 8, 8);
-        // Q4_1 / Q4_K: + min * sum(x); the others' quants are offset by 8 / 16 / 32: - offset * d * sum(x).
-        __m256 offset;
-        if constexpr (has_mins(T))
-          offset = load_scales<T, Layout::NibbleGroups>(w.mins, w.fmins, gb * 8, 8);
-        else
-          offset = _mm256_mul_ps(d, _mm256_set1_ps(-quant_offset(T)));
-        for (int m = 0; m < MM; ++m) {
-          const __m256 dot = _mm256_cvtepi32_ps(wide ? sum[h][m] : _mm256_madd_epi16(sum[h][m], ones));
-          acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(xd[m * xq.stride + b])), acc[m]);
-          const float x_sum = S == 1 ? xs[m * xq.stride + b] : xhs[m * 2 * xq.stride + 2 * b + h];
-          acc[m] = _mm256_fmadd_ps(offset, _mm256_set1_ps(x_sum), acc[m]);
-        }
-      }
+      scale_nibble_block8<T, MM>(w, gb, sum, xq.scale.data() + r, xq.sum.data() + r, xq.half_sum.data() + 2 * r,
+                                 stride, [&](int m) -> __m256& { return acc[m]; });
     }
     for (int m = 0; m < MM; ++m) _mm256_storeu_ps(y + (m0 + m) * N + 8 * g, acc[m]);
   }
+}
+
+// As q4x8_groups for group g and `rows` (<= 64) activation rows, each block's weights unpacked once for all of them
+// (into L1) and met by pieces of up to 4 rows, their outputs gathering in a tile: for Q5_0 / Q6_K, whose high bits
+// made unpacking once per piece costly.
+template <QType T>
+void q4x8_group_tile(const QuantizedRows& xq, int64_t m0, int64_t rows, Weights w, float* y, int64_t K, int64_t N,
+                     int64_t g) {
+  constexpr int S = nibble_group_scales(T);
+  const int64_t nb = K / QK, stride = xq.stride;
+  alignas(32) __m256 tile[64];  // (not y itself: its rows are N apart, which can alias in one L1 set)
+  for (int64_t m = 0; m < rows; ++m) tile[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t gb = g * nb + b;
+    const uint8_t* q = w.qs + gb * group_block_bytes<T, 8>();
+    prefetch_groups_ahead<T, Layout::NibbleGroups, 8, group_block_bytes<T, 8>(), S>(w, gb);
+    alignas(32) __m256i lo[4], hi[4];
+    for (int t = 0; t < 4; ++t) unpack_nibble_vector8<T>(q, t, lo[t], hi[t]);
+    for_row_pieces<4>(rows, [&](auto mm, int64_t mp) {
+      constexpr int MM = decltype(mm)::value;
+      const int64_t r = (m0 + mp) * stride + b;
+      const int8_t* xb = xq.q.data() + (m0 + mp) * K + b * QK;
+      __m256i sum[S][MM];
+      for (int h = 0; h < S; ++h)
+        for (int m = 0; m < MM; ++m) sum[h][m] = _mm256_setzero_si256();
+      for (int t = 0; t < 4; ++t) nibble_vector_dots8<T, MM>(lo[t], hi[t], t, xb, K, sum);
+      scale_nibble_block8<T, MM>(w, gb, sum, xq.scale.data() + r, xq.sum.data() + r, xq.half_sum.data() + 2 * r,
+                                 stride, [&](int m) -> __m256& { return tile[mp + m]; });
+    });
+  }
+  for (int64_t m = 0; m < rows; ++m) _mm256_storeu_ps(y + (m0 + m) * N + 8 * g, tile[m]);
 }
 
 // Q4 / Q5_0 / Q6_K rows interleaved by G = 8 (q4x8_groups) or, in AVX-512 VNNI builds, 16 (gguf_q8_avx512.h).
@@ -271,18 +329,23 @@ void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64
     // weight rows: 15 % slower.
     for (int64_t mc = 0; mc < M; mc += 64)
       for (int64_t g0 = begin; g0 < end; g0 += 16 / G) {
-        const int64_t rows = std::min<int64_t>(64, M - mc);
-#if defined(__AVX512VNNI__)
-        if constexpr (G == 16 && (T == QType::Q5_0 || T == QType::Q6_K)) {
+        const int64_t rows = std::min<int64_t>(64, M - mc), g1 = std::min(g0 + 16 / G, end);
+        if constexpr (T == QType::Q5_0 || T == QType::Q6_K) {  // (their high bits: unpacked once for all the rows)
           if (rows > 4) {
-            avx512::q4x16_group_tile<T, T == QType::Q6_K ? 4 : 8>(xq.q.data(), xq.scale.data(), xq.sum.data(),
-                                                                  xq.half_sum.data(), xq.stride, mc, rows, w, y, K,
-                                                                  N, g0);
+            for (int64_t g = g0; g < g1; ++g) {
+#if defined(__AVX512VNNI__)
+              if constexpr (G == 16) {
+                avx512::q4x16_group_tile<T, T == QType::Q6_K ? 4 : 8>(xq.q.data(), xq.scale.data(), xq.sum.data(),
+                                                                      xq.half_sum.data(), xq.stride, mc, rows, w, y,
+                                                                      K, N, g);
+                continue;
+              }
+#endif
+              q4x8_group_tile<T>(xq, mc, rows, w, y, K, N, g);
+            }
             continue;
           }
         }
-#endif
-        const int64_t g1 = std::min(g0 + 16 / G, end);
         for_row_pieces<4>(rows, [&](auto mm, int64_t m0) {
 #if defined(__AVX512VNNI__)
           if constexpr (G == 16) {
