@@ -143,7 +143,8 @@ def test_a_half_precision_checkpoint_keeps_its_weights_and_stays_exact(tmp_path,
     if kernels().ops is not None:
         name = {torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
         for lin in llm.engine.runner.model.linear_layers():
-            assert HALF_TYPES[lin.gguf_type] == name and lin.weight.numel() == 0, "kept as is, no float32 copy"
+            (_, qtype), = lin.gguf_parts
+            assert HALF_TYPES[qtype] == name and lin.weight.numel() == 0, "kept as is, no float32 copy"
         assert f"{name} by gguf_linear" in caplog.text
     results = llm.generate(ids, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=0))
     for p, result in zip(ids, results, strict=True):

@@ -122,11 +122,14 @@ def test_a_k_quant_gguf_matches_transformers(k_quant_gguf, caplog):
     path, types = k_quant_gguf
     llm = LLM(str(path), kv_cache_memory=64 << 20)
     downs = [layer.mlp.down_proj for layer in llm.engine.runner.model.layers]
-    assert [GGUF_KERNEL_TYPES[d.gguf_type] for d in downs] == [
+    assert [GGUF_KERNEL_TYPES[d.gguf_parts[0].qtype] for d in downs] == [
         GGUF_KERNEL_TYPES[K_TYPES[i % len(K_TYPES)]] for i in range(len(downs))]  # each layer keeps its type
     ups = [layer.mlp.gate_up_proj for layer in llm.engine.runner.model.layers]
-    assert [GGUF_KERNEL_TYPES[u.gguf_type] for u in ups] == ["Q5_0", "Q5_1"] * (len(ups) // 2)
-    assert {layer.self_attn.qkv_proj.gguf_label for layer in llm.engine.runner.model.layers} == {"Q4_1+Q4_1+Q8_0"}
+    assert [GGUF_KERNEL_TYPES[u.gguf_parts[0].qtype] for u in ups] == ["Q5_0", "Q5_1"] * (len(ups) // 2)
+    for layer in llm.engine.runner.model.layers:  # q/k/v of mixed types: each part keeps its own
+        qkv = layer.self_attn.qkv_proj
+        assert qkv.gguf_label == "Q4_1+Q4_1+Q8_0"
+        assert [GGUF_KERNEL_TYPES[qtype] for _, qtype in qkv.gguf_parts] == ["Q4_1", "Q4_1", "Q8_0"]
     for name in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"):
         assert f"{name} x {sum(v == name for v in types.values())}" in caplog.text  # the load report
         assert f"{name} by gguf_linear" in caplog.text
@@ -157,7 +160,7 @@ def test_a_k_quant_gguf_under_w4a8_takes_the_int8_kernel_within_its_bound(k_quan
     assert all(lin.int8_activations for lin in llm.engine.runner.model.linear_layers())
     for name in ("Q5_0", "Q6_K"):  # interleaved at their 5 / 6 bits a weight
         layers = [lin for lin in llm.engine.runner.model.linear_layers() if lin.gguf_label == name]
-        assert layers and all(lin.gguf_weight[0].dim() == 3 for lin in layers), name
+        assert layers and all(lin.gguf_parts[0].split[0].dim() == 3 for lin in layers), name
     for name in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q4_1+Q4_1+Q8_0"):  # (the last: the fused qkv's parts)
         assert f"{name} by gguf_linear_q8" in caplog.text
     llm.generate([llm.tokenizer.encode(PROMPTS[0])], SamplingParams(temperature=0, max_tokens=2))
@@ -171,7 +174,7 @@ def test_a_k_quant_gguf_under_w4a8_takes_the_int8_kernel_within_its_bound(k_quan
     want = scores(exact, sequences, start)
     exact.engine.shutdown()
     llm = LLM(str(path), kv_cache_memory=64 << 20, quantization="w4a8")
-    assert GGUF_KERNEL_TYPES[llm.engine.runner.model.layers[0].mlp.down_proj.gguf_type] == "Q6_K"
+    assert GGUF_KERNEL_TYPES[llm.engine.runner.model.layers[0].mlp.down_proj.gguf_parts[0].qtype] == "Q6_K"
     agreement, error = agreement_and_error(scores(llm, sequences, start), want)
     print(f"K-quants under w4a8: top-1 agreement {agreement:.3f}, max logprob error {error:.3f}")
     assert agreement >= K_QUANT_W4A8_BOUND[0] and error <= K_QUANT_W4A8_BOUND[1], (agreement, error)

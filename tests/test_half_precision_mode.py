@@ -80,7 +80,7 @@ def test_half_precision_mode_stays_within_its_bound_of_transformers_bf16(safeten
         assert f"{dtype} weights, float32 activations" in caplog.text
         for lin in runner.model.linear_layers():
             assert lin.weight.numel() == 0, "the rounded weights are kept as half rows only"
-            assert lin.gguf_type in HALF_TYPES
+            assert lin.gguf_parts[0].qtype in HALF_TYPES
     min_agreement, max_error = BOUNDS[dtype]
     for name, (got, expected) in {
         "sequences": (scores(llm, sequences, start), want),  # (~80-row prefills: the block kernel's beyond 32 rows)

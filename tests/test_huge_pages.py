@@ -24,9 +24,9 @@ def _mapping_of(address: int) -> dict[str, int]:
 
 def test_weights_live_in_one_huge_page_region(llm_fp32):
     model = llm_fp32.engine.runner.model
-    blocks = [m for m in model.modules() if getattr(m, "gguf_weight", None) is not None]
+    blocks = [m for m in model.modules() if getattr(m, "gguf_parts", None) is not None]
     assert blocks, "the embedded model serves its layers from GGUF blocks"
-    tensors = [t for m in blocks for t in m.gguf_weight if t.numel()]
+    tensors = [t for m in blocks for split, _ in m.gguf_parts for t in split if t.numel()]
     tensors += [p for p in model.parameters() if p.numel()]
     starts = sorted(t.data_ptr() for t in tensors)
     region = _mapping_of(starts[0])
@@ -34,7 +34,7 @@ def test_weights_live_in_one_huge_page_region(llm_fp32):
     assert all(_mapping_of(s) == region for s in (starts[len(starts) // 2], starts[-1]))
     assert starts[0] % (2 << 20) == 0
     # the tied embedding and LM head still share their blocks
-    assert model.embed_tokens.gguf_weight[0].data_ptr() == model.lm_head.gguf_weight[0].data_ptr()
+    assert model.embed_tokens.gguf_parts[0].split[0].data_ptr() == model.lm_head.gguf_parts[0].split[0].data_ptr()
     mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not mode.exists() or "[never]" in mode.read_text():
         pytest.skip("this kernel gives no transparent huge pages (the copy is plain memory)")

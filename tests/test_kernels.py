@@ -294,7 +294,7 @@ def test_a_q4_embedding_under_w4a8_looks_its_rows_up_in_the_interleaved_blocks(q
     blocks, dense = random_gguf_weight(qtype, 64, in_features, seed=qtype)
     embedding = VocabParallelEmbedding(64, in_features)
     attach_gguf_blocks(embedding, blocks, qtype, int8_activations=True)
-    assert embedding.gguf_weight[0].dim() == 3 and not embedding.weight.numel()  # interleaved, no float32 copy
+    assert embedding.gguf_parts[0].split[0].dim() == 3 and not embedding.weight.numel()  # interleaved, no float32 copy
     ids = torch.tensor([[0, 5], [33, 63]])
     assert torch.equal(embedding(ids), dense[ids])
 

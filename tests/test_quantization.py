@@ -84,7 +84,7 @@ def test_weight_only_quantization_stays_within_its_bound(safetensors_model: Path
     alias = {"wint8": "weight_only_int8", "wint4": "weight_only_int4"}[method]  # FastDeploy's long name
     quantized = LLM(str(safetensors_model), kv_cache_memory=64 << 20, quantization=alias)
     linears = quantized.engine.runner.model.linear_layers()
-    assert all(lin.weight.numel() == 0 and lin.gguf_type == WEIGHT_ONLY_TYPES[method] for lin in linears)
+    assert all(lin.weight.numel() == 0 and lin.gguf_parts[0].qtype == WEIGHT_ONLY_TYPES[method] for lin in linears)
     got = scores(quantized, sequences, start)  # prompts of 60+ tokens: the dequantized path serves their prefill
     agreement, error = agreement_and_error(got, want)
     min_agreement, max_error = WEIGHT_ONLY_BOUNDS[method]
@@ -104,8 +104,8 @@ def test_dequantized_blocks_are_the_gguf_packages_values(qtype: int):
 
 @pytest.mark.parametrize("qtype", sorted(GGUF_KERNEL_TYPES))
 def test_the_byte_form_of_every_type_has_the_same_values(qtype: int):
-    """A fused layer of mixed types (q/k in Q5_0, v in Q8_0) is served in the byte-per-weight form: every type
-    converts to it without changing a value."""
+    """dequantize_blocks reads every type through the byte-per-weight form: every type converts to it without
+    changing a value."""
     blocks, dense = random_gguf_weight(qtype, 8, 512, seed=qtype)
     q, d, m = byte_form(split_gguf_blocks(blocks, qtype), qtype)
     assert torch.equal(dequantize_blocks((q, d, m), 7 if m.numel() else 6), dense)  # Q5_1's / Q5_0's form

@@ -11,16 +11,20 @@
 
 namespace {
 
-struct Linear {
+// Rows of a linear layer's weight in one GGUF type; a fused layer whose parts differ in type has several, rows
+// stacked in order.
+struct Part {
   at::Tensor qs, scales, mins;
   int64_t qtype;
 };
+using Linear = std::vector<Part>;
 
 class DecodeStack {
  public:
-  // linears: [qs, scales, mins] of each layer's qkv, o, gate_up and down projections, layer by layer.
+  // linears: [qs, scales, mins] of each part of each layer's qkv, o, gate_up and down projections, layer by layer;
+  // qtypes: the parts' types.
   DecodeStack(std::vector<at::Tensor> input_norms, std::vector<at::Tensor> post_norms,
-              std::vector<std::vector<at::Tensor>> linears, std::vector<int64_t> qtypes,
+              std::vector<std::vector<at::Tensor>> linears, std::vector<std::vector<int64_t>> qtypes,
               std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, at::Tensor cos, at::Tensor sin,
               double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, bool interleaved,
               double scale, bool int8_activations)
@@ -32,8 +36,12 @@ class DecodeStack {
     TORCH_CHECK(post_norms_.size() == n && linears.size() == 4 * n && qtypes.size() == 4 * n &&
                 k_caches_.size() == n && v_caches_.size() == n, "one norm pair, 4 linears and a cache per layer");
     for (size_t i = 0; i < linears.size(); ++i) {
-      TORCH_CHECK(linears[i].size() == 3, "a linear is [quants, scales, mins]");
-      linears_.push_back({linears[i][0], linears[i][1], linears[i][2], qtypes[i]});
+      TORCH_CHECK(!qtypes[i].empty() && linears[i].size() == 3 * qtypes[i].size(),
+                  "a linear is [quants, scales, mins] of each part");
+      Linear parts;
+      for (size_t j = 0; j < qtypes[i].size(); ++j)
+        parts.push_back({linears[i][3 * j], linears[i][3 * j + 1], linears[i][3 * j + 2], qtypes[i][j]});
+      linears_.push_back(std::move(parts));
     }
   }
 
@@ -60,8 +68,12 @@ class DecodeStack {
   }
 
  private:
-  at::Tensor linear(const at::Tensor& x, const Linear& w) const {
-    return int8_ ? gguf_linear_q8(x, w.qs, w.scales, w.mins, w.qtype) : gguf_linear(x, w.qs, w.scales, w.mins, w.qtype);
+  at::Tensor linear(const at::Tensor& x, const Linear& parts) const {
+    std::vector<at::Tensor> ys;
+    for (const Part& w : parts)
+      ys.push_back(int8_ ? gguf_linear_q8(x, w.qs, w.scales, w.mins, w.qtype)
+                         : gguf_linear(x, w.qs, w.scales, w.mins, w.qtype));
+    return ys.size() == 1 ? ys[0] : at::cat(ys, 1);
   }
 
   std::vector<at::Tensor> input_norms_, post_norms_;
@@ -80,7 +92,7 @@ class DecodeStack {
 void register_decode_stack(pybind11::module& m) {
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>,
-                          std::vector<int64_t>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
+                          std::vector<std::vector<int64_t>>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
                           at::Tensor, double, int64_t, int64_t, int64_t, bool, double, bool>())
       // Touches no Python object: the HTTP thread runs for the whole step.
       .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -192,13 +192,14 @@ class KernelTable:
 
     def gguf_matmul(self, layer: nn.Module, rows: int) -> Callable | None:
         """The block kernel for a matmul of `rows` rows through `layer`, or None: its dense weight serves."""
-        if getattr(layer, "gguf_weight", None) is None:
+        if getattr(layer, "gguf_parts", None) is None:
             return None
         if layer.int8_activations:
             return self.ops.gguf_linear_q8 if self.has("gguf_linear_q8") else None
         if not self.has("gguf_linear") or self._rounded_gemm_serves(layer, rows):
             return None
-        limit = HALF_KERNEL_MAX_ROWS if layer.gguf_type in HALF_TYPES else self.variant.block_kernel_max_rows
+        half = any(qtype in HALF_TYPES for _, qtype in layer.gguf_parts)
+        limit = HALF_KERNEL_MAX_ROWS if half else self.variant.block_kernel_max_rows
         return self.ops.gguf_linear if rows <= limit else None
 
     def uses_onednn_gemm(self) -> bool:

@@ -48,7 +48,7 @@ def move_weights_to_huge_pages(model: nn.Module) -> int:
     the load's peak memory grows by one tensor, not by the model); returns the bytes moved. Run before anything else
     holds the weights (the decode stack binds them on the first step)."""
     tensors: dict[tuple, torch.Tensor] = {}
-    holders: dict[tuple, list] = {}  # a tensor -> the parameters and (module, index in gguf_weight) holding it
+    holders: dict[tuple, list] = {}  # a tensor -> the parameters and (module, part, index in its split) holding it
 
     def hold(t: torch.Tensor, holder) -> None:
         if t.device.type == "cpu" and t.numel() and t.is_contiguous() and not t.is_mkldnn:
@@ -58,8 +58,9 @@ def move_weights_to_huge_pages(model: nn.Module) -> int:
     for p in model.parameters():
         hold(p.data, p)
     for m in model.modules():
-        for i, t in enumerate(getattr(m, "gguf_weight", None) or ()):
-            hold(t, (m, i))
+        for j, (split, _) in enumerate(getattr(m, "gguf_parts", None) or ()):
+            for i, t in enumerate(split):
+                hold(t, (m, j, i))
     if not tensors:
         return 0
     sizes = {key: -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for key, t in tensors.items()}
@@ -74,8 +75,10 @@ def move_weights_to_huge_pages(model: nn.Module) -> int:
             if isinstance(holder, nn.Parameter):
                 holder.data = copy
             else:
-                module, i = holder
-                module.gguf_weight = (*module.gguf_weight[:i], copy, *module.gguf_weight[i + 1:])
+                module, j, i = holder
+                split = module.gguf_parts[j].split
+                part = module.gguf_parts[j]._replace(split=(*split[:i], copy, *split[i + 1:]))
+                module.gguf_parts = (*module.gguf_parts[:j], part, *module.gguf_parts[j + 1:])
     _return_freed_memory()
     logger.debug("weights on huge pages: %d tensors, %.0f MiB", len(sizes), offset / 2**20)
     return offset

@@ -4,6 +4,8 @@ so checkpoint loading never materialises another rank's weights on the device.""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,33 +15,53 @@ from slipstream.kernels.dispatch import pack_rounded_bf16
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
 
 
+class GgufPart(NamedTuple):
+    """Rows of a layer's weight as GGUF blocks of one type, split (and laid out) for the kernels."""
+
+    split: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    qtype: int
+
+
 def attach_gguf_blocks(layers: nn.Module | list[nn.Module], blocks: torch.Tensor, qtype: int,
                        int8_activations: bool) -> None:
     """Give `layers` (one, or a tied embedding and LM head: modules sharing one weight) the GGUF block form of
-    their weights, split into the kernel's layout: quants [out, blocks * quant bytes], fp16 scales and (Q4_1) mins
-    [out, blocks]. The blocks are then the weights: no float32 copy is kept, what no block kernel serves (a matmul
-    of many rows, an embedding lookup) takes their values dequantized for the call. With `int8_activations`
-    (`--quantization w4a8`) they take the layout this CPU's int8 kernel multiplies fastest (`int8_layout`); an
-    embedding's lookups read whichever layout its blocks have (`row_blocks`)."""
+    their weights, split into the kernel's layout (`kernel_layout`). The blocks are then the weights: no float32 copy
+    is kept, what no block kernel serves (a matmul of many rows, an embedding lookup) takes their values dequantized
+    for the call; an embedding's lookups read whichever layout its blocks have (`row_blocks`)."""
+    part = GgufPart(kernel_layout(blocks, qtype, int8_activations), qtype)
+    _attach(layers, (part,), int8_activations, GGUF_KERNEL_TYPES[qtype])
+
+
+def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, int]], int8_activations: bool
+                             ) -> None:
+    """attach_gguf_blocks for a fused layer (q/k/v, gate/up) whose parts have different types (a Q4_K_M file's
+    Q5_0 q/k with a Q8_0 v, or Q4_K q/k with a Q6_K v): each part keeps its type, in its own kernel layout, and the
+    layer's output is theirs side by side."""
+    kept = tuple(GgufPart(kernel_layout(rows, qtype, int8_activations), qtype) for rows, qtype in parts)
+    _attach(layer, kept, int8_activations, "+".join(GGUF_KERNEL_TYPES[qtype] for _, qtype in parts))
+
+
+def kernel_layout(blocks: torch.Tensor, qtype: int, int8_activations: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF rows of blocks split (`split_gguf_blocks`: quants [out, blocks * quant bytes], fp16 scales and (Q4_1)
+    mins [out, blocks]) and, with `int8_activations` (`--quantization w4a8`), laid out as this CPU's int8 kernel
+    multiplies them fastest: Q5_0 and Q6_K at their 5 / 6 bits a weight (`interleave_q5_0_rows`,
+    `interleave_q6_k_rows`), the others by `int8_layout`."""
     group, name = kernels().q4_group_rows(), GGUF_KERNEL_TYPES[qtype]
-    nibbles = int8_activations and name in ("Q5_0", "Q6_K") and blocks.shape[0] % group == 0
-    if nibbles and name == "Q5_0":
-        split = interleave_q5_0_rows(blocks, group)
-    else:
-        split = split_gguf_blocks(blocks, qtype)
-        if nibbles:
-            split = interleave_q6_k_rows(*split, group)
-        elif int8_activations:
-            split = int8_layout(split, qtype)
-    _attach(layers, split, qtype, int8_activations, GGUF_KERNEL_TYPES[qtype])
+    if int8_activations and name == "Q5_0" and blocks.shape[0] % group == 0:
+        return interleave_q5_0_rows(blocks, group)
+    split = split_gguf_blocks(blocks, qtype)
+    if int8_activations and name == "Q6_K" and blocks.shape[0] % group == 0:
+        return interleave_q6_k_rows(*split, group)
+    return int8_layout(split, qtype) if int8_activations else split
 
 
 def int8_layout(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split blocks (row layout) in the layout this CPU's int8 kernel (gguf_linear_q8) multiplies fastest, where
     their row count allows: Q4_0 / Q4_1 / Q4_K interleaved by 8 or 16 rows (`interleave_q4_rows`), and on AVX-512
-    VNNI Q8_0 and the byte form (Q5_0 / Q5_1 / Q5_K / Q6_K) by 16 (`interleave_byte_rows`). Q5_0 blocks fare better
-    still as interleave_q5_0_rows lays them out (from the file's blocks: attach_gguf_blocks)."""
+    VNNI Q8_0 and the byte form (Q5_0 / Q5_1 / Q5_K / Q6_K) by 16 (`interleave_byte_rows`). (Q5_0 and Q6_K blocks
+    fare better still in nibble groups: kernel_layout.)"""
     table, out = kernels(), split[0].shape[0]
     if qtype in Q4_TYPES and out % table.q4_group_rows() == 0:
         return interleave_q4_rows(*split, table.q4_group_rows())
@@ -47,22 +69,6 @@ def int8_layout(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: i
             and (group := table.q8_group_rows()) and out % group == 0:
         return interleave_byte_rows(*split, group)
     return split
-
-
-def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, int]], int8_activations: bool
-                             ) -> None:
-    """attach_gguf_blocks for a fused layer (q/k/v, gate/up) whose parts have different types (a Q4_K_M file's
-    Q5_0 q/k with a Q8_0 v): each part in the byte-per-weight form (`byte_form`), rows concatenated, served as
-    Q5_1's form (with mins; zero for parts without) or Q5_0's."""
-    forms = [byte_form(split_gguf_blocks(rows, qtype), qtype) for rows, qtype in parts]
-    with_mins = any(m.numel() for _, _, m in forms)
-    quants = torch.cat([q for q, _, _ in forms])
-    scales = torch.cat([d for _, d, _ in forms])
-    mins = torch.cat([m if m.numel() else torch.zeros_like(d) for _, d, m in forms]) if with_mins else torch.empty(0)
-    label = "+".join(GGUF_KERNEL_TYPES[qtype] for _, qtype in parts)
-    qtype = 7 if with_mins else 6
-    split = (quants, scales, mins)
-    _attach(layer, int8_layout(split, qtype) if int8_activations else split, qtype, int8_activations, label)
 
 
 def keep_half_precision(layers: list[nn.Module], rounded: bool) -> bool:
@@ -77,7 +83,7 @@ def keep_half_precision(layers: list[nn.Module], rounded: bool) -> bool:
         half = weight if weight.dtype == dtype else weight.to(dtype) if weight.dtype == torch.float32 else None
         if half is not None and (half is weight or torch.equal(half.float(), weight)):
             rows = half.view(torch.uint8).view(weight.shape[0], -1)
-            _attach(layers, (rows, torch.empty(0), torch.empty(0)), qtype, False, HALF_TYPES[qtype])
+            _attach(layers, (GgufPart((rows, torch.empty(0), torch.empty(0)), qtype),), False, HALF_TYPES[qtype])
             packed = pack_rounded_bf16(rows) if rounded and HALF_TYPES[qtype] == "BF16" else None
             for layer in layers:
                 if packed is not None and type(layer) is not VocabParallelEmbedding:  # (its lookups read rows)
@@ -91,7 +97,7 @@ def _half_precision_candidates(model: nn.Module) -> list[list[nn.Module]]:
     (no GGUF blocks, inputs a multiple of 32), modules that share one weight (a tied embedding and LM head) as one."""
     sharing: dict[int, list[nn.Module]] = {}
     for layer in model.modules():
-        if isinstance(layer, LinearBase | VocabParallelEmbedding) and getattr(layer, "gguf_weight", None) is None:
+        if isinstance(layer, LinearBase | VocabParallelEmbedding) and getattr(layer, "gguf_parts", None) is None:
             sharing.setdefault(id(layer.weight), []).append(layer)
     return [layers for layers in sharing.values() if layers[0].weight.dim() == 2 and not layers[0].weight.shape[1] % 32]
 
@@ -122,11 +128,11 @@ def round_weights(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype).float()
 
 
-def _attach(layers: nn.Module | list[nn.Module], split: tuple, qtype: int, int8_activations: bool, label: str) -> None:
+def _attach(layers: nn.Module | list[nn.Module], parts: tuple[GgufPart, ...], int8_activations: bool, label: str
+            ) -> None:
     layers = layers if isinstance(layers, list) else [layers]
     for layer in layers:
-        layer.gguf_type = qtype
-        layer.gguf_weight = split
+        layer.gguf_parts = parts  # rows stacked in order
         layer.gguf_label = label  # what the load report calls it
         layer.int8_activations = int8_activations
     for layer in layers:  # (an embedding looks its rows up in the blocks, whatever their layout: row_blocks)
@@ -395,9 +401,10 @@ def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
     if kernel is None:  # the dense weight, or the blocks' values for this call (a GEMM beats the block kernels)
         if (half_linear := table.rounded_half_linear(layer, x.shape[0])) is not None:
             return half_linear(layer.bf16_packed, x, bias)
-        weight = (layer.weight if layer.weight.numel() else dequantized(layer.gguf_weight, layer.gguf_type)).to(x.dtype)
-        return table.dense_linear(x, weight)(x, weight, bias)
-    y = kernel(x, *layer.gguf_weight, layer.gguf_type)
+        weight = layer.weight if layer.weight.numel() else torch.cat([dequantized(*p) for p in layer.gguf_parts])
+        return table.dense_linear(x, weight.to(x.dtype))(x, weight.to(x.dtype), bias)
+    ys = [kernel(x, *split, qtype) for split, qtype in layer.gguf_parts]
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
     return y if bias is None else y + bias
 
 
@@ -504,8 +511,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.weight.numel():  # GGUF blocks only (one rank): the rows looked up, dequantized
-            return dequantized(row_blocks(self.gguf_weight, self.gguf_type, ids.flatten()), self.gguf_type
-                               ).view(*ids.shape, -1)
+            (split, qtype), = self.gguf_parts  # (an embedding's blocks are one tensor's)
+            return dequantized(row_blocks(split, qtype, ids.flatten()), qtype).view(*ids.shape, -1)
         if tp_size() == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start

@@ -228,14 +228,14 @@ class CausalLM(nn.Module):
         from gguf import GGMLQuantizationType, quants
 
         for lin in self.linear_layers():
-            if getattr(lin, "gguf_weight", None) is None and lin.weight.shape[1] % 32 == 0:
+            if getattr(lin, "gguf_parts", None) is None and lin.weight.shape[1] % 32 == 0:
                 blocks = quants.quantize(lin.weight.detach().float().cpu().numpy(), GGMLQuantizationType(qtype))
                 attach_gguf_blocks(lin, torch.from_numpy(blocks), qtype, int8_activations=False)
 
     def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]], int8_activations: bool) -> set[str]:
         """Attach the GGUF block form of the weights (one rank only), before `load_weights`: the layers that take
         blocks never hold a float32 copy. q/k/v and gate/up rows are fused in their shard order (a fused layer
-        whose parts differ in type takes a common form); a tied embedding and LM head share one set. Returns the
+        whose parts differ in type keeps each part's); a tied embedding and LM head share one set. Returns the
         checkpoint names the blocks now serve, which `load_weights` need not read."""
         modules = dict(self.named_modules())
         parts: dict[str, dict[str | int, tuple[str, torch.Tensor, int]]] = {}
@@ -308,7 +308,7 @@ def build_decode_stack(model: CausalLM):
     if not table.cache_fits(attn.attn.k_cache) or tp_size() > 1 or args.qk_norm:
         return None
     linears = model.linear_layers()
-    if any(getattr(lin, "gguf_weight", None) is None or lin.bias is not None for lin in linears):
+    if any(getattr(lin, "gguf_parts", None) is None or lin.bias is not None for lin in linears):
         return None
     int8 = {lin.int8_activations for lin in linears}
     if len(int8) > 1 or not table.decode_stack_usable(int8.pop()):
@@ -316,7 +316,8 @@ def build_decode_stack(model: CausalLM):
     return table.ops.DecodeStack(
         [layer.input_layernorm.weight for layer in model.layers],
         [layer.post_attention_layernorm.weight for layer in model.layers],
-        [list(lin.gguf_weight) for lin in linears], [lin.gguf_type for lin in linears],
+        [[t for split, _ in lin.gguf_parts for t in split] for lin in linears],
+        [[qtype for _, qtype in lin.gguf_parts] for lin in linears],
         [layer.self_attn.attn.k_cache for layer in model.layers],
         [layer.self_attn.attn.v_cache for layer in model.layers],
         attn.rotary.cos, attn.rotary.sin, args.rms_norm_eps, attn.num_heads, attn.num_kv_heads, args.head_dim,

@@ -43,8 +43,9 @@ PromptRows = tuple[ScheduledSeq, int]  # a sequence and how many of its prompt p
 def weights_report(model: torch.nn.Module, model_dir, table: KernelTable) -> str:
     """One line on the weights as loaded: the checkpoint's tensor types, the resident bytes (dense parameters
     plus GGUF blocks, and --dtype bfloat16's packed copies) and what serves the block matmuls."""
-    blocks = [m for m in model.modules() if getattr(m, "gguf_weight", None) is not None]
-    tensors = {id(t): t for m in blocks for t in m.gguf_weight}  # (a tied embedding and LM head share theirs)
+    blocks = [m for m in model.modules() if getattr(m, "gguf_parts", None) is not None]
+    # (a tied embedding and LM head share theirs)
+    tensors = {id(t): t for m in blocks for split, _ in m.gguf_parts for t in split}
     tensors |= {id(m.bf16_packed): m.bf16_packed for m in blocks if getattr(m, "bf16_packed", None) is not None}
     resident = sum(p.numel() * p.element_size() for p in model.parameters())
     resident += sum(t.numel() * t.element_size() for t in tensors.values())
