@@ -92,8 +92,8 @@ class DecodeStack {
 void register_decode_stack(pybind11::module& m) {
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>,
-                          std::vector<std::vector<int64_t>>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
-                          at::Tensor, double, int64_t, int64_t, int64_t, bool, double, bool>())
+                          std::vector<std::vector<int64_t>>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                          at::Tensor, at::Tensor, double, int64_t, int64_t, int64_t, bool, double, bool>())
       // Touches no Python object: the HTTP thread runs for the whole step.
       .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -2,9 +2,9 @@
 //
 // The layout of q4x8_groups (gguf_linear_q8.cpp) with 16 rows a group: for rows 16g..16g+15 and block b, 256 bytes
 // hold four 64-byte vectors whose low nibbles are quads 2t and high nibbles quads 2t+1, lane i (4 bytes) of quad k
-// being row 16g+i's weights 4k..4k+3 (Q5_0, Q6_K: then planes of their high bits, gguf_blocks.h). One vpdpbusd against a
-// broadcast quad of x advances sixteen rows, twice the 8-row kernel's eight, and each block's sums go to float32 and
-// meet the scales once for all sixteen.
+// being row 16g+i's weights 4k..4k+3 (Q5_0, Q6_K: then planes of their high bits, gguf_blocks.h). One vpdpbusd
+// against a broadcast quad of x advances sixteen rows, twice the 8-row kernel's eight, and each block's sums go to
+// float32 and meet the scales once for all sixteen.
 #pragma once
 #include <immintrin.h>
 
@@ -18,7 +18,8 @@ namespace slipstream::avx512 {
 // Sixteen rows' scales (or mins) from index `at`: fp16 or float32 (`half_scales`).
 template <QType T, Layout L>
 inline __m512 load_scales16(const uint16_t* halves, const float* floats, int64_t at) {
-  if constexpr (half_scales(T, L)) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(halves + at)));
+  if constexpr (half_scales(T, L))
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(halves + at)));
   else return _mm512_loadu_ps(floats + at);
 }
 
