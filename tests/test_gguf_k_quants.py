@@ -158,7 +158,7 @@ def test_a_k_quant_gguf_under_w4a8_takes_the_int8_kernel_within_its_bound(k_quan
     random_k_quants, _ = k_quant_gguf
     llm = LLM(str(random_k_quants), kv_cache_memory=64 << 20, quantization="w4a8")
     assert all(lin.int8_activations for lin in llm.engine.runner.model.linear_layers())
-    for name in ("Q5_0", "Q6_K"):  # interleaved at their 5 / 6 bits a weight
+    for name in ("Q5_0", "Q5_1", "Q5_K", "Q6_K"):  # interleaved at their 5 / 6 bits a weight
         layers = [lin for lin in llm.engine.runner.model.linear_layers() if lin.gguf_label == name]
         assert layers and all(lin.gguf_parts[0].split[0].dim() == 3 for lin in layers), name
     for name in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q4_1+Q4_1+Q8_0"):  # (the last: the fused qkv's parts)

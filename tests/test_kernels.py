@@ -12,16 +12,15 @@ from server_utils import running_server
 from torch.utils.cpp_extension import is_ninja_available
 
 from slipstream import SamplingParams
-from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_TYPES, Q4_TYPES, Q5_0, dispatch
+from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_TYPES, HIGH_BIT_TYPES, Q4_TYPES, dispatch
 from slipstream.kernels.selfcheck import BREAK_ENV, q8_reference, random_gguf_weight, self_check
 from slipstream.model.layers import (
     VocabParallelEmbedding,
     attach_gguf_blocks,
     dequantized,
     interleave_byte_rows,
+    interleave_high_bit_rows,
     interleave_q4_rows,
-    interleave_q5_0_rows,
-    interleave_q6_k_rows,
     row_blocks,
     split_gguf_blocks,
 )
@@ -222,34 +221,36 @@ def test_gguf_linear_q8_interleaved_q4_matches_rounded_activations(ops, qtype, r
     got = ops.gguf_linear_q8(x, *interleaved, qtype)  # (x 3 times larger than elsewhere: 3 times the atol)
     torch.testing.assert_close(got, q8_reference(x, dense), rtol=1e-5, atol=3e-4)
     if ops.q4_group_rows() == 8:  # a layout the build does not take
-        with pytest.raises(RuntimeError, match="bad interleaved Q4 / Q5_0 / Q6_K weight"):
+        with pytest.raises(RuntimeError, match="bad interleaved nibble groups"):
             ops.gguf_linear_q8(x, *interleave_q4_rows(*split, 16), qtype)
 
 
-@pytest.mark.parametrize("qtype", [Q5_0, 14])  # Q5_0, Q6_K
+# Per type: (bytes a block, its bytes past the scales: quants and their high bits) — all set, the largest quants.
+_QUANT_BYTES = {"Q5_0": (22, slice(2, 22)), "Q5_1": (24, slice(4, 24)), "Q5_K": (176, slice(16, 176)),
+                "Q6_K": (210, slice(0, 192))}
+
+
+@pytest.mark.parametrize("qtype", sorted(HIGH_BIT_TYPES))
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 70])
 @pytest.mark.parametrize("group", [8, 16])
 def test_gguf_linear_q8_interleaved_high_bits_match_rounded_activations(ops, qtype, rows, group):
-    """Q5_0 and Q6_K at their file's 5 / 6 bits a weight (a Q4_K_M file's most common type; its down projections, v and
-    LM head): nibbles interleaved as Q4's, planes of the high bits, quants 0..31 / 0..63 whose offset of 16 / 32 meets
-    the sums of the rounded x (Q6_K: of its halves, a scale per 16); an embedding's lookups give the gguf package's
-    values. Two rows of all-set quants against a block of x at +127 are the int16 sums' worst case (AVX2's
-    maddubs)."""
+    """The 5- and 6-bit types at their file's bits a weight (Q5_0, a Q4_K_M file's most common type; Q6_K, its down
+    projections, v and LM head; Q5_K / Q5_1, a Q5_K_M file's): nibbles interleaved as Q4's, planes of the high bits,
+    Q5_0's and Q6_K's quants 0..31 / 0..63 whose offset of 16 / 32 meets the sums of the rounded x (Q6_K: of its
+    halves, a scale per 16), Q5_1's and Q5_K's mins; an embedding's lookups give the gguf package's values. Two rows of
+    all-set quants against a block of x at +127 are the int16 sums' worst case (AVX2's maddubs)."""
     skip_unless_the_build_takes(ops, group)
     from gguf import quants
 
-    q6_k = GGUF_KERNEL_TYPES[qtype] == "Q6_K"
-    in_features, row_bytes = (512, 24) if q6_k else (352, 20)  # (2 super-blocks; 11 blocks)
+    name = GGUF_KERNEL_TYPES[qtype]
+    in_features = 512 if name.endswith("_K") else 352  # (2 super-blocks; 11 blocks)
     blocks, _ = random_gguf_weight(qtype, 112, in_features, seed=600 + rows)  # 14 groups of 8 rows or 7 of 16
-    if q6_k:
-        blocks.view(112, 2, 210)[[3, 60], 0, :192] = 0xFF  # (low and high bits all set: quants 63)
-        interleaved = interleave_q6_k_rows(*split_gguf_blocks(blocks, qtype), group)
-    else:
-        blocks.view(112, 11, 22)[[3, 60], 1, 2:] = 0xFF  # (fifth bits and nibbles all set: quants 31)
-        interleaved = interleave_q5_0_rows(blocks, group)
+    block_bytes, quant_bytes = _QUANT_BYTES[name]
+    blocks.view(112, -1, block_bytes)[[3, 60], 1, quant_bytes] = 0xFF
     dense = torch.from_numpy(quants.dequantize(blocks.numpy(), qtype).copy())
-    nb = in_features // 32
-    assert interleaved[0].shape == (112 // group, nb, row_bytes * group)
+    interleaved = interleave_high_bit_rows(split_gguf_blocks(blocks, qtype), qtype, group)
+    nb, q6_k = in_features // 32, name == "Q6_K"
+    assert interleaved[0].shape == (112 // group, nb, (24 if q6_k else 20) * group)
     assert interleaved[1].shape == (112 // group, nb, (2 if q6_k else 1) * group)
     ids = torch.tensor([0, 7, 8, 111, 50, 3])
     assert torch.equal(dequantized(row_blocks(interleaved, qtype, ids), qtype), dense[ids])
@@ -286,9 +287,9 @@ def test_gguf_linear_q8_interleaved_bytes_match_rounded_activations(ops, qtype, 
     torch.testing.assert_close(got, q8_reference(x, dense), rtol=1e-5, atol=3e-4)
 
 
-@pytest.mark.parametrize("qtype", sorted(Q4_TYPES | {Q5_0, 14}))
+@pytest.mark.parametrize("qtype", sorted(Q4_TYPES | HIGH_BIT_TYPES))
 def test_a_q4_embedding_under_w4a8_looks_its_rows_up_in_the_interleaved_blocks(qtype):
-    """Under w4a8 a Q4 (or Q5_0, Q6_K) embedding's blocks are interleaved for the int8 kernel; its lookups are still
+    """Under w4a8 a Q4 (or 5- or 6-bit) embedding's blocks are interleaved for the int8 kernel; its lookups are still
     the gguf package's rows (once, they read a float32 copy that loading never filled: zeros)."""
     in_features = 256 if GGUF_KERNEL_TYPES[qtype].endswith("_K") else 128
     blocks, dense = random_gguf_weight(qtype, 64, in_features, seed=qtype)

@@ -2,6 +2,14 @@
 (dispatch.py); everything else (CUDA included) keeps the plain PyTorch path, so a missing compiler or an
 unknown CPU costs speed, never correctness."""
 
-from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TYPES, Q5_0, KernelTable, kernels
+from slipstream.kernels.dispatch import (
+    GGUF_KERNEL_TYPES,
+    HALF_DTYPES,
+    HALF_TYPES,
+    HIGH_BIT_TYPES,
+    Q4_TYPES,
+    KernelTable,
+    kernels,
+)
 
-__all__ = ["GGUF_KERNEL_TYPES", "HALF_DTYPES", "HALF_TYPES", "Q4_TYPES", "Q5_0", "KernelTable", "kernels"]
+__all__ = ["GGUF_KERNEL_TYPES", "HALF_DTYPES", "HALF_TYPES", "Q4_TYPES", "HIGH_BIT_TYPES", "KernelTable", "kernels"]

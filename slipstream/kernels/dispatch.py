@@ -36,10 +36,10 @@ ISA_ENV = "SLIPSTREAM_CPU_ISA"
 # GGML type ids the block kernels understand (gguf.GGMLQuantizationType values), both gguf_linear (float32
 # activations) and gguf_linear_q8 (int8 activations, w4a8).
 GGUF_KERNEL_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
-# Nibble types, which gguf_linear_q8 also takes interleaved by 8 rows (`interleave_q4_rows`), and Q5_0, which it takes
-# so with a plane of fifth bits (`interleave_q5_0_rows`).
+# Nibble types, which gguf_linear_q8 also takes interleaved by 8 or 16 rows (`interleave_q4_rows`), and the 5- and 6-bit
+# types (Q5_0, Q5_1, Q5_K, Q6_K), which it takes so with planes of their high bits (`interleave_high_bit_rows`).
 Q4_TYPES = frozenset({2, 3, 12})
-Q5_0 = 6
+HIGH_BIT_TYPES = frozenset({6, 7, 13, 14})
 # Half-precision rows, which gguf_linear takes too (float32 activations): a bf16 / fp16 checkpoint's own weights,
 # exact in float32, at half float32's bytes.
 HALF_TYPES = {1: "F16", 30: "BF16"}
@@ -244,7 +244,7 @@ class KernelTable:
         return dtype in HALF_DTYPES.values() and self.serves_gguf_blocks(device, torch.float32, num_ranks, False)
 
     def q4_group_rows(self) -> int:
-        """Rows per group of the interleaved Q4 / Q5_0 layouts (`interleave_q4_rows`, `interleave_q5_0_rows`) that
+        """Rows per group of the nibble groups (`interleave_q4_rows`, `interleave_high_bit_rows`) that
         this build's int8 kernel multiplies best: 16 with AVX-512 VNNI (one 64-byte vpdpbusd), else 8."""
         return self.ops.q4_group_rows() if self.has("gguf_linear_q8") else 8
 

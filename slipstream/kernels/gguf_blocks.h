@@ -40,25 +40,29 @@ constexpr bool has_mins(QType t) {
 
 // How split weights are laid out: row after row (gguf_linear, and gguf_linear_q8's row kernels), or rows interleaved
 // in groups for gguf_linear_q8's group kernels (viewed as [N, ...] for the checks):
-// - NibbleGroups (`interleave_q4_rows`, `interleave_q5_0_rows`, `interleave_q6_k_rows` in layers.py), G = 8 or 16
-//   rows: per group and block, 16 G bytes of nibbles (vector t: quads 2t and 2t+1, lane i row i's), then the high bits
-//   of the types with more than four: Q5_0's plane of fifth bits (4 G bytes; bit k of byte j belongs to the weight
-//   whose low bits are byte j of quad k), Q6_K's two planes of high pairs (8 G bytes; bits 2k..2k+1 of byte j of
-//   plane p belong to quad 4p+k's byte j). Their quants, 0..31 / 0..63, are offset by 16 / 32 as Q4_0's by 8. Scales
-//   fp16 (Q4_0, Q4_1, Q5_0) or float32 (Q4_K, Q6_K), one a row and block (Q6_K: one per 16 weights, two).
+// - NibbleGroups (`interleave_q4_rows`, `interleave_high_bit_rows` in layers.py), G = 8 or 16 rows: per group and
+//   block, 16 G bytes of nibbles (vector t: quads 2t and 2t+1, lane i row i's), then the high bits of the types with
+//   more than four: the 5-bit types' plane of fifth bits (4 G bytes; bit k of byte j belongs to the weight whose low
+//   bits are byte j of quad k), Q6_K's two planes of high pairs (8 G bytes; bits 2k..2k+1 of byte j of plane p belong
+//   to quad 4p+k's byte j). Q5_0's and Q6_K's quants, 0..31 / 0..63, are offset by 16 / 32 as Q4_0's by 8. Scales
+//   (and mins) fp16 (Q4_0, Q4_1, Q5_0, Q5_1) or float32 (Q4_K, Q5_K, Q6_K), one a row and block (Q6_K: one per 16
+//   weights, two).
 // - ByteGroups (`interleave_byte_rows`), 16 rows, AVX-512 VNNI: Q8_0 and the byte form of the others: per group and
 //   block, 512 bytes of quants (vector k's lane i: row i's weights 4k..4k+3), then each row's sums of quants (int16)
 //   per scale: one a block (Q8_0, fp16 scales) or two (the byte form, float32 scales and mins per 16).
 enum class Layout { Rows, NibbleGroups, ByteGroups };
-constexpr bool is_nibble_group_type(QType t) { return is_q4(t) || t == QType::Q5_0 || t == QType::Q6_K; }
-constexpr int64_t nibble_group_row_bytes(QType t) {  // a row and block
-  return t == QType::Q5_0 ? 20 : t == QType::Q6_K ? 24 : 16;
+// Planes of bits beyond the nibbles in the nibble groups.
+constexpr int high_bit_planes(QType t) {
+  return t == QType::Q6_K ? 2 : t == QType::Q5_0 || t == QType::Q5_1 || t == QType::Q5_K ? 1 : 0;
 }
+constexpr bool is_nibble_group_type(QType t) { return is_q4(t) || high_bit_planes(t) > 0; }
+constexpr int64_t nibble_group_row_bytes(QType t) { return 16 + 4 * high_bit_planes(t); }  // a row and block
 constexpr int nibble_group_scales(QType t) { return t == QType::Q6_K ? 2 : 1; }  // a row and block
-// Whether the scales (and mins) of a type in a layout are fp16: the classic types' everywhere, and Q5_0's in the nibble
-// groups (the file's d, exact; its byte form's per-16 scales are float32, as are the K-quants' products of two).
+// Whether the scales (and mins) of a type in a layout are fp16: the classic types' everywhere, and Q5_0's and Q5_1's
+// in the nibble groups (the file's d and m, exact; their byte form's per-16 values are float32, as are the K-quants'
+// products of two).
 constexpr bool half_scales(QType t, Layout layout) {
-  return is_classic(t) || (t == QType::Q5_0 && layout == Layout::NibbleGroups);
+  return is_classic(t) || ((t == QType::Q5_0 || t == QType::Q5_1) && layout == Layout::NibbleGroups);
 }
 template <QType T, int G>
 constexpr int64_t group_block_bytes() {
@@ -186,7 +190,7 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
               qtype);
   const bool bytes = is_k16(type) && layout != Layout::NibbleGroups;  // a byte a weight, a scale per 16
   const int64_t per_block = bytes ? 2 : nibble_group_scales(type);  // scales
-  int64_t q_bytes = nb * (type == QType::Q8_0 ? 32 : nibble_group_row_bytes(type));  // (Q5_0, Q6_K: nibble groups)
+  int64_t q_bytes = nb * (type == QType::Q8_0 ? 32 : nibble_group_row_bytes(type));  // (5-6 bits: nibble groups)
   if (is_half(type)) q_bytes = 2 * K;
   else if (layout == Layout::ByteGroups) q_bytes = nb * (32 + 2 * per_block);  // (quants and their sums)
   else if (bytes) q_bytes = K;

@@ -9,7 +9,7 @@
 // zero), not with their unsigned quants. (The exact sums of x left a min x sum-of-rounding-errors term: w4a8
 // agreed with the exact engine on 0.932 of SmolLM2's greedy tokens, max logprob error 0.64, and on 0.949 / 0.58
 // of its Q4_K_M copy's; with the rounded sums 0.967 / 0.31 and 0.963 / 0.32.)
-// Every type the loader gives is served: Q4_0 / Q4_1 / Q4_K as nibbles, Q5_0 / Q6_K as nibbles
+// Every type the loader gives is served: Q4_0 / Q4_1 / Q4_K as nibbles, Q5_0 / Q5_1 / Q5_K / Q6_K as nibbles
 // and planes of high bits (rows interleaved by groups), Q8_0 as bytes, and the byte-per-weight form of Q5_0 / Q5_1 /
 // Q5_K / Q6_K (|q| <= 32, scales per 16 weights: gguf_blocks.h).
 #include <ATen/ATen.h>
@@ -178,14 +178,14 @@ void q8_k16_rows(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
 
 // Q4 weights interleaved by 8 rows (`interleave_q4_rows` in layers.py): for rows 8g..8g+7 and
 // block b, 128 bytes hold four vectors whose low nibbles are quads 2t and high nibbles quads 2t+1,
-// lane i (4 bytes) of quad k being row 8g+i's weights 4k..4k+3 (Q5_0, Q6_K: then planes of their high
+// lane i (4 bytes) of quad k being row 8g+i's weights 4k..4k+3 (5 and 6 bits: then planes of their high
 // bits, gguf_blocks.h). One maddubs against a broadcast quad of x then advances eight rows at once,
-// the block's eight products add up in int16 (|sum| <= 8 * 2 * 15 * 127 < 2^15; Q5_0's and Q6_K's quants,
+// the block's eight products add up in int16 (|sum| <= 8 * 2 * 15 * 127 < 2^15; the 5- and 6-bit quants,
 // up to 31 / 63, widen to int32 every two), and converting and scaling happen once per block for all eight
 // rows: about half the multiply-unit work of the row layout, which bounds large batches.
 
 // Vector t of block `q` of a group of 8 rows unpacked: lo / hi hold quads 2t / 2t+1 (its low / high nibbles) of the 8
-// rows, with the high bits of Q5_0 / Q6_K ORed in. (16-bit shifts: the masks keep each byte's own bits, never those
+// rows, with the high bits of the 5- and 6-bit types ORed in. (16-bit shifts: the masks keep each byte's own bits, never those
 // shifted in from its neighbour.)
 template <QType T>
 [[gnu::always_inline]] inline void unpack_nibble_vector8(const uint8_t* q, int t, __m256i& lo, __m256i& hi) {
@@ -193,13 +193,13 @@ template <QType T>
   const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * t));
   lo = _mm256_and_si256(packed, low);
   hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-  if constexpr (T == QType::Q5_0) {  // bits 2t and 2t+1 of each byte are quads 2t and 2t+1's fifth bits
+  if constexpr (high_bit_planes(T) == 1) {  // bits 2t and 2t+1 of each byte are quads 2t and 2t+1's fifth bits
     const __m256i fifth = _mm256_set1_epi8(0x10);
     const __m256i high_bits = _mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128)),
                                                _mm_cvtsi32_si128(2 * t));
     lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(high_bits, 4), fifth));
     hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(high_bits, 3), fifth));
-  } else if constexpr (T == QType::Q6_K) {  // plane t / 2, its bits 0-3 (t even) or 4-7 (odd): two pairs
+  } else if constexpr (high_bit_planes(T) == 2) {  // plane t / 2, its bits 0-3 (t even) or 4-7 (odd): two pairs
     const __m256i pair = _mm256_set1_epi8(0x30);
     const __m256i pairs = _mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 128 + 32 * (t / 2))),
                                            _mm_cvtsi32_si128(4 * (t % 2)));
@@ -208,11 +208,11 @@ template <QType T>
   }
 }
 
-// int16 sums (AVX2 without VNNI) widen to int32 once a block, Q5_0's and Q6_K's every two vectors; VNNI's are int32
-// already.
+// int16 sums (AVX2 without VNNI) widen to int32 once a block, the 5- and 6-bit types' every two vectors; VNNI's are
+// int32 already.
 template <QType T>
 constexpr bool wide_sums() {
-  return SLIPSTREAM_VNNI || T == QType::Q5_0 || T == QType::Q6_K;
+  return SLIPSTREAM_VNNI || high_bit_planes(T) > 0;
 }
 
 // Vector t's products with MM rows of x's quantized block (`xb` at row 0's block, rows K apart), into the sums of its
@@ -289,8 +289,8 @@ void q4x8_groups(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
 }
 
 // As q4x8_groups for group g and `rows` (<= 64) activation rows, each block's weights unpacked once for all of them
-// (into L1) and met by pieces of up to 4 rows, their outputs gathering in a tile: for Q5_0 / Q6_K, whose high bits
-// made unpacking once per piece costly.
+// (into L1) and met by pieces of up to 4 rows, their outputs gathering in a tile: for the 5- and 6-bit types, whose
+// high bits made unpacking once per piece costly.
 template <QType T>
 void q4x8_group_tile(const QuantizedRows& xq, int64_t m0, int64_t rows, Weights w, float* y, int64_t K, int64_t N,
                      int64_t g) {
@@ -319,7 +319,7 @@ void q4x8_group_tile(const QuantizedRows& xq, int64_t m0, int64_t rows, Weights 
   for (int64_t m = 0; m < rows; ++m) _mm256_storeu_ps(y + (m0 + m) * N + 8 * g, tile[m]);
 }
 
-// Q4 / Q5_0 / Q6_K rows interleaved by G = 8 (q4x8_groups) or, in AVX-512 VNNI builds, 16 (gguf_q8_avx512.h).
+// Nibble groups (Q4, 5 and 6 bits) by G = 8 (q4x8_groups) or, in AVX-512 VNNI builds, 16 (gguf_q8_avx512.h).
 template <QType T, int G>
 void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const QuantizedRows xq = quantize_rows(x, M, K);
@@ -330,7 +330,7 @@ void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64
     for (int64_t mc = 0; mc < M; mc += 64)
       for (int64_t g0 = begin; g0 < end; g0 += 16 / G) {
         const int64_t rows = std::min<int64_t>(64, M - mc), g1 = std::min(g0 + 16 / G, end);
-        if constexpr (T == QType::Q5_0 || T == QType::Q6_K) {  // (their high bits: unpacked once for all the rows)
+        if constexpr (high_bit_planes(T) > 0) {  // (their high bits: unpacked once for all the rows)
           if (rows > 4) {
             for (int64_t g = g0; g < g1; ++g) {
 #if defined(__AVX512VNNI__)
@@ -427,10 +427,10 @@ at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Te
     TORCH_CHECK(false, "bad interleaved bytes: rows interleaved by 16 take the AVX-512 VNNI build");
 #endif
   }
-  if (qs.dim() == 3) {  // Q4 / Q5_0 / Q6_K rows interleaved by G: [N / G, blocks, 16 G (Q5_0: 20 G, Q6_K: 24 G)]
+  if (qs.dim() == 3) {  // nibble groups of G rows: [N / G, blocks, 16 G (5 bits: 20 G, Q6_K: 24 G)]
     const int64_t G = qs.size(2) / nibble_group_row_bytes(type);
     TORCH_CHECK(is_nibble_group_type(type) && qs.size(2) == nibble_group_row_bytes(type) * G &&
-                (G == 8 || G == q4_group_rows()), "bad interleaved Q4 / Q5_0 / Q6_K weight");
+                (G == 8 || G == q4_group_rows()), "bad interleaved nibble groups");
     return run_gguf_linear(x, qs.view({qs.size(0) * G, -1}), scales.view({qs.size(0) * G, -1}),
                            mins.numel() ? mins.view({qs.size(0) * G, -1}) : mins, qtype,
                            [G](auto type, auto... args) {

@@ -23,23 +23,26 @@ inline __m512 load_scales16(const uint16_t* halves, const float* floats, int64_t
   else return _mm512_loadu_ps(floats + at);
 }
 
-// Block `q` of a group of 16 rows unpacked: lo[t] / hi[t] hold quads 2t / 2t+1 (its low / high nibbles) of the 16
-// rows, with the high bits of Q5_0 / Q6_K ORed in. (16-bit shifts: the masks keep each byte's own bits, never those
-// shifted in from its neighbour; ternary logic 0xF8 is A | (B & C).)
+// Block gb (group g's block b) of 16-row nibble groups unpacked: lo[t] / hi[t] hold quads 2t / 2t+1 (its low / high
+// nibbles) of the 16 rows, with the high bits of the 5- and 6-bit types ORed in; the weights 12 KB ahead are asked for. (16-bit
+// shifts: the masks keep each byte's own bits, never those shifted in from its neighbour; ternary logic 0xF8 is
+// A | (B & C).)
 template <QType T>
-[[gnu::always_inline]] inline void unpack_nibble_block(const uint8_t* q, __m512i lo[4], __m512i hi[4]) {
+[[gnu::always_inline]] inline void unpack_nibble_block(const Weights& w, int64_t gb, __m512i lo[4], __m512i hi[4]) {
+  const uint8_t* q = w.qs + gb * group_block_bytes<T, 16>();
+  prefetch_groups_ahead<T, Layout::NibbleGroups, 16, group_block_bytes<T, 16>(), nibble_group_scales(T)>(w, gb);
   const __m512i low = _mm512_set1_epi8(0x0F), fifth = _mm512_set1_epi8(0x10), pair = _mm512_set1_epi8(0x30);
-  [[maybe_unused]] __m512i high_bits;  // Q5_0: bits 0 and 1 of each byte are quads 2t and 2t+1's fifth bits
-  if constexpr (T == QType::Q5_0) high_bits = _mm512_loadu_si512(q + 256);
+  [[maybe_unused]] __m512i high_bits;  // 5 bits: bits 0 and 1 of each byte are quads 2t and 2t+1's fifth bits
+  if constexpr (high_bit_planes(T) == 1) high_bits = _mm512_loadu_si512(q + 256);
   for (int t = 0; t < 4; ++t) {
     const __m512i packed = _mm512_loadu_si512(q + 64 * t);
     lo[t] = _mm512_and_si512(packed, low);
     hi[t] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-    if constexpr (T == QType::Q5_0) {
+    if constexpr (high_bit_planes(T) == 1) {
       lo[t] = _mm512_ternarylogic_epi32(lo[t], _mm512_slli_epi16(high_bits, 4), fifth, 0xF8);
       hi[t] = _mm512_ternarylogic_epi32(hi[t], _mm512_slli_epi16(high_bits, 3), fifth, 0xF8);
       high_bits = _mm512_srli_epi16(high_bits, 2);
-    } else if constexpr (T == QType::Q6_K) {  // plane t / 2, its bits 0-3 (t even) or 4-7 (odd): two pairs
+    } else if constexpr (high_bit_planes(T) == 2) {  // plane t / 2, its bits 0-3 (t even) or 4-7 (odd): two pairs
       __m512i pairs = _mm512_loadu_si512(q + 256 + 64 * (t / 2));
       if (t % 2) pairs = _mm512_srli_epi16(pairs, 4);
       lo[t] = _mm512_ternarylogic_epi32(lo[t], _mm512_slli_epi16(pairs, 4), pair, 0xF8);
@@ -92,10 +95,8 @@ void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, const floa
     for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
-      const uint8_t* q = w.qs + gb * group_block_bytes<T, 16>();
-      prefetch_groups_ahead<T, Layout::NibbleGroups, 16, group_block_bytes<T, 16>(), nibble_group_scales(T)>(w, gb);
       __m512i lo[4], hi[4];
-      unpack_nibble_block<T>(q, lo, hi);
+      unpack_nibble_block<T>(w, gb, lo, hi);
       nibble_block_dots<T, MM>(w, gb, lo, hi, xq + m0 * K + b * QK, K, xd + m0 * stride + b, xs + m0 * stride + b,
                                xhs + 2 * (m0 * stride + b), stride, [&](int m) -> __m512& { return acc[m]; });
     }
@@ -104,8 +105,8 @@ void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, const floa
 }
 
 // As q4x16_groups for group g and `rows` (<= 64) activation rows, each block's weights unpacked once for all of them:
-// they pass it in pieces of up to PIECE, their outputs gathering in a tile in L1. Where unpacking is costly (Q5_0's and
-// Q6_K's high bits), once per block rather than once per piece of 4 rows: Q6_K's 576x1536 at 8 / 32 / 64 rows 20 / 31
+// they pass it in pieces of up to PIECE, their outputs gathering in a tile in L1. Where unpacking is costly (the 5- and
+// 6-bit types' high bits), once per block rather than once per piece of 4 rows: Q6_K's 576x1536 at 8 / 32 / 64 rows 20 / 31
 // / 28 % faster, Q5_0's 960x576 2 / 9 / 6 % (AMD EPYC Zen 4); Q4's, cheaper to unpack, lost as much to the tile.
 template <QType T, int PIECE>
 void q4x16_group_tile(const int8_t* xq, const float* xd, const float* xs, const float* xhs, int64_t stride, int64_t m0,
@@ -115,10 +116,8 @@ void q4x16_group_tile(const int8_t* xq, const float* xd, const float* xs, const 
   for (int64_t m = 0; m < rows; ++m) tile[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t gb = g * nb + b;
-    const uint8_t* q = w.qs + gb * group_block_bytes<T, 16>();
-    prefetch_groups_ahead<T, Layout::NibbleGroups, 16, group_block_bytes<T, 16>(), nibble_group_scales(T)>(w, gb);
     __m512i lo[4], hi[4];
-    unpack_nibble_block<T>(q, lo, hi);
+    unpack_nibble_block<T>(w, gb, lo, hi);
     for_row_pieces<PIECE>(rows, [&](auto mm, int64_t mp) {
       const int64_t r = (m0 + mp) * stride + b;
       nibble_block_dots<T, decltype(mm)::value>(w, gb, lo, hi, xq + (m0 + mp) * K + b * QK, K, xd + r, xs + r,

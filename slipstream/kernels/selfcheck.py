@@ -14,12 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TYPES, Q5_0
+from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, HIGH_BIT_TYPES, Q4_TYPES
 from slipstream.model.layers import (
     interleave_byte_rows,
+    interleave_high_bit_rows,
     interleave_q4_rows,
-    interleave_q5_0_rows,
-    interleave_q6_k_rows,
     split_gguf_blocks,
 )
 
@@ -99,10 +98,8 @@ def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
         layouts = [split] + [interleave_q4_rows(*split, group) for group in groups if qtype in Q4_TYPES]
         if ops.q8_group_rows() and qtype not in Q4_TYPES:  # Q8_0 and the byte form
             layouts.append(interleave_byte_rows(*split, ops.q8_group_rows()))
-        if qtype == Q5_0:
-            layouts += [interleave_q5_0_rows(blocks, group) for group in groups]
-        if name == "Q6_K":
-            layouts += [interleave_q6_k_rows(*split, group) for group in groups]
+        if qtype in HIGH_BIT_TYPES:
+            layouts += [interleave_high_bit_rows(split, qtype, group) for group in groups]
         for layout in layouts:
             if why := _close(perturb(ops.gguf_linear_q8(x, *layout, qtype)), want):
                 return f"{name}: {why}"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, Q4_TYPES, kernels
+from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, HIGH_BIT_TYPES, Q4_TYPES, kernels
 from slipstream.kernels.dispatch import pack_rounded_bf16
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
 
@@ -45,14 +45,11 @@ def kernel_layout(blocks: torch.Tensor, qtype: int, int8_activations: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GGUF rows of blocks split (`split_gguf_blocks`: quants [out, blocks * quant bytes], fp16 scales and (Q4_1)
     mins [out, blocks]) and, with `int8_activations` (`--quantization w4a8`), laid out as this CPU's int8 kernel
-    multiplies them fastest: Q5_0 and Q6_K at their 5 / 6 bits a weight (`interleave_q5_0_rows`,
-    `interleave_q6_k_rows`), the others by `int8_layout`."""
-    group, name = kernels().q4_group_rows(), GGUF_KERNEL_TYPES[qtype]
-    if int8_activations and name == "Q5_0" and blocks.shape[0] % group == 0:
-        return interleave_q5_0_rows(blocks, group)
-    split = split_gguf_blocks(blocks, qtype)
-    if int8_activations and name == "Q6_K" and blocks.shape[0] % group == 0:
-        return interleave_q6_k_rows(*split, group)
+    multiplies them fastest: the 5- and 6-bit types at their own bits a weight (`interleave_high_bit_rows`), the
+    others by `int8_layout`."""
+    group, split = kernels().q4_group_rows(), split_gguf_blocks(blocks, qtype)
+    if int8_activations and qtype in HIGH_BIT_TYPES and blocks.shape[0] % group == 0:
+        return interleave_high_bit_rows(split, qtype, group)
     return int8_layout(split, qtype) if int8_activations else split
 
 
@@ -60,8 +57,8 @@ def int8_layout(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: i
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split blocks (row layout) in the layout this CPU's int8 kernel (gguf_linear_q8) multiplies fastest, where
     their row count allows: Q4_0 / Q4_1 / Q4_K interleaved by 8 or 16 rows (`interleave_q4_rows`), and on AVX-512
-    VNNI Q8_0 and the byte form (Q5_0 / Q5_1 / Q5_K / Q6_K) by 16 (`interleave_byte_rows`). (Q5_0 and Q6_K blocks
-    fare better still in nibble groups: kernel_layout.)"""
+    VNNI Q8_0 and the byte form (Q5_0 / Q5_1 / Q5_K / Q6_K) by 16 (`interleave_byte_rows`). (The byte form's types
+    fare better still in nibble groups where their rows allow: kernel_layout.)"""
     table, out = kernels(), split[0].shape[0]
     if qtype in Q4_TYPES and out % table.q4_group_rows() == 0:
         return interleave_q4_rows(*split, table.q4_group_rows())
@@ -289,44 +286,30 @@ def interleave_q4_rows(
     return packed.reshape(out // group, nb, 16 * group).contiguous(), by_group(scales), by_group(mins)
 
 
-def interleave_q5_0_rows(blocks: torch.Tensor, group: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q5_0 blocks (fp16 d, 32 fifth bits, 16 bytes of low nibbles; weight d x (quant - 16)) -> the layout
-    gguf_linear_q8 multiplies `group` rows at a time, at the file's 5 bits a weight where the byte form takes 8:
-    quants [out / group, blocks, 20 group], per group and block the low nibbles interleaved as interleave_q4_rows
-    lays them out (16 group bytes), then a plane of their fifth bits (4 group bytes), bit k of byte j being the
-    fifth bit of the weight whose low bits are byte j of quad k; the file's fp16 scales [out / group, blocks, group];
-    no mins (the kernel takes quants 0..31 and the offset of 16 through the sums of x, as Q4_0's 8)."""
-    out = blocks.shape[0]
-    b = blocks.view(out, -1, 22)
-    nb = b.shape[1]
-    d = b[..., 0:2].contiguous().view(torch.int16).view(out, nb)  # (fp16, as the file holds it)
-    # (Q5_0's nibbles are in Q4_1's order already: low nibbles are weights 0..15, high nibbles 16..31)
-    nibbles, scales, _ = interleave_q4_rows(b[..., 6:].reshape(out, nb * 16), d, torch.empty(0), group)
-    high = b[..., 2:6].contiguous().view(torch.int32)  # [out, nb, 1]: bit i is weight i's fifth bit
-    bits = ((high >> torch.arange(32, dtype=torch.int32)) & 1).to(torch.uint8)  # [out, nb, 32]
-    quads = bits.view(out // group, group, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(out // group, nb, 8, 4 * group)
-    plane = (quads << torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)).sum(dim=2, dtype=torch.uint8)
-    return torch.cat([nibbles, plane], dim=-1), scales, torch.empty(0)
-
-
-def interleave_q6_k_rows(quants: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int = 8
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q6_K's byte form (split_gguf_blocks: quants q - 32, float32 scales per 16) -> the layout gguf_linear_q8
-    multiplies `group` rows at a time, at 6 bits a weight where the byte form takes 8: quants [out / group, blocks,
-    24 group], per group and block the low nibbles of q (0..63) interleaved as interleave_q4_rows lays them out
-    (16 group bytes), then two planes of their high pairs (4 group bytes each), bits 2k..2k+1 of byte j of plane p
-    being those of the weight whose low bits are byte j of quad 4p + k; float32 scales [out / group, blocks,
-    2 group] (a block's halves', row-minor each); no mins (the kernel takes the offset of 32 through the sums of x's
-    rounded halves)."""
-    out, nb = quants.shape[0], quants.shape[1] // 32
-    q = (quants.view(torch.int8).view(out, nb, 32).to(torch.int16) + 32).to(torch.uint8)  # 0..63
+def interleave_high_bit_rows(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int, group: int = 8
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The byte form (split_gguf_blocks) of Q5_0 / Q5_1 / Q5_K / Q6_K -> the layout gguf_linear_q8 multiplies `group`
+    rows at a time, at the file's 5 or 6 bits a weight where the byte form takes 8: quants [out / group, blocks,
+    (16 + 4 p) group], per group and block the low nibbles of q (Q5_0 0..31 offset by 16, Q6_K 0..63 offset by 32, the
+    others 0..31 with mins) interleaved as interleave_q4_rows lays them out, then p planes (one for 5 bits, two for 6)
+    of the bits above: bits p k..p k + p - 1 of byte j of plane i being those of the weight whose low bits are byte j
+    of quad 8 i / p + k. Scales and mins [out / group, blocks, group] per 32 weights (Q6_K: [.., 2 group], per 16),
+    fp16 for Q5_0 / Q5_1 (the file's own), else float32."""
+    quants, scales, mins = split
+    name, out, nb = GGUF_KERNEL_TYPES[qtype], quants.shape[0], quants.shape[1] // 32
+    bits, offset = {"Q5_0": (1, 16), "Q6_K": (2, 32)}.get(name, (1, 0))
+    q = (quants.view(torch.int8).view(out, nb, 32).to(torch.int16) + offset).to(torch.uint8)
+    if bits == 1:  # the byte form's values per 16 are per 32: one of each pair (Q5_0 / Q5_1's: fp16 values, exact)
+        scales, mins = (t[:, ::2].contiguous() if t.numel() else t for t in (scales, mins))
+        if name in ("Q5_0", "Q5_1"):
+            scales, mins = (t.half().view(torch.int16) if t.numel() else t for t in (scales, mins))
     low = q & 0x0F
     packed = low[..., :16] | (low[..., 16:] << 4)  # Q4_1's order: low nibbles are weights 0..15
-    nibbles, grouped_scales, _ = interleave_q4_rows(packed.reshape(out, nb * 16), scales, torch.empty(0), group)
-    quads = (q >> 4).view(out // group, group, nb, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)  # [group, block, p, k, row, 4]
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1, 1)
-    planes = (quads << shifts).sum(dim=3, dtype=torch.uint8).reshape(out // group, nb, 8 * group)
-    return torch.cat([nibbles, planes], dim=-1), grouped_scales, torch.empty(0)
+    nibbles, scales, mins = interleave_q4_rows(packed.reshape(out, nb * 16), scales, mins, group)
+    quads = (q >> 4).view(out // group, group, nb, bits, 8 // bits, 4).permute(0, 2, 3, 4, 1, 5)  # [.., i, k, row, 4]
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8).view(1, 1, 1, 8 // bits, 1, 1)
+    planes = (quads << shifts).sum(dim=3, dtype=torch.uint8).reshape(out // group, nb, 4 * bits * group)
+    return torch.cat([nibbles, planes], dim=-1), scales, mins
 
 
 def interleave_byte_rows(quants: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int = 16
@@ -354,8 +337,7 @@ def interleave_byte_rows(quants: torch.Tensor, scales: torch.Tensor, mins: torch
 def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int, ids: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows `ids` of split blocks in the row layout (`dequantized` takes it), from the row layout or an interleaved
-    one (`interleave_q4_rows`, `interleave_q5_0_rows`, `interleave_q6_k_rows`, `interleave_byte_rows`): an
-    embedding lookup."""
+    one (`interleave_q4_rows`, `interleave_high_bit_rows`, `interleave_byte_rows`): an embedding lookup."""
     quants, scales, mins = split
     if quants.dim() == 2:
         return tuple(t[ids] if t.numel() else t for t in split)
@@ -370,21 +352,23 @@ def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: in
 
         return rows.reshape(len(ids), nb * 32), per_row(scales), per_row(mins)
     name = GGUF_KERNEL_TYPES[qtype]
-    group = quants.shape[2] // {"Q5_0": 20, "Q6_K": 24}.get(name, 16)
+    bits = 2 if name == "Q6_K" else 1 if qtype in HIGH_BIT_TYPES else 0  # planes beyond the nibbles
+    group = quants.shape[2] // (16 + 4 * bits)
     g, lane = ids // group, ids % group
     packed = quants[..., : 16 * group].reshape(groups, nb, 4, group, 4)[g, :, :, lane]  # [ids, blocks, t, 4]
     weights = torch.stack([packed & 0x0F, packed >> 4], dim=-2).reshape(len(ids), nb, 32)  # (quads 2t and 2t + 1)
-    if name in ("Q5_0", "Q6_K"):  # + the high bits: the byte form (split_gguf_blocks), d x (quant - 16 / 32)
-        bits, offset = (1, 16) if name == "Q5_0" else (2, 32)
-        per_plane = 8 // bits  # quads
-        planes = quants[..., 16 * group :].reshape(groups, nb, bits, group, 4)[g, :, :, lane]  # [ids, blocks, p, 4]
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8).view(per_plane, 1)
-        high = (planes.unsqueeze(-2) >> shifts) & ((1 << bits) - 1)  # [ids, blocks, p, k, 4]: quad p per_plane + k
-        q = (weights | (high.reshape(len(ids), nb, 32) << 4)).to(torch.int8) - offset
-        lane_scales = scales.view(groups, nb, -1, group)[g, :, :, lane].reshape(len(ids), -1)
-        if name == "Q5_0":  # (fp16 per block -> the byte form's float32 per 16)
-            lane_scales = _per16(lane_scales.view(torch.float16).float())
-        return q.view(torch.uint8).reshape(len(ids), -1), lane_scales, mins
+    if bits:  # + the high bits: the byte form (split_gguf_blocks)
+        planes = quants[..., 16 * group :].reshape(groups, nb, bits, group, 4)[g, :, :, lane]  # [ids, blocks, i, 4]
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8).view(8 // bits, 1)
+        high = (planes.unsqueeze(-2) >> shifts) & ((1 << bits) - 1)  # [ids, blocks, i, k, 4]: quad 8 i / bits + k
+        offset = {"Q5_0": 16, "Q6_K": 32}.get(name, 0)
+        q = (weights | (high.reshape(len(ids), nb, 32) << 4)).to(torch.int16) - offset
+        lane_scales, lane_mins = (t.view(groups, nb, -1, group)[g, :, :, lane].reshape(len(ids), -1) if t.numel()
+                                  else t for t in (scales, mins))
+        if bits == 1:  # per 32 -> the byte form's float32 per 16
+            lane_scales, lane_mins = (_per16(t.view(torch.float16).float() if t.dtype == torch.int16 else t)
+                                      for t in (lane_scales, lane_mins))
+        return q.to(torch.int8).view(torch.uint8).reshape(len(ids), -1), lane_scales, lane_mins
     rows = weights[..., :16] | (weights[..., 16:] << 4)  # Q4_1's order: low nibbles are weights 0..15
     return rows.reshape(len(ids), nb * 16), scales[g, :, lane], mins[g, :, lane] if mins.numel() else mins
 
