@@ -185,8 +185,8 @@ void q8_k16_rows(const QuantizedRows& xq, int64_t m0, Weights w, float* y, int64
 // rows: about half the multiply-unit work of the row layout, which bounds large batches.
 
 // Vector t of block `q` of a group of 8 rows unpacked: lo / hi hold quads 2t / 2t+1 (its low / high nibbles) of the 8
-// rows, with the high bits of the 5- and 6-bit types ORed in. (16-bit shifts: the masks keep each byte's own bits, never those
-// shifted in from its neighbour.)
+// rows, with the high bits of the 5- and 6-bit types ORed in. (16-bit shifts: the masks keep each byte's own bits,
+// never those shifted in from its neighbour.)
 template <QType T>
 [[gnu::always_inline]] inline void unpack_nibble_vector8(const uint8_t* q, int t, __m256i& lo, __m256i& hi) {
   const __m256i low = _mm256_set1_epi8(0x0F);

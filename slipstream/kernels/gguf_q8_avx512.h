@@ -24,9 +24,9 @@ inline __m512 load_scales16(const uint16_t* halves, const float* floats, int64_t
 }
 
 // Block gb (group g's block b) of 16-row nibble groups unpacked: lo[t] / hi[t] hold quads 2t / 2t+1 (its low / high
-// nibbles) of the 16 rows, with the high bits of the 5- and 6-bit types ORed in; the weights 12 KB ahead are asked for. (16-bit
-// shifts: the masks keep each byte's own bits, never those shifted in from its neighbour; ternary logic 0xF8 is
-// A | (B & C).)
+// nibbles) of the 16 rows, with the high bits of the 5- and 6-bit types ORed in; the weights 12 KB ahead are asked
+// for. (16-bit shifts: the masks keep each byte's own bits, never those shifted in from its neighbour; ternary logic
+// 0xF8 is A | (B & C).)
 template <QType T>
 [[gnu::always_inline]] inline void unpack_nibble_block(const Weights& w, int64_t gb, __m512i lo[4], __m512i hi[4]) {
   const uint8_t* q = w.qs + gb * group_block_bytes<T, 16>();
@@ -105,9 +105,10 @@ void q4x16_groups(const int8_t* xq, const float* xd, const float* xs, const floa
 }
 
 // As q4x16_groups for group g and `rows` (<= 64) activation rows, each block's weights unpacked once for all of them:
-// they pass it in pieces of up to PIECE, their outputs gathering in a tile in L1. Where unpacking is costly (the 5- and
-// 6-bit types' high bits), once per block rather than once per piece of 4 rows: Q6_K's 576x1536 at 8 / 32 / 64 rows 20 / 31
-// / 28 % faster, Q5_0's 960x576 2 / 9 / 6 % (AMD EPYC Zen 4); Q4's, cheaper to unpack, lost as much to the tile.
+// they pass it in pieces of up to PIECE, their outputs gathering in a tile in L1. Where unpacking is costly (the 5-
+// and 6-bit types' high bits), once per block rather than once per piece of 4 rows: Q6_K's 576x1536 at 8 / 32 / 64
+// rows 20 / 31 / 28 % faster, Q5_0's 960x576 2 / 9 / 6 % (AMD EPYC Zen 4); Q4's, cheaper to unpack, lost as much to
+// the tile.
 template <QType T, int PIECE>
 void q4x16_group_tile(const int8_t* xq, const float* xd, const float* xs, const float* xhs, int64_t stride, int64_t m0,
                       int64_t rows, Weights w, float* y, int64_t K, int64_t N, int64_t g) {
