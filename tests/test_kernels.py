@@ -263,21 +263,17 @@ def test_gguf_linear_q8_interleaved_high_bits_match_rounded_activations(ops, qty
     assert (got - exact).abs().max() < 0.03 * exact.abs().max()
 
 
-@pytest.mark.parametrize("qtype", [8, 6, 7, 13, 14])  # Q8_0, and the byte form of Q5_0, Q5_1, Q5_K, Q6_K
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 70])
-def test_gguf_linear_q8_interleaved_bytes_match_rounded_activations(ops, qtype, rows):
-    """Byte rows by 16 on AVX-512 VNNI (an LM head's Q8_0; a Q4_K_M file's Q6_K down projections and mixed q/k/v in
-    the byte form, scales and mins per 16): x offset to unsigned, the offset taken back off as 128 x each row's
-    sums of quants; and a tied embedding's lookups in the layout: the gguf package's values, bitwise."""
-    in_features = 512 if GGUF_KERNEL_TYPES[qtype].endswith("_K") else 352  # (2 super-blocks; else 11 blocks)
-    blocks, dense = random_gguf_weight(qtype, 48, in_features, seed=800 + rows)  # 3 groups of 16 rows
-    split = split_gguf_blocks(blocks, qtype)
-    interleaved = interleave_byte_rows(*split, 16)
-    per_block = 1 if qtype == 8 else 2  # scales
-    assert interleaved[0].shape == (3, in_features // 32, 512 + 32 * per_block)
+def test_gguf_linear_q8_interleaved_q8_0_matches_rounded_activations(ops, rows):
+    """Q8_0 rows by 16 on AVX-512 VNNI (an LM head): x offset to unsigned, the offset taken back off as 128 x each
+    row's sum of quants; and a tied embedding's lookups in the layout: the gguf package's values, bitwise."""
+    qtype = 8
+    blocks, dense = random_gguf_weight(qtype, 48, 352, seed=800 + rows)  # 3 groups of 16 rows, 11 blocks
+    interleaved = interleave_byte_rows(*split_gguf_blocks(blocks, qtype), 16)
+    assert interleaved[0].shape == (3, 11, 512 + 32)
     ids = torch.tensor([0, 15, 16, 47, 3, 3])
     assert torch.equal(dequantized(row_blocks(interleaved, qtype, ids), qtype), dense[ids])
-    x = 3 * torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    x = 3 * torch.randn(rows, 352, generator=torch.Generator().manual_seed(rows))
     x[0, 32:64] = 0
     if not ops.q8_group_rows():  # a layout this build does not take
         with pytest.raises(RuntimeError, match="bad interleaved"):

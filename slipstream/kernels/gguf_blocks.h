@@ -47,9 +47,8 @@ constexpr bool has_mins(QType t) {
 //   to quad 4p+k's byte j). Q5_0's and Q6_K's quants, 0..31 / 0..63, are offset by 16 / 32 as Q4_0's by 8. Scales
 //   (and mins) fp16 (Q4_0, Q4_1, Q5_0, Q5_1) or float32 (Q4_K, Q5_K, Q6_K), one a row and block (Q6_K: one per 16
 //   weights, two).
-// - ByteGroups (`interleave_byte_rows`), 16 rows, AVX-512 VNNI: Q8_0 and the byte form of the others: per group and
-//   block, 512 bytes of quants (vector k's lane i: row i's weights 4k..4k+3), then each row's sums of quants (int16)
-//   per scale: one a block (Q8_0, fp16 scales) or two (the byte form, float32 scales and mins per 16).
+// - ByteGroups (`interleave_byte_rows`), 16 rows, AVX-512 VNNI: Q8_0: per group and block, 512 bytes of quants
+//   (vector k's lane i: row i's weights 4k..4k+3), then each row's sum of quants (int16); fp16 scales.
 enum class Layout { Rows, NibbleGroups, ByteGroups };
 // Planes of bits beyond the nibbles in the nibble groups.
 constexpr int high_bit_planes(QType t) {
@@ -71,11 +70,6 @@ constexpr int64_t group_block_bytes() {
 // What the quants of the types without mins are offset by in the nibble groups (Q4_0 as in the file; Q5_0's 0..31,
 // Q6_K's 0..63).
 constexpr float quant_offset(QType t) { return t == QType::Q5_0 ? 16.0f : t == QType::Q6_K ? 32.0f : 8.0f; }
-template <QType T>
-constexpr int byte_group_scales() {  // per block
-  return T == QType::Q8_0 ? 1 : 2;
-}
-
 // Bytes of one 32-weight block's quants.
 template <QType T>
 constexpr int quant_bytes() {
@@ -192,9 +186,9 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
   const int64_t per_block = bytes ? 2 : nibble_group_scales(type);  // scales
   int64_t q_bytes = nb * (type == QType::Q8_0 ? 32 : nibble_group_row_bytes(type));  // (5-6 bits: nibble groups)
   if (is_half(type)) q_bytes = 2 * K;
-  else if (layout == Layout::ByteGroups) q_bytes = nb * (32 + 2 * per_block);  // (quants and their sums)
+  else if (layout == Layout::ByteGroups) q_bytes = nb * (32 + 2);  // (quants and their sums)
   else if (bytes) q_bytes = K;
-  TORCH_CHECK(layout != Layout::ByteGroups || type == QType::Q8_0 || bytes, "bad interleaved bytes");
+  TORCH_CHECK(layout != Layout::ByteGroups || type == QType::Q8_0, "bad interleaved bytes");
   TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.dim() == 2 && qs.size(1) == q_bytes,
               "bad GGUF weight");
   Weights w{qs.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, nullptr};

@@ -361,18 +361,17 @@ void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64
 }
 
 #if defined(__AVX512VNNI__)
-// Byte rows interleaved by 16 (gguf_q8_avx512.h).
-template <QType T>
-void byte_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
+// Q8_0 rows interleaved by 16 (gguf_q8_avx512.h).
+void q8_0_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const QuantizedRows xq = quantize_rows(x, M, K);
   std::vector<uint8_t> xu(xq.q.size());
   for (size_t i = 0; i < xu.size(); ++i) xu[i] = static_cast<uint8_t>(xq.q[i]) ^ 0x80;
   at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
     for (int64_t mc = 0; mc < M; mc += 64)  // (as q4_groups_linear_impl: a group's 16 rows stay in L1)
       for (int64_t g = begin; g < end; ++g)
-        for_row_pieces<byte_group_scales<T>() == 1 ? 8 : 4>(std::min<int64_t>(64, M - mc), [&](auto mm, int64_t m0) {
-          avx512::byte_x16_groups<T, decltype(mm)::value>(xu.data(), xq.scale.data(), xq.half_sum.data(), xq.stride,
-                                                          mc + m0, w, y, K, N, g, g + 1);
+        for_row_pieces<8>(std::min<int64_t>(64, M - mc), [&](auto mm, int64_t m0) {
+          avx512::q8_0_x16_groups<decltype(mm)::value>(xu.data(), xq.scale.data(), xq.stride, mc + m0, w, y, K, N, g,
+                                                       g + 1);
         });
   });
 }
@@ -415,13 +414,11 @@ int64_t q4_group_rows() {
 at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
   TORCH_CHECK(!is_half(static_cast<QType>(qtype)), "gguf_linear_q8 takes quantized blocks, not F16 / BF16 rows");
   const auto type = static_cast<QType>(qtype);
-  if (qs.dim() == 3 && (type == QType::Q8_0 || is_k16(type)) && qs.size(2) >= 512) {  // byte rows by 16
+  if (qs.dim() == 3 && type == QType::Q8_0) {  // Q8_0 rows by 16
 #if defined(__AVX512VNNI__)
-    return run_gguf_linear(x, qs.view({qs.size(0) * 16, -1}), scales.view({qs.size(0) * 16, -1}),
-                           mins.numel() ? mins.view({qs.size(0) * 16, -1}) : mins, qtype,
+    return run_gguf_linear(x, qs.view({qs.size(0) * 16, -1}), scales.view({qs.size(0) * 16, -1}), mins, qtype,
                            [](auto type, auto... args) {
-                             constexpr QType T = decltype(type)::value;
-                             if constexpr (T == QType::Q8_0 || is_k16(T)) byte_groups_linear_impl<T>(args...);
+                             if constexpr (decltype(type)::value == QType::Q8_0) q8_0_groups_linear_impl(args...);
                            }, Layout::ByteGroups);
 #else
     TORCH_CHECK(false, "bad interleaved bytes: rows interleaved by 16 take the AVX-512 VNNI build");

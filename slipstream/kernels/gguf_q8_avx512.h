@@ -128,52 +128,41 @@ void q4x16_group_tile(const int8_t* xq, const float* xd, const float* xs, const 
   for (int64_t m = 0; m < rows; ++m) _mm512_storeu_ps(y + (m0 + m) * N + 16 * g, tile[m]);
 }
 
-// Byte rows interleaved by 16 (gguf_blocks.h's ByteGroups, `interleave_byte_rows`): Q8_0 (an LM head under w4a8)
-// and the byte form of Q5_0 / Q5_1 / Q5_K / Q6_K (a Q4_K_M file's down projections and mixed q/k/v). For rows
+// Q8_0 rows interleaved by 16 (gguf_blocks.h's ByteGroups, `interleave_byte_rows`): an LM head under w4a8. For rows
 // 16g..16g+15 and block b, eight 64-byte vectors, vector k's lane i (4 bytes) being row 16g+i's weights 4k..4k+3. One
 // vpdpbusd against a broadcast quad of x advances sixteen rows, where byte_rows reduces each row across its lanes at
 // the end. vpdpbusd takes one side unsigned: x's quants offset by 128 (`xu`, x ^ 0x80), the offset taken back off as
-// 128 times each row's sum of quants per scale (int16, after the quants): exact in int32. The byte form's two scales
-// a block (and mins, which meet the sums of x's rounded halves, `xhs`) take vectors 0-3 and 4-7 apart.
-template <QType T, int MM>
-void byte_x16_groups(const uint8_t* xu, const float* xd, const float* xhs, int64_t stride, int64_t m0, Weights w,
-                     float* y, int64_t K, int64_t N, int64_t g0, int64_t g1) {
-  constexpr int H = byte_group_scales<T>();  // scales a block
+// 128 times each row's sum of quants (int16, after the quants): exact in int32.
+template <int MM>
+void q8_0_x16_groups(const uint8_t* xu, const float* xd, int64_t stride, int64_t m0, Weights w, float* y, int64_t K,
+                     int64_t N, int64_t g0, int64_t g1) {
+  constexpr int64_t BYTES = 512 + 32;  // a group's block: quants, then the rows' sums
   const int64_t nb = K / QK;
   const uint8_t* xb = xu + m0 * K;
   xd += m0 * stride;
-  xhs += m0 * 2 * stride;
   for (int64_t g = g0; g < g1; ++g) {
     __m512 acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t gb = g * nb + b;
-      const uint8_t* q = w.qs + gb * (512 + 32 * H);
-      prefetch_groups_ahead<T, Layout::ByteGroups, 16, 512 + 32 * H, H>(w, gb);
-      __m512i sum[H][MM];
-      for (int h = 0; h < H; ++h)
-        for (int m = 0; m < MM; ++m) sum[h][m] = _mm512_setzero_si512();
+      const uint8_t* q = w.qs + gb * BYTES;
+      prefetch_groups_ahead<QType::Q8_0, Layout::ByteGroups, 16, BYTES>(w, gb);
+      __m512i sum[MM];
+      for (int m = 0; m < MM; ++m) sum[m] = _mm512_setzero_si512();
       for (int k = 0; k < 8; ++k) {
         const __m512i wv = _mm512_loadu_si512(q + 64 * k);
         for (int m = 0; m < MM; ++m) {
           int32_t quad;
           std::memcpy(&quad, xb + m * K + b * QK + 4 * k, 4);
-          sum[k * H / 8][m] = _mm512_dpbusd_epi32(sum[k * H / 8][m], _mm512_set1_epi32(quad), wv);
+          sum[m] = _mm512_dpbusd_epi32(sum[m], _mm512_set1_epi32(quad), wv);
         }
       }
-      for (int h = 0; h < H; ++h) {
-        const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 512 + 32 * h));
-        const __m512i offset = _mm512_slli_epi32(_mm512_cvtepi16_epi32(sums), 7);
-        const __m512 d = load_scales16<T, Layout::ByteGroups>(w.scales, w.fscales, (gb * H + h) * 16);
-        [[maybe_unused]] __m512 min;
-        if constexpr (has_mins(T)) min = _mm512_loadu_ps(w.fmins + (gb * H + h) * 16);
-        for (int m = 0; m < MM; ++m) {
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum[h][m], offset)),
-                                   _mm512_mul_ps(d, _mm512_set1_ps(xd[m * stride + b])), acc[m]);
-          if constexpr (has_mins(T))
-            acc[m] = _mm512_fmadd_ps(min, _mm512_set1_ps(xhs[m * 2 * stride + 2 * b + h]), acc[m]);
-        }
-      }
+      const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 512));
+      const __m512i offset = _mm512_slli_epi32(_mm512_cvtepi16_epi32(sums), 7);
+      const __m512 d = load_scales16<QType::Q8_0, Layout::ByteGroups>(w.scales, w.fscales, gb * 16);
+      for (int m = 0; m < MM; ++m)
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum[m], offset)),
+                                 _mm512_mul_ps(d, _mm512_set1_ps(xd[m * stride + b])), acc[m]);
     }
     for (int m = 0; m < MM; ++m) _mm512_storeu_ps(y + (m0 + m) * N + 16 * g, acc[m]);
   }

@@ -57,13 +57,11 @@ def int8_layout(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: i
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split blocks (row layout) in the layout this CPU's int8 kernel (gguf_linear_q8) multiplies fastest, where
     their row count allows: Q4_0 / Q4_1 / Q4_K interleaved by 8 or 16 rows (`interleave_q4_rows`), and on AVX-512
-    VNNI Q8_0 and the byte form (Q5_0 / Q5_1 / Q5_K / Q6_K) by 16 (`interleave_byte_rows`). (The byte form's types
-    fare better still in nibble groups where their rows allow: kernel_layout.)"""
+    VNNI Q8_0 by 16 (`interleave_byte_rows`). (The 5- and 6-bit types take nibble groups: kernel_layout.)"""
     table, out = kernels(), split[0].shape[0]
     if qtype in Q4_TYPES and out % table.q4_group_rows() == 0:
         return interleave_q4_rows(*split, table.q4_group_rows())
-    if (GGUF_KERNEL_TYPES[qtype] == "Q8_0" or GGUF_KERNEL_TYPES[qtype] in _BYTE_FORM) \
-            and (group := table.q8_group_rows()) and out % group == 0:
+    if GGUF_KERNEL_TYPES[qtype] == "Q8_0" and (group := table.q8_group_rows()) and out % group == 0:
         return interleave_byte_rows(*split, group)
     return split
 
@@ -314,24 +312,19 @@ def interleave_high_bit_rows(split: tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def interleave_byte_rows(quants: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int = 16
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split Q8_0 blocks, or the byte form of another type (a byte a weight, float32 scales and mins per 16) -> the
-    layout gguf_linear_q8 multiplies 16 rows at a time on AVX-512 VNNI: quants [out / 16, blocks, 512 + 32 s] where
-    s is the scales a block (Q8_0 1, the byte form 2): for each group of rows and block, vector k (64 bytes) holds
-    quad k (weights 4k..4k+3) of each of the 16 rows, lane i being row 16g + i, and then each row's sums of quants
-    per scale (int16 [s, 16]), which the kernel's offset x takes back; scales (and mins) [out / 16, blocks, 16 s],
-    row-minor within each of the block's s."""
+    """Split Q8_0 blocks -> the layout gguf_linear_q8 multiplies 16 rows at a time on AVX-512 VNNI: quants [out / 16,
+    blocks, 512 + 32]: for each group of rows and block, vector k (64 bytes) holds quad k (weights 4k..4k+3) of each of
+    the 16 rows, lane i being row 16g + i, and then each row's sum of quants (int16 [16]), which the kernel's offset x
+    takes back; fp16 scales [out / 16, blocks, 16], row-minor."""
     out, nb = quants.shape[0], quants.shape[1] // 32
-    per_block = scales.shape[1] // nb
     q = quants.view(torch.int8).view(out // group, group, nb, 8, 4)
     packed = q.permute(0, 2, 3, 1, 4).reshape(out // group, nb, 32 * group).view(torch.uint8)
-    sums = q.view(out // group, group, nb, per_block, -1).sum(-1, dtype=torch.int32).to(torch.int16)
+    sums = q.sum((-2, -1), dtype=torch.int32).to(torch.int16).transpose(1, 2)  # [out / 16, nb, 16]
 
-    def by_group(t: torch.Tensor) -> torch.Tensor:  # [out, nb s] -> [out / 16, nb, s 16]
-        t = t.view(out // group, group, nb, per_block).permute(0, 2, 3, 1)
-        return t.reshape(out // group, nb, per_block * group).contiguous() if t.numel() else t
+    def by_group(t: torch.Tensor) -> torch.Tensor:  # [out, nb] -> [out / 16, nb, 16]
+        return t.view(out // group, group, nb).transpose(1, 2).contiguous()
 
-    interleaved = torch.cat([packed, by_group(sums.view(out, -1)).view(torch.uint8)], dim=-1)
-    return interleaved, by_group(scales), by_group(mins) if mins.numel() else mins
+    return torch.cat([packed, sums.contiguous().view(torch.uint8)], dim=-1), by_group(scales), mins
 
 
 def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int, ids: torch.Tensor
@@ -342,15 +335,10 @@ def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: in
     if quants.dim() == 2:
         return tuple(t[ids] if t.numel() else t for t in split)
     groups, nb = quants.shape[:2]
-    if quants.shape[2] >= 512:  # byte rows by 16 (interleave_byte_rows): Q8_0, or the byte form's per 16
-        per_block = scales.shape[2] // 16
+    if GGUF_KERNEL_TYPES[qtype] == "Q8_0":  # rows by 16 (interleave_byte_rows)
         g, lane = ids // 16, ids % 16
         rows = quants[..., :512].reshape(groups, nb, 8, 16, 4)[g, :, :, lane]  # [ids, blocks, quad, 4]
-
-        def per_row(t: torch.Tensor) -> torch.Tensor:
-            return t.view(groups, nb, per_block, 16)[g, :, :, lane].reshape(len(ids), -1) if t.numel() else t
-
-        return rows.reshape(len(ids), nb * 32), per_row(scales), per_row(mins)
+        return rows.reshape(len(ids), nb * 32), scales[g, :, lane], mins
     name = GGUF_KERNEL_TYPES[qtype]
     bits = 2 if name == "Q6_K" else 1 if qtype in HIGH_BIT_TYPES else 0  # planes beyond the nibbles
     group = quants.shape[2] // (16 + 4 * bits)
