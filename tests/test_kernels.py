@@ -2,6 +2,9 @@
 the tiling handles (8/4/2/1 pieces) and output sizes that are not a multiple of the row tile."""
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -294,6 +297,23 @@ def test_a_q4_embedding_under_w4a8_looks_its_rows_up_in_the_interleaved_blocks(q
     assert embedding.gguf_parts[0].split[0].dim() == 3 and not embedding.weight.numel()  # interleaved, no float32 copy
     ids = torch.tensor([[0, 5], [33, 63]])
     assert torch.equal(embedding(ids), dense[ids])
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_start(ops):
+    """A server stopped while it compiled the kernels leaves torch's build lock file behind; the next start must not
+    wait on it forever (it did): it finds no live build holding the build directory and removes the stale lock."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    variant = next(v for v in dispatch.VARIANTS if dispatch.build(v) is ops)
+    lock = Path(_get_build_directory(f"slipstream_cpu_kernels_{variant.name}", verbose=False)) / "lock"
+    lock.touch()
+    try:
+        code = (f"from slipstream.kernels import dispatch; "
+                f"assert dispatch.build(next(v for v in dispatch.VARIANTS if v.name == {variant.name!r}))")
+        subprocess.run([sys.executable, "-c", code], timeout=600, check=True)
+        assert not lock.exists()
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def test_self_check_passes(ops):

@@ -17,6 +17,8 @@ weight type touches this module and its kernels only.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -136,19 +138,37 @@ def build(variant: CpuVariant):
     """The compiled module of `variant` (built on first use, then loaded from torch's cache), or None when this
     machine cannot build it (no compiler, no ninja)."""
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        here = Path(__file__).parent
-        return load(
-            name=f"slipstream_cpu_kernels_{variant.name}",
-            sources=sorted(str(f) for f in here.glob("*.cpp")),
-            extra_cflags=["-O3", *variant.cflags, "-fopenmp"],
-            extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP from the header: without it, 1 thread
-            verbose=False,
-        )
+        here, name = Path(__file__).parent, f"slipstream_cpu_kernels_{variant.name}"
+        build_directory = _get_build_directory(name, verbose=False)
+        with _one_build_at_a_time(Path(build_directory)):
+            return load(
+                name=name,
+                sources=sorted(str(f) for f in here.glob("*.cpp")),
+                extra_cflags=["-O3", *variant.cflags, "-fopenmp"],
+                extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP from the header: without it, 1 thread
+                build_directory=build_directory,
+                verbose=False,
+            )
     except Exception as e:
         logger.warning("CPU kernels (%s) unavailable (%s); using plain PyTorch ops", variant.name, e)
         return None
+
+
+@contextlib.contextmanager
+def _one_build_at_a_time(build_directory: Path):
+    """torch's build lock is a bare file: a build killed midway (a server stopped while it compiled) leaves it behind,
+    and every later start waited on it forever. An flock around the build, which the system releases when its holder
+    dies, tells a live build from a dead one: whoever holds it finds a lock file left there stale, and removes it."""
+    build_directory.mkdir(parents=True, exist_ok=True)
+    with open(build_directory / "slipstream.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # (waits while another process builds)
+        stale = build_directory / "lock"
+        if stale.exists():
+            logger.warning("removing %s, left by a build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        yield
 
 
 @dataclass
