@@ -244,7 +244,7 @@ template <QType T, int MM, typename Acc>
   constexpr int S = nibble_group_scales(T);
   for (int h = 0; h < S; ++h) {
     const __m256 d = load_scales<T, Layout::NibbleGroups>(w.scales, w.fscales, (gb * S + h) * 8, 8);
-    // Q4_1 / Q4_K: + min * sum(x); the others' quants are offset by 8 / 16 / 32: - offset * d * sum(x).
+    // The types with mins: + min * sum(x); the others' quants are offset by 8 / 16 / 32: - offset * d * sum(x).
     __m256 offset;
     if constexpr (has_mins(T)) offset = load_scales<T, Layout::NibbleGroups>(w.mins, w.fmins, gb * 8, 8);
     else offset = _mm256_mul_ps(d, _mm256_set1_ps(-quant_offset(T)));

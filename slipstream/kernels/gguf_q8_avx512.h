@@ -71,7 +71,7 @@ template <QType T, int MM, typename Acc>
     }
   for (int h = 0; h < S; ++h) {
     const __m512 d = load_scales16<T, Layout::NibbleGroups>(w.scales, w.fscales, (gb * S + h) * 16);
-    // Q4_1 / Q4_K: + min * sum(x); the others' quants are offset by 8 / 16 / 32: - offset * d * sum(x).
+    // The types with mins: + min * sum(x); the others' quants are offset by 8 / 16 / 32: - offset * d * sum(x).
     __m512 offset;
     if constexpr (has_mins(T)) offset = load_scales16<T, Layout::NibbleGroups>(w.mins, w.fmins, gb * 16);
     else offset = _mm512_mul_ps(d, _mm512_set1_ps(-quant_offset(T)));

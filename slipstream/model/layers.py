@@ -373,11 +373,16 @@ def gguf_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) ->
     if kernel is None:  # the dense weight, or the blocks' values for this call (a GEMM beats the block kernels)
         if (half_linear := table.rounded_half_linear(layer, x.shape[0])) is not None:
             return half_linear(layer.bf16_packed, x, bias)
-        weight = layer.weight if layer.weight.numel() else torch.cat([dequantized(*p) for p in layer.gguf_parts])
-        return table.dense_linear(x, weight.to(x.dtype))(x, weight.to(x.dtype), bias)
-    ys = [kernel(x, *split, qtype) for split, qtype in layer.gguf_parts]
-    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+        weight = layer.weight if layer.weight.numel() else _side_by_side([dequantized(*p) for p in layer.gguf_parts], 0)
+        weight = weight.to(x.dtype)
+        return table.dense_linear(x, weight)(x, weight, bias)
+    y = _side_by_side([kernel(x, *split, qtype) for split, qtype in layer.gguf_parts], -1)
     return y if bias is None else y + bias
+
+
+def _side_by_side(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """A fused layer's parts joined (no copy for a layer of one part, the usual case)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _shard(t: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor:
