@@ -22,6 +22,7 @@ from scoring import agreement_and_error, greedy_sequences, scores
 from slipstream import LLM, SamplingParams
 from slipstream.kernels import GGUF_KERNEL_TYPES, kernels
 from slipstream.kernels.selfcheck import random_gguf_weight
+from slipstream.model.layers import is_high_bit_rows
 from slipstream.model.loader import default_model_path
 
 K_TYPES = [t for t, name in GGUF_KERNEL_TYPES.items() if name.endswith("_K")]
@@ -133,6 +134,10 @@ def test_a_k_quant_gguf_matches_transformers(k_quant_gguf, caplog):
     for name in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"):
         assert f"{name} x {sum(v == name for v in types.values())}" in caplog.text  # the load report
         assert f"{name} by gguf_linear" in caplog.text
+    for name in ("Q5_0", "Q5_1", "Q5_K"):  # at their 5 bits a weight where the kernels take them so (AVX-512)
+        layers = [lin for lin in llm.engine.runner.model.linear_layers() if lin.gguf_label == name]
+        assert layers and all(is_high_bit_rows(lin.gguf_parts[0].split) == kernels().serves_high_bit_rows()
+                              for lin in layers), name
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
     want = transformers_reference(path, prompts)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)

@@ -15,12 +15,22 @@ from server_utils import running_server
 from torch.utils.cpp_extension import is_ninja_available
 
 from slipstream import SamplingParams
-from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_TYPES, HIGH_BIT_TYPES, Q4_TYPES, dispatch
+from slipstream.kernels import (
+    FIVE_BIT_TYPES,
+    GGUF_KERNEL_TYPES,
+    HALF_TYPES,
+    HIGH_BIT_TYPES,
+    Q4_TYPES,
+    dispatch,
+    kernels,
+)
 from slipstream.kernels.selfcheck import BREAK_ENV, q8_reference, random_gguf_weight, self_check
 from slipstream.model.layers import (
     VocabParallelEmbedding,
     attach_gguf_blocks,
+    dequantize_blocks,
     dequantized,
+    high_bit_rows,
     interleave_byte_rows,
     interleave_high_bit_rows,
     interleave_q4_rows,
@@ -65,6 +75,39 @@ def test_gguf_dequantize_gives_the_gguf_packages_values(ops, qtype):
     assert torch.equal(ops.gguf_dequantize(*split, qtype), dense)
     ids = torch.tensor([5, 0, 36, 5])
     assert torch.equal(ops.gguf_dequantize(*(t[ids] if t.numel() else t for t in split), qtype), dense[ids])
+
+
+@pytest.mark.parametrize("qtype", sorted(FIVE_BIT_TYPES))
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 15, 40])
+def test_gguf_linear_takes_the_five_bit_types_at_five_bits_a_weight(ops, qtype, rows):
+    """Q5_0 / Q5_1 / Q5_K as high_bit_rows lays them out (nibbles and a word of fifth bits, 20 bytes a block where
+    the byte form takes 32): the same matmul, and gguf_dequantize the gguf package's values bitwise."""
+    if not ops.high_bit_rows():
+        pytest.skip("5-bit rows are the AVX-512 variant's (this build takes the byte form)")
+    in_features = 512 if GGUF_KERNEL_TYPES[qtype].endswith("_K") else 320
+    blocks, dense = random_gguf_weight(qtype, 37, in_features, seed=qtype * 100 + rows)
+    split = split_gguf_blocks(blocks, qtype)
+    rows_of_five_bits = high_bit_rows(split, qtype)
+    assert rows_of_five_bits[0].numel() * 32 == split[0].numel() * 20
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    torch.testing.assert_close(ops.gguf_linear(x, *rows_of_five_bits, qtype), F.linear(x, dense), rtol=1e-5,
+                               atol=1e-4)
+    assert torch.equal(ops.gguf_dequantize(*rows_of_five_bits, qtype), dense)
+
+
+@pytest.mark.parametrize("qtype", sorted(FIVE_BIT_TYPES))
+def test_five_bit_rows_give_the_gguf_packages_values_to_every_reader(qtype):
+    """Where the kernels take the 5-bit types at 5 bits a weight, a layer keeps them so in exact mode; the PyTorch
+    fallback and an embedding's lookups read the same values as the gguf package."""
+    in_features = 256 if GGUF_KERNEL_TYPES[qtype].endswith("_K") else 128
+    blocks, dense = random_gguf_weight(qtype, 64, in_features, seed=qtype)
+    assert torch.equal(dequantize_blocks(high_bit_rows(split_gguf_blocks(blocks, qtype), qtype), qtype), dense)
+    embedding = VocabParallelEmbedding(64, in_features)
+    attach_gguf_blocks(embedding, blocks, qtype, int8_activations=False)
+    quants = embedding.gguf_parts[0].split[0]
+    assert quants.shape[1] == (in_features // 32 * 20 if kernels().serves_high_bit_rows() else in_features)
+    ids = torch.tensor([[0, 5], [33, 63]])
+    assert torch.equal(embedding(ids), dense[ids])
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])

@@ -3,6 +3,7 @@
 unknown CPU costs speed, never correctness."""
 
 from slipstream.kernels.dispatch import (
+    FIVE_BIT_TYPES,
     GGUF_KERNEL_TYPES,
     HALF_DTYPES,
     HALF_TYPES,
@@ -12,4 +13,13 @@ from slipstream.kernels.dispatch import (
     kernels,
 )
 
-__all__ = ["GGUF_KERNEL_TYPES", "HALF_DTYPES", "HALF_TYPES", "Q4_TYPES", "HIGH_BIT_TYPES", "KernelTable", "kernels"]
+__all__ = [
+    "FIVE_BIT_TYPES",
+    "GGUF_KERNEL_TYPES",
+    "HALF_DTYPES",
+    "HALF_TYPES",
+    "Q4_TYPES",
+    "HIGH_BIT_TYPES",
+    "KernelTable",
+    "kernels",
+]

@@ -42,6 +42,8 @@ GGUF_KERNEL_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: 
 # types (Q5_0, Q5_1, Q5_K, Q6_K), which it takes so with planes of their high bits (`interleave_high_bit_rows`).
 Q4_TYPES = frozenset({2, 3, 12})
 HIGH_BIT_TYPES = frozenset({6, 7, 13, 14})
+# The 5-bit ones, which gguf_linear (float32 activations) takes at 5 bits a weight too on AVX-512 (`high_bit_rows`).
+FIVE_BIT_TYPES = frozenset({6, 7, 13})
 # Half-precision rows, which gguf_linear takes too (float32 activations): a bf16 / fp16 checkpoint's own weights,
 # exact in float32, at half float32's bytes.
 HALF_TYPES = {1: "F16", 30: "BF16"}
@@ -262,6 +264,11 @@ class KernelTable:
         BF16 / F16 rows) with float32 activations, the type these kernels take — rather than plain PyTorch in that
         dtype, which on a CPU has no compiled kernel at all."""
         return dtype in HALF_DTYPES.values() and self.serves_gguf_blocks(device, torch.float32, num_ranks, False)
+
+    def serves_high_bit_rows(self) -> bool:
+        """Whether gguf_linear takes the 5-bit types (FIVE_BIT_TYPES) at their own 5 bits a weight (`high_bit_rows`:
+        AVX-512, a lookup in a table of 32) rather than a byte a weight."""
+        return self.has("gguf_linear") and self.ops.high_bit_rows()
 
     def q4_group_rows(self) -> int:
         """Rows per group of the nibble groups (`interleave_q4_rows`, `interleave_high_bit_rows`) that

@@ -49,7 +49,10 @@ constexpr bool has_mins(QType t) {
 //   weights, two).
 // - ByteGroups (`interleave_byte_rows`), 16 rows, AVX-512 VNNI: Q8_0: per group and block, 512 bytes of quants
 //   (vector k's lane i: row i's weights 4k..4k+3), then each row's sum of quants (int16); fp16 scales.
-enum class Layout { Rows, NibbleGroups, ByteGroups };
+// - HighBitRows (`high_bit_rows`), gguf_linear's on AVX-512: the 5-bit types (Q5_0, Q5_1, Q5_K) row after row at
+//   their own 5 bits a weight: per row and block 16 bytes of nibbles in Q4_1's order, then 4 bytes whose bit i is
+//   weight i's fifth; quants 0..31 (Q5_0's offset by 16); scales (and mins) per 32 weights, fp16 for Q5_0 / Q5_1.
+enum class Layout { Rows, NibbleGroups, ByteGroups, HighBitRows };
 // Planes of bits beyond the nibbles in the nibble groups.
 constexpr int high_bit_planes(QType t) {
   return t == QType::Q6_K ? 2 : t == QType::Q5_0 || t == QType::Q5_1 || t == QType::Q5_K ? 1 : 0;
@@ -61,7 +64,14 @@ constexpr int nibble_group_scales(QType t) { return t == QType::Q6_K ? 2 : 1; } 
 // in the nibble groups (the file's d and m, exact; their byte form's per-16 values are float32, as are the K-quants'
 // products of two).
 constexpr bool half_scales(QType t, Layout layout) {
-  return is_classic(t) || ((t == QType::Q5_0 || t == QType::Q5_1) && layout == Layout::NibbleGroups);
+  return is_classic(t) ||
+         ((t == QType::Q5_0 || t == QType::Q5_1) && (layout == Layout::NibbleGroups || layout == Layout::HighBitRows));
+}
+// The row layout of quants [N, row bytes] for K weights a row: a 5-bit type's HighBitRows (20 bytes a block, where its
+// byte form takes 32), else Rows.
+inline Layout row_layout(QType t, int64_t row_bytes, int64_t K) {
+  return high_bit_planes(t) == 1 && row_bytes == K / QK * nibble_group_row_bytes(t) ? Layout::HighBitRows
+                                                                                    : Layout::Rows;
 }
 template <QType T, int G>
 constexpr int64_t group_block_bytes() {
@@ -182,7 +192,8 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
   const auto type = static_cast<QType>(qtype);
   TORCH_CHECK(is_classic(type) || type == QType::Q4_K || is_k16(type) || is_half(type), "unsupported GGUF type ",
               qtype);
-  const bool bytes = is_k16(type) && layout != Layout::NibbleGroups;  // a byte a weight, a scale per 16
+  TORCH_CHECK(layout != Layout::HighBitRows || high_bit_planes(type) == 1, "bad 5-bit rows");
+  const bool bytes = is_k16(type) && layout == Layout::Rows;  // a byte a weight, a scale per 16
   const int64_t per_block = bytes ? 2 : nibble_group_scales(type);  // scales
   int64_t q_bytes = nb * (type == QType::Q8_0 ? 32 : nibble_group_row_bytes(type));  // (5-6 bits: nibble groups)
   if (is_half(type)) q_bytes = 2 * K;

@@ -7,8 +7,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "gguf_blocks.h"
@@ -192,9 +193,29 @@ void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int6
 
 // Row n of W as float32, the values the gguf package dequantizes (scale x quant, + min): every product is exact in
 // float32 (an fp16, or a K-quant's fp16 x 6-bit scale, times a quant of at most 6 bits), so only the + min rounds.
-template <QType T>
+template <QType T, Layout L = Layout::Rows>
 void dequantize_row(Weights w, int64_t n, int64_t K, float* out) {
-  if constexpr (is_half(T)) {
+  if constexpr (L == Layout::HighBitRows) {  // (5-bit types: nibbles, then a word of fifth bits, gguf_blocks.h)
+    const int64_t nb = K / QK;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), low = _mm256_set1_epi32(0x0F);
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* block = w.qs + (n * nb + b) * nibble_group_row_bytes(T);
+      const int64_t at = n * nb + b;
+      const float d = half_scales(T, L) ? _cvtsh_ss(w.scales[at]) : w.fscales[at];
+      float min = T == QType::Q5_0 ? -16.0f * d : 0.0f;  // (Q5_0's quants are offset by 16)
+      if constexpr (has_mins(T)) min = half_scales(T, L) ? _cvtsh_ss(w.mins[at]) : w.fmins[at];
+      uint32_t fifth;
+      std::memcpy(&fifth, block + 16, 4);
+      for (int i = 0; i < 4; ++i) {  // weights 8i..8i+7: nibbles of bytes 8(i % 2).., low (i < 2) or high
+        const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 8 * (i % 2))));
+        const __m256i nibble = _mm256_and_si256(i < 2 ? bytes : _mm256_srli_epi32(bytes, 4), low);
+        const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(fifth >> (8 * i)), lane),
+                                             _mm256_set1_epi32(1));
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_or_si256(nibble, _mm256_slli_epi32(bit, 4)));
+        _mm256_storeu_ps(out + b * QK + 8 * i, _mm256_fmadd_ps(q, _mm256_set1_ps(d), _mm256_set1_ps(min)));
+      }
+    }
+  } else if constexpr (is_half(T)) {
     const uint16_t* row = reinterpret_cast<const uint16_t*>(w.qs) + n * K;
     for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(out + k, load_half8<T>(row + k));
   } else if constexpr (is_k16(T)) {
@@ -236,25 +257,54 @@ void dequantize_row(Weights w, int64_t n, int64_t K, float* out) {
 at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
   const auto type = static_cast<QType>(qtype);
   TORCH_CHECK(qs.dim() == 2 && scales.dim() <= 2, "bad GGUF weight (dequantize takes the row layout)");
-  const int64_t K = is_half(type) ? qs.size(1) / 2 : is_k16(type) ? qs.size(1) : scales.size(-1) * QK;
+  int64_t K = is_half(type) ? qs.size(1) / 2 : is_k16(type) ? qs.size(1) : scales.size(-1) * QK;
+  const Layout layout = is_k16(type) ? row_layout(type, qs.size(1), scales.size(-1) * QK) : Layout::Rows;
+  if (layout == Layout::HighBitRows) K = scales.size(-1) * QK;  // (a scale per 32 weights)
   auto out = at::empty({qs.size(0), K}, at::kFloat);
   float* op = out.data_ptr<float>();
   // (run_gguf_linear's checks and dispatch, on no activation rows: y is [0, N])
-  run_gguf_linear(at::empty({0, K}, at::kFloat), qs, scales, mins, qtype,
-                  [&](auto type, const float*, Weights w, float*, int64_t, int64_t K, int64_t N) {
-                    constexpr QType T = decltype(type)::value;
-                    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-                      for (int64_t n = n0; n < n1; ++n) dequantize_row<T>(w, n, K, op + n * K);
-                    });
-                  });
+  run_gguf_linear(
+      at::empty({0, K}, at::kFloat), qs, scales, mins, qtype,
+      [&](auto type, const float*, Weights w, float*, int64_t, int64_t K, int64_t N) {
+        constexpr QType T = decltype(type)::value;
+        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+          for (int64_t n = n0; n < n1; ++n) {
+            if constexpr (high_bit_planes(T) == 1)
+              if (layout == Layout::HighBitRows) {
+                dequantize_row<T, Layout::HighBitRows>(w, n, K, op + n * K);
+                continue;
+              }
+            dequantize_row<T>(w, n, K, op + n * K);
+          }
+        });
+      },
+      layout);
   return out;
 }
 
-at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
-#ifdef __AVX512F__  // every type in one kernel (gguf_rows_avx512.h)
-  return run_gguf_linear(x, qs, scales, mins, qtype,
-                         [](auto type, auto... args) { avx512::linear_impl<decltype(type)::value>(args...); });
+bool high_bit_rows() {
+#ifdef __AVX512F__
+  return true;
 #else
+  return false;
+#endif
+}
+
+at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
+  const auto type = static_cast<QType>(qtype);
+  const Layout layout = qs.dim() == 2 ? row_layout(type, qs.size(1), x.size(-1)) : Layout::Rows;
+#ifdef __AVX512F__  // every type in one kernel (gguf_rows_avx512.h), the 5-bit ones in HighBitRows too
+  return run_gguf_linear(
+      x, qs, scales, mins, qtype,
+      [layout](auto type, auto... args) {
+        constexpr QType T = decltype(type)::value;
+        if constexpr (high_bit_planes(T) == 1)
+          if (layout == Layout::HighBitRows) return avx512::linear_impl<T, Layout::HighBitRows>(args...);
+        avx512::linear_impl<T>(args...);
+      },
+      layout);
+#else
+  TORCH_CHECK(layout == Layout::Rows, "this build takes the 5-bit types a byte a weight (HighBitRows: AVX-512)");
   return run_gguf_linear(x, qs, scales, mins, qtype,
                          [](auto type, auto... args) {
                            constexpr QType T = decltype(type)::value;

@@ -11,23 +11,30 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "gguf_blocks.h"
 
 namespace slipstream::avx512 {
 
 // Block (or group) `at`'s scale and min, so that its weights are scale * q + min.
-template <QType T>
+template <QType T, Layout L = Layout::Rows>
 inline float scale_at(const Weights& w, int64_t at) {
-  if constexpr (is_classic(T)) return _cvtsh_ss(w.scales[at]);
+  if constexpr (half_scales(T, L)) return _cvtsh_ss(w.scales[at]);
   else return w.fscales[at];
 }
 
-template <QType T>
+// Whether a type's quants in a layout are offset (Q4_0's by 8 as in the file, Q5_0's by 16 in HighBitRows).
+template <QType T, Layout L>
+constexpr bool offset_quants() {
+  return T == QType::Q4_0 || (T == QType::Q5_0 && L == Layout::HighBitRows);
+}
+
+template <QType T, Layout L = Layout::Rows>
 inline float min_at(const Weights& w, int64_t at, float scale) {
-  if constexpr (T == QType::Q4_0) return -8.0f * scale;  // quants are offset by 8
+  if constexpr (offset_quants<T, L>()) return -quant_offset(T) * scale;
   else if constexpr (!has_mins(T)) return 0.0f;
-  else if constexpr (is_classic(T)) return _cvtsh_ss(w.mins[at]);
+  else if constexpr (half_scales(T, L)) return _cvtsh_ss(w.mins[at]);
   else return w.fmins[at];
 }
 
@@ -44,44 +51,59 @@ inline __m512 load_bytes16(const void* q) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(q))));
 }
 
-// Sixteen blocks' scales and mins from block `at` (count <= 16 of them) as floats.
-template <QType T>
-inline void classic_scales16(const Weights& w, int64_t at, int64_t count, float* d, float* mn) {
+// Sixteen blocks' fp16 scales and mins from block `at` (count <= 16 of them) as floats.
+template <QType T, Layout L>
+inline void half_scales16(const Weights& w, int64_t at, int64_t count, float* d, float* mn) {
   const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
   const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, w.scales + at));
   _mm512_store_ps(d, s);
-  if constexpr (T == QType::Q4_0) _mm512_store_ps(mn, _mm512_mul_ps(s, _mm512_set1_ps(-8.0f)));
+  if constexpr (offset_quants<T, L>()) _mm512_store_ps(mn, _mm512_mul_ps(s, _mm512_set1_ps(-quant_offset(T))));
   else if constexpr (has_mins(T)) _mm512_store_ps(mn, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, w.mins + at)));
 }
 
 // y[m, n] for weight rows [n0, n1) and MM activation rows: each 32 weights (two vectors) are dequantized once and
-// meet the MM rows of x in two accumulator chains per row.
-template <QType T, int MM>
+// meet the MM rows of x in two accumulator chains per row. Layout L: Rows, or a 5-bit type's HighBitRows.
+template <QType T, int MM, Layout L = Layout::Rows>
 void block_rows(const float* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr bool five_bits = L == Layout::HighBitRows;
   const int64_t nb = K / QK;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   // At one or two rows a Q4 block's work is its lookup, and converting its fp16 scale and min there took six
   // instructions, on the pipes the lookup needs: sixteen blocks' are converted at once and broadcast from memory
-  // (30 layers of SmolLM2's matmuls at one row 10 % faster, AMD EPYC Zen 4).
-  constexpr bool scales_in_memory = is_classic(T) && is_q4(T) && MM <= 2;
+  // (30 layers of SmolLM2's matmuls at one row 10 % faster, AMD EPYC Zen 4). So too Q5_0's and Q5_1's at any count.
+  constexpr bool scales_in_memory = half_scales(T, L) && (is_q4(T) || five_bits) && (MM <= 2 || five_bits);
   alignas(64) float scales16[16], mins16[16];
   for (int64_t n = n0; n < n1; ++n) {
     __m512 acc[MM][2];
     for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       __m512 w0, w1;  // weights 32b..32b+15, 32b+16..32b+31
-      if constexpr (is_q4(T)) {
-        // Low nibbles are weights 0..15, high nibbles 16..31; permutexvar reads an index's low 4 bits only.
+      if constexpr (is_q4(T) || five_bits) {
+        // Low nibbles are weights 0..15, high nibbles 16..31.
         const int64_t at = n * nb + b;
         if (scales_in_memory && b % 16 == 0)
-          classic_scales16<T>(w, at, std::min<int64_t>(16, nb - b), scales16, mins16);
-        const float d = scales_in_memory ? scales16[b % 16] : scale_at<T>(w, at);
-        const float min = scales_in_memory ? mins16[b % 16] : min_at<T>(w, at, d);
-        const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(min));
-        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
-            w.qs + (n * nb + b) * 16)));
-        w0 = _mm512_permutexvar_ps(q, table);
-        w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
+          half_scales16<T, L>(w, at, std::min<int64_t>(16, nb - b), scales16, mins16);
+        const float d = scales_in_memory ? scales16[b % 16] : scale_at<T, L>(w, at);
+        const float min = scales_in_memory ? mins16[b % 16] : min_at<T, L>(w, at, d);
+        const uint8_t* block = w.qs + at * (five_bits ? nibble_group_row_bytes(T) : 16);
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
+        if constexpr (five_bits) {
+          // Each weight's fifth bit ORed in from the block's word of them (in mask registers), its value then
+          // converted: one FMA rounds d * q + min as the table's does (as fast as a lookup in a table of 32 through
+          // permutex2var at 1-8 rows, 5-10 % faster at 32-64, AMD EPYC Zen 4).
+          __mmask16 fifth0, fifth1;
+          std::memcpy(&fifth0, block + 16, 2);
+          std::memcpy(&fifth1, block + 18, 2);
+          const __m512i sixteen = _mm512_set1_epi32(16);
+          const __m512i low = _mm512_and_si512(q, _mm512_set1_epi32(0x0F)), high = _mm512_srli_epi32(q, 4);
+          const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(min);
+          w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mask_or_epi32(low, fifth0, low, sixteen)), dv, mv);
+          w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mask_or_epi32(high, fifth1, high, sixteen)), dv, mv);
+        } else {  // a table of the 16 values, looked up by nibble (permutexvar reads an index's low 4 bits only)
+          const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(min));
+          w0 = _mm512_permutexvar_ps(q, table);
+          w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
+        }
       } else if constexpr (T == QType::Q8_0) {
         const uint8_t* q = w.qs + (n * nb + b) * 32;
         const __m512 d = _mm512_set1_ps(scale_at<T>(w, n * nb + b));
@@ -111,10 +133,10 @@ void block_rows(const float* x, Weights w, float* y, int64_t K, int64_t N, int64
 // y [M, N] = x @ dequantize(W)^T over tiles of 16 weight rows, in pieces of up to 8 activation rows (16
 // accumulators) while the piece's rows of x fit in L1 beside the weights (24 KiB), else of up to 4: for the down
 // projection (K = 1536) pieces of 8 read x from L2 for every weight row and measured 1.3x slower than pieces of 4.
-template <QType T>
+template <QType T, Layout L = Layout::Rows>
 void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   auto piece = [&](auto mm, int64_t m0, int64_t n0, int64_t n1) {
-    block_rows<T, decltype(mm)::value>(x + m0 * K, w, y + m0 * N, K, N, n0, n1);
+    block_rows<T, decltype(mm)::value, L>(x + m0 * K, w, y + m0 * N, K, N, n0, n1);
   };
   if (8 * K * sizeof(float) <= 24 * 1024) for_weight_tiles<8>(M, N, piece);
   else for_weight_tiles<4>(M, N, piece);

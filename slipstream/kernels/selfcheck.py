@@ -14,8 +14,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slipstream.kernels.dispatch import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, HIGH_BIT_TYPES, Q4_TYPES
+from slipstream.kernels.dispatch import (
+    FIVE_BIT_TYPES,
+    GGUF_KERNEL_TYPES,
+    HALF_DTYPES,
+    HALF_TYPES,
+    HIGH_BIT_TYPES,
+    Q4_TYPES,
+)
 from slipstream.model.layers import (
+    high_bit_rows,
     interleave_byte_rows,
     interleave_high_bit_rows,
     interleave_q4_rows,
@@ -71,20 +79,29 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5, atol: floa
     return None
 
 
+def _row_layouts(ops, blocks: torch.Tensor, qtype: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The layouts gguf_linear and gguf_dequantize take blocks of `qtype` in with this build: as split, and the 5-bit
+    types at 5 bits a weight where it takes them so."""
+    split = split_gguf_blocks(blocks, qtype)
+    return [split, high_bit_rows(split, qtype)] if qtype in FIVE_BIT_TYPES and ops.high_bit_rows() else [split]
+
+
 def _gguf_linear(ops, perturb: Callable) -> str | None:
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
     for qtype, name in {**GGUF_KERNEL_TYPES, **HALF_TYPES}.items():
         blocks, dense = random_gguf_weight(qtype, 19, 512, qtype)
-        if why := _close(perturb(ops.gguf_linear(x, *split_gguf_blocks(blocks, qtype), qtype)), F.linear(x, dense)):
-            return f"{name}: {why}"
+        for layout in _row_layouts(ops, blocks, qtype):
+            if why := _close(perturb(ops.gguf_linear(x, *layout, qtype)), F.linear(x, dense)):
+                return f"{name}: {why}"
     return None
 
 
 def _gguf_dequantize(ops, perturb: Callable) -> str | None:
     for qtype, name in {**GGUF_KERNEL_TYPES, **HALF_TYPES}.items():
         blocks, dense = random_gguf_weight(qtype, 19, 512, qtype)
-        if not torch.equal(perturb(ops.gguf_dequantize(*split_gguf_blocks(blocks, qtype), qtype)), dense):
-            return f"{name}: not the gguf package's values"
+        for layout in _row_layouts(ops, blocks, qtype):
+            if not torch.equal(perturb(ops.gguf_dequantize(*layout, qtype)), dense):
+                return f"{name}: not the gguf package's values"
     return None
 
 

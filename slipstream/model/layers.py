@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slipstream.kernels import GGUF_KERNEL_TYPES, HALF_DTYPES, HALF_TYPES, HIGH_BIT_TYPES, Q4_TYPES, kernels
+from slipstream.kernels import (
+    FIVE_BIT_TYPES,
+    GGUF_KERNEL_TYPES,
+    HALF_DTYPES,
+    HALF_TYPES,
+    HIGH_BIT_TYPES,
+    Q4_TYPES,
+    kernels,
+)
 from slipstream.kernels.dispatch import pack_rounded_bf16
 from slipstream.model.parallel import all_reduce, gather_last_dim, tp_rank, tp_size
 
@@ -44,13 +52,16 @@ def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, i
 def kernel_layout(blocks: torch.Tensor, qtype: int, int8_activations: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GGUF rows of blocks split (`split_gguf_blocks`: quants [out, blocks * quant bytes], fp16 scales and (Q4_1)
-    mins [out, blocks]) and, with `int8_activations` (`--quantization w4a8`), laid out as this CPU's int8 kernel
-    multiplies them fastest: the 5- and 6-bit types at their own bits a weight (`interleave_high_bit_rows`), the
-    others by `int8_layout`."""
-    group, split = kernels().q4_group_rows(), split_gguf_blocks(blocks, qtype)
-    if int8_activations and qtype in HIGH_BIT_TYPES and blocks.shape[0] % group == 0:
-        return interleave_high_bit_rows(split, qtype, group)
-    return int8_layout(split, qtype) if int8_activations else split
+    mins [out, blocks]) and laid out as this CPU's kernel multiplies them fastest: with `int8_activations`
+    (`--quantization w4a8`) the 5- and 6-bit types at their own bits a weight (`interleave_high_bit_rows`), the others
+    by `int8_layout`; with float32 activations the 5-bit types at 5 bits a weight where gguf_linear takes them so
+    (`high_bit_rows`), the rest as split."""
+    table, split = kernels(), split_gguf_blocks(blocks, qtype)
+    if int8_activations and qtype in HIGH_BIT_TYPES and blocks.shape[0] % table.q4_group_rows() == 0:
+        return interleave_high_bit_rows(split, qtype, table.q4_group_rows())
+    if int8_activations:
+        return int8_layout(split, qtype)
+    return high_bit_rows(split, qtype) if qtype in FIVE_BIT_TYPES and table.serves_high_bit_rows() else split
 
 
 def int8_layout(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int
@@ -144,6 +155,13 @@ def byte_form(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int
     (+ min) as before."""
     quants, scales, mins = split
     name, out = GGUF_KERNEL_TYPES[qtype], quants.shape[0]
+    if qtype in FIVE_BIT_TYPES and is_high_bit_rows(split):
+        blocks = quants.view(out, -1, 20)
+        low = blocks[..., :16]
+        fifth = (blocks[..., 16:].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [out, nb, 4, 8]
+        q = (torch.cat([low & 0x0F, low >> 4], dim=-1) | (fifth.reshape(out, -1, 32) << 4)).to(torch.int8)
+        d, m = (t.view(torch.float16).float() if t.dtype == torch.int16 else t for t in (scales, mins))
+        return (q - 16 if name == "Q5_0" else q).reshape(out, -1).view(torch.uint8), _per16(d), _per16(m)
     if name in _BYTE_FORM:
         return split
     if name == "Q8_0":
@@ -284,6 +302,44 @@ def interleave_q4_rows(
     return packed.reshape(out // group, nb, 16 * group).contiguous(), by_group(scales), by_group(mins)
 
 
+def _unsigned_quants(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The byte form of Q5_0 / Q5_1 / Q5_K / Q6_K -> its quants unsigned, [out, blocks, 32] (Q5_0's 0..31 offset by
+    16, Q6_K's 0..63 by 32), with the 5-bit types' scales and mins per 32 weights (fp16 for Q5_0 / Q5_1: the file's
+    own values, exact), Q6_K's as they are (per 16)."""
+    quants, scales, mins = split
+    name, out = GGUF_KERNEL_TYPES[qtype], quants.shape[0]
+    offset = {"Q5_0": 16, "Q6_K": 32}.get(name, 0)
+    q = (quants.view(torch.int8).view(out, -1, 32).to(torch.int16) + offset).to(torch.uint8)
+    if name != "Q6_K":  # the byte form's values per 16 are per 32: one of each pair
+        scales, mins = (t[:, ::2].contiguous() if t.numel() else t for t in (scales, mins))
+        if name in ("Q5_0", "Q5_1"):
+            scales, mins = (t.half().view(torch.int16) if t.numel() else t for t in (scales, mins))
+    return q, scales, mins
+
+
+def high_bit_rows(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The byte form of Q5_0 / Q5_1 / Q5_K -> rows at the file's 5 bits a weight, as gguf_linear takes them on AVX-512
+    (HighBitRows in gguf_blocks.h): quants [out, blocks * 20], per block 16 bytes of low nibbles in Q4_1's order, then
+    4 bytes whose bit i is weight i's fifth (quants 0..31, Q5_0's offset by 16); scales and mins [out, blocks] per 32
+    weights, fp16 for Q5_0 / Q5_1 (the file's own), float32 for Q5_K. 0.69-0.875 bytes a weight, where the byte form
+    takes 1.25-1.5."""
+    q, scales, mins = _unsigned_quants(split, qtype)
+    out, nb = q.shape[:2]
+    low = q & 0x0F
+    nibbles = low[..., :16] | (low[..., 16:] << 4)  # Q4_1's order: low nibbles are weights 0..15
+    fifth = ((q >> 4).view(out, nb, 4, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    return torch.cat([nibbles, fifth], dim=-1).reshape(out, nb * 20).contiguous(), scales, mins
+
+
+def is_high_bit_rows(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> bool:
+    """Whether split 5-bit blocks are in `high_bit_rows`'s layout (20 bytes and a scale per 32 weights; the byte form
+    has 32 bytes and two scales)."""
+    quants, scales, _ = split
+    return quants.dim() == 2 and quants.shape[1] == 20 * scales.shape[-1]
+
+
 def interleave_high_bit_rows(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int, group: int = 8
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The byte form (split_gguf_blocks) of Q5_0 / Q5_1 / Q5_K / Q6_K -> the layout gguf_linear_q8 multiplies `group`
@@ -293,14 +349,8 @@ def interleave_high_bit_rows(split: tuple[torch.Tensor, torch.Tensor, torch.Tens
     of the bits above: bits p k..p k + p - 1 of byte j of plane i being those of the weight whose low bits are byte j
     of quad 8 i / p + k. Scales and mins [out / group, blocks, group] per 32 weights (Q6_K: [.., 2 group], per 16),
     fp16 for Q5_0 / Q5_1 (the file's own), else float32."""
-    quants, scales, mins = split
-    name, out, nb = GGUF_KERNEL_TYPES[qtype], quants.shape[0], quants.shape[1] // 32
-    bits, offset = {"Q5_0": (1, 16), "Q6_K": (2, 32)}.get(name, (1, 0))
-    q = (quants.view(torch.int8).view(out, nb, 32).to(torch.int16) + offset).to(torch.uint8)
-    if bits == 1:  # the byte form's values per 16 are per 32: one of each pair (Q5_0 / Q5_1's: fp16 values, exact)
-        scales, mins = (t[:, ::2].contiguous() if t.numel() else t for t in (scales, mins))
-        if name in ("Q5_0", "Q5_1"):
-            scales, mins = (t.half().view(torch.int16) if t.numel() else t for t in (scales, mins))
+    q, scales, mins = _unsigned_quants(split, qtype)
+    (out, nb), bits = q.shape[:2], 2 if GGUF_KERNEL_TYPES[qtype] == "Q6_K" else 1
     low = q & 0x0F
     packed = low[..., :16] | (low[..., 16:] << 4)  # Q4_1's order: low nibbles are weights 0..15
     nibbles, scales, mins = interleave_q4_rows(packed.reshape(out, nb * 16), scales, mins, group)
