@@ -6,7 +6,8 @@
 // (`split_gguf_blocks` in layers.py) into exact float32 scales and mins per sub-block (each an fp16 times a
 // small integer: exact in float32): Q4_K as Q4_1's nibble layout per 32 weights with float32 scales [N, nb]
 // and mins [N, nb]; Q5_K and Q6_K as one byte per weight (0..31, -32..31) in blocks of 16 with float32
-// scales [N, K / 16] (and, Q5_K, mins). Q5_0 / Q5_1 (5-bit blocks of 32) take the same byte-per-weight form.
+// scales [N, K / 16] (and, Q5_K, mins). Q5_0 / Q5_1 (5-bit blocks of 32) take the same byte-per-weight form; the
+// layouts below keep the 5- and 6-bit types at their own bits a weight where a kernel takes them so.
 //
 // F16 / BF16 rows [N, 2 K bytes] (no scales) are a half-precision checkpoint's own weights, exact in float32.
 #pragma once

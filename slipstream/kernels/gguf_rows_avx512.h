@@ -5,7 +5,8 @@
 // (scale x quant + min: the product is exact in float32, so one FMA rounds as the package's two operations do)
 // and multiply x with it: the result is x @ dequantize(W)^T up to summation order, with no second term.
 // A Q4 block costs one FMA for the 16 values its nibbles stand for (a table) and two permutes that look the
-// nibbles up in it, where converting them to float took eight instructions.
+// nibbles up in it, where converting them to float took eight instructions. The 5-bit types come a byte a weight
+// (Rows) or at their 5 bits (HighBitRows, what the loader gives this build: gguf_blocks.h).
 #pragma once
 #include <immintrin.h>
 
