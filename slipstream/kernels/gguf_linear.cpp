@@ -207,7 +207,8 @@ void dequantize_row(Weights w, int64_t n, int64_t K, float* out) {
       uint32_t fifth;
       std::memcpy(&fifth, block + 16, 4);
       for (int i = 0; i < 4; ++i) {  // weights 8i..8i+7: nibbles of bytes 8(i % 2).., low (i < 2) or high
-        const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 8 * (i % 2))));
+        const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 8 * (i % 2)));
+        const __m256i bytes = _mm256_cvtepu8_epi32(eight);
         const __m256i nibble = _mm256_and_si256(i < 2 ? bytes : _mm256_srli_epi32(bytes, 4), low);
         const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(fifth >> (8 * i)), lane),
                                              _mm256_set1_epi32(1));
