@@ -82,7 +82,7 @@ def test_gguf_dequantize_gives_the_gguf_packages_values(ops, qtype):
 def test_gguf_linear_takes_the_five_bit_types_at_five_bits_a_weight(ops, qtype, rows):
     """Q5_0 / Q5_1 / Q5_K as high_bit_rows lays them out (nibbles and a word of fifth bits, 20 bytes a block where
     the byte form takes 32): the same matmul, and gguf_dequantize the gguf package's values bitwise."""
-    if not ops.high_bit_rows():
+    if not ops.takes_high_bit_rows():
         pytest.skip("5-bit rows are the AVX-512 variant's (this build takes the byte form)")
     in_features = 512 if GGUF_KERNEL_TYPES[qtype].endswith("_K") else 320
     blocks, dense = random_gguf_weight(qtype, 37, in_features, seed=qtype * 100 + rows)

@@ -268,7 +268,7 @@ class KernelTable:
     def serves_high_bit_rows(self) -> bool:
         """Whether gguf_linear takes the 5-bit types (FIVE_BIT_TYPES) at their own 5 bits a weight (`high_bit_rows`:
         AVX-512, a lookup in a table of 32) rather than a byte a weight."""
-        return self.has("gguf_linear") and self.ops.high_bit_rows()
+        return self.has("gguf_linear") and self.ops.takes_high_bit_rows()
 
     def q4_group_rows(self) -> int:
         """Rows per group of the nibble groups (`interleave_q4_rows`, `interleave_high_bit_rows`) that

@@ -283,7 +283,7 @@ at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, in
   return out;
 }
 
-bool high_bit_rows() {
+bool takes_high_bit_rows() {
 #ifdef __AVX512F__
   return true;
 #else

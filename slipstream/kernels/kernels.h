@@ -3,7 +3,7 @@
 #include <ATen/ATen.h>
 
 at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);
-bool high_bit_rows();  // whether this build's gguf_linear takes the 5-bit types in HighBitRows (gguf_blocks.h)
+bool takes_high_bit_rows();  // whether this build's gguf_linear takes the 5-bit types in HighBitRows (gguf_blocks.h)
 at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);
 at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);
 int64_t q4_group_rows();  // rows per group of the interleaved Q4 layout this build's gguf_linear_q8 does best

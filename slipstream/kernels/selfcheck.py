@@ -83,7 +83,7 @@ def _row_layouts(ops, blocks: torch.Tensor, qtype: int) -> list[tuple[torch.Tens
     """The layouts gguf_linear and gguf_dequantize take blocks of `qtype` in with this build: as split, and the 5-bit
     types at 5 bits a weight where it takes them so."""
     split = split_gguf_blocks(blocks, qtype)
-    return [split, high_bit_rows(split, qtype)] if qtype in FIVE_BIT_TYPES and ops.high_bit_rows() else [split]
+    return [split, high_bit_rows(split, qtype)] if qtype in FIVE_BIT_TYPES and ops.takes_high_bit_rows() else [split]
 
 
 def _gguf_linear(ops, perturb: Callable) -> str | None:
