@@ -588,7 +588,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.interleaved = interleaved
         t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq.float())
+        freqs = torch.outer(t, inv_freq.to(t.device, torch.float32))  # (t on the model's device, inv_freq on the CPU)
         self.register_buffer("cos", freqs.cos() * scaling, persistent=False)
         self.register_buffer("sin", freqs.sin() * scaling, persistent=False)
 
