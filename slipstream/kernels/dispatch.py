@@ -267,7 +267,7 @@ class KernelTable:
 
     def serves_high_bit_rows(self) -> bool:
         """Whether gguf_linear takes the 5-bit types (FIVE_BIT_TYPES) at their own 5 bits a weight (`high_bit_rows`:
-        AVX-512, a lookup in a table of 32) rather than a byte a weight."""
+        the AVX-512 builds) rather than a byte a weight."""
         return self.has("gguf_linear") and self.ops.takes_high_bit_rows()
 
     def q4_group_rows(self) -> int:

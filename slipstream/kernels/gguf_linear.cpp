@@ -199,10 +199,10 @@ void dequantize_row(Weights w, int64_t n, int64_t K, float* out) {
     const int64_t nb = K / QK;
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), low = _mm256_set1_epi32(0x0F);
     for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* block = w.qs + (n * nb + b) * nibble_group_row_bytes(T);
       const int64_t at = n * nb + b;
+      const uint8_t* block = w.qs + at * nibble_group_row_bytes(T);
       const float d = half_scales(T, L) ? _cvtsh_ss(w.scales[at]) : w.fscales[at];
-      float min = T == QType::Q5_0 ? -16.0f * d : 0.0f;  // (Q5_0's quants are offset by 16)
+      float min = T == QType::Q5_0 ? -quant_offset(T) * d : 0.0f;  // (Q5_0's quants are offset by 16)
       if constexpr (has_mins(T)) min = half_scales(T, L) ? _cvtsh_ss(w.mins[at]) : w.fmins[at];
       uint32_t fifth;
       std::memcpy(&fifth, block + 16, 4);
@@ -259,7 +259,7 @@ at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, in
   const auto type = static_cast<QType>(qtype);
   TORCH_CHECK(qs.dim() == 2 && scales.dim() <= 2, "bad GGUF weight (dequantize takes the row layout)");
   int64_t K = is_half(type) ? qs.size(1) / 2 : is_k16(type) ? qs.size(1) : scales.size(-1) * QK;
-  const Layout layout = is_k16(type) ? row_layout(type, qs.size(1), scales.size(-1) * QK) : Layout::Rows;
+  const Layout layout = row_layout(type, qs.size(1), scales.size(-1) * QK);
   if (layout == Layout::HighBitRows) K = scales.size(-1) * QK;  // (a scale per 32 weights)
   auto out = at::empty({qs.size(0), K}, at::kFloat);
   float* op = out.data_ptr<float>();

@@ -146,6 +146,8 @@ def _attach(layers: nn.Module | list[nn.Module], parts: tuple[GgufPart, ...], in
 
 
 _BYTE_FORM = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")  # types split_gguf_blocks already gives a byte per weight
+# What the byte form's signed quants are offset by where they are kept unsigned (5- and 6-bit layouts).
+_QUANT_OFFSETS = {"Q5_0": 16, "Q6_K": 32}
 
 
 def byte_form(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int
@@ -161,7 +163,7 @@ def byte_form(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int
         fifth = (blocks[..., 16:].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [out, nb, 4, 8]
         q = (torch.cat([low & 0x0F, low >> 4], dim=-1) | (fifth.reshape(out, -1, 32) << 4)).to(torch.int8)
         d, m = (t.view(torch.float16).float() if t.dtype == torch.int16 else t for t in (scales, mins))
-        return (q - 16 if name == "Q5_0" else q).reshape(out, -1).view(torch.uint8), _per16(d), _per16(m)
+        return (q - _QUANT_OFFSETS.get(name, 0)).reshape(out, -1).view(torch.uint8), _per16(d), _per16(m)
     if name in _BYTE_FORM:
         return split
     if name == "Q8_0":
@@ -309,8 +311,7 @@ def _unsigned_quants(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qty
     own values, exact), Q6_K's as they are (per 16)."""
     quants, scales, mins = split
     name, out = GGUF_KERNEL_TYPES[qtype], quants.shape[0]
-    offset = {"Q5_0": 16, "Q6_K": 32}.get(name, 0)
-    q = (quants.view(torch.int8).view(out, -1, 32).to(torch.int16) + offset).to(torch.uint8)
+    q = (quants.view(torch.int8).view(out, -1, 32).to(torch.int16) + _QUANT_OFFSETS.get(name, 0)).to(torch.uint8)
     if name != "Q6_K":  # the byte form's values per 16 are per 32: one of each pair
         scales, mins = (t[:, ::2].contiguous() if t.numel() else t for t in (scales, mins))
         if name in ("Q5_0", "Q5_1"):
@@ -399,8 +400,7 @@ def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: in
         planes = quants[..., 16 * group :].reshape(groups, nb, bits, group, 4)[g, :, :, lane]  # [ids, blocks, i, 4]
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8).view(8 // bits, 1)
         high = (planes.unsqueeze(-2) >> shifts) & ((1 << bits) - 1)  # [ids, blocks, i, k, 4]: quad 8 i / bits + k
-        offset = {"Q5_0": 16, "Q6_K": 32}.get(name, 0)
-        q = (weights | (high.reshape(len(ids), nb, 32) << 4)).to(torch.int16) - offset
+        q = (weights | (high.reshape(len(ids), nb, 32) << 4)).to(torch.int16) - _QUANT_OFFSETS.get(name, 0)
         lane_scales, lane_mins = (t.view(groups, nb, -1, group)[g, :, :, lane].reshape(len(ids), -1) if t.numel()
                                   else t for t in (scales, mins))
         if bits == 1:  # per 32 -> the byte form's float32 per 16
