@@ -2,7 +2,7 @@
 """Where an engine step's time goes, in steady decode: schedule, prepare (batch -> tensors), forward
 (model + logits), sampling, output processing (detokenisation, stops) and the rest of `step()`.
 
-    .venv/bin/python benchmarks/step_profile.py --batch 1 32
+    .venv/bin/python benchmarks/step_profile.py --batch 1 32 [--threads 2 1]
 
 Each phase is timed by wrapping the engine's own methods; the HTTP layer is not included (compare
 with `slipstream bench serve`'s ITL at the same concurrency to see what serving adds).
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import collections
 import time
+
+import torch
 
 from slipstream import LLM, SamplingParams
 
@@ -75,11 +77,18 @@ def main() -> None:
     parser.add_argument("--quantization", default=None, help="w4a8 (default: none, exact)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto | float16 | float32 | bfloat16")
     parser.add_argument("--prompt-len", type=int, default=100, help="prompt tokens per sequence (default: 100)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="compute thread counts to profile in turn (default: torch's): a step that 2 threads "
+                             "take well over half the time 1 does has a part that does not scale (Python, the "
+                             "small ops run on one thread, memory-bound work)")
     args = parser.parse_args()
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization,
               kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=512 << 20)
-    for batch in args.batch:
-        profile(llm, batch, args.steps, args.prompt_len)
+    for threads in args.threads or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        print(f"{threads} compute thread{'s' if threads > 1 else ''}:")
+        for batch in args.batch:
+            profile(llm, batch, args.steps, args.prompt_len)
 
 
 if __name__ == "__main__":
