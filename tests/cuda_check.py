@@ -25,8 +25,10 @@ def check(name, cond, detail=""):
     ok &= bool(cond)
     print(("PASS " if cond else "FAIL ") + name, detail, flush=True)
 
-d = save_tiny_model("llama", Path(tempfile.mkdtemp()) / "tiny")
-log = open("/tmp/server.log", "w")
+work = Path(tempfile.mkdtemp())
+d = save_tiny_model("llama", work / "tiny")
+log_path = work / "server.log"
+log = open(log_path, "w")
 proc = subprocess.Popen([sys.executable, "-m", "slipstream.entrypoints.openai.api_server", "--model", str(d), "--port",
                          "8199", "--max-model-len", "256", "--enable-logprob"], stdout=log, stderr=subprocess.STDOUT)
 try:
@@ -37,8 +39,8 @@ try:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    text = open("/tmp/server.log").read()
-    check("server loaded on cuda", " on cuda" in text, [l for l in text.splitlines() if "loaded" in l][-1:] )
+    text = log_path.read_text()
+    check("server loaded on cuda", " on cuda" in text, [line for line in text.splitlines() if "loaded" in line][-1:])
     client = openai.OpenAI(base_url="http://127.0.0.1:8199/v1", api_key="x")
     m = client.models.list().data[0].id
     tok = AutoTokenizer.from_pretrained(d)
