@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantization", default=None, help="w4a8 (default: none, exact)")
-    parser.add_argument("--kv-cache-dtype", default="auto", help="auto | float16 | float32 | bfloat16")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto | float16 | float32 | bfloat16 | int8")
     parser.add_argument("--prompt-len", type=int, default=100, help="prompt tokens per sequence (default: 100)")
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="compute thread counts to profile in turn (default: torch's): a step that 2 threads "

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 QUANTIZATION_METHODS = ("w4a8", "wint8", "wint4")
 QUANTIZATION_ALIASES = {"weight_only_int8": "wint8", "weight_only_int4": "wint4"}  # FastDeploy's long names
 # --kv-cache-dtype: auto is the model's dtype, except float16 under w4a8 (llama.cpp's default) and with half-precision
-# weights on a CPU (the kernels' cache types are float32 and float16).
-KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+# weights on a CPU (the kernels' cache types are float32, float16 and int8). int8: each token's keys and values of
+# each KV head rounded to int8 with a scale of their own (model/kv_cache.py): about half float16's bytes, not exact.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "int8")
 
 
 @dataclass

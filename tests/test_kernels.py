@@ -25,6 +25,7 @@ from slipstream.kernels import (
     kernels,
 )
 from slipstream.kernels.selfcheck import BREAK_ENV, q8_reference, random_gguf_weight, self_check
+from slipstream.model import kv_cache
 from slipstream.model.layers import (
     VocabParallelEmbedding,
     attach_gguf_blocks,
@@ -110,18 +111,23 @@ def test_five_bit_rows_give_the_gguf_packages_values_to_every_reader(qtype):
     assert torch.equal(embedding(ids), dense[ids])
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
 @pytest.mark.parametrize("dim", [16, 64, 120, 128])  # pieces of 64, 32, 16 and 8 dimensions
 # query heads a KV head: 3 (one pack of 3 heads), 4 (two of 2), 7 (3 + 3 + 1), 1
 @pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (8, 2), (7, 1), (3, 3)])
 def test_paged_attention_decode_matches_sdpa(ops, dim, cache_dtype, heads, kv_heads):
+    if cache_dtype == torch.int8 and dim % 32:
+        pytest.skip("int8 rows: head_dim a multiple of 32 (KernelTable.cache_fits)")
     torch.manual_seed(dim)
     block_size, num_blocks = 4, 16
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim).to(cache_dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim).to(cache_dtype)
+    k_cache = kv_cache.encode(torch.randn(num_blocks, kv_heads, block_size, dim), cache_dtype)
+    v_cache = kv_cache.encode(torch.randn(num_blocks, kv_heads, block_size, dim), cache_dtype)
+    assert kernels().cache_fits(k_cache)
     lens = torch.tensor([1, 7, 8, 13, 24, 3, 16, 20, 9])  # partial and whole groups of 8 keys
     tables = torch.stack([torch.randperm(num_blocks)[:6] for _ in lens])
     q = torch.randn(len(lens), heads, dim)
+    # int8 keys: the kernel multiplies them with the queries rounded to int8 (a scale a head), in integers
+    queries = kv_cache.round_queries(q) if cache_dtype == torch.int8 else q
     threads = torch.get_num_threads()
     # 1 and 2 threads take a KV group's heads in packs (groups enough for them), 5 threads one head a task; 2 and 5
     # threads split the tasks inside a KV group (7 heads to 1), where the kernel's reuse of rows starts
@@ -130,9 +136,9 @@ def test_paged_attention_decode_matches_sdpa(ops, dim, cache_dtype, heads, kv_he
             torch.set_num_threads(n_threads)
             got = ops.paged_attention_decode(q, k_cache, v_cache, tables, lens, dim**-0.5)
             for i, n in enumerate(lens.tolist()):
-                k = k_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()  # [Hkv, n, D]
-                v = v_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()
-                want = F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
+                k = kv_cache.gather(k_cache, tables[i], torch.float32)[:, :n]  # [Hkv, n, D]
+                v = kv_cache.gather(v_cache, tables[i], torch.float32)[:, :n]
+                want = F.scaled_dot_product_attention(queries[i].unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
                 torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
@@ -215,16 +221,25 @@ def test_rotary_kernel_matches_pytorch(ops, interleaved):
     torch.testing.assert_close(k, want_k)
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
 def test_write_kv_cache_fills_the_given_slots(ops, cache_dtype):
-    k, v = torch.randn(3, 2, 16) * 1000, torch.randn(3, 2, 16) * 1000  # values float16 must round
-    k_cache, v_cache = (torch.zeros(4, 4, 2, 16, dtype=cache_dtype) for _ in range(2))
+    k, v = torch.randn(3, 2, 32) * 1000, torch.randn(3, 2, 32) * 1000  # values float16 must round
+    v[2, 1] = 0  # (an int8 row of zeros has no largest magnitude to scale by)
+    row = kv_cache.row_width(32, cache_dtype)
+    k_cache, v_cache = (torch.zeros(4, 2, 4, row, dtype=cache_dtype) for _ in range(2))
     slots = torch.tensor([5, 0, 14])
     ops.write_kv_cache(k, v, k_cache, v_cache, slots)
-    # Bitwise what the Python path stores (torch's rounding to nearest even).
-    assert torch.equal(k_cache.view(-1, 2, 16)[slots], k.to(cache_dtype))
-    assert torch.equal(v_cache.view(-1, 2, 16)[slots], v.to(cache_dtype))
-    assert k_cache.float().abs().sum() == k.to(cache_dtype).float().abs().sum()  # nothing else written
+    # Bitwise what the Python path stores (torch's rounding to nearest even), where it stores it and nowhere else.
+    want_k, want_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    kv_cache.store(want_k, slots, k)
+    kv_cache.store(want_v, slots, v)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    blocks, offsets = slots // 4, slots % 4  # (the layout: model/kv_cache.py)
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        error = (kv_cache.decode(cache[blocks, :, offsets], torch.float32) - x).abs().amax(-1)
+        assert (error <= x.abs().amax(-1) / 254 * 1.0001).all()  # within half a step of an int8 row's scale
+        cache[blocks, :, offsets] = 0
+        assert not cache.any()  # nothing else written
 
 
 @pytest.mark.parametrize("qtype", sorted(GGUF_KERNEL_TYPES))

@@ -87,7 +87,7 @@ BAD = [
     (["--kv-cache-memory", "lots"], "--kv-cache-memory"),
     (["--dtype", "float8"], "--dtype"),
     (["--quantization", "int3"], "--quantization"),
-    (["--kv-cache-dtype", "int8"], "--kv-cache-dtype"),
+    (["--kv-cache-dtype", "int4"], "--kv-cache-dtype"),
     (["--device", "tpu"], "--device"),
     (["--max-concurrency", "0"], "--max-concurrency"),
     (["--max-waiting-time", "-2"], "--max-waiting-time"),

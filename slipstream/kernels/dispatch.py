@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slipstream.model.kv_cache import head_dim_of
+
 logger = logging.getLogger(__name__)
 
 ISA_ENV = "SLIPSTREAM_CPU_ISA"
@@ -66,6 +68,9 @@ ROUNDED_GEMM_MIN_WEIGHTS = 512 * 1024
 # A prompt chunk attending to its own keys: the causal kernel (prefill_attention.cpp) against SDPA's CPU flash
 # kernel, SmolLM2's heads, 2 threads (AMD EPYC Zen 4): 17 tokens 3.5x, 100 1.9x, 512 1.4x, 2000 0.8x.
 PREFILL_KERNEL_MAX_TOKENS = 512
+
+# KV cache rows the attention kernels read and write (model/kv_cache.py).
+KV_CACHE_KERNEL_DTYPES = (torch.float32, torch.float16, torch.int8)
 
 # DecodeStack runs all of a decode step's layers with these kernels and one of the two matmuls: it is only as good
 # as they are.
@@ -204,9 +209,10 @@ class KernelTable:
 
     @staticmethod
     def cache_fits(cache: torch.Tensor) -> bool:
-        """Whether the attention kernels take this KV cache: bound, whole vectors of 8 per head, float32 or
-        float16 (--kv-cache-dtype may make it differ from the model's dtype)."""
-        return bool(cache.numel()) and cache.shape[-1] % 8 == 0 and cache.dtype in (torch.float32, torch.float16)
+        """Whether the attention kernels take this KV cache: bound, float32 or float16 rows of whole vectors of 8,
+        int8 rows of 32 (--kv-cache-dtype may make it differ from the model's dtype)."""
+        vector = 32 if cache.dtype == torch.int8 else 8
+        return bool(cache.numel()) and cache.dtype in KV_CACHE_KERNEL_DTYPES and head_dim_of(cache) % vector == 0
 
     def attention(self, name: str, q: torch.Tensor, cache: torch.Tensor) -> Callable | None:
         """The kernel `name` (write_kv_cache, paged_attention_decode) for queries `q` over `cache`."""

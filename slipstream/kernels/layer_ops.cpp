@@ -182,29 +182,41 @@ at::Tensor argmax_rows(at::Tensor x) {
 
 // Writes each new token's key and value [T, Hkv, D] into its cache slot ([slots, Hkv, D] caches).
 void write_kv_cache(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots) {
-  const bool half = k_cache.scalar_type() == at::kHalf;
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type() &&
-              (half || k_cache.scalar_type() == at::kFloat) && k.scalar_type() == at::kFloat &&
-              v.scalar_type() == at::kFloat, "float32 keys and values, contiguous float32 or float16 caches");
+  const auto type = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.scalar_type() == type &&
+              (type == at::kFloat || type == at::kHalf || type == at::kChar) && k.scalar_type() == at::kFloat &&
+              v.scalar_type() == at::kFloat, "float32 keys and values, contiguous float32, float16 or int8 caches");
   slots = slots.to(at::kLong).contiguous();
   const int64_t T = k.size(0), H = k.size(1), D = k.size(2);
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v must have contiguous heads");
-  TORCH_CHECK(!half || D % 8 == 0, "a float16 cache needs head_dim a multiple of 8");
+  TORCH_CHECK(type != at::kHalf || D % 8 == 0, "a float16 cache needs head_dim a multiple of 8");
+  const int64_t width = type == at::kChar ? D + 4 : D;  // an int8 row's scale after its values (model/kv_cache.py)
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(1) == H && k_cache.size(3) == width,
+              "caches [blocks, k and v's heads, block size, a row of their head_dim]");
+  const int64_t block_size = k_cache.size(2);
   const int64_t* sl = slots.data_ptr<int64_t>();
   const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const int64_t elem = k_cache.element_size();
+  const int64_t row_bytes = width * k_cache.element_size();
   auto* kc = static_cast<char*>(k_cache.data_ptr());
   auto* vc = static_cast<char*>(v_cache.data_ptr());
-  // Rounds to nearest even, as torch's float -> half conversion does.
   auto store = [&](const float* src, char* dst) {
-    if (!half) return void(std::memcpy(dst, src, D * sizeof(float)));
-    for (int64_t d = 0; d < D; d += 8)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst) + d / 8,
-                       _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+    if (type == at::kFloat) return void(std::memcpy(dst, src, D * sizeof(float)));
+    if (type == at::kHalf) {  // rounds to nearest even, as torch's float -> half conversion does
+      for (int64_t d = 0; d < D; d += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst) + d / 8,
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+      return;
+    }
+    // int8: the same float32 operations as kv_cache.encode, rounded half to even as torch.round
+    float largest = 0.0f;
+    for (int64_t d = 0; d < D; ++d) largest = std::max(largest, std::fabs(src[d]));
+    const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f, scale = largest / 127.0f;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<int8_t>(std::nearbyint(src[d] * inverse));
+    std::memcpy(dst + D, &scale, sizeof scale);
   };
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < H; ++h) {
-      const int64_t dst = (sl[t] * H + h) * D * elem;
+      const int64_t dst = ((sl[t] / block_size * H + h) * block_size + sl[t] % block_size) * row_bytes;
       store(kp + t * k.stride(0) + h * k.stride(1), kc + dst);
       store(vp + t * v.stride(0) + h * v.stride(1), vc + dst);
     }

@@ -2,15 +2,19 @@
 // its context through its block table, without gathering the context into a contiguous copy.
 // A task is a pack of query heads of one (sequence, KV head) group, which loads and converts each key and value
 // row once for the pack (one head a task when there are too few groups to share among the threads); the rows a
-// group shares stay in cache between its tasks. The cache holds float32 or float16 (half the bytes to read: ~15 %
-// faster at batch 32, where this kernel is a quarter of the step); the arithmetic is float32.
+// group shares stay in cache between its tasks. The cache holds float32, float16 (half the bytes to read: ~15 %
+// faster at batch 32, where this kernel is a quarter of the step) or int8 rows with a scale each (model/kv_cache.py:
+// D + 4 bytes a row); the arithmetic is float32.
 // Packs of SmolLM2's 3 heads against one head a task (AMD EPYC Zen 4, 2 threads, batch 32, 164-token contexts):
 // 249 -> 172 us a layer with the cache hot, 455 -> 396 us cold; a w4a8 decode step at batch 32 42 -> 36.5 ms.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -21,12 +25,28 @@ namespace {
 // Eight cache values (float32, or float16 in at::Half) as floats.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 
-// A KV head's row is a slice of each token's row of all KV heads (2 cache lines in 6 for SmolLM2's 3 half-precision
-// heads): the hardware prefetcher does not follow them, and a step's keys and values come from DRAM or L3 (the
-// weights streamed through the caches since the last step). So the kernel asks for them ahead, values 2 x PREFETCH
-// tokens, keys 4 x (eight at a time): 17-20 % faster at batch 8 / 32 or 600-token contexts with the cache cold, the
-// same with it hot (AMD EPYC Zen 4, SmolLM2-135M's heads).
+// An int8 row's values are scaled by the float32 after them (model/kv_cache.py): a key's by its score, a value's by
+// its probability.
+template <typename C>
+constexpr bool SCALED = std::is_same_v<C, int8_t>;
+template <typename C>
+constexpr int64_t row_width(int64_t D) { return SCALED<C> ? D + 4 : D; }
+inline float row_scale(const int8_t* row, int64_t D) {
+  float s;
+  std::memcpy(&s, row + D, sizeof s);
+  return s;
+}
+
+// A step's keys and values come from DRAM or L3 (the weights streamed through the caches since the last step), and
+// a KV head's rows run on only within a block (model/kv_cache.py): so the kernel asks for them ahead, values
+// 2 x PREFETCH tokens, keys 4 x (eight at a time). With the cache laid out token by token (a head's row a slice of
+// each token's row of all heads, which the hardware prefetcher did not follow) this made the kernel 17-20 % faster
+// at batch 8 / 32 or 600-token contexts with the cache cold, the same with it hot (AMD EPYC Zen 4, SmolLM2-135M's
+// heads); a head's rows together in a block then took float16 a further ~15 % at batch 32 cold, 25-30 % hot.
 constexpr int64_t PREFETCH = 8;
 
 template <typename C>
@@ -117,6 +137,70 @@ void key_scores(const float* q, const C* keys, const int64_t* rows, int64_t L, i
   for (int g = 0; g < P; ++g) std::fill(scores[g] + L, scores[g] + (L + 7) / 8 * 8, pad);
 }
 
+// key_scores for int8 keys (D a multiple of 32: KernelTable.cache_fits), in integers: the queries rounded to int8 too, with a scale a head
+// (as llama.cpp rounds its query for a q8_0 cache), and q . k summed by dot_u8s8 as |q| . (k with q's signs) (the
+// products of two signed bytes, which VNNI's vpdpbusd takes one of unsigned). 64 multiply-adds a key a head in 2
+// instructions with VNNI, 4 without, where converting the key to floats and multiplying them took 13.
+template <int P>
+void int8_key_scores(const float* q, const int8_t* keys, const int64_t* rows, int64_t L, int64_t D, float scale,
+                     float* const* scores, AheadStream<int8_t>& ahead, std::vector<int8_t>& scratch) {
+  constexpr int T = P == 1 || WIDE_REGISTERS ? 8 : 4;
+  scratch.resize(2 * P * D);
+  int8_t* q8 = scratch.data();  // P rows of D: the queries rounded to int8
+  int8_t* magnitudes = q8 + P * D;  // |q8|, read as unsigned bytes
+  float q_scales[P];
+  for (int g = 0; g < P; ++g) {
+    const float* qg = q + g * D;
+    float largest = 0.0f;
+    for (int64_t d = 0; d < D; ++d) largest = std::max(largest, std::fabs(qg[d]));
+    const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+    q_scales[g] = largest / 127.0f * scale;
+    for (int64_t d = 0; d < D; ++d) {
+      q8[g * D + d] = static_cast<int8_t>(std::nearbyint(qg[d] * inverse));
+      magnitudes[g * D + d] = static_cast<int8_t>(std::abs(q8[g * D + d]));
+    }
+  }
+  const auto at = [](const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  for (int64_t t0 = 0; t0 < L; t0 += T) {
+    const int64_t n = std::min<int64_t>(T, L - t0);
+    const int8_t* k[T];
+    #pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) k[j] = keys + rows[t0 + std::min<int64_t>(j, n - 1)];
+    for (int64_t j = t0 + 4 * PREFETCH; j < std::min(L, t0 + 4 * PREFETCH + T); ++j)
+      prefetch_row(keys + rows[j], D + 4);
+    if (t0 % 8 == 0) ahead.step();
+    __m256i acc[P][T];
+    #pragma GCC unroll 8
+    for (int g = 0; g < P; ++g)
+      #pragma GCC unroll 8
+      for (int j = 0; j < T; ++j) acc[g][j] = _mm256_setzero_si256();
+    for (int64_t i = 0; i < D; i += 32) {
+      #pragma GCC unroll 8
+      for (int j = 0; j < T; ++j) {
+        const __m256i kv = at(k[j] + i);
+        #pragma GCC unroll 8
+        for (int g = 0; g < P; ++g)
+          acc[g][j] = slipstream::dot_u8s8(acc[g][j], at(magnitudes + g * D + i), _mm256_sign_epi8(kv, at(q8 + g * D + i)));
+      }
+    }
+    alignas(32) float row_scales[8] = {};
+    #pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) row_scales[j] = row_scale(k[j], D);
+    const __m256 key_scale = _mm256_load_ps(row_scales);
+    #pragma GCC unroll 8
+    for (int g = 0; g < P; ++g) {
+      __m256 sums[T];  // (exact: a lane's sum is below 2^24 for D < 1040)
+      #pragma GCC unroll 8
+      for (int j = 0; j < T; ++j) sums[j] = _mm256_cvtepi32_ps(acc[g][j]);
+      const __m256 scale_t = _mm256_mul_ps(_mm256_set1_ps(q_scales[g]), key_scale);
+      if constexpr (T == 8) _mm256_storeu_ps(scores[g] + t0, _mm256_mul_ps(slipstream::hsum8(sums), scale_t));
+      else _mm_storeu_ps(scores[g] + t0, _mm_mul_ps(slipstream::hsum4(sums), _mm256_castps256_ps128(scale_t)));
+    }
+  }
+  const float pad = -std::numeric_limits<float>::infinity();
+  for (int g = 0; g < P; ++g) std::fill(scores[g] + L, scores[g] + (L + 7) / 8 * 8, pad);
+}
+
 // scores -> softmax probabilities in place (padding -> 0); returns nothing, L >= 1.
 void softmax(float* s, int64_t L) {
   const int64_t padded = (L + 7) / 8 * 8;
@@ -185,35 +269,42 @@ void weighted_values(float* const* p, const C* values, const int64_t* rows, int6
 // P heads of one KV head: queries `q` (P rows of D), their outputs `out`.
 template <int P, typename C>
 void attend(const float* q, const C* keys, const C* values, const int64_t* rows, int64_t L, int64_t D, float scale,
-            std::vector<float>& scores, float* out, AheadStream<C>& ahead) {
+            std::vector<float>& scores, std::vector<int8_t>& scratch, float* out, AheadStream<C>& ahead) {
   const int64_t padded = (L + 7) / 8 * 8;
   scores.resize(P * padded);
   float* s[P];
   for (int g = 0; g < P; ++g) s[g] = scores.data() + g * padded;
-  key_scores<P>(q, keys, rows, L, D, scale, s, ahead);
+  if constexpr (SCALED<C>) int8_key_scores<P>(q, keys, rows, L, D, scale, s, ahead, scratch);
+  else key_scores<P>(q, keys, rows, L, D, scale, s, ahead);
   for (int g = 0; g < P; ++g) softmax(s[g], L);
+  if constexpr (SCALED<C>)
+    for (int64_t t = 0; t < L; ++t) {
+      const float scale_t = row_scale(values + rows[t], D);
+      for (int g = 0; g < P; ++g) s[g][t] *= scale_t;
+    }
   weighted_values<P>(s, values, rows, L, D, out, ahead);
 }
 
-// Cache element C: float or at::Half. A task is a pack of up to MAX_PACK heads of a (sequence, KV head) group when
+// Cache element C: float, at::Half or int8_t. A task is a pack of up to MAX_PACK heads of a (sequence, KV head) group when
 // there are groups enough to keep every thread busy, one head otherwise (batch 1: 3 groups for 2 threads).
 template <typename C>
 void decode(const float* qp, const C* kp, const C* vp, const int64_t* bt, const int64_t* lens, float* op, int64_t B,
             int64_t H, int64_t D, int64_t bs, int64_t Hkv, int64_t W, float scale) {
   const int64_t G = H / Hkv;
   const int64_t packs = B * Hkv >= 4 * at::get_num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
-  const int64_t pack_size = (G + packs - 1) / packs;
+  const int64_t pack_size = (G + packs - 1) / packs, width = row_width<C>(D);
   at::parallel_for(0, B * Hkv * packs, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
+    std::vector<int8_t> scratch;
     std::vector<int64_t> rows;
     // The row offsets of (sequence, KV head) `group`'s tokens.
     auto group_rows = [&](int64_t group, std::vector<int64_t>& out) {
       const int64_t b = group / Hkv, kvh = group % Hkv, L = lens[b];
       out.resize(L);
       for (int64_t t = 0, j = 0; t < L; ++j)  // block by block: no division per token
-        for (int64_t slot = bt[b * W + j] * bs, o = 0; o < bs && t < L; ++o, ++t) out[t] = ((slot + o) * Hkv + kvh) * D;
+        for (int64_t first = (bt[b * W + j] * Hkv + kvh) * bs, o = 0; o < bs && t < L; ++o, ++t) out[t] = (first + o) * width;
     };
-    AheadStream<C> ahead{kp, vp, D};
+    AheadStream<C> ahead{kp, vp, width};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / packs, pack = task % packs, b = group / Hkv, L = lens[b];
       if (task == begin || pack == 0) {  // a group's first task here: its rows, and the next group's
@@ -225,9 +316,9 @@ void decode(const float* qp, const C* kp, const C* vp, const int64_t* bt, const 
       ahead.start_task(pack, packs, L);
       const int64_t h0 = (group % Hkv) * G + pack * pack_size, first = (b * H + h0) * D;
       switch (std::min(pack_size, G - pack * pack_size)) {
-        case 1: attend<1>(qp + first, kp, vp, rows.data(), L, D, scale, scores, op + first, ahead); break;
-        case 2: attend<2>(qp + first, kp, vp, rows.data(), L, D, scale, scores, op + first, ahead); break;
-        default: attend<3>(qp + first, kp, vp, rows.data(), L, D, scale, scores, op + first, ahead); break;
+        case 1: attend<1>(qp + first, kp, vp, rows.data(), L, D, scale, scores, scratch, op + first, ahead); break;
+        case 2: attend<2>(qp + first, kp, vp, rows.data(), L, D, scale, scores, scratch, op + first, ahead); break;
+        default: attend<3>(qp + first, kp, vp, rows.data(), L, D, scale, scores, scratch, op + first, ahead); break;
       }
     }
   });
@@ -238,14 +329,17 @@ void decode(const float* qp, const C* kp, const C* vp, const int64_t* bt, const 
 at::Tensor paged_attention_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                                   at::Tensor block_tables, at::Tensor context_lens, double scale) {
   const auto cache_type = k_cache.scalar_type();
-  TORCH_CHECK(q.scalar_type() == at::kFloat && (cache_type == at::kFloat || cache_type == at::kHalf) &&
-              v_cache.scalar_type() == cache_type, "float32 queries, float32 or float16 caches");
+  TORCH_CHECK(q.scalar_type() == at::kFloat &&
+              (cache_type == at::kFloat || cache_type == at::kHalf || cache_type == at::kChar) &&
+              v_cache.scalar_type() == cache_type, "float32 queries, float32, float16 or int8 caches");
   q = q.contiguous();
   block_tables = block_tables.to(at::kLong).contiguous();
   context_lens = context_lens.to(at::kLong).contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), W = block_tables.size(1);
-  TORCH_CHECK(D % 8 == 0, "head_dim must be a multiple of 8");
+  const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2), W = block_tables.size(1);  // (model/kv_cache.py)
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads must be a multiple of the cache's KV heads");
+  TORCH_CHECK(D % (cache_type == at::kChar ? 32 : 8) == 0, "head_dim must be a multiple of 8 (32 for an int8 cache)");
+  TORCH_CHECK(k_cache.size(3) == (cache_type == at::kChar ? row_width<int8_t>(D) : D), "cache rows of another head_dim");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   auto out = at::empty_like(q);
   const int64_t* bt = block_tables.data_ptr<int64_t>();
@@ -254,8 +348,11 @@ at::Tensor paged_attention_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v
   if (cache_type == at::kFloat)
     decode(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt, lens,
            out.data_ptr<float>(), B, H, D, bs, Hkv, W, s);
-  else
+  else if (cache_type == at::kHalf)
     decode(q.data_ptr<float>(), k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), bt, lens,
+           out.data_ptr<float>(), B, H, D, bs, Hkv, W, s);
+  else
+    decode(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), bt, lens,
            out.data_ptr<float>(), B, H, D, bs, Hkv, W, s);
   return out;
 }

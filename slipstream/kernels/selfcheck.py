@@ -20,8 +20,10 @@ from slipstream.kernels.dispatch import (
     HALF_DTYPES,
     HALF_TYPES,
     HIGH_BIT_TYPES,
+    KV_CACHE_KERNEL_DTYPES,
     Q4_TYPES,
 )
+from slipstream.model import kv_cache
 from slipstream.model.layers import (
     high_bit_rows,
     interleave_byte_rows,
@@ -126,17 +128,18 @@ def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
 def _paged_attention_decode(ops, perturb: Callable) -> str | None:
     g = torch.Generator().manual_seed(2)
     heads, kv_heads, dim, block_size = 4, 2, 64, 4
-    for dtype in (torch.float32, torch.float16):
-        k_cache = torch.randn(8, block_size, kv_heads, dim, generator=g).to(dtype)
-        v_cache = torch.randn(8, block_size, kv_heads, dim, generator=g).to(dtype)
+    for dtype in KV_CACHE_KERNEL_DTYPES:
+        k_cache = kv_cache.encode(torch.randn(8, kv_heads, block_size, dim, generator=g), dtype)
+        v_cache = kv_cache.encode(torch.randn(8, kv_heads, block_size, dim, generator=g), dtype)
         lens = torch.tensor([1, 5, 12])
         tables = torch.stack([torch.randperm(8, generator=g)[:3] for _ in lens])
         q = torch.randn(len(lens), heads, dim, generator=g)
         got = perturb(ops.paged_attention_decode(q, k_cache, v_cache, tables, lens, dim**-0.5))
+        queries = kv_cache.round_queries(q) if dtype == torch.int8 else q  # (int8 keys: q . k in integers)
         for i, n in enumerate(lens.tolist()):
-            k = k_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()
-            v = v_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).float()
-            want = F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
+            k = kv_cache.gather(k_cache, tables[i], torch.float32)[:, :n]
+            v = kv_cache.gather(v_cache, tables[i], torch.float32)[:, :n]
+            want = F.scaled_dot_product_attention(queries[i].unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
             if why := _close(got[i], want, atol=1e-5):
                 return f"{dtype}: {why}"
     return None
@@ -160,12 +163,16 @@ def _prefill_attention(ops, perturb: Callable) -> str | None:
 
 def _write_kv_cache(ops, perturb: Callable) -> str | None:
     k, v = torch.randn(3, 2, 16) * 1000, torch.randn(3, 2, 16) * 1000
-    for dtype in (torch.float32, torch.float16):
-        k_cache, v_cache = (torch.zeros(4, 4, 2, 16, dtype=dtype) for _ in range(2))
+    k[1, 0] = 0  # (an int8 row of zeros: no scale to divide by)
+    for dtype in KV_CACHE_KERNEL_DTYPES:
+        row = kv_cache.row_width(16, dtype)
+        k_cache, v_cache = (torch.zeros(4, 2, 4, row, dtype=dtype) for _ in range(2))
+        want_k, want_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
         slots = torch.tensor([5, 0, 14])
         ops.write_kv_cache(k, v, k_cache, v_cache, slots)
-        got = perturb(k_cache.view(-1, 2, 16)[slots].float())
-        if not torch.equal(got, k.to(dtype).float()) or not torch.equal(v_cache.view(-1, 2, 16)[slots], v.to(dtype)):
+        kv_cache.store(want_k, slots, k)
+        kv_cache.store(want_v, slots, v)
+        if not torch.equal(perturb(k_cache.float()).to(dtype), want_k) or not torch.equal(v_cache, want_v):
             return f"{dtype}: the slots do not hold the keys and values"
     return None
 

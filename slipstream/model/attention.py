@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slipstream.kernels import kernels
+from slipstream.model import kv_cache
 from slipstream.model.context import get_context
 
 
@@ -22,7 +23,7 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5  # the same as SDPA's default, for the compiled kernel
-        # [num_blocks, block_size, num_kv_heads, head_dim] each; bound by the model runner.
+        # [num_blocks, num_kv_heads, block_size, row] each (model/kv_cache.py); bound by the model runner.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -31,14 +32,15 @@ class PagedAttention(nn.Module):
         ctx = get_context()
         kc, vc = self.k_cache, self.v_cache
         table = kernels()
-        # The fallbacks convert on the way in and out: the cache may differ from the model's dtype.
+        # The fallbacks convert on the way in and out (kv_cache.encode / decode): the cache may differ from the
+        # model's dtype.
         write_kv_cache = table.attention("write_kv_cache", q, kc)
         decode = table.attention("paged_attention_decode", q, kc)
         if write_kv_cache is not None:
             write_kv_cache(k, v, kc, vc, ctx.slot_mapping)
         elif kc.numel():
-            kc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
-            vc.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
+            kv_cache.store(kc, ctx.slot_mapping, k)
+            kv_cache.store(vc, ctx.slot_mapping, v)
         nd = ctx.num_decode
         if decode is not None and nd == len(q):  # decode only: the kernel's output is the whole result
             return decode(q, kc, vc, ctx.decode_block_tables, ctx.decode_lens, self.scale).flatten(1)
@@ -47,8 +49,7 @@ class PagedAttention(nn.Module):
             out[:nd] = decode(q[:nd], kc, vc, ctx.decode_block_tables, ctx.decode_lens, self.scale)
         elif nd:
             bt = ctx.decode_block_tables
-            kk = kc[bt].flatten(1, 2).transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
-            vv = vc[bt].flatten(1, 2).transpose(1, 2).to(q.dtype)
+            kk, vv = kv_cache.gather(kc, bt, q.dtype), kv_cache.gather(vc, bt, q.dtype)  # [B, Hkv, L, D]
             o = F.scaled_dot_product_attention(
                 q[:nd].unsqueeze(2), kk, vv, attn_mask=ctx.decode_mask, enable_gqa=True
             )
@@ -71,8 +72,8 @@ class PagedAttention(nn.Module):
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
             else:
                 n = chunk.context_len
-                kk = kc[chunk.block_table].flatten(0, 1)[:n].transpose(0, 1).unsqueeze(0).to(q.dtype)
-                vv = vc[chunk.block_table].flatten(0, 1)[:n].transpose(0, 1).unsqueeze(0).to(q.dtype)
+                kk = kv_cache.gather(kc, chunk.block_table, q.dtype)[:, :n].unsqueeze(0)
+                vv = kv_cache.gather(vc, chunk.block_table, q.dtype)[:, :n].unsqueeze(0)
                 o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=chunk.mask, enable_gqa=True)
             out[s:e] = o.squeeze(0).transpose(0, 1)
         return out.flatten(1)

@@ -17,6 +17,7 @@ from slipstream.config import EngineConfig
 from slipstream.engine.scheduler import ScheduledSeq
 from slipstream.engine.sequence import TokenLogprobs
 from slipstream.kernels import KernelTable, kernels
+from slipstream.model import kv_cache
 from slipstream.model.context import set_context
 from slipstream.model.huge_pages import move_weights_to_huge_pages
 from slipstream.model.layers import (
@@ -151,6 +152,8 @@ class ModelRunner:
         self.num_blocks = self._allocate_kv_cache(max_model_len)
 
     def _kv_cache_dtype(self) -> torch.dtype:
+        if self.config.kv_cache_dtype == "int8":
+            return torch.int8
         if self.config.kv_cache_dtype != "auto":
             return resolve_dtype(self.config.kv_cache_dtype, self.device)
         # w4a8 computes as llama.cpp does, which keeps its KV cache in float16: half the bytes that
@@ -170,7 +173,8 @@ class ModelRunner:
         a = layers[0]
         kv_dtype = self._kv_cache_dtype()
         elem = torch.tensor([], dtype=kv_dtype).element_size()
-        block_bytes = 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * elem
+        row = kv_cache.row_width(a.head_dim, kv_dtype)
+        block_bytes = 2 * len(layers) * self.block_size * a.num_kv_heads * row * elem
         budget = self.config.kv_cache_memory
         if budget is None:
             budget = int(available_memory(self.device) * self.config.kv_cache_fraction / tp_size())
@@ -179,8 +183,8 @@ class ModelRunner:
         num_blocks = all_reduce_min(min(budget // block_bytes, useful))
         if num_blocks < 2:
             raise ValueError(f"KV cache budget of {budget} bytes holds fewer than 2 blocks of {block_bytes} bytes")
-        kv = torch.empty(2, len(layers), num_blocks, self.block_size, a.num_kv_heads, a.head_dim,
-                         dtype=kv_dtype, device=self.device)
+        kv = torch.empty(2, len(layers), num_blocks, a.num_kv_heads, self.block_size, row, dtype=kv_dtype,
+                         device=self.device)  # (the layout: model/kv_cache.py)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = kv[0, i], kv[1, i]
         self.kv_cache = kv

@@ -80,7 +80,7 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "activations in float32)")
     add("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
         help="KV-cache type (auto: the model's dtype; float16 with --quantization w4a8, as llama.cpp keeps it, and "
-        "with half-precision weights on a CPU)")
+        "with half-precision weights on a CPU; int8: rounded, a scale per token and head, ~half float16's bytes)")
     add("--quantization", choices=[*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES], default=None,
         help="w4a8: multiply a GGUF's 4-bit weight blocks with activations rounded to int8 (as llama.cpp "
         "does): faster on CPU, no longer token-for-token equal to the reference. wint8 / wint4 (weight_only_int8 / "
