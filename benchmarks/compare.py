@@ -31,7 +31,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent
 PEERS = ROOT / "peers"
 SERVERS = ("slipstream", "slipstream-w4a8", "vllm", "llama-server")  # the default run
-OTHER_SERVERS = ("slipstream-bf16",)  # on request: --dtype bfloat16, beside vLLM on a bf16 checkpoint
+OTHER_SERVERS = ("slipstream-bf16", "slipstream-w4a8-kv8")  # on request: --dtype bfloat16 (beside vLLM on a bf16
+# checkpoint); w4a8 with an int8 KV cache
 # The figures kept per level: (label, path in the bench serve JSON).
 FIGURES = {
     "output_tok_per_s": ("output_tok_per_s",),
