@@ -4,7 +4,7 @@
 // row once for the pack (one head a task when there are too few groups to share among the threads); the rows a
 // group shares stay in cache between its tasks. The cache holds float32, float16 (half the bytes to read: ~15 %
 // faster at batch 32, where this kernel is a quarter of the step) or int8 rows with a scale each (model/kv_cache.py:
-// D + 4 bytes a row); the arithmetic is float32.
+// D + 4 bytes a row); the arithmetic is float32, but for an int8 cache's q . k (int8_key_scores).
 // Packs of SmolLM2's 3 heads against one head a task (AMD EPYC Zen 4, 2 threads, batch 32, 164-token contexts):
 // 249 -> 172 us a layer with the cache hot, 455 -> 396 us cold; a w4a8 decode step at batch 32 42 -> 36.5 ms.
 #include <ATen/ATen.h>
@@ -46,7 +46,7 @@ inline float row_scale(const int8_t* row, int64_t D) {
 // 2 x PREFETCH tokens, keys 4 x (eight at a time). With the cache laid out token by token (a head's row a slice of
 // each token's row of all heads, which the hardware prefetcher did not follow) this made the kernel 17-20 % faster
 // at batch 8 / 32 or 600-token contexts with the cache cold, the same with it hot (AMD EPYC Zen 4, SmolLM2-135M's
-// heads); a head's rows together in a block then took float16 a further ~15 % at batch 32 cold, 25-30 % hot.
+// heads); a head's rows together in a block then took float16 1.12-1.14x at batch 8 / 32 cold, the same hot.
 constexpr int64_t PREFETCH = 8;
 
 template <typename C>
@@ -137,10 +137,12 @@ void key_scores(const float* q, const C* keys, const int64_t* rows, int64_t L, i
   for (int g = 0; g < P; ++g) std::fill(scores[g] + L, scores[g] + (L + 7) / 8 * 8, pad);
 }
 
-// key_scores for int8 keys (D a multiple of 32: KernelTable.cache_fits), in integers: the queries rounded to int8 too, with a scale a head
-// (as llama.cpp rounds its query for a q8_0 cache), and q . k summed by dot_u8s8 as |q| . (k with q's signs) (the
-// products of two signed bytes, which VNNI's vpdpbusd takes one of unsigned). 64 multiply-adds a key a head in 2
-// instructions with VNNI, 4 without, where converting the key to floats and multiplying them took 13.
+// key_scores for int8 keys (D a multiple of 32: KernelTable.cache_fits), in integers: the queries rounded to int8
+// too, with a scale a head (as llama.cpp rounds its query for a q8_0 cache), and q . k summed by dot_u8s8 as
+// |q| . (k with q's signs) (products of two signed bytes, of which VNNI's vpdpbusd takes one unsigned): 32
+// multiply-adds in 2 instructions with VNNI, 4 without, where float32 took 4 FMAs and the keys' conversion. The
+// kernel's int8 path measured 1.46-1.55x the float16 one before the cache's layout by blocks, 1.27-1.36x after it
+// (30 layers, batch 8 / 32, 164-200 tokens, cold; AMD EPYC Zen 4); hot it is ~10 % slower (its values' conversion).
 template <int P>
 void int8_key_scores(const float* q, const int8_t* keys, const int64_t* rows, int64_t L, int64_t D, float scale,
                      float* const* scores, AheadStream<int8_t>& ahead, std::vector<int8_t>& scratch) {
@@ -180,7 +182,8 @@ void int8_key_scores(const float* q, const int8_t* keys, const int64_t* rows, in
         const __m256i kv = at(k[j] + i);
         #pragma GCC unroll 8
         for (int g = 0; g < P; ++g)
-          acc[g][j] = slipstream::dot_u8s8(acc[g][j], at(magnitudes + g * D + i), _mm256_sign_epi8(kv, at(q8 + g * D + i)));
+          acc[g][j] = slipstream::dot_u8s8(acc[g][j], at(magnitudes + g * D + i),
+                                           _mm256_sign_epi8(kv, at(q8 + g * D + i)));
       }
     }
     alignas(32) float row_scales[8] = {};
@@ -285,8 +288,8 @@ void attend(const float* q, const C* keys, const C* values, const int64_t* rows,
   weighted_values<P>(s, values, rows, L, D, out, ahead);
 }
 
-// Cache element C: float, at::Half or int8_t. A task is a pack of up to MAX_PACK heads of a (sequence, KV head) group when
-// there are groups enough to keep every thread busy, one head otherwise (batch 1: 3 groups for 2 threads).
+// Cache element C: float, at::Half or int8_t. A task is a pack of up to MAX_PACK heads of a (sequence, KV head) group
+// when there are groups enough to keep every thread busy, one head otherwise (batch 1: 3 groups for 2 threads).
 template <typename C>
 void decode(const float* qp, const C* kp, const C* vp, const int64_t* bt, const int64_t* lens, float* op, int64_t B,
             int64_t H, int64_t D, int64_t bs, int64_t Hkv, int64_t W, float scale) {
@@ -302,7 +305,8 @@ void decode(const float* qp, const C* kp, const C* vp, const int64_t* bt, const 
       const int64_t b = group / Hkv, kvh = group % Hkv, L = lens[b];
       out.resize(L);
       for (int64_t t = 0, j = 0; t < L; ++j)  // block by block: no division per token
-        for (int64_t first = (bt[b * W + j] * Hkv + kvh) * bs, o = 0; o < bs && t < L; ++o, ++t) out[t] = (first + o) * width;
+        for (int64_t first = (bt[b * W + j] * Hkv + kvh) * bs, o = 0; o < bs && t < L; ++o, ++t)
+          out[t] = (first + o) * width;
     };
     AheadStream<C> ahead{kp, vp, width};
     for (int64_t task = begin; task < end; ++task) {
@@ -339,7 +343,8 @@ at::Tensor paged_attention_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v
   const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2), W = block_tables.size(1);  // (model/kv_cache.py)
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads must be a multiple of the cache's KV heads");
   TORCH_CHECK(D % (cache_type == at::kChar ? 32 : 8) == 0, "head_dim must be a multiple of 8 (32 for an int8 cache)");
-  TORCH_CHECK(k_cache.size(3) == (cache_type == at::kChar ? row_width<int8_t>(D) : D), "cache rows of another head_dim");
+  TORCH_CHECK(k_cache.size(3) == (cache_type == at::kChar ? row_width<int8_t>(D) : D),
+              "cache rows of another head_dim");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   auto out = at::empty_like(q);
   const int64_t* bt = block_tables.data_ptr<int64_t>();
