@@ -95,6 +95,25 @@ constexpr int MAX_PACK = 3;  // heads a task takes together
 // (The loops over heads, keys and dimensions below are unrolled by pragma: left to GCC, the nested loops stayed
 // rolled and the accumulator arrays in memory, every update a store and a reload.)
 
+// The T keys of the tile at t0 (the last one repeated past L) into k; keys 4 x PREFETCH ahead asked for, and the next
+// group's stream stepped.
+template <int T, typename C>
+[[gnu::always_inline]] inline void tile_keys(const C* keys, const int64_t* rows, int64_t t0, int64_t L, int64_t width,
+                                             const C* (&k)[T], AheadStream<C>& ahead) {
+  const int64_t n = std::min<int64_t>(T, L - t0);
+  #pragma GCC unroll 8
+  for (int j = 0; j < T; ++j) k[j] = keys + rows[t0 + std::min<int64_t>(j, n - 1)];
+  for (int64_t j = t0 + 4 * PREFETCH; j < std::min(L, t0 + 4 * PREFETCH + T); ++j) prefetch_row(keys + rows[j], width);
+  if (t0 % 8 == 0) ahead.step();
+}
+
+// The P rows of scores past L, up to a multiple of 8, -> -inf (no weight in the softmax).
+template <int P>
+inline void pad_scores(float* const* scores, int64_t L) {
+  const float pad = -std::numeric_limits<float>::infinity();
+  for (int g = 0; g < P; ++g) std::fill(scores[g] + L, scores[g] + (L + 7) / 8 * 8, pad);
+}
+
 // Scores of P queries (`q`, rows of D) against L keys (row offsets `rows` into `keys`), T keys at a time so T x P
 // independent FMA chains run and one horizontal reduction serves T keys. Each of `scores` has room for L rounded
 // up to 8; the padding gets -inf.
@@ -104,13 +123,8 @@ void key_scores(const float* q, const C* keys, const int64_t* rows, int64_t L, i
   constexpr int T = P == 1 || WIDE_REGISTERS ? 8 : 4;
   const __m256 sv = _mm256_set1_ps(scale);
   for (int64_t t0 = 0; t0 < L; t0 += T) {
-    const int64_t n = std::min<int64_t>(T, L - t0);
     const C* k[T];
-    #pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) k[j] = keys + rows[t0 + std::min<int64_t>(j, n - 1)];
-    for (int64_t j = t0 + 4 * PREFETCH; j < std::min(L, t0 + 4 * PREFETCH + T); ++j)
-      prefetch_row(keys + rows[j], D);
-    if (t0 % 8 == 0) ahead.step();
+    tile_keys(keys, rows, t0, L, D, k, ahead);
     __m256 acc[P][T];
     #pragma GCC unroll 8
     for (int g = 0; g < P; ++g)
@@ -133,8 +147,7 @@ void key_scores(const float* q, const C* keys, const int64_t* rows, int64_t L, i
       else _mm_storeu_ps(scores[g] + t0, _mm_mul_ps(slipstream::hsum4(acc[g]), _mm256_castps256_ps128(sv)));
     }
   }
-  const float pad = -std::numeric_limits<float>::infinity();
-  for (int g = 0; g < P; ++g) std::fill(scores[g] + L, scores[g] + (L + 7) / 8 * 8, pad);
+  pad_scores<P>(scores, L);
 }
 
 // key_scores for int8 keys (D a multiple of 32: KernelTable.cache_fits), in integers: the queries rounded to int8
@@ -164,13 +177,8 @@ void int8_key_scores(const float* q, const int8_t* keys, const int64_t* rows, in
   }
   const auto at = [](const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
   for (int64_t t0 = 0; t0 < L; t0 += T) {
-    const int64_t n = std::min<int64_t>(T, L - t0);
     const int8_t* k[T];
-    #pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) k[j] = keys + rows[t0 + std::min<int64_t>(j, n - 1)];
-    for (int64_t j = t0 + 4 * PREFETCH; j < std::min(L, t0 + 4 * PREFETCH + T); ++j)
-      prefetch_row(keys + rows[j], D + 4);
-    if (t0 % 8 == 0) ahead.step();
+    tile_keys(keys, rows, t0, L, D + 4, k, ahead);
     __m256i acc[P][T];
     #pragma GCC unroll 8
     for (int g = 0; g < P; ++g)
@@ -200,8 +208,7 @@ void int8_key_scores(const float* q, const int8_t* keys, const int64_t* rows, in
       else _mm_storeu_ps(scores[g] + t0, _mm_mul_ps(slipstream::hsum4(sums), _mm256_castps256_ps128(scale_t)));
     }
   }
-  const float pad = -std::numeric_limits<float>::infinity();
-  for (int g = 0; g < P; ++g) std::fill(scores[g] + L, scores[g] + (L + 7) / 8 * 8, pad);
+  pad_scores<P>(scores, L);
 }
 
 // scores -> softmax probabilities in place (padding -> 0); returns nothing, L >= 1.
