@@ -154,8 +154,9 @@ void key_scores(const float* q, const C* keys, const int64_t* rows, int64_t L, i
 // too, with a scale a head (as llama.cpp rounds its query for a q8_0 cache), and q . k summed by dot_u8s8 as
 // |q| . (k with q's signs) (products of two signed bytes, of which VNNI's vpdpbusd takes one unsigned): 32
 // multiply-adds in 2 instructions with VNNI, 4 without, where float32 took 4 FMAs and the keys' conversion. The
-// kernel's int8 path measured 1.46-1.55x the float16 one before the cache's layout by blocks, 1.27-1.36x after it
-// (30 layers, batch 8 / 32, 164-200 tokens, cold; AMD EPYC Zen 4); hot it is ~10 % slower (its values' conversion).
+// kernel's int8 path measured 1.46-1.55x the float16 one before the cache's layout by blocks, 1.2-1.36x after it
+// (benchmarks/decode_attention.py: 30 layers, batch 8 / 32, 164-200 tokens, cold; AMD EPYC Zen 4); hot 0.9-1.0x
+// (its values' conversion to float32).
 template <int P>
 void int8_key_scores(const float* q, const int8_t* keys, const int64_t* rows, int64_t L, int64_t D, float scale,
                      float* const* scores, AheadStream<int8_t>& ahead, std::vector<int8_t>& scratch) {
