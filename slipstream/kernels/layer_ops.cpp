@@ -180,7 +180,8 @@ at::Tensor argmax_rows(at::Tensor x) {
   return out;
 }
 
-// Writes each new token's key and value [T, Hkv, D] into its cache slot ([slots, Hkv, D] caches).
+// Writes each new token's key and value [T, Hkv, D] into its cache slot (caches [blocks, Hkv, block size, row]:
+// model/kv_cache.py).
 void write_kv_cache(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots) {
   const auto type = k_cache.scalar_type();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.scalar_type() == type &&

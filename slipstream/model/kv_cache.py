@@ -35,8 +35,7 @@ def encode(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return x.to(dtype)
     x = x.float()
     largest = x.abs().amax(-1, keepdim=True)
-    inverse = torch.where(largest > 0, 127 / largest, 0)
-    return torch.cat([(x * inverse).round().to(torch.int8), (largest / 127).view(torch.int8)], -1)
+    return torch.cat([(x * _inverse_step(largest)).round().to(torch.int8), (largest / 127).view(torch.int8)], -1)
 
 
 def decode(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -51,8 +50,13 @@ def round_queries(q: torch.Tensor) -> torch.Tensor:
     """Queries [..., D] as the decode kernel multiplies them with int8 keys: rounded to int8 a row (head) at a time
     as encode rounds keys, and scaled back."""
     largest = q.abs().amax(-1, keepdim=True)
-    inverse = torch.where(largest > 0, 127 / largest, 0)
-    return (q * inverse).round() * (largest / 127)
+    return (q * _inverse_step(largest)).round() * (largest / 127)
+
+
+def _inverse_step(largest: torch.Tensor) -> torch.Tensor:
+    """127 / largest, 0 where largest is 0: a division, as the kernels divide (a number divided by a tensor,
+    `127 / largest`, is the reciprocal times 127 in PyTorch, another rounding for a quarter of the values)."""
+    return torch.where(largest > 0, torch.full_like(largest, 127.0) / largest, 0)
 
 
 def store(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
