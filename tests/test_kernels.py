@@ -223,11 +223,13 @@ def test_rotary_kernel_matches_pytorch(ops, interleaved):
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
 def test_write_kv_cache_fills_the_given_slots(ops, cache_dtype):
-    k, v = torch.randn(3, 2, 32) * 1000, torch.randn(3, 2, 32) * 1000  # values float16 must round
+    torch.manual_seed(0)
+    # values float16 must round, in rows of many magnitudes (int8: each row its own scale)
+    k, v = (torch.randn(48, 2, 32) * 1000 * torch.rand(48, 2, 1) for _ in range(2))
     v[2, 1] = 0  # (an int8 row of zeros has no largest magnitude to scale by)
     row = kv_cache.row_width(32, cache_dtype)
-    k_cache, v_cache = (torch.zeros(4, 2, 4, row, dtype=cache_dtype) for _ in range(2))
-    slots = torch.tensor([5, 0, 14])
+    k_cache, v_cache = (torch.zeros(16, 2, 4, row, dtype=cache_dtype) for _ in range(2))
+    slots = torch.randperm(64)[:48]
     ops.write_kv_cache(k, v, k_cache, v_cache, slots)
     # Bitwise what the Python path stores (torch's rounding to nearest even), where it stores it and nowhere else.
     want_k, want_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
