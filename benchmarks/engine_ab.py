@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Two engine configurations' decode steps, alternated in one process: the fair A/B on a VM whose speed drifts by a
+quarter within minutes (two servers benchmarked in turn measure the drift as much as the change).
+
+    .venv/bin/python benchmarks/engine_ab.py --a quantization=w4a8 kv_cache_dtype=float16 \\
+        --b quantization=w4a8 kv_cache_dtype=int8 [--batch 1 8 32] [--chunks 16]
+
+Each configuration is an `LLM(...)` of the embedded model (keyword=value pairs). At each batch size both engines
+take the same distinct prompts, finish their prefill, then run `chunks` rounds of 10 decode steps each in turn
+(contexts grow from the prompt's length by 10 tokens a round); the median step time of each and the rounds in which
+B was faster are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from slipstream import LLM, SamplingParams
+
+STEPS_A_CHUNK = 10
+
+
+def engine(pairs: list[str]) -> LLM:
+    return LLM(kv_cache_memory=512 << 20, **dict(pair.split("=", 1) for pair in pairs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--a", nargs="+", required=True, metavar="KEY=VALUE")
+    parser.add_argument("--b", nargs="+", required=True, metavar="KEY=VALUE")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--chunks", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=150)
+    args = parser.parse_args()
+    engines = {"A": engine(args.a), "B": engine(args.b)}
+    sentence = engines["A"].tokenizer.encode("Tell me a long story about a dragon and a lighthouse keeper.")
+    prompt = (sentence * (args.prompt_len // len(sentence) + 1))[: args.prompt_len - 1]
+    params = SamplingParams(temperature=0, max_tokens=STEPS_A_CHUNK * args.chunks + 16, ignore_eos=True)
+    print(f"A: {' '.join(args.a)}\nB: {' '.join(args.b)}")
+    for batch in args.batch:
+        for llm in engines.values():
+            for i in range(batch):
+                llm.engine.add_request(f"ab-{i}", [i + 10] + prompt, params)  # distinct: no shared prefix blocks
+            while any(s.num_output_tokens == 0 for s in llm.engine.seqs.values()):
+                llm.engine.step()
+        times: dict[str, list[float]] = {name: [] for name in engines}
+        for _ in range(args.chunks):
+            for name, llm in engines.items():
+                t = time.perf_counter()
+                for _ in range(STEPS_A_CHUNK):
+                    llm.engine.step()
+                times[name].append((time.perf_counter() - t) / STEPS_A_CHUNK * 1e3)
+        for llm in engines.values():
+            for request_id in list(llm.engine.seqs):
+                llm.engine.abort_request(request_id)
+        a, b = statistics.median(times["A"]), statistics.median(times["B"])
+        wins = sum(x > y for x, y in zip(times["A"], times["B"], strict=True))
+        print(f"batch {batch}: A {a:.2f} ms, B {b:.2f} ms a step (medians); B {a / b:.2f}x A's speed, "
+              f"faster in {wins} of {args.chunks} rounds")
+
+
+if __name__ == "__main__":
+    main()
