@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "kv_rows.h"
 #include "vec.h"
 
 namespace {
@@ -191,7 +192,7 @@ void write_kv_cache(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v
   const int64_t T = k.size(0), H = k.size(1), D = k.size(2);
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v must have contiguous heads");
   TORCH_CHECK(type != at::kHalf || D % 8 == 0, "a float16 cache needs head_dim a multiple of 8");
-  const int64_t width = type == at::kChar ? D + 4 : D;  // an int8 row's scale after its values (model/kv_cache.py)
+  const int64_t width = type == at::kChar ? slipstream::int8_row_width(D) : D;
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(1) == H && k_cache.size(3) == width,
               "caches [blocks, k and v's heads, block size, a row of their head_dim]");
   const int64_t block_size = k_cache.size(2);
@@ -208,11 +209,7 @@ void write_kv_cache(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v
                          _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
       return;
     }
-    // int8: the same float32 operations as kv_cache.encode, rounded half to even as torch.round
-    float largest = 0.0f;
-    for (int64_t d = 0; d < D; ++d) largest = std::max(largest, std::fabs(src[d]));
-    const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f, scale = largest / 127.0f;
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<int8_t>(std::nearbyint(src[d] * inverse));
+    const float scale = slipstream::round_to_int8(src, D, reinterpret_cast<int8_t*>(dst));
     std::memcpy(dst + D, &scale, sizeof scale);
   };
   for (int64_t t = 0; t < T; ++t)

@@ -12,12 +12,12 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "kernels.h"
+#include "kv_rows.h"
 #include "vec.h"
 
 namespace {
@@ -29,17 +29,12 @@ inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-// An int8 row's values are scaled by the float32 after them (model/kv_cache.py): a key's by its score, a value's by
+// An int8 row's values are scaled by the float32 after them (kv_rows.h): a key's by its score, a value's by
 // its probability.
 template <typename C>
 constexpr bool SCALED = std::is_same_v<C, int8_t>;
 template <typename C>
-constexpr int64_t row_width(int64_t D) { return SCALED<C> ? D + 4 : D; }
-inline float row_scale(const int8_t* row, int64_t D) {
-  float s;
-  std::memcpy(&s, row + D, sizeof s);
-  return s;
-}
+constexpr int64_t row_width(int64_t D) { return SCALED<C> ? slipstream::int8_row_width(D) : D; }
 
 // A step's keys and values come from DRAM or L3 (the weights streamed through the caches since the last step), and
 // a KV head's rows run on only within a block (model/kv_cache.py): so the kernel asks for them ahead, values
@@ -166,20 +161,13 @@ void int8_key_scores(const float* q, const int8_t* keys, const int64_t* rows, in
   int8_t* magnitudes = q8 + P * D;  // |q8|, read as unsigned bytes
   float q_scales[P];
   for (int g = 0; g < P; ++g) {
-    const float* qg = q + g * D;
-    float largest = 0.0f;
-    for (int64_t d = 0; d < D; ++d) largest = std::max(largest, std::fabs(qg[d]));
-    const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
-    q_scales[g] = largest / 127.0f * scale;
-    for (int64_t d = 0; d < D; ++d) {
-      q8[g * D + d] = static_cast<int8_t>(std::nearbyint(qg[d] * inverse));
-      magnitudes[g * D + d] = static_cast<int8_t>(std::abs(q8[g * D + d]));
-    }
+    q_scales[g] = slipstream::round_to_int8(q + g * D, D, q8 + g * D) * scale;
+    for (int64_t d = 0; d < D; ++d) magnitudes[g * D + d] = static_cast<int8_t>(std::abs(q8[g * D + d]));
   }
   const auto at = [](const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
   for (int64_t t0 = 0; t0 < L; t0 += T) {
     const int8_t* k[T];
-    tile_keys(keys, rows, t0, L, D + 4, k, ahead);
+    tile_keys(keys, rows, t0, L, row_width<int8_t>(D), k, ahead);
     __m256i acc[P][T];
     #pragma GCC unroll 8
     for (int g = 0; g < P; ++g)
@@ -197,7 +185,7 @@ void int8_key_scores(const float* q, const int8_t* keys, const int64_t* rows, in
     }
     alignas(32) float row_scales[8] = {};
     #pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) row_scales[j] = row_scale(k[j], D);
+    for (int j = 0; j < T; ++j) row_scales[j] = slipstream::int8_row_scale(k[j], D);
     const __m256 key_scale = _mm256_load_ps(row_scales);
     #pragma GCC unroll 8
     for (int g = 0; g < P; ++g) {
@@ -290,7 +278,7 @@ void attend(const float* q, const C* keys, const C* values, const int64_t* rows,
   for (int g = 0; g < P; ++g) softmax(s[g], L);
   if constexpr (SCALED<C>)
     for (int64_t t = 0; t < L; ++t) {
-      const float scale_t = row_scale(values + rows[t], D);
+      const float scale_t = slipstream::int8_row_scale(values + rows[t], D);
       for (int g = 0; g < P; ++g) s[g][t] *= scale_t;
     }
   weighted_values<P>(s, values, rows, L, D, out, ahead);
