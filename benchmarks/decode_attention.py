@@ -1,4 +1,4 @@
-"""Decode attention alone: the compiled paged_attention_decode kernel over each KV-cache type, in one process.
+"""Decode attention alone: the compiled paged_attention kernel over each KV-cache type, in one process.
 
     .venv/bin/python benchmarks/decode_attention.py [--batch 8 32] [--context 200 164] [--rounds 5]
 
@@ -28,7 +28,7 @@ def step_ms(ops, caches, tables, lens, q, repeats: int) -> float:
     t = time.perf_counter()
     for _ in range(repeats):
         for k, v in caches:
-            ops.paged_attention_decode(q, k, v, tables, lens, HEAD_DIM**-0.5)
+            ops.paged_attention(q, k, v, tables, lens, HEAD_DIM**-0.5)
     return (time.perf_counter() - t) * 1e3 / repeats * LAYERS / len(caches)
 
 
@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     table = kernels()
-    if not table.has("paged_attention_decode"):
-        raise SystemExit("no compiled paged_attention_decode on this machine")
+    if not table.has("paged_attention"):
+        raise SystemExit("no compiled paged_attention on this machine")
     print(f"kernels: {table.variant.name}; {torch.get_num_threads()} threads")
     for batch, context in zip(args.batch, args.context, strict=True):
         blocks = -(-context // BLOCK_SIZE)

@@ -115,7 +115,7 @@ def test_five_bit_rows_give_the_gguf_packages_values_to_every_reader(qtype):
 @pytest.mark.parametrize("dim", [16, 64, 120, 128])  # pieces of 64, 32, 16 and 8 dimensions
 # query heads a KV head: 3 (one pack of 3 heads), 4 (two of 2), 7 (3 + 3 + 1), 1
 @pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (8, 2), (7, 1), (3, 3)])
-def test_paged_attention_decode_matches_sdpa(ops, dim, cache_dtype, heads, kv_heads):
+def test_paged_attention_matches_sdpa(ops, dim, cache_dtype, heads, kv_heads):
     if cache_dtype == torch.int8 and dim % 32:
         pytest.skip("int8 rows: head_dim a multiple of 32 (KernelTable.cache_fits)")
     torch.manual_seed(dim)
@@ -134,7 +134,7 @@ def test_paged_attention_decode_matches_sdpa(ops, dim, cache_dtype, heads, kv_he
     try:
         for n_threads in (1, 2, 5):
             torch.set_num_threads(n_threads)
-            got = ops.paged_attention_decode(q, k_cache, v_cache, tables, lens, dim**-0.5)
+            got = ops.paged_attention(q, k_cache, v_cache, tables, lens, dim**-0.5)
             for i, n in enumerate(lens.tolist()):
                 k = kv_cache.gather(k_cache, tables[i], torch.float32)[:, :n]  # [Hkv, n, D]
                 v = kv_cache.gather(v_cache, tables[i], torch.float32)[:, :n]
@@ -144,27 +144,33 @@ def test_paged_attention_decode_matches_sdpa(ops, dim, cache_dtype, heads, kv_he
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("dim", [16, 64, 120, 128])  # pieces of 64, 32, 16 and 8 dimensions
-@pytest.mark.parametrize("tokens", [1, 5, 16, 37])  # partial and whole tiles of 4 queries and 16 keys
-def test_prefill_attention_matches_causal_sdpa(ops, dim, tokens):
-    torch.manual_seed(dim + tokens)
-    # Chunks of `tokens`, 1 and 20 after 2 rows the kernel leaves alone (decode rows), all in one call.
-    spans = torch.tensor([[2, tokens], [2 + tokens, 1], [3 + tokens, 20]])
-    rows = 23 + tokens
-    for heads, kv_heads in ((6, 2), (3, 3)):  # grouped and one query head a KV head
-        # Views of one projection, as the model passes them; scaled up, so that a later key tile's larger scores
-        # rescale the running sums (the float32 error grows with the scores: atol 5e-5).
-        qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim) * 3
-        sizes = [heads * dim, kv_heads * dim, kv_heads * dim]
-        q, k, v = (t.unflatten(1, (-1, dim)) for t in qkv.split(sizes, dim=1))
-        got = torch.full_like(q, 7.0)
-        ops.prefill_attention_(got, q, k, v, spans, dim**-0.5)
-        assert torch.equal(got[:2], torch.full_like(q[:2], 7.0))
-        for start, length in spans.tolist():
-            chunk = slice(start, start + length)
-            want = F.scaled_dot_product_attention(*(t[chunk].transpose(0, 1) for t in (q, k, v)), is_causal=True,
-                                                  enable_gqa=True).transpose(0, 1)
-            torch.testing.assert_close(got[chunk], want, rtol=1e-5, atol=5e-5)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
+def test_a_query_rows_attention_is_the_same_in_any_batch(ops, cache_dtype):
+    """A prompt chunk's rows attend through one block table (a stride-0 view, lengths 1..n), bitwise as each row
+    alone or among other sequences' rows: the kernel's arithmetic for a row does not depend on its batch."""
+    torch.manual_seed(7)
+    block_size, num_blocks, heads, kv_heads, dim = 4, 24, 9, 3, 64
+    k_cache = kv_cache.encode(torch.randn(num_blocks, kv_heads, block_size, dim), cache_dtype)
+    v_cache = kv_cache.encode(torch.randn(num_blocks, kv_heads, block_size, dim), cache_dtype)
+    table = torch.randperm(num_blocks)[:10]
+    n = 37
+    q = torch.randn(n, heads, dim)
+    lens = torch.arange(1, n + 1)
+    chunk = ops.paged_attention(q, k_cache, v_cache, table.unsqueeze(0).expand(n, -1), lens, dim**-0.5)
+    for i in (0, 5, 17, 36):
+        alone = ops.paged_attention(q[i : i + 1], k_cache, v_cache, table.unsqueeze(0), lens[i : i + 1],
+                                           dim**-0.5)
+        assert torch.equal(chunk[i], alone[0])
+    others = torch.stack([torch.randperm(num_blocks)[:10] for _ in range(8)])
+    mixed = ops.paged_attention(torch.cat([torch.randn(8, heads, dim), q[20:21]]), k_cache, v_cache,
+                                       torch.cat([others, table.unsqueeze(0)]),
+                                       torch.cat([torch.randint(1, 40, (8,)), lens[20:21]]), dim**-0.5)
+    assert torch.equal(mixed[8], chunk[20])
+    k = kv_cache.gather(k_cache, table, torch.float32)[:, :n]
+    v = kv_cache.gather(v_cache, table, torch.float32)[:, :n]
+    queries = kv_cache.round_queries(q) if cache_dtype == torch.int8 else q
+    want = F.scaled_dot_product_attention(queries.transpose(0, 1), k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(chunk, want.transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("width", [64, 45])  # a multiple of the vector width, and one with a tail
@@ -431,7 +437,7 @@ def test_a_kernel_failing_its_self_check_is_not_used(llm_fp32):
     """A server whose block matmul and decode attention fail their self-check (the test hook) warns, naming them,
     and serves the same tokens as the engine that uses them: on the dense PyTorch path."""
     want = llm_fp32.generate(PROMPT, SamplingParams(max_tokens=16, temperature=0))[0].outputs[0].text
-    broken = "gguf_linear,paged_attention_decode"
+    broken = "gguf_linear,paged_attention"
     with running_server(env={BREAK_ENV: broken}) as server:
         body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0}
         got = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
@@ -440,7 +446,7 @@ def test_a_kernel_failing_its_self_check_is_not_used(llm_fp32):
     assert got == want
     for name in broken.split(","):
         assert f"CPU kernel {name} ({dispatch.kernels().variant.name}) disagrees with PyTorch" in log
-    assert version["cpu_kernels"].endswith("disabled after their self-check: gguf_linear, paged_attention_decode")
+    assert version["cpu_kernels"].endswith("disabled after their self-check: gguf_linear, paged_attention")
 
 
 def test_w4a8_needs_no_other_flag(llm_fp32):

@@ -62,8 +62,7 @@ def test_w4a8_with_an_int8_cache_decodes_near_its_float16_cache_and_the_same_thr
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0)
     runs = {}
     for kv_dtype in ("float16", "int8"):
-        # (no prefix caching: a prompt found cached would attend to its rounded keys, not to the fresh ones)
-        llm = LLM(kv_cache_memory=16 << 20, quantization="w4a8", kv_cache_dtype=kv_dtype, enable_prefix_caching=False)
+        llm = LLM(kv_cache_memory=16 << 20, quantization="w4a8", kv_cache_dtype=kv_dtype)
         runs[kv_dtype] = [r.outputs[0] for r in llm.chat(prompts, params)]
     model = llm.engine.runner.model  # (the int8 one)
     assert model.decode_stack(1) is not None  # its kernels take the int8 cache

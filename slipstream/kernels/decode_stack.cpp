@@ -60,7 +60,7 @@ class DecodeStack {
       const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, kv_heads_, head_dim_});
       rotary_(q, k, positions, cos_, sin_, interleaved_);
       write_kv_cache(k, v, k_caches_[i], v_caches_[i], slots);
-      const at::Tensor attn = paged_attention_decode(q, k_caches_[i], v_caches_[i], block_tables, context_lens, scale_);
+      const at::Tensor attn = paged_attention(q, k_caches_[i], v_caches_[i], block_tables, context_lens, scale_);
       h = add_rms_norm_(linear(attn.flatten(1), lin[1]), residual, post_norms_[i], eps_);
       x = linear(silu_and_mul(linear(h, lin[2])), lin[3]);
     }

@@ -65,9 +65,6 @@ HALF_KERNEL_MAX_ROWS = 128
 ROUNDED_GEMM_MIN_ROWS = 8
 ROUNDED_GEMM_MIN_ROWS_SMALL = 32
 ROUNDED_GEMM_MIN_WEIGHTS = 512 * 1024
-# A prompt chunk attending to its own keys: the causal kernel (prefill_attention.cpp) against SDPA's CPU flash
-# kernel, SmolLM2's heads, 2 threads (AMD EPYC Zen 4): 17 tokens 3.5x, 100 1.9x, 512 1.4x, 2000 0.8x.
-PREFILL_KERNEL_MAX_TOKENS = 512
 
 # KV cache rows the attention kernels read and write (model/kv_cache.py).
 KV_CACHE_KERNEL_DTYPES = (torch.float32, torch.float16, torch.int8)
@@ -75,7 +72,7 @@ KV_CACHE_KERNEL_DTYPES = (torch.float32, torch.float16, torch.int8)
 # DecodeStack runs all of a decode step's layers with these kernels and one of the two matmuls: it is only as good
 # as they are.
 DECODE_STACK_PARTS = ("rms_norm", "add_rms_norm_", "rotary_", "silu_and_mul", "write_kv_cache",
-                      "paged_attention_decode")
+                      "paged_attention")
 
 
 @dataclass(frozen=True)
@@ -196,17 +193,6 @@ class KernelTable:
             return None
         return getattr(self.ops, name)
 
-    def prefill_attention(self, q: torch.Tensor) -> Callable | None:
-        """The causal kernel for prompt chunks attending to their own keys, all of a step's in one call
-        (out, q, k, v, spans [chunks, 2] of (first row, rows), scale), or None: SDPA. It takes the chunks up to
-        the length where SDPA's flash kernel catches up (`prefill_kernel_takes`)."""
-        return None if q.shape[-1] % 8 else self.elementwise("prefill_attention_", q)  # (whole vectors of 8 a head)
-
-    @staticmethod
-    def prefill_kernel_takes(tokens: int) -> bool:
-        """Whether the causal kernel, rather than SDPA, attends a fresh prompt chunk of `tokens` queries."""
-        return tokens <= PREFILL_KERNEL_MAX_TOKENS
-
     @staticmethod
     def cache_fits(cache: torch.Tensor) -> bool:
         """Whether the attention kernels take this KV cache: bound, float32 or float16 rows of whole vectors of 8,
@@ -215,7 +201,7 @@ class KernelTable:
         return bool(cache.numel()) and cache.dtype in KV_CACHE_KERNEL_DTYPES and head_dim_of(cache) % vector == 0
 
     def attention(self, name: str, q: torch.Tensor, cache: torch.Tensor) -> Callable | None:
-        """The kernel `name` (write_kv_cache, paged_attention_decode) for queries `q` over `cache`."""
+        """The kernel `name` (write_kv_cache, paged_attention) for queries `q` over `cache`."""
         return self.elementwise(name, q) if self.cache_fits(cache) else None
 
     def gguf_matmul(self, layer: nn.Module, rows: int) -> Callable | None:

@@ -1,5 +1,7 @@
-// Decode attention straight from the paged KV cache: one query token per sequence attends to
-// its context through its block table, without gathering the context into a contiguous copy.
+// Attention straight from the paged KV cache: each query row (a decode token, or a prompt token: a chunk's rows share
+// one block table, a stride-0 view) attends to the first `len` tokens of its block table, without gathering them
+// into a contiguous copy. Every row of every step and path takes this kernel on the CPU, its arithmetic independent
+// of the other rows (model/attention.py: what makes results independent of batch and prefix cache).
 // A task is a pack of query heads of one (sequence, KV head) group, which loads and converts each key and value
 // row once for the pack (one head a task when there are too few groups to share among the threads); the rows a
 // group shares stay in cache between its tasks. The cache holds float32, float16 (half the bytes to read: ~15 %
@@ -291,8 +293,20 @@ void decode(const float* qp, const C* kp, const C* vp, const int64_t* bt, const 
             int64_t H, int64_t D, int64_t bs, int64_t Hkv, int64_t W, float scale) {
   const int64_t G = H / Hkv;
   const int64_t packs = B * Hkv >= 4 * at::get_num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
-  const int64_t pack_size = (G + packs - 1) / packs, width = row_width<C>(D);
-  at::parallel_for(0, B * Hkv * packs, 1, [&](int64_t begin, int64_t end) {
+  const int64_t pack_size = (G + packs - 1) / packs, width = row_width<C>(D), tasks = B * Hkv * packs;
+  // Each thread takes a run of tasks with its share of the work (a task costs its context length and a fixed part),
+  // not of the tasks: a prompt's rows attend to 1, 2, ... n tokens, and an even split of them left one thread 3/4 of
+  // the work.
+  std::vector<int64_t> work_before(tasks + 1, 0);  // the cost of tasks [0, i)
+  for (int64_t task = 0; task < tasks; ++task) work_before[task + 1] = work_before[task] + lens[task / packs / Hkv] + 16;
+  const int64_t shares = std::min<int64_t>(at::get_num_threads(), tasks);
+  auto share_start = [&](int64_t i) {
+    return std::lower_bound(work_before.begin(), work_before.end(), work_before[tasks] * i / shares) -
+           work_before.begin();
+  };
+  at::parallel_for(0, shares, 1, [&](int64_t share_begin, int64_t share_end) {
+    const int64_t begin = share_start(share_begin), end = share_start(share_end);
+    if (begin >= end) return;
     std::vector<float> scores;
     std::vector<int8_t> scratch;
     std::vector<int64_t> rows;
@@ -326,17 +340,20 @@ void decode(const float* qp, const C* kp, const C* vp, const int64_t* bt, const 
 
 }  // namespace
 
-at::Tensor paged_attention_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
-                                  at::Tensor block_tables, at::Tensor context_lens, double scale) {
+at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                           at::Tensor block_tables, at::Tensor context_lens, double scale) {
   const auto cache_type = k_cache.scalar_type();
   TORCH_CHECK(q.scalar_type() == at::kFloat &&
               (cache_type == at::kFloat || cache_type == at::kHalf || cache_type == at::kChar) &&
               v_cache.scalar_type() == cache_type, "float32 queries, float32, float16 or int8 caches");
   q = q.contiguous();
-  block_tables = block_tables.to(at::kLong).contiguous();
+  block_tables = block_tables.to(at::kLong);
+  if (block_tables.size(1) > 1 && block_tables.stride(1) != 1) block_tables = block_tables.contiguous();
   context_lens = context_lens.to(at::kLong).contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2), W = block_tables.size(1);  // (model/kv_cache.py)
+  TORCH_CHECK(block_tables.size(0) == B && context_lens.numel() == B, "a block table and a length per query row");
+  // (W: the tables' row stride; 0 where one table serves every row, a prompt chunk's expanded)
+  const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2), W = block_tables.stride(0);  // (model/kv_cache.py)
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads must be a multiple of the cache's KV heads");
   TORCH_CHECK(D % (cache_type == at::kChar ? 32 : 8) == 0, "head_dim must be a multiple of 8 (32 for an int8 cache)");
   TORCH_CHECK(k_cache.size(3) == (cache_type == at::kChar ? row_width<int8_t>(D) : D),

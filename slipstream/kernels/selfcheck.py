@@ -125,39 +125,24 @@ def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
     return None
 
 
-def _paged_attention_decode(ops, perturb: Callable) -> str | None:
+def _paged_attention(ops, perturb: Callable) -> str | None:
     g = torch.Generator().manual_seed(2)
     heads, kv_heads, dim, block_size = 4, 2, 64, 4
     for dtype in KV_CACHE_KERNEL_DTYPES:
         k_cache = kv_cache.encode(torch.randn(8, kv_heads, block_size, dim, generator=g), dtype)
         v_cache = kv_cache.encode(torch.randn(8, kv_heads, block_size, dim, generator=g), dtype)
         lens = torch.tensor([1, 5, 12])
-        tables = torch.stack([torch.randperm(8, generator=g)[:3] for _ in lens])
+        own = torch.stack([torch.randperm(8, generator=g)[:3] for _ in lens])
         q = torch.randn(len(lens), heads, dim, generator=g)
-        got = perturb(ops.paged_attention_decode(q, k_cache, v_cache, tables, lens, dim**-0.5))
         queries = kv_cache.round_queries(q) if dtype == torch.int8 else q  # (int8 keys: q . k in integers)
-        for i, n in enumerate(lens.tolist()):
-            k = kv_cache.gather(k_cache, tables[i], torch.float32)[:, :n]
-            v = kv_cache.gather(v_cache, tables[i], torch.float32)[:, :n]
-            want = F.scaled_dot_product_attention(queries[i].unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
-            if why := _close(got[i], want, atol=1e-5):
-                return f"{dtype}: {why}"
-    return None
-
-
-def _prefill_attention(ops, perturb: Callable) -> str | None:
-    heads, kv_heads, dim = 4, 2, 16
-    spans = torch.tensor([[3, 21], [24, 5]])  # two chunks after 3 other rows; partial tiles of queries and keys
-    qkv = torch.randn(29, (heads + 2 * kv_heads) * dim)
-    q, k, v = (t.unflatten(1, (-1, dim)) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1))
-    out = torch.zeros_like(q)
-    ops.prefill_attention_(out, q, k, v, spans, dim**-0.5)
-    for start, length in spans.tolist():
-        rows = slice(start, start + length)
-        want = F.scaled_dot_product_attention(*(t[rows].transpose(0, 1) for t in (q, k, v)), is_causal=True,
-                                              enable_gqa=True)
-        if why := _close(perturb(out[rows]), want.transpose(0, 1), atol=1e-5):
-            return why
+        for tables in (own, own[:1].expand(len(lens), -1)):  # a table a row; a prompt chunk's one, a stride-0 view
+            got = perturb(ops.paged_attention(q, k_cache, v_cache, tables, lens, dim**-0.5))
+            for i, n in enumerate(lens.tolist()):
+                k = kv_cache.gather(k_cache, tables[i], torch.float32)[:, :n]
+                v = kv_cache.gather(v_cache, tables[i], torch.float32)[:, :n]
+                want = F.scaled_dot_product_attention(queries[i].unsqueeze(1), k, v, enable_gqa=True).squeeze(1)
+                if why := _close(got[i], want, atol=1e-5):
+                    return f"{dtype}: {why}"
     return None
 
 
@@ -228,7 +213,7 @@ def _argmax_rows(ops, perturb: Callable) -> str | None:
 
 CHECKS: dict[str, Callable] = {
     "gguf_linear": _gguf_linear, "gguf_dequantize": _gguf_dequantize, "gguf_linear_q8": _gguf_linear_q8,
-    "paged_attention_decode": _paged_attention_decode, "prefill_attention_": _prefill_attention,
+    "paged_attention": _paged_attention,
     "write_kv_cache": _write_kv_cache,
     "rms_norm": _rms_norm, "add_rms_norm_": _add_rms_norm_, "silu_and_mul": _silu_and_mul, "rotary_": _rotary_,
     "argmax_rows": _argmax_rows,

@@ -1,8 +1,14 @@
 """Attention over the paged KV cache.
 
-New keys/values are written into their cache slots first; then decode tokens attend to their
-gathered block tables in one batched call, and each prefill chunk attends causally to its own
-context (straight to the fresh keys when it has no cached prefix).
+New keys/values are written into their cache slots first. Where the compiled kernel reads the cache, every query
+row then attends through it — decode tokens in one call, each prompt chunk's rows (one block table shared by all
+of them) in another — to the keys and values as the cache holds them, as vLLM v1's paged attention does. A row's
+arithmetic is then the same whichever step, batch or path computes it: a prompt found in the prefix cache gives
+the same logits as when it was computed, a request in a batch the same as alone, and what a seed samples does not
+depend on either (with a rounded cache or w4a8's int8 activations, the prompt kernel's other summation order and
+its unrounded keys turned float noise into whole rounding steps: logprobs 0.1-0.3 apart between two identical
+requests). Otherwise (CUDA, caches the kernel does not read) decode tokens attend to their gathered block tables
+and each prompt chunk causally to its own context (straight to the fresh keys when it has no cached prefix).
 """
 
 from __future__ import annotations
@@ -35,38 +41,35 @@ class PagedAttention(nn.Module):
         # The fallbacks convert on the way in and out (kv_cache.encode / decode): the cache may differ from the
         # model's dtype.
         write_kv_cache = table.attention("write_kv_cache", q, kc)
-        decode = table.attention("paged_attention_decode", q, kc)
+        paged = table.attention("paged_attention", q, kc)
         if write_kv_cache is not None:
             write_kv_cache(k, v, kc, vc, ctx.slot_mapping)
         elif kc.numel():
             kv_cache.store(kc, ctx.slot_mapping, k)
             kv_cache.store(vc, ctx.slot_mapping, v)
         nd = ctx.num_decode
-        if decode is not None and nd == len(q):  # decode only: the kernel's output is the whole result
-            return decode(q, kc, vc, ctx.decode_block_tables, ctx.decode_lens, self.scale).flatten(1)
+        if paged is not None and nd == len(q):  # decode only: the kernel's output is the whole result
+            return paged(q, kc, vc, ctx.decode_block_tables, ctx.decode_lens, self.scale).flatten(1)
         out = torch.empty_like(q)
-        if nd and decode is not None:
-            out[:nd] = decode(q[:nd], kc, vc, ctx.decode_block_tables, ctx.decode_lens, self.scale)
-        elif nd:
+        if paged is not None:
+            if nd:
+                out[:nd] = paged(q[:nd], kc, vc, ctx.decode_block_tables, ctx.decode_lens, self.scale)
+            for chunk in ctx.prefills:
+                rows = slice(chunk.start, chunk.start + chunk.length)
+                tables = chunk.block_table.unsqueeze(0).expand(chunk.length, -1)  # (a view: row stride 0)
+                out[rows] = paged(q[rows], kc, vc, tables, chunk.query_lens, self.scale)
+            return out.flatten(1)
+        if nd:
             bt = ctx.decode_block_tables
             kk, vv = kv_cache.gather(kc, bt, q.dtype), kv_cache.gather(vc, bt, q.dtype)  # [B, Hkv, L, D]
             o = F.scaled_dot_product_attention(
                 q[:nd].unsqueeze(2), kk, vv, attn_mask=ctx.decode_mask, enable_gqa=True
             )
             out[:nd] = o.squeeze(2)
-        # The fresh chunks the causal kernel takes, in one call: all their tasks shared among the threads at once.
-        prefill = table.prefill_attention(q)
-        own, rest = [], []
         for chunk in ctx.prefills:
-            fits = prefill is not None and chunk.block_table is None and table.prefill_kernel_takes(chunk.length)
-            (own if fits else rest).append(chunk)
-        if own:
-            prefill(out, q, k, v, torch.tensor([[c.start, c.length] for c in own]), self.scale)
-        for chunk in rest:
             s, e = chunk.start, chunk.start + chunk.length
-            fresh = chunk.block_table is None
             qq = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, Tq, D]
-            if fresh:
+            if chunk.fresh:
                 kk = k[s:e].transpose(0, 1).unsqueeze(0)
                 vv = v[s:e].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)

@@ -16,8 +16,14 @@ class PrefillChunk:
     start: int  # offset of the chunk's first token in the flat batch
     length: int  # query tokens in this chunk
     context_len: int  # tokens visible to the chunk's last query (cached + new)
-    block_table: torch.Tensor | None  # None: no earlier context, attend to the fresh keys only
-    mask: torch.Tensor | None  # [length, context_len] bool, True where attention is allowed
+    block_table: torch.Tensor | None  # [blocks] the sequence's cache blocks up to context_len (None: no cache)
+    mask: torch.Tensor | None  # [length, context_len] bool, True where attention is allowed; None: no earlier context
+    query_lens: torch.Tensor | None = None  # [length] tokens each query attends to (its position + 1)
+
+    @property
+    def fresh(self) -> bool:
+        """No earlier context: the chunk attends to its own keys only."""
+        return self.context_len == self.length
 
 
 @dataclass

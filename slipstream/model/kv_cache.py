@@ -7,7 +7,7 @@ bytes, which the hardware prefetcher follows and no cache line of which holds an
 float32 / float16 / bfloat16 rows hold the head's D values as they are. An int8 row (`--kv-cache-dtype int8`) holds
 them rounded to int8 with one symmetric scale for the row (its largest magnitude / 127), then that float32 scale's
 4 bytes: D + 4 bytes against float16's 2 D, what decode attention reads at large batches. The compiled kernels
-(write_kv_cache, paged_attention_decode) read and write the same bytes as these PyTorch functions, which serve where
+(write_kv_cache, paged_attention) read and write the same bytes as these PyTorch functions, which serve where
 no kernel does (CUDA, prompt chunks over a cached prefix).
 """
 
