@@ -1,14 +1,13 @@
 """Attention over the paged KV cache.
 
 New keys/values are written into their cache slots first. Where the compiled kernel reads the cache, every query
-row then attends through it — decode tokens in one call, each prompt chunk's rows (one block table shared by all
-of them) in another — to the keys and values as the cache holds them, as vLLM v1's paged attention does. A row's
-arithmetic is then the same whichever step, batch or path computes it: a prompt found in the prefix cache gives
-the same logits as when it was computed, a request in a batch the same as alone, and what a seed samples does not
-depend on either (with a rounded cache or w4a8's int8 activations, the prompt kernel's other summation order and
-its unrounded keys turned float noise into whole rounding steps: logprobs 0.1-0.3 apart between two identical
-requests). Otherwise (CUDA, caches the kernel does not read) decode tokens attend to their gathered block tables
-and each prompt chunk causally to its own context (straight to the fresh keys when it has no cached prefix).
+row then attends through it to the keys and values as the cache holds them (as vLLM v1's paged attention does):
+decode tokens in one call, each prompt chunk's rows, which share one block table, in another. A row's arithmetic
+is then the same whichever step, batch or path computes it, so a prompt found in the prefix cache gives the same
+logits as when it was computed and a request in a batch the same as alone (before, a causal prompt kernel over the
+unrounded keys summed in another order: under rounding, logprobs 0.1-0.3 apart between two identical requests).
+Otherwise (CUDA, caches the kernel does not read) decode tokens attend to their gathered block tables and each
+prompt chunk causally to its own context (straight to the fresh keys when it has no cached prefix).
 """
 
 from __future__ import annotations

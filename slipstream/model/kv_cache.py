@@ -8,7 +8,7 @@ float32 / float16 / bfloat16 rows hold the head's D values as they are. An int8 
 them rounded to int8 with one symmetric scale for the row (its largest magnitude / 127), then that float32 scale's
 4 bytes: D + 4 bytes against float16's 2 D, what decode attention reads at large batches. The compiled kernels
 (write_kv_cache, paged_attention) read and write the same bytes as these PyTorch functions, which serve where
-no kernel does (CUDA, prompt chunks over a cached prefix).
+no kernel does (CUDA, caches of a dtype or head size the kernels do not take).
 """
 
 from __future__ import annotations
