@@ -22,7 +22,7 @@ from transformers import (
 
 from slipstream import SamplingParams
 from slipstream.engine.sequence import Sequence
-from slipstream.model.sampler import Sampler
+from slipstream.model.sampler import TOP_P_CANDIDATES, Sampler, nucleus_floor
 
 EOS = 0
 
@@ -149,6 +149,21 @@ def test_draws_follow_transformers_warped_distribution(params):
     freq = torch.bincount(torch.tensor(tokens), minlength=len(probs)).float() / n
     assert set((freq > 0).nonzero().flatten().tolist()) == set((expected > 0).nonzero().flatten().tolist())
     assert (freq - expected).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_top_p_keeps_transformers_nucleus_over_a_full_vocabulary(top_p):
+    """Over SmolLM2's 49,152 tokens, from a peaked row (a nucleus of a few tokens) to flat ones (thousands: more than
+    the first TOP_P_CANDIDATES looked at, so the search widens), the tokens kept are transformers' TopPLogitsWarper's."""
+    logits = torch.randn(5, 49152, generator=torch.Generator().manual_seed(3)) * torch.tensor([[8.0], [3], [1], [0.3],
+                                                                                               [0.05]])
+    probs = logits.softmax(dim=-1)
+    kept = probs >= nucleus_floor(probs, torch.full((5,), top_p)).unsqueeze(1)
+    want = TopPLogitsWarper(top_p)(None, logits.clone()) > float("-inf")
+    # (the masses summed from the top, not from the bottom as transformers does, may round a token at the edge the
+    # other way: 10,941 tokens against 10,942 in one of these rows)
+    assert (kept ^ want).sum(dim=-1).max() <= 1 and (kept & want).sum() >= want.sum() - 1
+    assert kept.sum(dim=-1).max() > TOP_P_CANDIDATES and kept.sum(dim=-1).min() < TOP_P_CANDIDATES
 
 
 def test_greedy_rows_take_the_argmax_of_processed_logits_in_a_mixed_batch():
