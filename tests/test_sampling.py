@@ -154,9 +154,9 @@ def test_draws_follow_transformers_warped_distribution(params):
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
 def test_top_p_keeps_transformers_nucleus_over_a_full_vocabulary(top_p):
     """Over SmolLM2's 49,152 tokens, from a peaked row (a nucleus of a few tokens) to flat ones (thousands: more than
-    the first TOP_P_CANDIDATES looked at, so the search widens), the tokens kept are transformers' TopPLogitsWarper's."""
-    logits = torch.randn(5, 49152, generator=torch.Generator().manual_seed(3)) * torch.tensor([[8.0], [3], [1], [0.3],
-                                                                                               [0.05]])
+    the first TOP_P_CANDIDATES looked at, so the search widens), the tokens kept are TopPLogitsWarper's."""
+    spread = torch.tensor([[8.0], [3.0], [1.0], [0.3], [0.05]])
+    logits = torch.randn(5, 49152, generator=torch.Generator().manual_seed(3)) * spread
     probs = logits.softmax(dim=-1)
     kept = probs >= nucleus_floor(probs, torch.full((5,), top_p)).unsqueeze(1)
     want = TopPLogitsWarper(top_p)(None, logits.clone()) > float("-inf")
