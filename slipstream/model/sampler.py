@@ -174,7 +174,8 @@ def nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         k = min(k, vocab)
         values = probs[rows].topk(k, dim=-1).values  # most likely first
         above = values.cumsum(dim=-1) - values  # the mass of the tokens before each
-        kept = (above < top_p[rows].unsqueeze(1)).sum(dim=-1)  # a prefix: `above` only grows
+        # a prefix (`above` only grows), never empty: a top_p that float32 rounds to 0 keeps the most likely token
+        kept = (above < top_p[rows].unsqueeze(1)).sum(dim=-1).clamp(min=1)
         held = (values.sum(dim=-1) >= top_p[rows]) | (k == vocab)  # the candidates hold the whole nucleus
         floor[rows[held]] = values[held].gather(1, (kept[held] - 1).unsqueeze(1)).squeeze(1)
         rows, k = rows[~held], 4 * k
