@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+GREEDY_BELOW_TEMPERATURE = 1e-5  # a request's temperature below this samples greedily
+
 
 @dataclass(frozen=True)
 class StructuredOutputsParams:
@@ -117,4 +119,6 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # (below 1e-5, as vLLM's _SAMPLING_EPS: a temperature that float32 rounds to 0 divided the logits by zero,
+        # and the draw ran past the vocabulary)
+        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1

@@ -166,6 +166,14 @@ def test_top_p_keeps_transformers_nucleus_over_a_full_vocabulary(top_p):
     assert kept.sum(dim=-1).max() > TOP_P_CANDIDATES and kept.sum(dim=-1).min() < TOP_P_CANDIDATES
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-6])
+def test_a_temperature_below_1e_5_is_greedy(temperature):
+    logits = random_logits(64, seed=4).expand(2, -1).clone()
+    seqs = [make_seq(SamplingParams(temperature=temperature)), make_seq(SamplingParams(temperature=temperature,
+                                                                                       top_p=0.5))]
+    assert Sampler({EOS})(logits, seqs)[0] == [int(logits[0].argmax())] * 2
+
+
 def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token():
     logits = random_logits(64, seed=2).expand(2, -1).clone()
     seqs = [make_seq(SamplingParams(temperature=1.0, top_p=5e-324, seed=i)) for i in range(2)]
