@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import statistics
 import time
 from collections.abc import Iterator
@@ -31,14 +30,11 @@ STEPS_A_CHUNK = 10
 
 def kernel_table(sources: str) -> dispatch.KernelTable:
     """This machine's kernel table, its variant built from the .cpp files in `sources` instead of the package's."""
-    from torch.utils.cpp_extension import load
-
-    table = dispatch.kernels()
-    files = sorted(str(f) for f in Path(sources).glob("*.cpp"))
-    name = f"engine_ab_{table.variant.name}_{hashlib.sha1(str(Path(sources).resolve()).encode()).hexdigest()[:8]}"
-    ops = load(name=name, sources=files, extra_cflags=["-O3", *table.variant.cflags, "-fopenmp"],
-               extra_ldflags=["-fopenmp"], verbose=False)
-    return dispatch.KernelTable(table.variant, ops)
+    variant = dispatch.kernels().variant
+    ops = dispatch.build(variant, Path(sources))
+    if ops is None:
+        raise SystemExit(f"the kernels in {sources} did not build (the warning above says why)")
+    return dispatch.KernelTable(variant, ops)
 
 
 @contextlib.contextmanager

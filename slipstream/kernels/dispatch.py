@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import logging
 import os
 import threading
@@ -138,18 +139,21 @@ def choose_variant(flags: frozenset[str] | None = None, forced: str | None = Non
 
 
 @functools.cache
-def build(variant: CpuVariant):
+def build(variant: CpuVariant, sources: Path | None = None):
     """The compiled module of `variant` (built on first use, then loaded from torch's cache), or None when this
-    machine cannot build it (no compiler, no ninja)."""
+    machine cannot build it (no compiler, no ninja). `sources`: another directory of kernel sources than this
+    package's (benchmarks/engine_ab.py's A/B of a kernel change), built under a name of its own."""
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        here, name = Path(__file__).parent, f"slipstream_cpu_kernels_{variant.name}"
+        name = f"slipstream_cpu_kernels_{variant.name}"
+        if sources is not None:
+            name += "_" + hashlib.sha1(str(sources.resolve()).encode()).hexdigest()[:8]
         build_directory = _get_build_directory(name, verbose=False)
         with _one_build_at_a_time(Path(build_directory)):
             return load(
                 name=name,
-                sources=sorted(str(f) for f in here.glob("*.cpp")),
+                sources=sorted(str(f) for f in (sources or Path(__file__).parent).glob("*.cpp")),
                 extra_cflags=["-O3", *variant.cflags, "-fopenmp"],
                 extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP from the header: without it, 1 thread
                 build_directory=build_directory,

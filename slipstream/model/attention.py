@@ -76,6 +76,7 @@ class PagedAttention(nn.Module):
                 n = chunk.context_len
                 kk = kv_cache.gather(kc, chunk.block_table, q.dtype)[:, :n].unsqueeze(0)
                 vv = kv_cache.gather(vc, chunk.block_table, q.dtype)[:, :n].unsqueeze(0)
-                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=chunk.mask, enable_gqa=True)
+                mask = torch.arange(n, device=q.device) < chunk.query_lens.unsqueeze(1)  # [length, n]: causal
+                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=True)
             out[s:e] = o.squeeze(0).transpose(0, 1)
         return out.flatten(1)

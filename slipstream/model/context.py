@@ -17,7 +17,6 @@ class PrefillChunk:
     length: int  # query tokens in this chunk
     context_len: int  # tokens visible to the chunk's last query (cached + new)
     block_table: torch.Tensor | None  # [blocks] the sequence's cache blocks up to context_len (None: no cache)
-    mask: torch.Tensor | None  # [length, context_len] bool, True where attention is allowed; None: no earlier context
     query_lens: torch.Tensor | None = None  # [length] tokens each query attends to (its position + 1)
 
     @property

@@ -116,12 +116,12 @@ class Sampler:
             logits.masked_fill_(logits < kth, NEG_INF)
         probs = logits.softmax(dim=-1)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
-        if bool((top_p < 1.0).all()):  # (in place: a batch's rows are megabytes to copy)
-            probs.masked_fill_(probs < nucleus_floor(probs, top_p).unsqueeze(1), 0.0)
-        elif bool((top_p < 1.0).any()):
-            nucleus = (top_p < 1.0).nonzero().flatten()
-            rows = probs[nucleus]
-            probs[nucleus] = rows.masked_fill(rows < nucleus_floor(rows, top_p[nucleus]).unsqueeze(1), 0.0)
+        cut = (top_p < 1.0).nonzero().flatten()
+        if len(cut):  # (all rows: in place, where a batch's rows are megabytes to copy)
+            rows = probs if len(cut) == len(probs) else probs[cut]
+            rows.masked_fill_(rows < nucleus_floor(rows, top_p[cut]).unsqueeze(1), 0.0)
+            if rows is not probs:
+                probs[cut] = rows
         # (the rows' masses no longer sum to 1 where top-p cut them: the draw below scales by each row's total)
         min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
         if bool((min_p > 0).any()):

@@ -66,10 +66,6 @@ class StepInput:
             ctx.decode_mask = mask.view(d, 1, 1, width)
         for (start, n, computed), table in zip(self.prefill_meta.tolist(), self.prefill_block_tables, strict=True):
             total = computed + n
-            chunk = PrefillChunk(start, n, total, table[: -(-total // block_size)], None,
-                                 torch.arange(computed + 1, total + 1, device=dev))
-            if computed:
-                q_pos = torch.arange(n, device=dev).unsqueeze(1) + computed
-                chunk.mask = torch.arange(total, device=dev).unsqueeze(0) <= q_pos
-            ctx.prefills.append(chunk)
+            ctx.prefills.append(PrefillChunk(start, n, total, table[: -(-total // block_size)],
+                                             torch.arange(computed + 1, total + 1, device=dev)))
         return ctx
