@@ -163,18 +163,18 @@ def test_logprobs_match_transformers(batch_results, reference):
     assert compared > len(reference) * MAX_TOKENS // 2
 
 
-def test_the_compiled_decode_stack_computes_what_the_python_layers_do(llm_cold, prompt_ids):
-    """Decode steps run all layers in one compiled call; the Python layers call the same kernels one by one."""
+def test_the_compiled_layer_stack_computes_what_the_python_layers_do(llm_cold, prompt_ids):
+    """Steps run all layers in one compiled call; the Python layers call the same kernels one by one."""
     model = llm_cold.engine.runner.model
-    if model.decode_stack(1) is None:
+    if model.layer_stack(1) is None:
         pytest.skip("no compiled kernels on this machine")
     params = SamplingParams(temperature=0, max_tokens=24, logprobs=TOP_K)
     stacked = llm_cold.generate(prompt_ids[:6], params)
-    saved, model._decode_stack = model._decode_stack, False  # False: "cannot build one", the Python path
+    saved, model._layer_stack = model._layer_stack, False  # False: "cannot build one", the Python path
     try:
         layered = llm_cold.generate(prompt_ids[:6], params)
     finally:
-        model._decode_stack = saved
+        model._layer_stack = saved
     for a, b in zip(stacked, layered, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert [t.logprob for t in a.outputs[0].logprobs] == [t.logprob for t in b.outputs[0].logprobs]

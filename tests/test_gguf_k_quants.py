@@ -146,7 +146,7 @@ def test_a_k_quant_gguf_matches_transformers(k_quant_gguf, caplog):
         assert out.token_ids == tokens
         got = [lp.logprob for lp in out.logprobs]
         assert max(abs(g - w) for g, w in zip(got, logprobs, strict=True)) < 1e-3
-    assert llm.engine.runner.model._decode_stack, "every linear layer has blocks: decode steps run in one call"
+    assert llm.engine.runner.model._layer_stack, "every linear layer has blocks: steps run in one call"
 
 
 # w4a8's own bound (test_quantization.py). Measured (AMD EPYC Zen 4, avx512_vnni kernels): 0.969 top-1 agreement,
@@ -169,7 +169,7 @@ def test_a_k_quant_gguf_under_w4a8_takes_the_int8_kernel_within_its_bound(k_quan
     for name in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q4_1+Q4_1+Q8_0"):  # (the last: the fused qkv's parts)
         assert f"{name} by gguf_linear_q8" in caplog.text
     llm.generate([llm.tokenizer.encode(PROMPTS[0])], SamplingParams(temperature=0, max_tokens=2))
-    assert llm.engine.runner.model._decode_stack, "decode steps run in one call under w4a8 too"
+    assert llm.engine.runner.model._layer_stack, "steps run in one call under w4a8 too"
     llm.engine.shutdown()
 
     path = tmp_path / "smollm2-own-q6_k.gguf"

@@ -392,10 +392,10 @@ def test_self_check_disables_what_disagrees(ops, monkeypatch):
     assert set(failed) == {"gguf_linear", "rotary_"} and "max error 1" in failed["gguf_linear"]
     table = dispatch.KernelTable(dispatch.VARIANTS[0], ops, failed)
     assert table.elementwise("rotary_", torch.zeros(1)) is None and table.elementwise("rms_norm", torch.zeros(1))
-    assert not table.decode_stack_usable(False) and not table.decode_stack_usable(True)  # (rotary_ is off)
+    assert not table.layer_stack_usable(False) and not table.layer_stack_usable(True)  # (rotary_ is off)
     assert table.describe().endswith("disabled after their self-check: gguf_linear, rotary_")
     int8_off = dispatch.KernelTable(dispatch.VARIANTS[0], ops, {"gguf_linear_q8": "disagrees"})
-    assert int8_off.decode_stack_usable(False) and not int8_off.decode_stack_usable(True)  # exact mode keeps it
+    assert int8_off.layer_stack_usable(False) and not int8_off.layer_stack_usable(True)  # exact mode keeps it
 
 
 def test_variant_choice():

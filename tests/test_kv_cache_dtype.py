@@ -57,7 +57,7 @@ def test_w4a8_keeps_its_kv_cache_in_float16_unless_told():
 
 
 @pytest.mark.skipif(kernels().ops is None, reason="w4a8 needs the compiled CPU kernels")
-def test_w4a8_with_an_int8_cache_decodes_near_its_float16_cache_and_the_same_through_the_decode_stack():
+def test_w4a8_with_an_int8_cache_decodes_near_its_float16_cache_and_the_same_through_the_layer_stack():
     prompts = [[{"role": "user", "content": p}] for p in ("What is the capital of France?", "Who wrote Hamlet?")]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0)
     runs = {}
@@ -65,12 +65,12 @@ def test_w4a8_with_an_int8_cache_decodes_near_its_float16_cache_and_the_same_thr
         llm = LLM(kv_cache_memory=16 << 20, quantization="w4a8", kv_cache_dtype=kv_dtype)
         runs[kv_dtype] = [r.outputs[0] for r in llm.chat(prompts, params)]
     model = llm.engine.runner.model  # (the int8 one)
-    assert model.decode_stack(1) is not None  # its kernels take the int8 cache
-    saved, model._decode_stack = model._decode_stack, False  # the Python layers, kernel by kernel
+    assert model.layer_stack(1) is not None  # its kernels take the int8 cache
+    saved, model._layer_stack = model._layer_stack, False  # the Python layers, kernel by kernel
     try:
         layered = [r.outputs[0] for r in llm.chat(prompts, params)]
     finally:
-        model._decode_stack = saved
+        model._layer_stack = saved
         llm.engine.shutdown()
     for a, b in zip(runs["int8"], layered, strict=True):
         assert a.token_ids == b.token_ids and [t.logprob for t in a.logprobs] == [t.logprob for t in b.logprobs]

@@ -2,7 +2,7 @@
 
 #include "kernels.h"
 
-void register_decode_stack(pybind11::module& m);
+void register_layer_stack(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The matmul and attention kernels touch no Python object and hold most of a step's time: the HTTP
@@ -23,5 +23,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [gate, up] row");
   m.def("argmax_rows", &argmax_rows, "index of each row's largest value (torch.argmax's answer)");
   m.def("write_kv_cache", &write_kv_cache, "copy new keys and values into their cache slots");
-  register_decode_stack(m);
+  register_layer_stack(m);
 }

@@ -10,7 +10,7 @@ degrades to correct-and-slower, never to wrong.
 
 Model code asks the resulting KernelTable what serves a matmul (`gguf_matmul`; beyond it, `gguf_dequantize`
 expands the blocks for one call and `dense_linear` multiplies them), an elementwise op (`elementwise`), paged
-attention (`attention`) or a whole decode step (`decode_stack_usable`); the model runner asks `serves_gguf_blocks`
+attention (`attention`) or all layers of a step (`layer_stack_usable`); the model runner asks `serves_gguf_blocks`
 before it loads block weights and `serves_half_weights` for what `--dtype bfloat16` means here. Adding an ISA or a
 weight type touches this module and its kernels only.
 """
@@ -70,10 +70,9 @@ ROUNDED_GEMM_MIN_WEIGHTS = 512 * 1024
 # KV cache rows the attention kernels read and write (model/kv_cache.py).
 KV_CACHE_KERNEL_DTYPES = (torch.float32, torch.float16, torch.int8)
 
-# DecodeStack runs all of a decode step's layers with these kernels and one of the two matmuls: it is only as good
+# LayerStack runs all of a step's layers with these kernels and one of the two matmuls: it is only as good
 # as they are.
-DECODE_STACK_PARTS = ("rms_norm", "add_rms_norm_", "rotary_", "silu_and_mul", "write_kv_cache",
-                      "paged_attention")
+LAYER_STACK_PARTS = ("rms_norm", "add_rms_norm_", "rotary_", "silu_and_mul", "write_kv_cache", "paged_attention")
 
 
 @dataclass(frozen=True)
@@ -276,10 +275,10 @@ class KernelTable:
         build's int8 kernel takes: 16 with AVX-512 VNNI, else None (byte rows stay as they are)."""
         return (self.ops.q8_group_rows() or None) if self.has("gguf_linear_q8") else None
 
-    def decode_stack_usable(self, int8: bool) -> bool:
-        """Whether DecodeStack may run a step whose matmuls take int8 activations (w4a8) or float32 ones."""
-        parts = (*DECODE_STACK_PARTS, "gguf_linear_q8" if int8 else "gguf_linear")
-        return self.has("DecodeStack") and all(self.has(k) for k in parts)
+    def layer_stack_usable(self, int8: bool) -> bool:
+        """Whether LayerStack may run a step whose matmuls take int8 activations (w4a8) or float32 ones."""
+        parts = (*LAYER_STACK_PARTS, "gguf_linear_q8" if int8 else "gguf_linear")
+        return self.has("LayerStack") and all(self.has(k) for k in parts)
 
     def describe(self) -> str:
         if self.variant is None:
@@ -291,7 +290,7 @@ class KernelTable:
         bf16 = ", --dtype bfloat16 from 8 rows: oneDNN bf16 GEMM on packed weights" if native_bf16_gemm() else ""
         return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())} up to " \
                f"{self.variant.block_kernel_max_rows} rows, F16/BF16 rows, paged attention (float32 / float16 / int8 " \
-               f"caches), prompt attention, norm/rotary/SwiGLU, decode stack; dense float32 GEMM: {gemm}{bf16}){off}"
+               f"caches), prompt attention, norm/rotary/SwiGLU, layer stack; dense float32 GEMM: {gemm}{bf16}){off}"
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-// Entry points of the compiled kernels, shared by the Python bindings and the decode stack.
+// Entry points of the compiled kernels, shared by the Python bindings and the layer stack.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -34,6 +34,27 @@ class AttentionContext:
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size] bool
     prefills: list[PrefillChunk] = field(default_factory=list)
 
+    def query_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every query row's block table [T, max_blocks] and context length [T], decode rows then each prompt chunk's
+        (its rows share its table and attend to their own position + 1): one paged-attention call for the whole
+        step. None where a chunk has no cache to attend to."""
+        if not self.prefills:
+            return self.decode_block_tables, self.decode_lens
+        if any(chunk.block_table is None for chunk in self.prefills):
+            return None
+        tables = [chunk.block_table.unsqueeze(0).expand(chunk.length, -1) for chunk in self.prefills]
+        lens = [chunk.query_lens for chunk in self.prefills]
+        if self.num_decode:
+            tables.insert(0, self.decode_block_tables)
+            lens.insert(0, self.decode_lens)
+        width = max(t.shape[1] for t in tables)
+        table = torch.zeros(sum(len(t) for t in tables), width, dtype=tables[0].dtype, device=tables[0].device)
+        row = 0
+        for t in tables:
+            table[row : row + len(t), : t.shape[1]] = t
+            row += len(t)
+        return table, torch.cat(lens)
+
 
 _context: AttentionContext | None = None
 

@@ -46,7 +46,7 @@ def move_weights_to_huge_pages(model: nn.Module) -> int:
     """Copy `model`'s CPU weights (dense parameters and GGUF blocks, each shared tensor once) into one huge-page
     region and point the model at the copies, one tensor at a time (the old one freed before the next is copied:
     the load's peak memory grows by one tensor, not by the model); returns the bytes moved. Run before anything else
-    holds the weights (the decode stack binds them on the first step)."""
+    holds the weights (the layer stack binds them on the first step)."""
     tensors: dict[tuple, torch.Tensor] = {}
     holders: dict[tuple, list] = {}  # a tensor -> the parameters and (module, part, index in its split) holding it
 

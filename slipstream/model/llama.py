@@ -167,29 +167,30 @@ class CausalLM(nn.Module):
         self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self._decode_stack = None  # built on the first decode step (the KV cache is bound by then)
+        self._layer_stack = None  # built on the first step (the KV cache is bound by then)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Returns final hidden states [T, hidden]; `logits` projects the rows that need them."""
         x, residual = self.embed_tokens(input_ids), None
         ctx = get_context()
-        if ctx.num_decode == len(input_ids) and (stack := self.decode_stack(len(input_ids))) is not None:
-            x, residual = stack.forward(x, positions, ctx.decode_block_tables, ctx.decode_lens, ctx.slot_mapping)
+        if (stack := self.layer_stack(len(input_ids))) is not None and (rows := ctx.query_rows()) is not None:
+            x, residual = stack.forward(x, positions, *rows, ctx.slot_mapping)
         else:
             for layer in self.layers:
                 x, residual = layer(positions, x, residual)
         return self.norm(x, residual)[0]
 
-    def decode_stack(self, rows: int):
-        """The compiled kernels' DecodeStack for a decode-only step of `rows` tokens: all layers in one
-        call, the same kernels as the Python layers run. None where a layer needs its Python path."""
-        if self._decode_stack is None:
-            self._decode_stack = build_decode_stack(self) or False
+    def layer_stack(self, rows: int):
+        """The compiled kernels' LayerStack for a step of `rows` query rows: all layers in one call, the
+        same kernels as the Python layers run. None where a layer needs its Python path (in exact mode,
+        a prompt's rows beyond what the block kernels take)."""
+        if self._layer_stack is None:
+            self._layer_stack = build_layer_stack(self) or False
         # The stack has only the block kernels: where a layer would take another path, so must the step.
         table, layer = kernels(), self.layers[0]
-        serves = self._decode_stack and all(table.gguf_matmul(lin, rows) is not None for lin in (
+        serves = self._layer_stack and all(table.gguf_matmul(lin, rows) is not None for lin in (
             layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
-        return self._decode_stack if serves else None
+        return self._layer_stack if serves else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -299,8 +300,8 @@ class CausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
 
 
-def build_decode_stack(model: CausalLM):
-    """A DecodeStack over `model`'s weights and KV cache, or None when some layer has what the stack
+def build_layer_stack(model: CausalLM):
+    """A LayerStack over `model`'s weights and KV cache, or None when some layer has what the stack
     does not run: dense-only weights, biases, q/k norms, several ranks, a cache the attention kernel
     does not take (head_dim not a multiple of 8, bfloat16)."""
     table, args = kernels(), model.args
@@ -311,9 +312,9 @@ def build_decode_stack(model: CausalLM):
     if any(getattr(lin, "gguf_parts", None) is None or lin.bias is not None for lin in linears):
         return None
     int8 = {lin.int8_activations for lin in linears}
-    if len(int8) > 1 or not table.decode_stack_usable(int8.pop()):
+    if len(int8) > 1 or not table.layer_stack_usable(int8.pop()):
         return None
-    return table.ops.DecodeStack(
+    return table.ops.LayerStack(
         [layer.input_layernorm.weight for layer in model.layers],
         [layer.post_attention_layernorm.weight for layer in model.layers],
         [[t for split, _ in lin.gguf_parts for t in split] for lin in linears],
