@@ -1,13 +1,13 @@
 """Attention over the paged KV cache.
 
 New keys/values are written into their cache slots first. Where the compiled kernel reads the cache, every query
-row then attends through it to the keys and values as the cache holds them (as vLLM v1's paged attention does):
-decode tokens in one call, each prompt chunk's rows, which share one block table, in another. A row's arithmetic
-is then the same whichever step, batch or path computes it, so a prompt found in the prefix cache gives the same
-logits as when it was computed and a request in a batch the same as alone (before, a causal prompt kernel over the
-unrounded keys summed in another order: under rounding, logprobs 0.1-0.3 apart between two identical requests).
-Otherwise (CUDA, caches the kernel does not read) decode tokens attend to their gathered block tables and each
-prompt chunk causally to its own context (straight to the fresh keys when it has no cached prefix).
+row then attends through it to the keys and values as the cache holds them (as vLLM v1's paged attention does), the
+whole step in one call (a prompt chunk's rows share its block table: `AttentionContext.query_rows`). A row's
+arithmetic is then the same whichever step, batch or path computes it, so a prompt found in the prefix cache gives
+the same logits as when it was computed and a request in a batch the same as alone (before, a causal prompt kernel
+over the unrounded keys summed in another order: under rounding, logprobs 0.1-0.3 apart between two identical
+requests). Otherwise (CUDA, caches the kernel does not read) decode tokens attend to their gathered block tables and
+each prompt chunk causally to its own context (straight to the fresh keys when it has no cached prefix).
 """
 
 from __future__ import annotations
@@ -46,18 +46,9 @@ class PagedAttention(nn.Module):
         elif kc.numel():
             kv_cache.store(kc, ctx.slot_mapping, k)
             kv_cache.store(vc, ctx.slot_mapping, v)
-        nd = ctx.num_decode
-        if paged is not None and nd == len(q):  # decode only: the kernel's output is the whole result
-            return paged(q, kc, vc, ctx.decode_block_tables, ctx.decode_lens, self.scale).flatten(1)
-        out = torch.empty_like(q)
-        if paged is not None:
-            if nd:
-                out[:nd] = paged(q[:nd], kc, vc, ctx.decode_block_tables, ctx.decode_lens, self.scale)
-            for chunk in ctx.prefills:
-                rows = slice(chunk.start, chunk.start + chunk.length)
-                tables = chunk.block_table.unsqueeze(0).expand(chunk.length, -1)  # (a view: row stride 0)
-                out[rows] = paged(q[rows], kc, vc, tables, chunk.query_lens, self.scale)
-            return out.flatten(1)
+        if paged is not None and (rows := ctx.query_rows) is not None:
+            return paged(q, kc, vc, *rows, self.scale).flatten(1)
+        nd, out = ctx.num_decode, torch.empty_like(q)
         if nd:
             bt = ctx.decode_block_tables
             kk, vv = kv_cache.gather(kc, bt, q.dtype), kv_cache.gather(vc, bt, q.dtype)  # [B, Hkv, L, D]

@@ -7,8 +7,10 @@ The flat token batch is ordered: decode tokens first (one query each), then pref
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -34,26 +36,21 @@ class AttentionContext:
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size] bool
     prefills: list[PrefillChunk] = field(default_factory=list)
 
+    @cached_property
     def query_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every query row's block table [T, max_blocks] and context length [T], decode rows then each prompt chunk's
-        (its rows share its table and attend to their own position + 1): one paged-attention call for the whole
-        step. None where a chunk has no cache to attend to."""
+        """Every query row's block table [T, max_blocks] (padded with block 0) and context length [T], decode rows
+        then each prompt chunk's (its rows share its table and attend to their own position + 1): the whole step in
+        one paged-attention call. None where a chunk has no cache to attend to."""
         if not self.prefills:
             return self.decode_block_tables, self.decode_lens
         if any(chunk.block_table is None for chunk in self.prefills):
             return None
-        tables = [chunk.block_table.unsqueeze(0).expand(chunk.length, -1) for chunk in self.prefills]
-        lens = [chunk.query_lens for chunk in self.prefills]
+        parts = [(chunk.block_table.unsqueeze(0).expand(chunk.length, -1), chunk.query_lens) for chunk in self.prefills]
         if self.num_decode:
-            tables.insert(0, self.decode_block_tables)
-            lens.insert(0, self.decode_lens)
-        width = max(t.shape[1] for t in tables)
-        table = torch.zeros(sum(len(t) for t in tables), width, dtype=tables[0].dtype, device=tables[0].device)
-        row = 0
-        for t in tables:
-            table[row : row + len(t), : t.shape[1]] = t
-            row += len(t)
-        return table, torch.cat(lens)
+            parts.insert(0, (self.decode_block_tables, self.decode_lens))
+        width = max(table.shape[1] for table, _ in parts)
+        return torch.cat([F.pad(table, (0, width - table.shape[1])) for table, _ in parts]), \
+            torch.cat([lens for _, lens in parts])
 
 
 _context: AttentionContext | None = None
