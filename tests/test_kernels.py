@@ -158,13 +158,12 @@ def test_a_query_rows_attention_is_the_same_in_any_batch(ops, cache_dtype):
     lens = torch.arange(1, n + 1)
     chunk = ops.paged_attention(q, k_cache, v_cache, table.unsqueeze(0).expand(n, -1), lens, dim**-0.5)
     for i in (0, 5, 17, 36):
-        alone = ops.paged_attention(q[i : i + 1], k_cache, v_cache, table.unsqueeze(0), lens[i : i + 1],
-                                           dim**-0.5)
+        alone = ops.paged_attention(q[i : i + 1], k_cache, v_cache, table.unsqueeze(0), lens[i : i + 1], dim**-0.5)
         assert torch.equal(chunk[i], alone[0])
     others = torch.stack([torch.randperm(num_blocks)[:10] for _ in range(8)])
     mixed = ops.paged_attention(torch.cat([torch.randn(8, heads, dim), q[20:21]]), k_cache, v_cache,
-                                       torch.cat([others, table.unsqueeze(0)]),
-                                       torch.cat([torch.randint(1, 40, (8,)), lens[20:21]]), dim**-0.5)
+                                torch.cat([others, table.unsqueeze(0)]),
+                                torch.cat([torch.randint(1, 40, (8,)), lens[20:21]]), dim**-0.5)
     assert torch.equal(mixed[8], chunk[20])
     k = kv_cache.gather(k_cache, table, torch.float32)[:, :n]
     v = kv_cache.gather(v_cache, table, torch.float32)[:, :n]

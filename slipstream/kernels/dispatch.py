@@ -290,7 +290,7 @@ class KernelTable:
         bf16 = ", --dtype bfloat16 from 8 rows: oneDNN bf16 GEMM on packed weights" if native_bf16_gemm() else ""
         return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())} up to " \
                f"{self.variant.block_kernel_max_rows} rows, F16/BF16 rows, paged attention (float32 / float16 / int8 " \
-               f"caches), prompt attention, norm/rotary/SwiGLU, layer stack; dense float32 GEMM: {gemm}{bf16}){off}"
+               f"caches), norm/rotary/SwiGLU, layer stack; dense float32 GEMM: {gemm}{bf16}){off}"
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -46,8 +46,8 @@ class PagedAttention(nn.Module):
         elif kc.numel():
             kv_cache.store(kc, ctx.slot_mapping, k)
             kv_cache.store(vc, ctx.slot_mapping, v)
-        if paged is not None and (rows := ctx.query_rows) is not None:
-            return paged(q, kc, vc, *rows, self.scale).flatten(1)
+        if paged is not None:
+            return paged(q, kc, vc, *ctx.query_rows, self.scale).flatten(1)
         nd, out = ctx.num_decode, torch.empty_like(q)
         if nd:
             bt = ctx.decode_block_tables

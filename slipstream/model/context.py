@@ -37,14 +37,12 @@ class AttentionContext:
     prefills: list[PrefillChunk] = field(default_factory=list)
 
     @cached_property
-    def query_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def query_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every query row's block table [T, max_blocks] (padded with block 0) and context length [T], decode rows
         then each prompt chunk's (its rows share its table and attend to their own position + 1): the whole step in
-        one paged-attention call. None where a chunk has no cache to attend to."""
+        one paged-attention call (asked only where the kernel reads a bound cache, so every chunk has a table)."""
         if not self.prefills:
             return self.decode_block_tables, self.decode_lens
-        if any(chunk.block_table is None for chunk in self.prefills):
-            return None
         parts = [(chunk.block_table.unsqueeze(0).expand(chunk.length, -1), chunk.query_lens) for chunk in self.prefills]
         if self.num_decode:
             parts.insert(0, (self.decode_block_tables, self.decode_lens))

@@ -173,8 +173,8 @@ class CausalLM(nn.Module):
         """Returns final hidden states [T, hidden]; `logits` projects the rows that need them."""
         x, residual = self.embed_tokens(input_ids), None
         ctx = get_context()
-        if (stack := self.layer_stack(len(input_ids))) is not None and (rows := ctx.query_rows) is not None:
-            x, residual = stack.forward(x, positions, *rows, ctx.slot_mapping)
+        if (stack := self.layer_stack(len(input_ids))) is not None:
+            x, residual = stack.forward(x, positions, *ctx.query_rows, ctx.slot_mapping)
         else:
             for layer in self.layers:
                 x, residual = layer(positions, x, residual)
