@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 # --quantization methods (FastDeploy's names). w4a8: a GGUF's 4-bit (and 8-bit) weight blocks times
 # activations rounded to int8 in blocks of 32, as llama.cpp computes: faster, no longer exact. wint8 / wint4:
@@ -14,6 +14,43 @@ QUANTIZATION_ALIASES = {"weight_only_int8": "wint8", "weight_only_int4": "wint4"
 # weights on a CPU (the kernels' cache types are float32, float16 and int8). int8: each token's keys and values of
 # each KV head rounded to int8 with a scale of their own (model/kv_cache.py): about half float16's bytes, not exact.
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "int8")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """--speculative-config (vLLM's JSON keys): n-gram speculation ("prompt lookup"). A greedy request's next tokens
+    are guessed from its own context (the tokens that followed the last earlier occurrence of its last n tokens)
+    and checked in the same forward pass as its next token: a decode step at small batches costs about the same for
+    a few rows as for one (its weights are read from memory once), so each guessed token that the model agrees with
+    is a step saved. The output is the one without speculation: a guess is kept only where it is the token the
+    model picks."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3  # tokens guessed per step, at most
+    prompt_lookup_max: int = 3  # longest n-gram looked up (tried first)
+    prompt_lookup_min: int = 1  # shortest
+    # Guess only while at most this many sequences run: larger batches are bound by arithmetic, not by reading the
+    # weights, and checking guesses costs as much as computing tokens there.
+    disable_by_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"speculative_config: method {self.method!r} is not supported: use 'ngram'")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"speculative_config: {name} must be a positive integer, not {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("speculative_config: prompt_lookup_min must not exceed prompt_lookup_max")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SpeculativeConfig:
+        if not isinstance(values, dict):
+            raise ValueError("speculative_config must be a JSON object, e.g. {\"method\": \"ngram\"}")
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(values) - known):
+            raise ValueError(f"speculative_config: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**values)
 
 
 @dataclass
@@ -45,6 +82,7 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int | None = None  # None: a free port (single node only)
+    speculative_config: SpeculativeConfig | dict | None = None  # None: no speculation
 
     def __post_init__(self) -> None:
         self.quantization = QUANTIZATION_ALIASES.get(self.quantization, self.quantization)
@@ -53,3 +91,5 @@ class EngineConfig:
             raise ValueError(f"unknown quantization {self.quantization!r}: use one of {methods}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}: use one of {', '.join(KV_CACHE_DTYPES)}")
+        if isinstance(self.speculative_config, dict):
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)

@@ -12,6 +12,7 @@ import torch
 
 from slipstream.config import EngineConfig
 from slipstream.engine.block_manager import BlockManager
+from slipstream.engine.ngram_proposer import NgramProposer
 from slipstream.engine.output_processor import OutputProcessor, RequestOutput
 from slipstream.engine.recorder import EngineRecorder
 from slipstream.engine.scheduler import Scheduler
@@ -111,6 +112,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill, self.structured_output.can_sample)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.proposer = NgramProposer(config.speculative_config) if config.speculative_config else None
+        self.num_draft_tokens = self.num_accepted_tokens = 0  # guesses checked, and agreed with
         self.recorder = EngineRecorder(config.recorder_keeps_prompts) if config.enable_recorder else None
         self.seqs: dict[str, Sequence] = {}
         self.last_batch_size = 0  # sequences in the last step
@@ -196,6 +199,8 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self.reasoning.pop(request_id, None)
         self.structured_output.remove(seq)
+        if self.proposer is not None:
+            self.proposer.remove(request_id)
         if self.recorder is not None:
             self.recorder.finish(seq, time.monotonic(), reason)
         return self.output_processor.abort(seq, reason)
@@ -255,14 +260,20 @@ class LLMEngine:
             self.recorder.step(batch, start, end, [s.seq for s, _, _ in results], self.scheduler.preempted)
         for s in batch:
             s.seq.num_computed_tokens += s.num_new_tokens
-        for s, token, logprobs in results:
+        for s, tokens, logprobs in results:
             seq = s.seq
-            seq.token_ids.append(token)
-            if not self.structured_output.accept(seq, token):  # its grammar is complete (or refused it)
-                seq.finish_reason = "stop"
-            if seq.request_id in self.reasoning:
-                self._track_reasoning(seq)
-            outputs.append(self.output_processor.process(seq, token, logprobs))
+            seq.num_computed_tokens -= len(s.draft) - (len(tokens) - 1)  # the rejected guesses' keys are not its
+            self.num_draft_tokens += len(s.draft)
+            self.num_accepted_tokens += len(tokens) - 1
+            for token, token_logprobs in zip(tokens, logprobs, strict=True):
+                seq.token_ids.append(token)
+                if not self.structured_output.accept(seq, token):  # its grammar is complete (or refused it)
+                    seq.finish_reason = "stop"
+                if seq.request_id in self.reasoning:
+                    self._track_reasoning(seq)
+                outputs.append(self.output_processor.process(seq, token, token_logprobs))
+                if seq.finish_reason is not None:
+                    break
         for s in batch:
             self.block_manager.cache_full_blocks(s.seq)
             if s.seq.finish_reason is not None:
@@ -272,7 +283,33 @@ class LLMEngine:
                 del self.seqs[s.seq.request_id]
                 self.reasoning.pop(s.seq.request_id, None)
                 self.structured_output.remove(s.seq)
+                if self.proposer is not None:
+                    self.proposer.remove(s.seq.request_id)
+        if self.proposer is not None:
+            self._guess_next_tokens()
         return outputs
+
+    def _guess_next_tokens(self) -> None:
+        """N-gram speculation: each running sequence's guesses for its next step, while the batch is small."""
+        running = self.scheduler.running
+        small = len(running) <= self.config.speculative_config.disable_by_batch_size
+        for seq in running:
+            seq.draft_token_ids = self.proposer.propose(seq, self._guess_limit(seq)) if small else []
+
+    def _guess_limit(self, seq: Sequence) -> int:
+        """How many tokens may be guessed after `seq`'s: none where a guess could not be checked as the one token
+        after the others would be (its grammar, logit processors that look at the output so far, a thinking span
+        the engine may end) or where the model samples, else as many as its length limits leave room for."""
+        p = seq.params
+        if (not p.greedy or p.structured_outputs is not None or seq.request_id in self.reasoning
+                or seq.forced_token_ids or p.bad_words or p.bad_words_token_ids or p.repetition_penalty != 1.0
+                or p.presence_penalty or p.frequency_penalty
+                or (seq.num_output_tokens < p.min_tokens and (p.stop_token_ids or not p.ignore_eos))):
+            return 0
+        limit = self.max_model_len - seq.num_tokens
+        if p.max_tokens is not None:
+            limit = min(limit, p.max_tokens - seq.num_output_tokens - 1)
+        return limit
 
     def stats(self) -> dict[str, float]:
         bm = self.block_manager
@@ -286,5 +323,7 @@ class LLMEngine:
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "spec_draft_tokens": self.num_draft_tokens,
+            "spec_accepted_tokens": self.num_accepted_tokens,
             "batch_size": self.last_batch_size if self.scheduler.running else 0,
         }

@@ -128,7 +128,7 @@ class EngineRecorder:
             for s in batch:
                 seq = s.seq
                 trace = self._active.get(seq.request_id)
-                is_decode = s.num_new_tokens == 1 and seq.num_output_tokens > 0
+                is_decode = s.num_new_tokens - len(s.draft) == 1 and seq.num_output_tokens > 0  # (guesses aside)
                 if is_decode:
                     decode += 1
                 else:

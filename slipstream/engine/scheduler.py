@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.sequence import Sequence, SequenceStatus
@@ -23,12 +23,14 @@ from slipstream.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # the guessed tokens (`draft`) included
+    draft: list[int] = field(default_factory=list)  # tokens guessed to follow the sequence's, checked this step
 
     @property
     def samples(self) -> bool:
-        """Whether this chunk reaches the end of the sequence's known tokens, so it yields a token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        """Whether this chunk reaches the end of the sequence's known tokens, so it yields a token (one for each row
+        from its last known token on: the draft's rows check the guesses)."""
+        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.draft) == self.seq.num_tokens
 
 
 class Scheduler:
@@ -60,6 +62,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free_blocks(seq)
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         self.waiting.appendleft(seq)
@@ -72,8 +75,19 @@ class Scheduler:
         budget, preempted = self._schedule_running(self.max_num_batched_tokens, scheduled)
         # Admitting new work right after a preemption would only thrash the pool.
         if not preempted:
-            self._admit_waiting(budget, scheduled)
+            budget = self._admit_waiting(budget, scheduled)
+        self._add_guesses(budget, scheduled)
         return scheduled
+
+    def _add_guesses(self, budget: int, scheduled: list[ScheduledSeq]) -> None:
+        """Decoding sequences' guessed next tokens (n-gram speculation) join their step in what budget and blocks
+        are left once every sequence has its place: guesses never cost a sequence its turn or its blocks."""
+        for s in scheduled:
+            draft = s.seq.draft_token_ids[:budget]
+            if draft and s.num_new_tokens == 1 and s.samples and self.block_manager.allocate(s.seq, 1 + len(draft)):
+                s.num_new_tokens += len(draft)
+                s.draft = draft
+                budget -= len(draft)
 
     def _schedule_running(self, budget: int, scheduled: list[ScheduledSeq]) -> tuple[int, bool]:
         """Continue the running sequences, oldest first, preempting the newest when blocks run out.
@@ -98,8 +112,9 @@ class Scheduler:
                 i += 1
         return budget, preempted
 
-    def _admit_waiting(self, budget: int, scheduled: list[ScheduledSeq]) -> None:
-        """Start waiting sequences in arrival order while budget, sequence slots and blocks last."""
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
+        """Start waiting sequences in arrival order while budget, sequence slots and blocks last. Returns the budget
+        left."""
         bm = self.block_manager
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
@@ -127,6 +142,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
+        return budget
 
     def _num_runnable(self, seq: Sequence, num_computed: int) -> int:
         """Tokens of `seq` that may run after its first `num_computed`."""

@@ -46,6 +46,8 @@ class Sequence:
     generator: torch.Generator | None = None
     # Tokens the engine must emit next regardless of the logits (e.g. the end of a thinking span).
     forced_token_ids: deque[int] = field(default_factory=deque)
+    # Tokens guessed to come next (n-gram speculation), checked in the sequence's next step.
+    draft_token_ids: list[int] = field(default_factory=list)
     num_reasoning_tokens: int = 0
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # of prompt tokens 1.., when asked
     in_reasoning: bool = False

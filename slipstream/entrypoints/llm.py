@@ -50,17 +50,22 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
-    def generate(self, prompts, params: SamplingParams | None = None) -> list[GenerationResult]:
-        """`prompts`: a string, a list of strings, or a list of token-id lists."""
-        params = params or SamplingParams()
-        if params.structured_outputs is not None:  # an invalid grammar raises here, before anything runs
-            self.engine.structured_output.compile(params.structured_outputs).result()
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[GenerationResult]:
+        """`prompts`: a string, a list of strings, or a list of token-id lists; `params`: one for all, or one a
+        prompt (as vLLM's LLM.generate takes them)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        each = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(each) != len(prompts):
+            raise ValueError(f"{len(each)} sampling params for {len(prompts)} prompts")
+        for p in each:
+            if p.structured_outputs is not None:  # an invalid grammar raises here, before anything runs
+                self.engine.structured_output.compile(p.structured_outputs).result()
         results: list[GenerationResult] = []
         owners: dict[str, CompletionOutput] = {}
         by_rid: dict[str, GenerationResult] = {}
-        for prompt in prompts:
+        for prompt, params in zip(prompts, each, strict=True):
             ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
             result = GenerationResult(ids, [])
             for i, p in enumerate(fan_out(params)):
@@ -80,7 +85,8 @@ class LLM:
                         by_rid[out.request_id].prompt_logprobs = out.prompt_logprobs
         return results
 
-    def chat(self, messages, params: SamplingParams | None = None, **template_kwargs) -> list[GenerationResult]:
+    def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None, **template_kwargs
+             ) -> list[GenerationResult]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
             self.tokenizer.apply_chat_template(m, tokenize=True, add_generation_prompt=True, return_dict=False,

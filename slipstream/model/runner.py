@@ -29,7 +29,7 @@ from slipstream.model.layers import (
 from slipstream.model.loader import checkpoint_tensor_types, half_precision_checkpoint, iter_gguf_blocks, iter_weights
 from slipstream.model.parallel import all_reduce_min, tp_rank, tp_size
 from slipstream.model.registry import build_model
-from slipstream.model.sampler import Sampler, token_logprobs
+from slipstream.model.sampler import Sampler, accepted_draft, token_logprobs
 from slipstream.model.step_input import HEADER_LEN, StepInput
 
 logger = logging.getLogger(__name__)
@@ -192,9 +192,10 @@ class ModelRunner:
         return num_blocks
 
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[PromptRows], StepInput]:
-        """Flatten the batch (decode tokens first, then prefill chunks) into a StepInput. Also returns
-        the sequences that sample this step and the (sequence, row count) of prompt-logprob rows, in
-        the order of their logits rows."""
+        """Flatten the batch (decode tokens first, then prefill chunks: a decode with guessed tokens is one, its
+        rows causal) into a StepInput. Also returns the sequences that sample this step (each with a logits row for
+        its last known token and one for each guess) and the (sequence, row count) of prompt-logprob rows, in the
+        order of their logits rows."""
         bs = self.block_size
         decodes = [s for s in batch if s.num_new_tokens == 1]
         prefills = [s for s in batch if s.num_new_tokens > 1]
@@ -218,12 +219,12 @@ class ModelRunner:
                 n = min(end, seq.num_prompt_tokens - 1) - first
                 prompt_idx.extend(range(len(ids) + first - start, len(ids) + first - start + n))
                 prompt_rows.append((s, n))
-            ids.extend(seq.token_ids[start:end])
+            ids.extend(seq.token_ids[start:end] + s.draft)
             bt = seq.block_table
             positions.extend(range(start, end))
             slots.extend(bt[p // bs] * bs + p % bs for p in range(start, end))
             if s.samples:
-                sample_idx.append(len(ids) - 1)
+                sample_idx.extend(range(len(ids) - 1 - len(s.draft), len(ids)))
                 sampling.append(s)
 
         def table(rows: list[list[int]]) -> torch.Tensor:
@@ -256,9 +257,10 @@ class ModelRunner:
         return self.model.logits(hidden[step.logits_idx])
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq]) -> list[tuple[ScheduledSeq, int, TokenLogprobs | None]]:
-        """Forward the batch; returns (scheduled seq, sampled token, logprobs) for each sequence
-        whose chunk reached the end of its known tokens. Prompt logprobs go onto the sequences."""
+    def run(self, batch: list[ScheduledSeq]) -> list[tuple[ScheduledSeq, list[int], list[TokenLogprobs | None]]]:
+        """Forward the batch; returns (scheduled seq, new tokens, their logprobs) for each sequence whose chunk
+        reached the end of its known tokens: the sampled token, after as many of its guesses as the model agrees
+        with (`accepted_draft`). Prompt logprobs go onto the sequences."""
         sampling, prompt_rows, step = self.prepare(batch)
         if tp_size() > 1:
             header, payload = step.pack()
@@ -267,7 +269,8 @@ class ModelRunner:
         logits = self.execute(step)
         if logits is None:
             return []
-        row = len(sampling)
+        rows = sum(1 + len(s.draft) for s in sampling)
+        row = rows
         for s, n in prompt_rows:
             seq = s.seq
             first = len(seq.prompt_logprobs)
@@ -276,8 +279,13 @@ class ModelRunner:
             row += n
         if not sampling:
             return []
-        tokens, logprobs = self.sampler(logits[: len(sampling)], [s.seq for s in sampling])
-        return list(zip(sampling, tokens, logprobs, strict=True))
+        tokens, logprobs = self.sampler(logits[:rows], [s.seq for s in sampling for _ in range(1 + len(s.draft))])
+        results, row = [], 0
+        for s in sampling:
+            n = 1 + accepted_draft(s.draft, tokens[row : row + len(s.draft)])
+            results.append((s, tokens[row : row + n], logprobs[row : row + n]))
+            row += 1 + len(s.draft)
+        return results
 
     def worker_loop(self) -> None:
         """Ranks > 0: run the steps rank 0 broadcasts until it says stop."""

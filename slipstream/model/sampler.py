@@ -182,6 +182,15 @@ def nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return floor
 
 
+def accepted_draft(draft: list[int], tokens: list[int]) -> int:
+    """How many guessed tokens the model agrees with: `tokens[i]` is what it picks after the sequence's known tokens
+    and draft[:i], so each guess stands while every one before it did and it is the token picked in its place."""
+    n = 0
+    while n < len(draft) and draft[n] == tokens[n]:
+        n += 1
+    return n
+
+
 def _processes(seq: Sequence) -> bool:
     """Whether any of Sampler.process_logits's processors applies to this sequence's row."""
     p = seq.params

@@ -4,10 +4,17 @@ one-line error, never a traceback. Imports nothing heavy, so `--help` and mistak
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 
-from slipstream.config import KV_CACHE_DTYPES, QUANTIZATION_ALIASES, QUANTIZATION_METHODS, EngineConfig
+from slipstream.config import (
+    KV_CACHE_DTYPES,
+    QUANTIZATION_ALIASES,
+    QUANTIZATION_METHODS,
+    EngineConfig,
+    SpeculativeConfig,
+)
 from slipstream.reasoning import REASONING_PARSERS, get_reasoning_parser
 
 API_KEY_ENV = "SLIPSTREAM_API_KEY"
@@ -37,6 +44,14 @@ def _bounded(kind: type, low: float | None = None, high: float | None = None):
         return value
 
     return parse
+
+
+def speculative_config(text: str) -> SpeculativeConfig:
+    try:
+        return SpeculativeConfig.from_dict(json.loads(text))
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (for example: '{{\"method\": \"ngram\", "
+                                         f"\"num_speculative_tokens\": 3}}')") from None
 
 
 def _device(text: str) -> str:
@@ -86,6 +101,10 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "does): faster on CPU, no longer token-for-token equal to the reference. wint8 / wint4 (weight_only_int8 / "
         "_int4): round each linear layer's weights to 8 / 4 bits in blocks of 32 at load, activations stay float32: "
         "less memory (default: exact)")
+    add("--speculative-config", type=speculative_config, default=None,
+        help="vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 3, \"prompt_lookup_max\": 3, "
+        "\"prompt_lookup_min\": 1, \"disable_by_batch_size\": 4}: greedy requests guess their next tokens from their "
+        "own context and check the guesses in the same step (the same output, fewer steps at small batches)")
     add("--cpu-threads", type=pos_int, default=None,
         help="compute threads (split among tensor-parallel ranks); default: $OMP_NUM_THREADS if set, else the "
         "cores this process may run on")
@@ -186,6 +205,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         chat_template=args.chat_template,
         max_logprobs=args.max_logprobs,
         cpu_threads=args.cpu_threads,
+        speculative_config=args.speculative_config,
         enable_recorder=not args.disable_dashboard,
         recorder_keeps_prompts=args.dashboard_show_prompts and not args.disable_dashboard,
     )

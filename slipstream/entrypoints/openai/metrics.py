@@ -50,6 +50,10 @@ class _EngineCollector:
         yield counter("prefix_cache_hits", "Prefix-cache lookups that hit.", hits)
         yield gauge("prefix_cache_hit_rate", "Prefix-cache hits / lookups so far.", hits / queries if queries else 0)
         yield counter("num_preemptions", "Sequences preempted for lack of KV blocks.", s.get("num_preemptions", 0))
+        yield counter("spec_decode_num_draft_tokens", "Tokens guessed by n-gram speculation and checked.",
+                      s.get("spec_draft_tokens", 0))
+        yield counter("spec_decode_num_accepted_tokens", "Guessed tokens the model agreed with (steps saved).",
+                      s.get("spec_accepted_tokens", 0))
 
 
 class _HitTokenRate:

@@ -1,0 +1,167 @@
+"""N-gram speculation (--speculative-config): greedy requests guess their next tokens from their own context and
+check the guesses in the step that computes their next token. The guesses change how many steps a request takes,
+never its tokens or logprobs: each guessed row's logits are the ones a step of its own would give (every row alone
+through the same kernels: test_batch_invariance.py), and a guess stands only where it is the token picked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from server_utils import running_server
+
+from slipstream import LLM, SamplingParams
+from slipstream.config import SpeculativeConfig
+from slipstream.engine.block_manager import BlockManager
+from slipstream.engine.ngram_proposer import NgramProposer
+from slipstream.engine.scheduler import Scheduler
+from slipstream.engine.sequence import Sequence
+from slipstream.kernels import kernels
+
+# Prompts whose greedy answers repeat what they were given, so that guesses are made and taken.
+REPEATING = ["List the days of the week, twice.",
+             "Repeat this sentence three times: the quick brown fox jumps over the lazy dog."]
+OTHER = "Write a haiku about the sea."
+SPEC = {"method": "ngram", "num_speculative_tokens": 3}
+
+
+def proposer(**config) -> NgramProposer:
+    return NgramProposer(SpeculativeConfig(**config))
+
+
+def test_a_guess_is_what_followed_the_last_earlier_occurrence_of_the_longest_suffix():
+    seq = Sequence("r", [1, 2, 3, 9, 1, 2, 3, 8, 5, 2, 3], SamplingParams())
+    p = proposer(num_speculative_tokens=3, prompt_lookup_max=3, prompt_lookup_min=1)
+    # [.., 2, 3] last came before 8 (positions 5-6), and [1, 2, 3] does not end the context: the 2-gram decides
+    assert p.propose(seq, limit=10) == [8, 5, 2]
+    assert p.propose(seq, limit=1) == [8]
+    seq.token_ids += [1, 2, 3]  # now the 3-gram [1, 2, 3] matches, last at positions 4-6
+    assert p.propose(seq, limit=10) == [8, 5, 2]
+    seq.token_ids.append(7)  # a token never seen before: nothing to look up
+    assert p.propose(seq, limit=10) == []
+    seq.token_ids.append(1)  # [7, 1] unseen; [1] last came before 2 (position 11)
+    assert p.propose(seq, limit=10) == [2, 3, 7]
+    assert proposer(prompt_lookup_max=2, prompt_lookup_min=2).propose(seq, limit=10) == []
+    assert p.propose(seq, limit=0) == []
+
+
+def test_bad_configs_are_refused_with_the_key_named():
+    with pytest.raises(ValueError, match="method"):
+        SpeculativeConfig.from_dict({"method": "eagle"})
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        SpeculativeConfig.from_dict({"num_speculative_tokens": 0})
+    with pytest.raises(ValueError, match="unknown keys"):
+        SpeculativeConfig.from_dict({"num_spec_tokens": 2})
+    with pytest.raises(ValueError, match="prompt_lookup_min"):
+        SpeculativeConfig.from_dict({"prompt_lookup_max": 1, "prompt_lookup_min": 2})
+    done = subprocess.run([sys.executable, "-m", "slipstream.entrypoints.openai.api_server", "--speculative-config",
+                           '{"method": "ngram", "num_speculative_tokens": -1}'], capture_output=True, text=True)
+    assert done.returncode == 2 and "num_speculative_tokens must be a positive integer" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def decoding(sched: Scheduler, *prompt_lengths: int) -> list[Sequence]:
+    """Sequences of `sched` past their prompts, each with one sampled token to decode next."""
+    seqs = [Sequence(f"s{i}", list(range(n)), SamplingParams()) for i, n in enumerate(prompt_lengths)]
+    for seq in seqs:
+        sched.add(seq)
+    for s in sched.schedule():
+        s.seq.num_computed_tokens += s.num_new_tokens
+        s.seq.token_ids.append(7)
+    return seqs
+
+
+def test_guesses_take_only_the_budget_and_blocks_every_sequence_left():
+    sched = Scheduler(BlockManager(num_blocks=4, block_size=4), max_num_seqs=4, max_num_batched_tokens=16)
+    a, b = decoding(sched, 3, 3)  # 4 tokens, one full block each
+    a.draft_token_ids = [1, 2, 3]
+    [sa, sb] = sched.schedule()
+    # a's 4 rows (its last token and 3 guesses) take a second block
+    assert (sa.seq, sa.num_new_tokens, sa.draft, sa.samples) == (a, 4, [1, 2, 3], True)
+    assert (sb.seq, sb.num_new_tokens, sb.draft, sb.samples) == (b, 1, [], True)
+    for s in (sa, sb):  # the guesses rejected: one new token each
+        s.seq.num_computed_tokens += s.num_new_tokens - len(s.draft)
+        s.seq.token_ids.append(7)
+    # b's next token needs the last free block, which a's 4 guesses would have needed too: a guesses nothing this
+    # step, b (within its blocks) does
+    a.draft_token_ids, b.draft_token_ids = [1, 2, 3, 4], [4, 5]
+    batch = sched.schedule()
+    assert [(s.seq, s.num_new_tokens, s.draft) for s in batch] == [(a, 1, []), (b, 3, [4, 5])]
+    assert sched.num_preemptions == 0
+    tight = Scheduler(BlockManager(num_blocks=8, block_size=4), max_num_seqs=4, max_num_batched_tokens=3)
+    [c] = decoding(tight, 2)
+    c.draft_token_ids = [1, 2, 3, 4]
+    [sc] = tight.schedule()
+    assert (sc.num_new_tokens, sc.draft) == (3, [1, 2])  # the budget's 3 rows: the token and 2 guesses
+
+
+def results(llm: LLM, prompts: list[str], params: SamplingParams | list[SamplingParams]):
+    out = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    return [(r.outputs[0].token_ids, [t.logprob for t in r.outputs[0].logprobs or []], r.outputs[0].finish_reason)
+            for r in out]
+
+
+@pytest.mark.parametrize("quantization", [None, "w4a8"])
+def test_speculation_gives_the_tokens_and_logprobs_of_plain_decoding_in_fewer_steps(quantization):
+    if quantization and kernels().ops is None:
+        pytest.skip("w4a8 needs the compiled CPU kernels")
+    greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
+    cut = SamplingParams(temperature=0, max_tokens=48, stop=["Thursday: Thursday"], logprobs=0)
+    seeded = SamplingParams(temperature=0.8, seed=5, max_tokens=24, logprobs=0)  # drawn: never guessed for
+    plain = LLM(kv_cache_memory=64 << 20, quantization=quantization)
+    alone = [results(plain, [p], greedy)[0] for p in REPEATING]
+    stopped = results(plain, [REPEATING[0]], cut)[0]
+    drawn = results(plain, [OTHER], seeded)[0]
+    plain.engine.shutdown()
+
+    spec = LLM(kv_cache_memory=64 << 20, quantization=quantization, speculative_config=SPEC)
+    engine = spec.engine
+    steps = 0
+    step = engine.step
+
+    def counted_step():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    engine.step = counted_step
+    # one at a time: each as plain decoding computed it, in the block kernels' row range (exact mode's dense GEMM
+    # beyond 64 rows sums in another order; w4a8's matmuls are the same at any row count)
+    for prompt, expected in zip(REPEATING, alone, strict=True):
+        assert results(spec, [prompt], greedy)[0] == expected
+    assert engine.num_draft_tokens > engine.num_accepted_tokens > 5
+    # a step a token (the prompt's step samples the first), less one a guess taken
+    assert steps == sum(len(tokens) for tokens, _, _ in alone) - engine.num_accepted_tokens
+    assert results(spec, [REPEATING[0]], cut)[0] == stopped
+    assert stopped[2] == "stop" and len(stopped[0]) < len(alone[0][0])
+    if quantization:  # batched with each other and a sampled request
+        assert results(spec, [*REPEATING, OTHER], [greedy, greedy, seeded]) == [*alone, drawn]
+    spec.engine.shutdown()
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.mark.skipif(kernels().ops is None, reason="w4a8 needs the compiled CPU kernels")
+def test_a_served_greedy_chat_is_the_same_with_speculation():
+    messages = [{"role": "user", "content": REPEATING[0]}]
+    plain = LLM(kv_cache_memory=64 << 20, quantization="w4a8")
+    expected = plain.chat([messages], SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
+    plain.engine.shutdown()
+    with running_server("--quantization", "w4a8", "--speculative-config", '{"method": "ngram"}') as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model="default", messages=messages, temperature=0, max_tokens=40)
+        assert answer.choices[0].message.content == expected.text
+        stream = client.chat.completions.create(model="default", messages=messages, temperature=0, max_tokens=40,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected.text
+        counts = metrics(server.url)
+        assert counts["slipstream:spec_decode_num_accepted_tokens_total"] > 0
+        assert (counts["slipstream:spec_decode_num_draft_tokens_total"]
+                >= counts["slipstream:spec_decode_num_accepted_tokens_total"])
