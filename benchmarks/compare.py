@@ -31,8 +31,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent
 PEERS = ROOT / "peers"
 SERVERS = ("slipstream", "slipstream-w4a8", "vllm", "llama-server")  # the default run
-OTHER_SERVERS = ("slipstream-bf16", "slipstream-w4a8-kv8")  # on request: --dtype bfloat16 (beside vLLM on a bf16
-# checkpoint); w4a8 with an int8 KV cache
+# On request: --dtype bfloat16 (beside vLLM on a bf16 checkpoint); w4a8 with an int8 KV cache, and with n-gram
+# speculation too.
+OTHER_SERVERS = ("slipstream-bf16", "slipstream-w4a8-kv8", "slipstream-w4a8-kv8-ngram")
 # The figures kept per level: (label, path in the bench serve JSON).
 FIGURES = {
     "output_tok_per_s": ("output_tok_per_s",),
