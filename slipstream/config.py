@@ -33,8 +33,10 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 3  # longest n-gram looked up (tried first)
     prompt_lookup_min: int = 1  # shortest
     # Guess only while at most this many sequences run: larger batches are bound by arithmetic, not by reading the
-    # weights, and checking guesses costs as much as computing tokens there.
-    disable_by_batch_size: int = 4
+    # weights, and checking guesses costs as much as they save there (w4a8 + int8 cache, 12 of the benchmark's
+    # prompts B at a time, AMD EPYC Zen 4: 1.39-1.59x plain decoding at B = 1, 1.13-1.18x at 2, 0.98-1.12x at 3,
+    # 0.96-0.99x at 4).
+    disable_by_batch_size: int = 2
 
     def __post_init__(self) -> None:
         if self.method != "ngram":

@@ -26,7 +26,7 @@ from slipstream.kernels import kernels
 REPEATING = ["List the days of the week, twice.",
              "Repeat this sentence three times: the quick brown fox jumps over the lazy dog."]
 OTHER = "Write a haiku about the sea."
-SPEC = {"method": "ngram", "num_speculative_tokens": 3}
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 4}  # (3 run in one test)
 
 
 def proposer(**config) -> NgramProposer:
@@ -139,7 +139,9 @@ def test_speculation_gives_the_tokens_and_logprobs_of_plain_decoding_in_fewer_st
     assert results(spec, [REPEATING[0]], cut)[0] == stopped
     assert stopped[2] == "stop" and len(stopped[0]) < len(alone[0][0])
     if quantization:  # batched with each other and a sampled request
+        accepted = engine.num_accepted_tokens
         assert results(spec, [*REPEATING, OTHER], [greedy, greedy, seeded]) == [*alone, drawn]
+        assert engine.num_accepted_tokens > accepted
     spec.engine.shutdown()
 
 
