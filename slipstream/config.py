@@ -18,12 +18,13 @@ KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "int8")
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """--speculative-config (vLLM's JSON keys): n-gram speculation ("prompt lookup"). A greedy request's next tokens
-    are guessed from its own context (the tokens that followed the last earlier occurrence of its last n tokens)
-    and checked in the same forward pass as its next token: a decode step at small batches costs about the same for
-    a few rows as for one (its weights are read from memory once), so each guessed token that the model agrees with
-    is a step saved. The output is the one without speculation: a guess is kept only where it is the token the
-    model picks."""
+    """--speculative-config (vLLM's JSON keys): n-gram speculation ("prompt lookup"). A request's next tokens are
+    guessed from its own context (the tokens that followed the last earlier occurrence of its last n tokens) and
+    checked in the same forward pass as its next token: a decode step at small batches costs about the same for a few
+    rows as for one (its weights are read from memory once), so each guess that stands is a step saved. A greedy
+    request's output is the one without speculation (a guess stands only where it is the token the model picks); a
+    sampled one's guess stands with its probability, so its draws keep their distribution. Seeded requests do not
+    guess (their draws stay independent of what else runs)."""
 
     method: str = "ngram"
     # Tokens guessed per step, at most. 2 measured best on the benchmark's prompts (w4a8 at batch 1, 128 greedy

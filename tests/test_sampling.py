@@ -151,6 +151,24 @@ def test_draws_follow_transformers_warped_distribution(params):
     assert (freq - expected).abs().max() < 0.03
 
 
+@pytest.mark.parametrize("guess", [0, 3, 5])  # the likeliest token, a rare one, one top-p cuts
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.8)],
+                         ids=["t1", "t0.7-topp0.8"])
+def test_a_row_that_checks_a_guess_draws_from_the_same_distribution(params, guess):
+    """n-gram speculation's rows: the guess stands with its probability, else the row draws from the rest; either
+    way the row's token is distributed as the row's warped distribution (speculative sampling's guarantee)."""
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    expected = hf_distribution(probs.log(), params)
+    n = 20000
+    torch.manual_seed(0)
+    tokens, _ = Sampler({99})(probs.log().expand(n, -1).clone(), [make_seq(params)] * n, [guess] * n)
+    freq = torch.bincount(torch.tensor(tokens), minlength=len(probs)).float() / n
+    assert (freq - expected).abs().max() < 0.015, (freq, expected)
+    assert set(freq.nonzero().flatten().tolist()) == set(expected.nonzero().flatten().tolist())
+    greedy = Sampler({99})(probs.log()[None].clone(), [make_seq(SamplingParams(temperature=0))], [guess])[0]
+    assert greedy == [0]  # a greedy row picks its argmax, guess or not
+
+
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
 def test_top_p_keeps_transformers_nucleus_over_a_full_vocabulary(top_p):
     """Over SmolLM2's 49,152 tokens, from a peaked row (a nucleus of a few tokens) to flat ones (thousands: more than

@@ -1,7 +1,8 @@
-"""N-gram speculation (--speculative-config): greedy requests guess their next tokens from their own context and
-check the guesses in the step that computes their next token. The guesses change how many steps a request takes,
-never its tokens or logprobs: each guessed row's logits are the ones a step of its own would give (every row alone
-through the same kernels: test_batch_invariance.py), and a guess stands only where it is the token picked."""
+"""N-gram speculation (--speculative-config): requests guess their next tokens from their own context and check the
+guesses in the step that computes their next token. The guesses change how many steps a request takes, never a
+greedy request's tokens or logprobs: each guessed row's logits are the ones a step of its own would give (every row
+alone through the same kernels: test_batch_invariance.py), and a guess stands only where it is the token picked. A
+sampled request's guess stands with its probability (test_sampling.py: the draws keep their distribution)."""
 
 from __future__ import annotations
 
@@ -142,6 +143,19 @@ def test_speculation_gives_the_tokens_and_logprobs_of_plain_decoding_in_fewer_st
         accepted = engine.num_accepted_tokens
         assert results(spec, [*REPEATING, OTHER], [greedy, greedy, seeded]) == [*alone, drawn]
         assert engine.num_accepted_tokens > accepted
+    spec.engine.shutdown()
+
+
+@pytest.mark.skipif(kernels().ops is None, reason="w4a8 needs the compiled CPU kernels")
+def test_sampled_requests_guess_too_and_seeded_ones_do_not():
+    spec = LLM(kv_cache_memory=64 << 20, quantization="w4a8", speculative_config=SPEC)
+    engine = spec.engine
+    sampled = SamplingParams(temperature=0.5, max_tokens=48, ignore_eos=True)
+    [(tokens, _, _)] = results(spec, [REPEATING[0]], sampled)
+    assert len(tokens) == 48 and engine.num_accepted_tokens > 0
+    checked = engine.num_draft_tokens
+    results(spec, [REPEATING[0]], SamplingParams(temperature=0.5, seed=1, max_tokens=48, ignore_eos=True))
+    assert engine.num_draft_tokens == checked
     spec.engine.shutdown()
 
 

@@ -299,9 +299,10 @@ class LLMEngine:
     def _guess_limit(self, seq: Sequence) -> int:
         """How many tokens may be guessed after `seq`'s: none where a guess could not be checked as the one token
         after the others would be (its grammar, logit processors that look at the output so far, a thinking span
-        the engine may end) or where the model samples, else as many as its length limits leave room for."""
+        the engine may end) or where its draws must not depend on what else runs (a seed), else as many as its
+        length limits leave room for."""
         p = seq.params
-        if (not p.greedy or p.structured_outputs is not None or seq.request_id in self.reasoning
+        if (seq.generator is not None or p.structured_outputs is not None or seq.request_id in self.reasoning
                 or seq.forced_token_ids or p.bad_words or p.bad_words_token_ids or p.repetition_penalty != 1.0
                 or p.presence_penalty or p.frequency_penalty
                 or (seq.num_output_tokens < p.min_tokens and (p.stop_token_ids or not p.ignore_eos))):

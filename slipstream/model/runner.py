@@ -279,7 +279,8 @@ class ModelRunner:
             row += n
         if not sampling:
             return []
-        tokens, logprobs = self.sampler(logits[:rows], [s.seq for s in sampling for _ in range(1 + len(s.draft))])
+        tokens, logprobs = self.sampler(logits[:rows], [s.seq for s in sampling for _ in range(1 + len(s.draft))],
+                                        [g for s in sampling for g in (*s.draft, None)])
         results, row = [], 0
         for s in sampling:
             n = 1 + accepted_draft(s.draft, tokens[row : row + len(s.draft)])

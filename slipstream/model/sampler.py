@@ -30,7 +30,11 @@ class Sampler:
         self.structured_output = structured_output
         self._bad_words_cache: dict[str, list[list[int]]] = {}
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], guesses: list[int | None] | None = None
+                 ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """One token a row: row i's of seqs[i]. A row with a guess (n-gram speculation: the token guessed to come at
+        its position) picks the guess where the guess stands (`_draw`), so a guess stands exactly where it is the
+        row's token."""
         raw = logits
         masks = self.structured_output.bitmask(seqs) if self.structured_output is not None else None
         constrained: set[int] = set()
@@ -39,7 +43,7 @@ class Sampler:
             apply_bitmask(raw, *masks)
             constrained = set(masks[1])
         logits = self.process_logits(raw, seqs, constrained)
-        tokens = self._draw(logits, seqs)
+        tokens = self._draw(logits, seqs, guesses or [None] * len(seqs))
         for i, seq in enumerate(seqs):
             if seq.forced_token_ids:
                 tokens[i] = seq.forced_token_ids.popleft()
@@ -98,7 +102,7 @@ class Sampler:
                     banned.append(ids[-1])
         return banned
 
-    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], guesses: list[int | None]) -> torch.Tensor:
         argmax = kernels().elementwise("argmax_rows", logits) or (lambda t: t.argmax(dim=-1))
         tokens = argmax(logits)
         drawn = [i for i, s in enumerate(seqs) if not s.params.greedy]
@@ -106,6 +110,7 @@ class Sampler:
             return tokens
         dev = logits.device
         seqs = [seqs[i] for i in drawn]
+        guesses = [guesses[i] for i in drawn]
         temps = torch.tensor([s.params.temperature for s in seqs], device=dev)
         logits = logits[drawn] / temps.unsqueeze(1)  # (a copy: the rows drawn, nothing for the greedy ones)
         top_k = [s.params.top_k for s in seqs]
@@ -133,11 +138,22 @@ class Sampler:
         for i, s in enumerate(seqs):
             if s.generator is not None:
                 u[i] = torch.rand(1, generator=s.generator)
+        # A guessed token g stands with probability p(g) (speculative sampling's rule for a guess made with certainty:
+        # min(1, p(g) / 1)); otherwise the row draws from p without g, renormalised (max(0, p - [g]) in the rule),
+        # so the row's token is distributed as p either way (guesses are made for unseeded rows only: a seeded
+        # request's draws do not depend on what else runs).
+        checked = [i for i, g in enumerate(guesses) if g is not None]
+        if checked:
+            rows, guessed = torch.tensor(checked, device=dev), torch.tensor([guesses[i] for i in checked], device=dev)
+            stands = torch.rand(len(checked), device=dev) * probs[rows].sum(dim=-1) < probs[rows, guessed]
+            probs[rows, guessed] = 0.0
         cdf = probs.cumsum_(dim=-1)
         total = cdf[:, -1:]
         # The first token whose cumulative mass passes u x total (kept below the total: a token with mass).
         point = torch.minimum(u.to(dev) * total, torch.nextafter(total, torch.zeros_like(total)))
         tokens[drawn] = torch.searchsorted(cdf, point, right=True).squeeze(1)
+        if checked:
+            tokens[torch.tensor(drawn, device=dev)[rows[stands]]] = guessed[stands]
         return tokens
 
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprobs | None]:
