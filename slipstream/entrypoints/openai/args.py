@@ -103,8 +103,9 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "less memory (default: exact)")
     add("--speculative-config", type=speculative_config, default=None,
         help="vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 2, \"prompt_lookup_max\": 3, "
-        "\"prompt_lookup_min\": 1, \"disable_by_batch_size\": 2}: greedy requests guess their next tokens from their "
-        "own context and check the guesses in the same step (the same output, fewer steps at small batches)")
+        "\"prompt_lookup_min\": 1, \"disable_by_batch_size\": 2}: requests guess their next tokens from their own "
+        "context and check the guesses in the same step (the same greedy output, sampled draws of the same "
+        "distribution, fewer steps at small batches)")
     add("--cpu-threads", type=pos_int, default=None,
         help="compute threads (split among tensor-parallel ranks); default: $OMP_NUM_THREADS if set, else the "
         "cores this process may run on")
