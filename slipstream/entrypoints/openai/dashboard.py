@@ -77,6 +77,8 @@ class Dashboard:
             "prefix_cache": {"queried_tokens": queries, "hit_tokens": hits,
                              "hit_rate": hits / queries if queries else 0},
             "preemptions": s.get("num_preemptions", 0),
+            "speculation": {"checked_tokens": s.get("spec_draft_tokens", 0),
+                            "accepted_tokens": s.get("spec_accepted_tokens", 0)},
             # The same counters /metrics exports, so the two always agree.
             "totals": {"prompt_tokens": m.prompt_total, "generation_tokens": m.generation_total,
                        "requests_finished": m.finished_total},
