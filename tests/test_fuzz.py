@@ -70,8 +70,10 @@ SENT: Counter[tuple[str, str, str]] = Counter()
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RunningServer]:
-    # --trust-request-chat-template: request templates (code) are part of what is fuzzed.
-    with running_server("--max-model-len", "128", "--enable-logprob", "--trust-request-chat-template") as srv:
+    # --trust-request-chat-template: request templates (code) are part of what is fuzzed; so is n-gram speculation,
+    # at any batch size (every request it applies to guesses: limits, n > 1, logprobs, stops and aborts meet it).
+    with running_server("--max-model-len", "128", "--enable-logprob", "--trust-request-chat-template",
+                        "--speculative-config", '{"method": "ngram", "disable_by_batch_size": 64}') as srv:
         yield srv
 
 

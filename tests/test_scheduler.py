@@ -90,12 +90,23 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(llm_fp32) -> LLM:
+def tiny_pool(llm_fp32, **config) -> LLM:
     """The default model with 10 KV blocks of 4 tokens: five short requests cannot all fit."""
     engine = llm_fp32.engine
     token_bytes = engine.runner.kv_cache_bytes // (engine.runner.num_blocks * engine.config.block_size)
-    return LLM(kv_cache_memory=10 * 4 * token_bytes, block_size=4, max_num_seqs=5)
+    return LLM(kv_cache_memory=10 * 4 * token_bytes, block_size=4, max_num_seqs=5, **config)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(llm_fp32) -> LLM:
+    return tiny_pool(llm_fp32)
+
+
+@pytest.fixture(scope="module")
+def tiny_guessing_llm(llm_fp32) -> LLM:
+    """tiny_llm with n-gram speculation at any batch size: guesses compete for the few blocks too."""
+    return tiny_pool(llm_fp32, speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                                   "disable_by_batch_size": 8})
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +120,9 @@ def assert_pool_empty(engine) -> None:
     assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts)
 
 
-def test_preemption_and_aborts_lose_nothing_and_return_every_block(tiny_llm, reference):
+@pytest.mark.parametrize("pool", ["tiny_llm", "tiny_guessing_llm"])
+def test_preemption_and_aborts_lose_nothing_and_return_every_block(pool, reference, request):
+    tiny_llm = request.getfixturevalue(pool)
     engine = tiny_llm.engine
     assert engine.block_manager.num_blocks == 10
     preemptions = engine.stats()["num_preemptions"]
@@ -129,6 +142,7 @@ def test_preemption_and_aborts_lose_nothing_and_return_every_block(tiny_llm, ref
             outputs.get(out.request_id, []).extend(out.token_ids)
     assert engine.stats()["num_preemptions"] > preemptions
     assert [outputs[rid] for rid in ids] == reference
+    assert (engine.num_draft_tokens > 0) == (engine.proposer is not None)
     assert [(a.finished, a.finish_reason) for a in aborted] == [(True, "abort")] * 2
     assert_pool_empty(engine)
 
