@@ -65,10 +65,10 @@ class LLM:
         results: list[GenerationResult] = []
         owners: dict[str, CompletionOutput] = {}
         by_rid: dict[str, GenerationResult] = {}
-        for prompt, params in zip(prompts, each, strict=True):
+        for prompt, prompt_params in zip(prompts, each, strict=True):
             ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
             result = GenerationResult(ids, [])
-            for i, p in enumerate(fan_out(params)):
+            for i, p in enumerate(fan_out(prompt_params)):
                 rid = str(next(self._ids))
                 self.engine.add_request(rid, ids, p)
                 out = CompletionOutput(i)
