@@ -21,10 +21,15 @@ def tp1_results(llm_fp32):
     return llm_fp32.generate(PROMPTS, PARAMS)
 
 
-def test_tp3_matches_tp1_on_default_model(tp1_results):
-    llm = LLM(kv_cache_memory=128 << 20, tensor_parallel_size=3)
+# n-gram speculation at any batch size: the ranks run guessing decodes as causal chunks, whose rows must give the
+# logits of plain decoding there too
+@pytest.mark.parametrize("speculative_config", [None, {"method": "ngram", "num_speculative_tokens": 3,
+                                                       "disable_by_batch_size": 8}], ids=["plain", "guessing"])
+def test_tp3_matches_tp1_on_default_model(tp1_results, speculative_config):
+    llm = LLM(kv_cache_memory=128 << 20, tensor_parallel_size=3, speculative_config=speculative_config)
     try:
         results = llm.generate(PROMPTS, PARAMS)
+        assert (llm.engine.num_draft_tokens > 0) == (speculative_config is not None)
     finally:
         llm.engine.shutdown()
     for ref, got in zip(tp1_results, results, strict=True):
