@@ -118,7 +118,8 @@ def test_logprobs_need_enable_logprob(server):
 def test_a_request_over_max_concurrency_is_429(server):
     headers = {"Authorization": f"Bearer {KEYS[0]}"}
     with httpx.Client(base_url=server.base_url, headers=headers, timeout=600) as http:
-        long = {"model": NAME, "messages": QUESTION, "max_tokens": 60, "ignore_eos": True, "stream": True}
+        # long enough to hold the slot through the checks below on any CPU (it is abandoned, not read to its end)
+        long = {"model": NAME, "messages": QUESTION, "max_tokens": 2000, "ignore_eos": True, "stream": True}
         with http.stream("POST", "/chat/completions", json=long) as r:
             lines = r.iter_lines()  # (a dropped iterator would close the response)
             assert next(lines).startswith("data: {")  # it holds the only slot now
