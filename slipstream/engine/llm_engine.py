@@ -303,9 +303,7 @@ class LLMEngine:
         length limits leave room for."""
         p = seq.params
         if (seq.generator is not None or p.structured_outputs is not None or seq.request_id in self.reasoning
-                or seq.forced_token_ids or p.bad_words or p.bad_words_token_ids or p.repetition_penalty != 1.0
-                or p.presence_penalty or p.frequency_penalty
-                or (seq.num_output_tokens < p.min_tokens and (p.stop_token_ids or not p.ignore_eos))):
+                or seq.forced_token_ids or self.sampler.reads_the_output(seq)):
             return 0
         limit = self.max_model_len - seq.num_tokens
         if p.max_tokens is not None:

@@ -269,8 +269,7 @@ class ModelRunner:
         logits = self.execute(step)
         if logits is None:
             return []
-        rows = sum(1 + len(s.draft) for s in sampling)
-        row = rows
+        row = rows = sum(1 + len(s.draft) for s in sampling)  # the sampled rows; prompt-logprob rows after them
         for s, n in prompt_rows:
             seq = s.seq
             first = len(seq.prompt_logprobs)

@@ -18,6 +18,7 @@ import torch
 from slipstream.engine.sequence import Sequence, TokenLogprobs
 from slipstream.engine.structured_output import StructuredOutputManager, apply_bitmask
 from slipstream.kernels import kernels
+from slipstream.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
 
@@ -70,12 +71,23 @@ class Sampler:
                 if banned:
                     logits[i, banned] = NEG_INF
             if seq.num_output_tokens < p.min_tokens and i not in constrained:
-                stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-                if stops:
+                if stops := self._stops(p):
                     logits[i, list(stops)] = NEG_INF
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 self._penalize(logits[i], seq)
         return logits
+
+    def _stops(self, p: SamplingParams) -> set[int]:
+        """The tokens that end a sequence, which min_tokens holds off."""
+        return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+
+    def reads_the_output(self, seq: Sequence) -> bool:
+        """Whether a processor of `seq`'s row depends on the tokens generated so far (penalties, bad words, min_tokens
+        still holding stops off): rows guessed ahead (n-gram speculation) could not be processed as their own steps
+        would be."""
+        p = seq.params
+        return bool(p.bad_words or p.bad_words_token_ids or p.repetition_penalty != 1.0 or p.presence_penalty
+                    or p.frequency_penalty or (seq.num_output_tokens < p.min_tokens and self._stops(p)))
 
     def _penalize(self, row: torch.Tensor, seq: Sequence) -> None:
         p = seq.params
