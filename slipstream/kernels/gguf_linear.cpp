@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -48,6 +50,49 @@ inline void load_block(const uint8_t* q, __m256 w[4]) {
   }
 }
 
+// A Q4 block's 32 weights "in place", for linear_rows: its 16 bytes in both halves of a vector, vector t keeping in
+// lane l nibble 2t (lanes 0-3) or 2t + 1 (lanes 4-7) of dword l % 4 where it lies, i.e. as the integer q * 16^nibble
+// (the last vector shifted right by 4 first, so that nibble 7 stays clear of the sign bit); Q4_0's offset of 8 goes
+// at the same place. Masks and conversions only: expanding the nibbles to one a lane took six shuffles a block, and
+// AVX2 CPUs have two shuffle ports (AMD EPYC Zen 3, one thread: the layers' matmuls 1.3x faster at one activation row;
+// an exact decode step 1.2x at batch 1, 1.09x at 4 and 16). x comes in the matching order and scale (in_place_x):
+// every product is still the quant's times x's, exactly. (Q8_0 the same way, bytes masked in place: 1.16x at 3 rows,
+// 0.92x at 1: not done.)
+template <QType T>
+inline void load_block_in_place(const uint8_t* q, __m256 w[4]) {
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  const __m256i nibbles01 = _mm256_setr_epi32(0xF, 0xF, 0xF, 0xF, 0xF0, 0xF0, 0xF0, 0xF0);
+  const __m256i eights01 = _mm256_setr_epi32(8, 8, 8, 8, 0x80, 0x80, 0x80, 0x80);
+  for (int t = 0; t < 4; ++t) {
+    const int shift = t < 3 ? 8 * t : 20;  // (of the mask: the nibbles' positions, the last vector's after its shift)
+    __m256i quants = _mm256_and_si256(t < 3 ? v : _mm256_srli_epi32(v, 4), _mm256_slli_epi32(nibbles01, shift));
+    if constexpr (T == QType::Q4_0) quants = _mm256_sub_epi32(quants, _mm256_slli_epi32(eights01, shift));
+    w[t] = _mm256_cvtepi32_ps(quants);
+  }
+}
+
+// x [M, K] in load_block_in_place's order, block by block: position 8t + l holds weight 4(l % 4) + nibble / 2 (+ 16
+// for an odd nibble) times 16^-nibble (the last vector's 16^-(nibble - 1)), nibble = 2t + l / 4. (Powers of two:
+// exact, short of values below 2^-102, which become subnormal.)
+std::vector<float> in_place_x(const float* x, int64_t M, int64_t K) {
+  struct Source {
+    int weight;
+    float scale;
+  };
+  static const auto sources = [] {
+    std::array<Source, QK> s{};
+    for (int i = 0; i < QK; ++i) {
+      const int t = i / 8, l = i % 8, nibble = 2 * t + l / 4;
+      s[i] = {4 * (l % 4) + nibble / 2 + 16 * (nibble % 2), std::ldexp(1.0f, -4 * (t < 3 ? nibble : nibble - 1))};
+    }
+    return s;
+  }();
+  std::vector<float> out(M * K);
+  for (int64_t b = 0; b < M * K; b += QK)
+    for (int i = 0; i < QK; ++i) out[b + i] = x[b + sources[i].weight] * sources[i].scale;
+  return out;
+}
+
 // One weight row times MM activation rows, accumulators in registers: MM independent FMA chains
 // per block, each block's weights expanded once. One row at a time reads the weights in order,
 // which the hardware prefetchers follow; tiles of several rows (hopping between them) did not.
@@ -72,7 +117,8 @@ void linear_rows(const float* x, Weights w, const float* xsum, float* y, int64_t
       for (int64_t j = 0; j < count; ++j) {
         const int64_t b = b0 + j;
         __m256 wv[4];
-        load_block<T>(qs + b * quant_bytes<T>(), wv);
+        if constexpr (is_q4(T)) load_block_in_place<T>(qs + b * quant_bytes<T>(), wv);
+        else load_block<T>(qs + b * quant_bytes<T>(), wv);
         const __m256 scale = _mm256_broadcast_ss(&d[j]);
         for (int m = 0; m < MM; ++m) {
           const float* xb = x + m * K + b * QK;
@@ -183,11 +229,14 @@ void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int6
         xsum[m * (nb + 8) + b] = s;
       }
   }
+  std::vector<float> xq;
+  if constexpr (is_q4(T)) xq = in_place_x(x, M, K);
+  const float* xs = is_q4(T) ? xq.data() : x;
   // Pieces of 4, 2 and 1 activation rows, each fully unrolled (at 8 the accumulators no longer fit the 16 vector
   // registers).
   for_weight_tiles<4>(M, N, [&](auto mm, int64_t m0, int64_t n0, int64_t n1) {
     const float* sm = xsum.empty() ? nullptr : xsum.data() + m0 * (nb + 8);
-    linear_rows<T, decltype(mm)::value>(x + m0 * K, w, sm, y + m0 * N, K, N, n0, n1);
+    linear_rows<T, decltype(mm)::value>(xs + m0 * K, w, sm, y + m0 * N, K, N, n0, n1);
   });
 }
 
