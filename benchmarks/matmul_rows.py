@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""What a step's matmuls cost at a few activation rows: every block-served linear layer of the embedded model through
+the kernel that serves it at that row count, layer after layer as a step runs them (so the weights come from DRAM,
+not a cache), summed by projection.
+
+    .venv/bin/python benchmarks/matmul_rows.py [--quantization w4a8] [--rows 1 2 3 4 8] [--repeats 20]
+
+At batch 1 a decode step reads every weight once; what each extra row (a batched sequence, an n-gram guess) adds is
+the arithmetic the kernel does per row. The first pass is a warm-up (page faults, the kernels' first calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+
+from slipstream import LLM
+from slipstream.kernels import kernels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quantization", default=None, help="w4a8 (default: none, exact)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8])
+    parser.add_argument("--repeats", type=int, default=20, help="passes over all layers per row count (default: 20)")
+    args = parser.parse_args()
+    llm = LLM(None, quantization=args.quantization, kv_cache_memory=64 << 20)
+    table = kernels()
+    model = llm.engine.runner.model
+    hidden, intermediate = model.args.hidden_size, model.args.intermediate_size  # (a Llama-family model)
+    layers = [(name.rsplit(".", 1)[-1], module) for name, module in model.named_modules()
+              if getattr(module, "gguf_parts", None) is not None and not name.endswith("embed_tokens")]
+    print(f"{len(layers)} block-served layers, CPU kernels {table.variant.name if table.variant else 'none'}")
+    for rows in [args.rows[0], *args.rows]:  # (the first: warm-up)
+        calls = []
+        for kind, module in layers:
+            kernel = table.gguf_matmul(module, rows)
+            if kernel is None:
+                raise SystemExit(f"no block kernel serves {kind} at {rows} rows here")
+            in_features = intermediate if kind == "down_proj" else hidden
+            calls.append((kind, kernel, module.gguf_parts, torch.randn(rows, in_features)))
+        spent: dict[str, float] = collections.defaultdict(float)
+        for _ in range(args.repeats):
+            for kind, kernel, parts, x in calls:
+                start = time.perf_counter()
+                for split, qtype in parts:
+                    kernel(x, *split, qtype)
+                spent[kind] += time.perf_counter() - start
+        ms = {kind: seconds / args.repeats * 1e3 for kind, seconds in spent.items()}
+        print(f"{rows} rows: {sum(ms.values()):.2f} ms (" + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + ")")
+
+
+if __name__ == "__main__":
+    main()
