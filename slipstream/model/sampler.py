@@ -66,14 +66,14 @@ class Sampler:
                 ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long, device=logits.device)
                 vals = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
                 logits[i].index_add_(0, ids, vals)
-            if p.bad_words or p.bad_words_token_ids:
+            if _bans_words(p):
                 banned = self._banned_tokens(seq) + p.bad_words_token_ids
                 if banned:
                     logits[i, banned] = NEG_INF
             if seq.num_output_tokens < p.min_tokens and i not in constrained:
                 if stops := self._stops(p):
                     logits[i, list(stops)] = NEG_INF
-            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            if _penalizes(p):
                 self._penalize(logits[i], seq)
         return logits
 
@@ -86,8 +86,7 @@ class Sampler:
         still holding stops off): rows guessed ahead (n-gram speculation) could not be processed as their own steps
         would be."""
         p = seq.params
-        return bool(p.bad_words or p.bad_words_token_ids or p.repetition_penalty != 1.0 or p.presence_penalty
-                    or p.frequency_penalty or (seq.num_output_tokens < p.min_tokens and self._stops(p)))
+        return _bans_words(p) or _penalizes(p) or bool(seq.num_output_tokens < p.min_tokens and self._stops(p))
 
     def _penalize(self, row: torch.Tensor, seq: Sequence) -> None:
         p = seq.params
@@ -222,8 +221,15 @@ def accepted_draft(draft: list[int], tokens: list[int]) -> int:
 def _processes(seq: Sequence) -> bool:
     """Whether any of Sampler.process_logits's processors applies to this sequence's row."""
     p = seq.params
-    return bool(p.logit_bias or p.bad_words or p.bad_words_token_ids or seq.num_output_tokens < p.min_tokens
-                or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
+    return bool(p.logit_bias) or _bans_words(p) or seq.num_output_tokens < p.min_tokens or _penalizes(p)
+
+
+def _bans_words(p: SamplingParams) -> bool:
+    return bool(p.bad_words or p.bad_words_token_ids)
+
+
+def _penalizes(p: SamplingParams) -> bool:
+    return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
 
 
 def token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
