@@ -8,6 +8,7 @@ is compared after it, since the two continuations then condition on different te
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass
 
 import pytest
@@ -178,3 +179,20 @@ def test_the_compiled_layer_stack_computes_what_the_python_layers_do(llm_cold, p
     for a, b in zip(stacked, layered, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert [t.logprob for t in a.outputs[0].logprobs] == [t.logprob for t in b.outputs[0].logprobs]
+
+
+def test_a_check_failing_inside_the_layer_stack_is_raised_and_the_next_step_runs(llm_cold, prompt_ids):
+    """The stack runs its layers with the compute threads as one team: a kernel's check that fails midway (here
+    write_kv_cache's, after the qkv matmul's parallel loop) reaches the caller, not a hang, and the next steps run."""
+    model = llm_cold.engine.runner.model
+    stack = model.layer_stack(1)
+    if stack is None:
+        pytest.skip("no compiled kernels on this machine")
+    params = SamplingParams(temperature=0, max_tokens=8)
+    before = llm_cold.generate(prompt_ids[:1], params)[0].outputs[0].token_ids
+    one, no_slots = torch.ones(1, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # (a hang fails the test instead of the suite)
+        call = pool.submit(stack.forward, torch.randn(1, model.args.hidden_size), one, one.view(1, 1), one, no_slots)
+        with pytest.raises(RuntimeError, match="a cache slot per row"):
+            call.result(timeout=60)
+    assert llm_cold.generate(prompt_ids[:1], params)[0].outputs[0].token_ids == before

@@ -5,7 +5,6 @@
 // the result equals x @ dequantize(W)^T up to summation order: the weights stay exactly what the
 // file holds, and only a quarter (Q4) or a half (Q8) of fp32's bytes cross the memory bus.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <array>
@@ -19,6 +18,7 @@
 #include "gguf_rows_avx512.h"
 #endif
 #include "kernels.h"
+#include "team.h"
 #include "vec.h"
 
 namespace {
@@ -317,7 +317,7 @@ at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, in
       at::empty({0, K}, at::kFloat), qs, scales, mins, qtype,
       [&](auto type, const float*, Weights w, float*, int64_t, int64_t K, int64_t N) {
         constexpr QType T = decltype(type)::value;
-        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        slipstream::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
           for (int64_t n = n0; n < n1; ++n) {
             if constexpr (high_bit_planes(T) == 1)
               if (layout == Layout::HighBitRows) {

@@ -2,7 +2,6 @@
 // ops PyTorch would run (at batch 1 the chain's per-op overhead costs more than the arithmetic).
 // Same float32 formulas as the reference (transformers), row by row.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
@@ -10,6 +9,7 @@
 
 #include "kernels.h"
 #include "kv_rows.h"
+#include "team.h"
 #include "vec.h"
 
 namespace {
@@ -46,7 +46,7 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
   const int64_t T = x.size(0), n = x.size(1);
   auto out = at::empty({T, n}, x.options());
   const float* w = weight.contiguous().data_ptr<float>();
-  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+  slipstream::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
       rms_norm_row(x.data_ptr<float>() + t * x.stride(0), w, out.data_ptr<float>() + t * n, n, eps);
   });
@@ -60,7 +60,7 @@ at::Tensor add_rms_norm_(at::Tensor x, at::Tensor residual, at::Tensor weight, d
   const int64_t T = x.size(0), n = x.size(1);
   auto out = at::empty({T, n}, x.options());
   const float* w = weight.contiguous().data_ptr<float>();
-  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+  slipstream::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const float* xr = x.data_ptr<float>() + t * x.stride(0);
       float* r = residual.data_ptr<float>() + t * residual.stride(0);
@@ -83,7 +83,7 @@ void rotary_(at::Tensor q, at::Tensor k, at::Tensor positions, at::Tensor cos, a
   const int64_t T = q.size(0), D = q.size(2), half = D / 2;
   TORCH_CHECK(cos.size(1) == half && sin.size(1) == half, "the rotary tables must cover the whole head");
   const int64_t* pos = positions.data_ptr<int64_t>();
-  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+  slipstream::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const float* c = cos.data_ptr<float>() + pos[t] * half;
       const float* s = sin.data_ptr<float>() + pos[t] * half;
@@ -109,7 +109,7 @@ at::Tensor silu_and_mul(at::Tensor gate_up) {
   check_rows(gate_up, "gate_up");
   const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
   auto out = at::empty({T, I}, gate_up.options());
-  at::parallel_for(0, T, 4, [&](int64_t b, int64_t e) {
+  slipstream::parallel_for(0, T, 4, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const float* g = gate_up.data_ptr<float>() + t * gate_up.stride(0);
       const float* u = g + I;
@@ -135,7 +135,7 @@ at::Tensor argmax_rows(at::Tensor x) {
   const int64_t T = x.size(0), V = x.size(1);
   TORCH_CHECK(V > 0 && V < (int64_t{1} << 31), "rows of 1 to 2^31 - 1 values");
   auto out = at::empty({T}, x.options().dtype(at::kLong));
-  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+  slipstream::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const float* row = x.data_ptr<float>() + t * x.stride(0);
       const int64_t v8 = V / 8 * 8;
@@ -190,6 +190,7 @@ void write_kv_cache(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v
               v.scalar_type() == at::kFloat, "float32 keys and values, contiguous float32, float16 or int8 caches");
   slots = slots.to(at::kLong).contiguous();
   const int64_t T = k.size(0), H = k.size(1), D = k.size(2);
+  TORCH_CHECK(slots.numel() == T && v.size(0) == T, "a cache slot per row of k and v");
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v must have contiguous heads");
   TORCH_CHECK(type != at::kHalf || D % 8 == 0, "a float16 cache needs head_dim a multiple of 8");
   const int64_t width = type == at::kChar ? slipstream::int8_row_width(D) : D;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "team.h"
 
 namespace {
 
@@ -51,6 +52,14 @@ class LayerStack {
   // attends to, itself included) -> (last layer's output, residual stream), for the final add + norm.
   std::tuple<at::Tensor, at::Tensor> forward(at::Tensor x, at::Tensor positions, at::Tensor block_tables,
                                              at::Tensor context_lens, at::Tensor slots) {
+    std::tuple<at::Tensor, at::Tensor> out;
+    slipstream::Team::run([&] { out = layers(x, positions, block_tables, context_lens, slots); });
+    return out;
+  }
+
+ private:
+  std::tuple<at::Tensor, at::Tensor> layers(at::Tensor x, const at::Tensor& positions, const at::Tensor& block_tables,
+                                            const at::Tensor& context_lens, const at::Tensor& slots) {
     const int64_t T = x.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
     at::Tensor residual = x;
     for (size_t i = 0; i < input_norms_.size(); ++i) {
@@ -69,7 +78,6 @@ class LayerStack {
     return {x, residual};
   }
 
- private:
   at::Tensor linear(const at::Tensor& x, const Linear& parts) const {
     std::vector<at::Tensor> ys;
     for (const Part& w : parts)
