@@ -184,12 +184,10 @@ inline void for_weight_tiles(int64_t M, int64_t N, Piece piece) {
   });
 }
 
-// Checks x [M, K] float32 against the split weights (in `layout`, viewed as rows) and returns their pointers.
-inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
-                             const at::Tensor& mins, int64_t qtype, Layout layout = Layout::Rows) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "x must be a contiguous 2-D float32 tensor");
-  const int64_t K = x.size(1), N = qs.size(0), nb = K / QK;
+// Checks the split weights (in `layout`, viewed as rows) for K inputs a row and returns their pointers.
+inline Weights check_weights(const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins, int64_t qtype,
+                             int64_t K, Layout layout = Layout::Rows) {
+  const int64_t N = qs.size(0), nb = K / QK;
   TORCH_CHECK(K % QK == 0, "in_features must be a multiple of 32");
   const auto type = static_cast<QType>(qtype);
   TORCH_CHECK(is_classic(type) || type == QType::Q4_K || is_k16(type) || is_half(type), "unsupported GGUF type ",
@@ -223,29 +221,52 @@ inline Weights check_weights(const at::Tensor& x, const at::Tensor& qs, const at
   return w;
 }
 
-// y [M, N] = impl(type, x, weights, y, M, K, N) with the weight type as a compile-time constant
-// (std::integral_constant<QType, ...>): the checks, allocation and dispatch every GGUF matmul shares.
-template <typename Impl>
-at::Tensor run_gguf_linear(at::Tensor x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
-                           int64_t qtype, Impl impl, Layout layout = Layout::Rows) {
-  x = x.contiguous();
-  const Weights w = check_weights(x, qs, scales, mins, qtype, layout);
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  auto y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// f(std::integral_constant<QType, T>{}) for qtype's T: the weight type as a compile-time constant.
+template <typename F>
+void with_qtype(int64_t qtype, F f) {
   switch (static_cast<QType>(qtype)) {
-    case QType::Q4_0: impl(std::integral_constant<QType, QType::Q4_0>{}, xp, w, yp, M, K, N); break;
-    case QType::Q4_1: impl(std::integral_constant<QType, QType::Q4_1>{}, xp, w, yp, M, K, N); break;
-    case QType::Q5_0: impl(std::integral_constant<QType, QType::Q5_0>{}, xp, w, yp, M, K, N); break;
-    case QType::Q5_1: impl(std::integral_constant<QType, QType::Q5_1>{}, xp, w, yp, M, K, N); break;
-    case QType::Q8_0: impl(std::integral_constant<QType, QType::Q8_0>{}, xp, w, yp, M, K, N); break;
-    case QType::Q4_K: impl(std::integral_constant<QType, QType::Q4_K>{}, xp, w, yp, M, K, N); break;
-    case QType::Q5_K: impl(std::integral_constant<QType, QType::Q5_K>{}, xp, w, yp, M, K, N); break;
-    case QType::Q6_K: impl(std::integral_constant<QType, QType::Q6_K>{}, xp, w, yp, M, K, N); break;
-    case QType::F16: impl(std::integral_constant<QType, QType::F16>{}, xp, w, yp, M, K, N); break;
-    case QType::BF16: impl(std::integral_constant<QType, QType::BF16>{}, xp, w, yp, M, K, N); break;
+    case QType::Q4_0: return f(std::integral_constant<QType, QType::Q4_0>{});
+    case QType::Q4_1: return f(std::integral_constant<QType, QType::Q4_1>{});
+    case QType::Q5_0: return f(std::integral_constant<QType, QType::Q5_0>{});
+    case QType::Q5_1: return f(std::integral_constant<QType, QType::Q5_1>{});
+    case QType::Q8_0: return f(std::integral_constant<QType, QType::Q8_0>{});
+    case QType::Q4_K: return f(std::integral_constant<QType, QType::Q4_K>{});
+    case QType::Q5_K: return f(std::integral_constant<QType, QType::Q5_K>{});
+    case QType::Q6_K: return f(std::integral_constant<QType, QType::Q6_K>{});
+    case QType::F16: return f(std::integral_constant<QType, QType::F16>{});
+    case QType::BF16: return f(std::integral_constant<QType, QType::BF16>{});
   }
+}
+
+// y [M, N] = x [M, K] (contiguous rows) times the weights' transpose.
+using LinearImpl = void (*)(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N);
+
+// Weights checked once, with the kernel that serves them (gguf_linear_kernel, gguf_linear_q8_kernel): what every
+// GGUF matmul call runs, and what the layer stack keeps for its calls on raw rows.
+struct BlockLinear {
+  LinearImpl impl = nullptr;
+  Weights w{};
+  int64_t K = 0, N = 0;
+  void operator()(const float* x, float* y, int64_t M) const { impl(x, w, y, M, K, N); }
+};
+
+// The kernel pick(std::integral_constant<QType, T>{}) gives for qtype's weights split as `layout` (null: none).
+template <typename Pick>
+BlockLinear block_linear(const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins, int64_t qtype,
+                         int64_t K, Pick pick, Layout layout = Layout::Rows) {
+  BlockLinear lin{nullptr, check_weights(qs, scales, mins, qtype, K, layout), K, qs.size(0)};
+  with_qtype(qtype, [&](auto type) { lin.impl = pick(type); });
+  TORCH_CHECK(lin.impl != nullptr, "this build has no kernel for GGUF type ", qtype, " in this layout");
+  return lin;
+}
+
+// lin(x) for x [M, K] float32, into a new [M, N].
+inline at::Tensor run_block_linear(at::Tensor x, const BlockLinear& lin) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == lin.K,
+              "x must be a 2-D float32 tensor of in_features columns");
+  x = x.contiguous();
+  auto y = at::empty({x.size(0), lin.N}, x.options());
+  lin(x.data_ptr<float>(), y.data_ptr<float>(), x.size(0));
   return y;
 }
 

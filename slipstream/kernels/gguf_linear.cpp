@@ -312,23 +312,20 @@ at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, in
   if (layout == Layout::HighBitRows) K = scales.size(-1) * QK;  // (a scale per 32 weights)
   auto out = at::empty({qs.size(0), K}, at::kFloat);
   float* op = out.data_ptr<float>();
-  // (run_gguf_linear's checks and dispatch, on no activation rows: y is [0, N])
-  run_gguf_linear(
-      at::empty({0, K}, at::kFloat), qs, scales, mins, qtype,
-      [&](auto type, const float*, Weights w, float*, int64_t, int64_t K, int64_t N) {
-        constexpr QType T = decltype(type)::value;
-        slipstream::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-          for (int64_t n = n0; n < n1; ++n) {
-            if constexpr (high_bit_planes(T) == 1)
-              if (layout == Layout::HighBitRows) {
-                dequantize_row<T, Layout::HighBitRows>(w, n, K, op + n * K);
-                continue;
-              }
-            dequantize_row<T>(w, n, K, op + n * K);
+  const Weights w = check_weights(qs, scales, mins, qtype, K, layout);
+  with_qtype(qtype, [&](auto type) {
+    constexpr QType T = decltype(type)::value;
+    slipstream::parallel_for(0, qs.size(0), 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        if constexpr (high_bit_planes(T) == 1)
+          if (layout == Layout::HighBitRows) {
+            dequantize_row<T, Layout::HighBitRows>(w, n, K, op + n * K);
+            continue;
           }
-        });
-      },
-      layout);
+        dequantize_row<T>(w, n, K, op + n * K);
+      }
+    });
+  });
   return out;
 }
 
@@ -340,27 +337,31 @@ bool takes_high_bit_rows() {
 #endif
 }
 
-at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
+BlockLinear gguf_linear_kernel(const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins, int64_t qtype,
+                               int64_t K) {
   const auto type = static_cast<QType>(qtype);
-  const Layout layout = qs.dim() == 2 ? row_layout(type, qs.size(1), x.size(-1)) : Layout::Rows;
+  const Layout layout = qs.dim() == 2 ? row_layout(type, qs.size(1), K) : Layout::Rows;
 #ifdef __AVX512F__  // every type in one kernel (gguf_rows_avx512.h), the 5-bit ones in HighBitRows too
-  return run_gguf_linear(
-      x, qs, scales, mins, qtype,
-      [layout](auto type, auto... args) {
+  return block_linear(
+      qs, scales, mins, qtype, K,
+      [layout](auto type) -> LinearImpl {
         constexpr QType T = decltype(type)::value;
         if constexpr (high_bit_planes(T) == 1)
-          if (layout == Layout::HighBitRows) return avx512::linear_impl<T, Layout::HighBitRows>(args...);
-        avx512::linear_impl<T>(args...);
+          if (layout == Layout::HighBitRows) return &avx512::linear_impl<T, Layout::HighBitRows>;
+        return &avx512::linear_impl<T>;
       },
       layout);
 #else
   TORCH_CHECK(layout == Layout::Rows, "this build takes the 5-bit types a byte a weight (HighBitRows: AVX-512)");
-  return run_gguf_linear(x, qs, scales, mins, qtype,
-                         [](auto type, auto... args) {
-                           constexpr QType T = decltype(type)::value;
-                           if constexpr (is_half(T)) half_linear_impl<T>(args...);
-                           else if constexpr (is_k16(T)) k16_linear_impl<T>(args...);
-                           else linear_impl<T>(args...);
-                         });
+  return block_linear(qs, scales, mins, qtype, K, [](auto type) -> LinearImpl {
+    constexpr QType T = decltype(type)::value;
+    if constexpr (is_half(T)) return &half_linear_impl<T>;
+    else if constexpr (is_k16(T)) return &k16_linear_impl<T>;
+    else return &linear_impl<T>;
+  });
 #endif
+}
+
+at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
+  return run_block_linear(x, gguf_linear_kernel(qs, scales, mins, qtype, x.size(-1)));
 }

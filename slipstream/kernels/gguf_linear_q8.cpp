@@ -411,15 +411,17 @@ int64_t q4_group_rows() {
 #endif
 }
 
-at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
-  TORCH_CHECK(!is_half(static_cast<QType>(qtype)), "gguf_linear_q8 takes quantized blocks, not F16 / BF16 rows");
+BlockLinear gguf_linear_q8_kernel(const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
+                                  int64_t qtype, int64_t K) {
   const auto type = static_cast<QType>(qtype);
+  TORCH_CHECK(!is_half(type), "gguf_linear_q8 takes quantized blocks, not F16 / BF16 rows");
   if (qs.dim() == 3 && type == QType::Q8_0) {  // Q8_0 rows by 16
 #if defined(__AVX512VNNI__)
-    return run_gguf_linear(x, qs.view({qs.size(0) * 16, -1}), scales.view({qs.size(0) * 16, -1}), mins, qtype,
-                           [](auto type, auto... args) {
-                             if constexpr (decltype(type)::value == QType::Q8_0) q8_0_groups_linear_impl(args...);
-                           }, Layout::ByteGroups);
+    return block_linear(qs.view({qs.size(0) * 16, -1}), scales.view({qs.size(0) * 16, -1}), mins, qtype, K,
+                        [](auto type) -> LinearImpl {
+                          if constexpr (decltype(type)::value == QType::Q8_0) return &q8_0_groups_linear_impl;
+                          else return nullptr;
+                        }, Layout::ByteGroups);
 #else
     TORCH_CHECK(false, "bad interleaved bytes: rows interleaved by 16 take the AVX-512 VNNI build");
 #endif
@@ -428,20 +430,26 @@ at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Te
     const int64_t G = qs.size(2) / nibble_group_row_bytes(type);
     TORCH_CHECK(is_nibble_group_type(type) && qs.size(2) == nibble_group_row_bytes(type) * G &&
                 (G == 8 || G == q4_group_rows()), "bad interleaved nibble groups");
-    return run_gguf_linear(x, qs.view({qs.size(0) * G, -1}), scales.view({qs.size(0) * G, -1}),
-                           mins.numel() ? mins.view({qs.size(0) * G, -1}) : mins, qtype,
-                           [G](auto type, auto... args) {
-                             constexpr QType T = decltype(type)::value;
-                             if constexpr (is_nibble_group_type(T)) {
+    return block_linear(qs.view({qs.size(0) * G, -1}), scales.view({qs.size(0) * G, -1}),
+                        mins.numel() ? mins.view({qs.size(0) * G, -1}) : mins, qtype, K,
+                        [G](auto type) -> LinearImpl {
+                          constexpr QType T = decltype(type)::value;
+                          if constexpr (is_nibble_group_type(T)) {
 #if defined(__AVX512VNNI__)
-                               if (G == 16) return q4_groups_linear_impl<T, 16>(args...);
+                            if (G == 16) return &q4_groups_linear_impl<T, 16>;
 #endif
-                               q4_groups_linear_impl<T, 8>(args...);
-                             }
-                           }, Layout::NibbleGroups);
+                            return &q4_groups_linear_impl<T, 8>;
+                          } else {
+                            return nullptr;
+                          }
+                        }, Layout::NibbleGroups);
   }
-  return run_gguf_linear(x, qs, scales, mins, qtype,
-                         [](auto type, auto... args) {
-                           if constexpr (!is_half(decltype(type)::value)) q8_linear_impl<decltype(type)::value>(args...);
-                         });
+  return block_linear(qs, scales, mins, qtype, K, [](auto type) -> LinearImpl {
+    if constexpr (!is_half(decltype(type)::value)) return &q8_linear_impl<decltype(type)::value>;
+    else return nullptr;
+  });
+}
+
+at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
+  return run_block_linear(x, gguf_linear_q8_kernel(qs, scales, mins, qtype, x.size(-1)));
 }

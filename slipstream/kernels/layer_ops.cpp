@@ -41,15 +41,31 @@ inline void rms_norm_row(const float* x, const float* w, float* out, int64_t n, 
 
 }  // namespace
 
+void slipstream::rms_norm_rows(const float* x, int64_t ldx, const float* w, float* out, int64_t T, int64_t n,
+                               float eps) {
+  slipstream::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) rms_norm_row(x + t * ldx, w, out + t * n, n, eps);
+  });
+}
+
+void slipstream::add_rms_norm_rows(const float* x, int64_t ldx, float* residual, int64_t ldr, const float* w,
+                                   float* out, int64_t T, int64_t n, float eps) {
+  slipstream::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float* xr = x + t * ldx;
+      float* r = residual + t * ldr;
+      for (int64_t i = 0; i < n; ++i) r[i] = r[i] + xr[i];
+      rms_norm_row(r, w, out + t * n, n, eps);
+    }
+  });
+}
+
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
   check_rows(x, "x");
   const int64_t T = x.size(0), n = x.size(1);
   auto out = at::empty({T, n}, x.options());
-  const float* w = weight.contiguous().data_ptr<float>();
-  slipstream::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t)
-      rms_norm_row(x.data_ptr<float>() + t * x.stride(0), w, out.data_ptr<float>() + t * n, n, eps);
-  });
+  slipstream::rms_norm_rows(x.data_ptr<float>(), x.stride(0), weight.contiguous().data_ptr<float>(),
+                            out.data_ptr<float>(), T, n, eps);
   return out;
 }
 
@@ -59,38 +75,25 @@ at::Tensor add_rms_norm_(at::Tensor x, at::Tensor residual, at::Tensor weight, d
   check_rows(residual, "residual");
   const int64_t T = x.size(0), n = x.size(1);
   auto out = at::empty({T, n}, x.options());
-  const float* w = weight.contiguous().data_ptr<float>();
-  slipstream::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const float* xr = x.data_ptr<float>() + t * x.stride(0);
-      float* r = residual.data_ptr<float>() + t * residual.stride(0);
-      for (int64_t i = 0; i < n; ++i) r[i] = r[i] + xr[i];
-      rms_norm_row(r, w, out.data_ptr<float>() + t * n, n, eps);
-    }
-  });
+  slipstream::add_rms_norm_rows(x.data_ptr<float>(), x.stride(0), residual.data_ptr<float>(), residual.stride(0),
+                                weight.contiguous().data_ptr<float>(), out.data_ptr<float>(), T, n, eps);
   return out;
 }
 
 // Rotary embedding in place on q [T, H, D] and k [T, Hkv, D] (rows may be strided views of the
 // fused qkv output). cos/sin: [max_pos, D/2]. Interleaved rotates pairs (2i, 2i+1) (GPT-J style),
 // otherwise (i, i + D/2) (GPT-NeoX style).
-void rotary_(at::Tensor q, at::Tensor k, at::Tensor positions, at::Tensor cos, at::Tensor sin, bool interleaved) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && q.stride(2) == 1 &&
-              k.stride(2) == 1, "q and k must be float32 with contiguous heads");
-  positions = positions.to(at::kLong).contiguous();
-  cos = cos.contiguous();
-  sin = sin.contiguous();
-  const int64_t T = q.size(0), D = q.size(2), half = D / 2;
-  TORCH_CHECK(cos.size(1) == half && sin.size(1) == half, "the rotary tables must cover the whole head");
-  const int64_t* pos = positions.data_ptr<int64_t>();
+void slipstream::rotary_rows(float* q, int64_t ldq, int64_t H, float* k, int64_t ldk, int64_t Hkv, int64_t head_stride,
+                             int64_t D, const int64_t* positions, const float* cos, const float* sin, int64_t T,
+                             bool interleaved) {
+  const int64_t half = D / 2;
   slipstream::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const float* c = cos.data_ptr<float>() + pos[t] * half;
-      const float* s = sin.data_ptr<float>() + pos[t] * half;
-      for (const at::Tensor* x : {&q, &k}) {
-        float* base = x->data_ptr<float>() + t * x->stride(0);
-        for (int64_t h = 0; h < x->size(1); ++h) {
-          float* v = base + h * x->stride(1);
+      const float* c = cos + positions[t] * half;
+      const float* s = sin + positions[t] * half;
+      for (auto [base, heads] : {std::pair{q + t * ldq, H}, std::pair{k + t * ldk, Hkv}}) {
+        for (int64_t h = 0; h < heads; ++h) {
+          float* v = base + h * head_stride;
           for (int64_t i = 0; i < half; ++i) {
             float* a = interleaved ? v + 2 * i : v + i;
             float* bb = interleaved ? v + 2 * i + 1 : v + i + half;
@@ -104,16 +107,27 @@ void rotary_(at::Tensor q, at::Tensor k, at::Tensor positions, at::Tensor cos, a
   });
 }
 
+void rotary_(at::Tensor q, at::Tensor k, at::Tensor positions, at::Tensor cos, at::Tensor sin, bool interleaved) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && q.stride(2) == 1 &&
+              k.stride(2) == 1 && q.stride(1) == k.stride(1), "q and k must be float32 with contiguous heads");
+  positions = positions.to(at::kLong).contiguous();
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  const int64_t T = q.size(0), D = q.size(2);
+  TORCH_CHECK(cos.size(1) == D / 2 && sin.size(1) == D / 2, "the rotary tables must cover the whole head");
+  TORCH_CHECK(k.size(0) == T && k.size(2) == D && positions.numel() == T, "a position per row of q and k");
+  slipstream::rotary_rows(q.data_ptr<float>(), q.stride(0), q.size(1), k.data_ptr<float>(), k.stride(0), k.size(1),
+                          q.stride(1), D, positions.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(), T,
+                          interleaved);
+}
+
 // SwiGLU: gate_up [T, 2I] -> silu(gate) * up [T, I].
-at::Tensor silu_and_mul(at::Tensor gate_up) {
-  check_rows(gate_up, "gate_up");
-  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
-  auto out = at::empty({T, I}, gate_up.options());
+void slipstream::silu_and_mul_rows(const float* gate_up, int64_t ld, float* out, int64_t T, int64_t I) {
   slipstream::parallel_for(0, T, 4, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const float* g = gate_up.data_ptr<float>() + t * gate_up.stride(0);
+      const float* g = gate_up + t * ld;
       const float* u = g + I;
-      float* o = out.data_ptr<float>() + t * I;
+      float* o = out + t * I;
       const __m256 one = _mm256_set1_ps(1.0f);
       const int64_t i8 = I / 8 * 8;
       for (int64_t i = i8; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
@@ -124,6 +138,13 @@ at::Tensor silu_and_mul(at::Tensor gate_up) {
       }
     }
   });
+}
+
+at::Tensor silu_and_mul(at::Tensor gate_up) {
+  check_rows(gate_up, "gate_up");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto out = at::empty({T, I}, gate_up.options());
+  slipstream::silu_and_mul_rows(gate_up.data_ptr<float>(), gate_up.stride(0), out.data_ptr<float>(), T, I);
   return out;
 }
 
@@ -183,22 +204,11 @@ at::Tensor argmax_rows(at::Tensor x) {
 
 // Writes each new token's key and value [T, Hkv, D] into its cache slot (caches [blocks, Hkv, block size, row]:
 // model/kv_cache.py).
-void write_kv_cache(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots) {
+void slipstream::write_kv_rows(const float* k, const float* v, int64_t ld, int64_t T, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const int64_t* slots) {
   const auto type = k_cache.scalar_type();
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.scalar_type() == type &&
-              (type == at::kFloat || type == at::kHalf || type == at::kChar) && k.scalar_type() == at::kFloat &&
-              v.scalar_type() == at::kFloat, "float32 keys and values, contiguous float32, float16 or int8 caches");
-  slots = slots.to(at::kLong).contiguous();
-  const int64_t T = k.size(0), H = k.size(1), D = k.size(2);
-  TORCH_CHECK(slots.numel() == T && v.size(0) == T, "a cache slot per row of k and v");
-  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v must have contiguous heads");
-  TORCH_CHECK(type != at::kHalf || D % 8 == 0, "a float16 cache needs head_dim a multiple of 8");
-  const int64_t width = type == at::kChar ? slipstream::int8_row_width(D) : D;
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(1) == H && k_cache.size(3) == width,
-              "caches [blocks, k and v's heads, block size, a row of their head_dim]");
-  const int64_t block_size = k_cache.size(2);
-  const int64_t* sl = slots.data_ptr<int64_t>();
-  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const int64_t H = k_cache.size(1), block_size = k_cache.size(2), width = k_cache.size(3);
+  const int64_t D = type == at::kChar ? width - slipstream::INT8_ROW_SCALE_BYTES : width;
   const int64_t row_bytes = width * k_cache.element_size();
   auto* kc = static_cast<char*>(k_cache.data_ptr());
   auto* vc = static_cast<char*>(v_cache.data_ptr());
@@ -215,8 +225,27 @@ void write_kv_cache(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v
   };
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < H; ++h) {
-      const int64_t dst = ((sl[t] / block_size * H + h) * block_size + sl[t] % block_size) * row_bytes;
-      store(kp + t * k.stride(0) + h * k.stride(1), kc + dst);
-      store(vp + t * v.stride(0) + h * v.stride(1), vc + dst);
+      const int64_t dst = ((slots[t] / block_size * H + h) * block_size + slots[t] % block_size) * row_bytes;
+      store(k + t * ld + h * D, kc + dst);
+      store(v + t * ld + h * D, vc + dst);
     }
+}
+
+void write_kv_cache(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots) {
+  const auto type = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.scalar_type() == type &&
+              (type == at::kFloat || type == at::kHalf || type == at::kChar) && k.scalar_type() == at::kFloat &&
+              v.scalar_type() == at::kFloat, "float32 keys and values, contiguous float32, float16 or int8 caches");
+  slots = slots.to(at::kLong).contiguous();
+  const int64_t T = k.size(0), H = k.size(1), D = k.size(2);
+  TORCH_CHECK(slots.numel() == T && v.sizes() == k.sizes(), "a cache slot per row of k and v");
+  k = k.stride(2) == 1 && k.stride(1) == D ? k : k.contiguous();
+  v = v.stride(2) == 1 && v.stride(1) == D ? v : v.contiguous();
+  if (v.stride(0) != k.stride(0)) v = v.contiguous(), k = k.contiguous();
+  TORCH_CHECK(type != at::kHalf || D % 8 == 0, "a float16 cache needs head_dim a multiple of 8");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(1) == H &&
+              k_cache.size(3) == (type == at::kChar ? slipstream::int8_row_width(D) : D),
+              "caches [blocks, k and v's heads, block size, a row of their head_dim]");
+  slipstream::write_kv_rows(k.data_ptr<float>(), v.data_ptr<float>(), k.stride(0), T, k_cache, v_cache,
+                            slots.data_ptr<int64_t>());
 }

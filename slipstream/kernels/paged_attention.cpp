@@ -292,8 +292,8 @@ void attend(const float* q, const C* keys, const C* values, const int64_t* rows,
 // row three times; in packs, 16-21 % faster hot at 300 tokens, a w4a8 step at batch 2 1.04x, AMD EPYC Zen 4. A head's
 // arithmetic is the same in a pack as alone.)
 template <typename C>
-void decode(const float* qp, const C* kp, const C* vp, const int64_t* bt, const int64_t* lens, float* op, int64_t B,
-            int64_t H, int64_t D, int64_t bs, int64_t Hkv, int64_t W, float scale) {
+void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_t* bt, const int64_t* lens, float* op,
+            int64_t B, int64_t H, int64_t D, int64_t bs, int64_t Hkv, int64_t W, float scale) {
   const int64_t G = H / Hkv;
   const int64_t packs = B * Hkv >= 2 * slipstream::num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
   const int64_t pack_size = (G + packs - 1) / packs, width = row_width<C>(D), tasks = B * Hkv * packs;
@@ -331,17 +331,35 @@ void decode(const float* qp, const C* kp, const C* vp, const int64_t* bt, const 
         else ahead.rows.clear();
       }
       ahead.start_task(pack, packs, L);
-      const int64_t h0 = (group % Hkv) * G + pack * pack_size, first = (b * H + h0) * D;
+      const int64_t h0 = (group % Hkv) * G + pack * pack_size, first = (b * H + h0) * D, q_first = b * ldq + h0 * D;
       switch (std::min(pack_size, G - pack * pack_size)) {
-        case 1: attend<1>(qp + first, kp, vp, rows.data(), L, D, scale, scores, scratch, op + first, ahead); break;
-        case 2: attend<2>(qp + first, kp, vp, rows.data(), L, D, scale, scores, scratch, op + first, ahead); break;
-        default: attend<3>(qp + first, kp, vp, rows.data(), L, D, scale, scores, scratch, op + first, ahead); break;
+        case 1: attend<1>(qp + q_first, kp, vp, rows.data(), L, D, scale, scores, scratch, op + first, ahead); break;
+        case 2: attend<2>(qp + q_first, kp, vp, rows.data(), L, D, scale, scores, scratch, op + first, ahead); break;
+        default: attend<3>(qp + q_first, kp, vp, rows.data(), L, D, scale, scores, scratch, op + first, ahead); break;
       }
     }
   });
 }
 
 }  // namespace
+
+void slipstream::paged_attention_rows(const float* q, int64_t ldq, int64_t T, int64_t H, const at::Tensor& k_cache,
+                                      const at::Tensor& v_cache, const int64_t* block_tables, int64_t W,
+                                      const int64_t* context_lens, float* out, double scale) {
+  const auto type = k_cache.scalar_type();
+  const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2);  // (model/kv_cache.py)
+  const int64_t D = type == at::kChar ? k_cache.size(3) - slipstream::INT8_ROW_SCALE_BYTES : k_cache.size(3);
+  const float s = static_cast<float>(scale);
+  if (type == at::kFloat)
+    decode(q, ldq, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), block_tables, context_lens, out, T, H, D, bs,
+           Hkv, W, s);
+  else if (type == at::kHalf)
+    decode(q, ldq, k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), block_tables, context_lens, out, T, H,
+           D, bs, Hkv, W, s);
+  else
+    decode(q, ldq, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), block_tables, context_lens, out, T, H, D,
+           bs, Hkv, W, s);
+}
 
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                            at::Tensor block_tables, at::Tensor context_lens, double scale) {
@@ -356,24 +374,15 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   TORCH_CHECK(block_tables.size(0) == B && context_lens.numel() == B, "a block table and a length per query row");
   // (W: the tables' row stride; 0 where one table serves every row, a prompt chunk's expanded)
-  const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2), W = block_tables.stride(0);  // (model/kv_cache.py)
+  const int64_t Hkv = k_cache.size(1);
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads must be a multiple of the cache's KV heads");
   TORCH_CHECK(D % (cache_type == at::kChar ? 32 : 8) == 0, "head_dim must be a multiple of 8 (32 for an int8 cache)");
   TORCH_CHECK(k_cache.size(3) == (cache_type == at::kChar ? row_width<int8_t>(D) : D),
               "cache rows of another head_dim");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   auto out = at::empty_like(q);
-  const int64_t* bt = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  const float s = static_cast<float>(scale);
-  if (cache_type == at::kFloat)
-    decode(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt, lens,
-           out.data_ptr<float>(), B, H, D, bs, Hkv, W, s);
-  else if (cache_type == at::kHalf)
-    decode(q.data_ptr<float>(), k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), bt, lens,
-           out.data_ptr<float>(), B, H, D, bs, Hkv, W, s);
-  else
-    decode(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), bt, lens,
-           out.data_ptr<float>(), B, H, D, bs, Hkv, W, s);
+  slipstream::paged_attention_rows(q.data_ptr<float>(), H * D, B, H, k_cache, v_cache,
+                                   block_tables.data_ptr<int64_t>(), block_tables.stride(0),
+                                   context_lens.data_ptr<int64_t>(), out.data_ptr<float>(), scale);
   return out;
 }
