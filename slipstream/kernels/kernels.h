@@ -33,8 +33,8 @@ void add_rms_norm_rows(const float* x, int64_t ldx, float* residual, int64_t ldr
 void rotary_rows(float* q, int64_t ldq, int64_t H, float* k, int64_t ldk, int64_t Hkv, int64_t head_stride, int64_t D,
                  const int64_t* positions, const float* cos, const float* sin, int64_t T, bool interleaved);
 void silu_and_mul_rows(const float* gate_up, int64_t ld, float* out, int64_t T, int64_t I);
-// k and v rows [T, Hkv heads of D] with the same row stride; slots [T].
-void write_kv_rows(const float* k, const float* v, int64_t ld, int64_t T, const at::Tensor& k_cache,
+// k and v rows [T, Hkv heads of D]; slots [T].
+void write_kv_rows(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t T, const at::Tensor& k_cache,
                    const at::Tensor& v_cache, const int64_t* slots);
 // q rows [T, H heads of D] -> out [T, H, D]; block_tables [T, W] (W = 0: one table for every row), context_lens [T].
 void paged_attention_rows(const float* q, int64_t ldq, int64_t T, int64_t H, const at::Tensor& k_cache,

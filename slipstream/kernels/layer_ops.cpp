@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "kernels.h"
 #include "kv_rows.h"
@@ -117,8 +118,8 @@ void rotary_(at::Tensor q, at::Tensor k, at::Tensor positions, at::Tensor cos, a
   TORCH_CHECK(cos.size(1) == D / 2 && sin.size(1) == D / 2, "the rotary tables must cover the whole head");
   TORCH_CHECK(k.size(0) == T && k.size(2) == D && positions.numel() == T, "a position per row of q and k");
   slipstream::rotary_rows(q.data_ptr<float>(), q.stride(0), q.size(1), k.data_ptr<float>(), k.stride(0), k.size(1),
-                          q.stride(1), D, positions.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(), T,
-                          interleaved);
+                          q.stride(1), D, positions.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                          T, interleaved);
 }
 
 // SwiGLU: gate_up [T, 2I] -> silu(gate) * up [T, I].
@@ -204,8 +205,8 @@ at::Tensor argmax_rows(at::Tensor x) {
 
 // Writes each new token's key and value [T, Hkv, D] into its cache slot (caches [blocks, Hkv, block size, row]:
 // model/kv_cache.py).
-void slipstream::write_kv_rows(const float* k, const float* v, int64_t ld, int64_t T, const at::Tensor& k_cache,
-                               const at::Tensor& v_cache, const int64_t* slots) {
+void slipstream::write_kv_rows(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t T,
+                               const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* slots) {
   const auto type = k_cache.scalar_type();
   const int64_t H = k_cache.size(1), block_size = k_cache.size(2), width = k_cache.size(3);
   const int64_t D = type == at::kChar ? width - slipstream::INT8_ROW_SCALE_BYTES : width;
@@ -226,8 +227,8 @@ void slipstream::write_kv_rows(const float* k, const float* v, int64_t ld, int64
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < H; ++h) {
       const int64_t dst = ((slots[t] / block_size * H + h) * block_size + slots[t] % block_size) * row_bytes;
-      store(k + t * ld + h * D, kc + dst);
-      store(v + t * ld + h * D, vc + dst);
+      store(k + t * ldk + h * D, kc + dst);
+      store(v + t * ldv + h * D, vc + dst);
     }
 }
 
@@ -239,13 +240,13 @@ void write_kv_cache(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v
   slots = slots.to(at::kLong).contiguous();
   const int64_t T = k.size(0), H = k.size(1), D = k.size(2);
   TORCH_CHECK(slots.numel() == T && v.sizes() == k.sizes(), "a cache slot per row of k and v");
-  k = k.stride(2) == 1 && k.stride(1) == D ? k : k.contiguous();
-  v = v.stride(2) == 1 && v.stride(1) == D ? v : v.contiguous();
-  if (v.stride(0) != k.stride(0)) v = v.contiguous(), k = k.contiguous();
+  auto heads_in_a_row = [D](const at::Tensor& t) { return t.stride(2) == 1 && t.stride(1) == D ? t : t.contiguous(); };
+  k = heads_in_a_row(k);
+  v = heads_in_a_row(v);
   TORCH_CHECK(type != at::kHalf || D % 8 == 0, "a float16 cache needs head_dim a multiple of 8");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(1) == H &&
               k_cache.size(3) == (type == at::kChar ? slipstream::int8_row_width(D) : D),
               "caches [blocks, k and v's heads, block size, a row of their head_dim]");
-  slipstream::write_kv_rows(k.data_ptr<float>(), v.data_ptr<float>(), k.stride(0), T, k_cache, v_cache,
+  slipstream::write_kv_rows(k.data_ptr<float>(), k.stride(0), v.data_ptr<float>(), v.stride(0), T, k_cache, v_cache,
                             slots.data_ptr<int64_t>());
 }

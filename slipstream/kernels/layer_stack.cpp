@@ -159,7 +159,7 @@ class LayerStack {
       float *q = qkv, *k = qkv + q_size, *v = k + kv_size;
       rotary_rows(q, qkv_size, heads_, k, qkv_size, kv_heads_, head_dim_, head_dim_, r.positions,
                   cos_.data_ptr<float>(), sin_.data_ptr<float>(), T, interleaved_);
-      write_kv_rows(k, v, qkv_size, T, k_caches_[i], v_caches_[i], r.slots);
+      write_kv_rows(k, qkv_size, v, qkv_size, T, k_caches_[i], v_caches_[i], r.slots);
       paged_attention_rows(q, qkv_size, T, heads_, k_caches_[i], v_caches_[i], r.block_tables, r.table_stride,
                            r.context_lens, attn, scale_);
       run_linear(lin[1], attn, T, o, hidden_);
