@@ -48,7 +48,7 @@ class Team {
   static Team* leading() { return leader_; }
   int size() const { return size_; }
 
-  // f(b, e) over [begin, end) in the chunks at::parallel_for gives: at most one per thread, none under grain items.
+  // f(b, e) over [begin, end) in the chunks at::parallel_for gives: at most one a thread; all here for grain or fewer.
   template <typename F>
   void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
     const int64_t n = end - begin;
