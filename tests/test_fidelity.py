@@ -181,9 +181,9 @@ def test_the_compiled_layer_stack_computes_what_the_python_layers_do(llm_cold, p
         assert [t.logprob for t in a.outputs[0].logprobs] == [t.logprob for t in b.outputs[0].logprobs]
 
 
-def test_a_check_failing_inside_the_layer_stack_is_raised_and_the_next_step_runs(llm_cold, prompt_ids):
-    """The stack runs its layers with the compute threads as one team: a kernel's check that fails midway (here
-    write_kv_cache's, after the qkv matmul's parallel loop) reaches the caller, not a hang, and the next steps run."""
+def test_a_call_the_layer_stack_refuses_is_raised_and_the_next_step_runs(llm_cold, prompt_ids):
+    """A call the stack refuses (here one cache slot short of its rows) raises a clear error, not a crash or a
+    hang, and the next steps run as before."""
     model = llm_cold.engine.runner.model
     stack = model.layer_stack(1)
     if stack is None:

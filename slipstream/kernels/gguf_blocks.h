@@ -12,13 +12,12 @@
 // F16 / BF16 rows [N, 2 K bytes] (no scales) are a half-precision checkpoint's own weights, exact in float32.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-
-#include "team.h"
 
 namespace slipstream {
 
@@ -176,7 +175,7 @@ inline void for_row_pieces(int64_t M, Piece piece) {
 // piece of the M activation rows (for_row_pieces): the 16 weight rows stay in L1 while the pieces pass them.
 template <int MaxMM, typename Piece>
 inline void for_weight_tiles(int64_t M, int64_t N, Piece piece) {
-  slipstream::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n0 = begin; n0 < end; n0 += 16) {
       const int64_t n1 = std::min(n0 + 16, end);
       for_row_pieces<MaxMM>(M, [&](auto mm, int64_t m0) { piece(mm, m0, n0, n1); });

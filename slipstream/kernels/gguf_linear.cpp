@@ -5,6 +5,7 @@
 // the result equals x @ dequantize(W)^T up to summation order: the weights stay exactly what the
 // file holds, and only a quarter (Q4) or a half (Q8) of fp32's bytes cross the memory bus.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <array>
@@ -18,7 +19,6 @@
 #include "gguf_rows_avx512.h"
 #endif
 #include "kernels.h"
-#include "team.h"
 #include "vec.h"
 
 namespace {
@@ -315,7 +315,7 @@ at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, in
   const Weights w = check_weights(qs, scales, mins, qtype, K, layout);
   with_qtype(qtype, [&](auto type) {
     constexpr QType T = decltype(type)::value;
-    slipstream::parallel_for(0, qs.size(0), 16, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, qs.size(0), 16, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         if constexpr (high_bit_planes(T) == 1)
           if (layout == Layout::HighBitRows) {

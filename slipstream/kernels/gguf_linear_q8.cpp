@@ -13,6 +13,7 @@
 // and planes of high bits (rows interleaved by groups), Q8_0 as bytes, and the byte-per-weight form of Q5_0 / Q5_1 /
 // Q5_K / Q6_K (|q| <= 32, scales per 16 weights: gguf_blocks.h).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cstring>
@@ -24,7 +25,6 @@
 #include "gguf_q8_avx512.h"
 #endif
 #include "kernels.h"
-#include "team.h"
 #include "vec.h"
 
 namespace {
@@ -69,7 +69,7 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t nb = K / QK;
   QuantizedRows r{std::vector<int8_t>(M * K), std::vector<float>(M * (nb + 8)), std::vector<float>(M * (nb + 8)),
                   std::vector<float>(M * 2 * (nb + 8)), nb + 8};
-  slipstream::parallel_for(0, M * nb, 256, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, M * nb, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = i / nb, b = i % nb;
       quantize_block(x + i * QK, r.q.data() + i * QK, &r.scale[m * r.stride + b], &r.sum[m * r.stride + b],
@@ -323,7 +323,7 @@ void q4x8_group_tile(const QuantizedRows& xq, int64_t m0, int64_t rows, Weights 
 template <QType T, int G>
 void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   const QuantizedRows xq = quantize_rows(x, M, K);
-  slipstream::parallel_for(0, N / G, 16 / G, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N / G, 16 / G, [&](int64_t begin, int64_t end) {
     // 16 weight rows at a time stay in L1 while the pieces of 64 activation rows (in L2) pass them.
     // Without the 64-row chunks a prompt's 2048 rows (1.2 MB at K = 576) came from L3 for every 16
     // weight rows: 15 % slower.
@@ -366,7 +366,7 @@ void q8_0_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int
   const QuantizedRows xq = quantize_rows(x, M, K);
   std::vector<uint8_t> xu(xq.q.size());
   for (size_t i = 0; i < xu.size(); ++i) xu[i] = static_cast<uint8_t>(xq.q[i]) ^ 0x80;
-  slipstream::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
     for (int64_t mc = 0; mc < M; mc += 64)  // (as q4_groups_linear_impl: a group's 16 rows stay in L1)
       for (int64_t g = begin; g < end; ++g)
         for_row_pieces<8>(std::min<int64_t>(64, M - mc), [&](auto mm, int64_t m0) {

@@ -2,6 +2,7 @@
 // ops PyTorch would run (at batch 1 the chain's per-op overhead costs more than the arithmetic).
 // Same float32 formulas as the reference (transformers), row by row.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
@@ -10,7 +11,6 @@
 
 #include "kernels.h"
 #include "kv_rows.h"
-#include "team.h"
 #include "vec.h"
 
 namespace {
@@ -44,14 +44,14 @@ inline void rms_norm_row(const float* x, const float* w, float* out, int64_t n, 
 
 void slipstream::rms_norm_rows(const float* x, int64_t ldx, const float* w, float* out, int64_t T, int64_t n,
                                float eps) {
-  slipstream::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) rms_norm_row(x + t * ldx, w, out + t * n, n, eps);
   });
 }
 
 void slipstream::add_rms_norm_rows(const float* x, int64_t ldx, float* residual, int64_t ldr, const float* w,
                                    float* out, int64_t T, int64_t n, float eps) {
-  slipstream::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const float* xr = x + t * ldx;
       float* r = residual + t * ldr;
@@ -88,7 +88,7 @@ void slipstream::rotary_rows(float* q, int64_t ldq, int64_t H, float* k, int64_t
                              int64_t D, const int64_t* positions, const float* cos, const float* sin, int64_t T,
                              bool interleaved) {
   const int64_t half = D / 2;
-  slipstream::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const float* c = cos + positions[t] * half;
       const float* s = sin + positions[t] * half;
@@ -124,7 +124,7 @@ void rotary_(at::Tensor q, at::Tensor k, at::Tensor positions, at::Tensor cos, a
 
 // SwiGLU: gate_up [T, 2I] -> silu(gate) * up [T, I].
 void slipstream::silu_and_mul_rows(const float* gate_up, int64_t ld, float* out, int64_t T, int64_t I) {
-  slipstream::parallel_for(0, T, 4, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, T, 4, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const float* g = gate_up + t * ld;
       const float* u = g + I;
@@ -157,7 +157,7 @@ at::Tensor argmax_rows(at::Tensor x) {
   const int64_t T = x.size(0), V = x.size(1);
   TORCH_CHECK(V > 0 && V < (int64_t{1} << 31), "rows of 1 to 2^31 - 1 values");
   auto out = at::empty({T}, x.options().dtype(at::kLong));
-  slipstream::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const float* row = x.data_ptr<float>() + t * x.stride(0);
       const int64_t v8 = V / 8 * 8;

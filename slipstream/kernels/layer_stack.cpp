@@ -6,9 +6,9 @@
 // order, so the results are identical; the model falls back to its Python layers for anything else (matmuls that
 // take dense weights at this row count, biases, q/k norms, tensor parallelism).
 // The weights, caches and rotary tables are checked once, here; a call checks its inputs, takes one buffer for its
-// intermediate rows, then runs the layers on raw rows with the compute threads as one team (team.h). Through the
-// tensor entry points, each taking its tensors apart, checking them and allocating its output, the layers of a
-// decode step at batch 1 spent ~1 ms of their ~4.5 outside the kernels' loops (AMD EPYC Zen 3, w4a8).
+// intermediate rows, then runs the layers on raw rows. Through the tensor entry points, each taking its tensors
+// apart, checking them and allocating its output, the layers of a decode step at batch 1 spent ~1 ms of their ~4.5
+// outside the kernels' loops, OpenMP's fork / join included (AMD EPYC Zen 3, w4a8).
 #include <torch/extension.h>
 
 #include <cstring>
@@ -16,7 +16,6 @@
 
 #include "kernels.h"
 #include "kv_rows.h"
-#include "team.h"
 
 namespace {
 
@@ -127,7 +126,7 @@ class LayerStack {
     at::Tensor work = at::empty({T * (2 * hidden_ + qkv_size + q_size + 3 * intermediate_)}, x.options());
     const Rows rows{T, positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(),
                     block_tables.stride(0), context_lens.data_ptr<int64_t>()};
-    slipstream::Team::run([&] { layers(rows, x.data_ptr<float>(), out.data_ptr<float>(), work.data_ptr<float>()); });
+    layers(rows, x.data_ptr<float>(), out.data_ptr<float>(), work.data_ptr<float>());
     return {out, x};
   }
 

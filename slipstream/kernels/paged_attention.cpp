@@ -10,6 +10,7 @@
 // Packs of SmolLM2's 3 heads against one head a task (AMD EPYC Zen 4, 2 threads, batch 32, 164-token contexts):
 // 249 -> 172 us a layer with the cache hot, 455 -> 396 us cold; a w4a8 decode step at batch 32 42 -> 36.5 ms.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
@@ -19,7 +20,6 @@
 
 #include "kernels.h"
 #include "kv_rows.h"
-#include "team.h"
 #include "vec.h"
 
 namespace {
@@ -295,19 +295,19 @@ template <typename C>
 void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_t* bt, const int64_t* lens, float* op,
             int64_t B, int64_t H, int64_t D, int64_t bs, int64_t Hkv, int64_t W, float scale) {
   const int64_t G = H / Hkv;
-  const int64_t packs = B * Hkv >= 2 * slipstream::num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
+  const int64_t packs = B * Hkv >= 2 * at::get_num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
   const int64_t pack_size = (G + packs - 1) / packs, width = row_width<C>(D), tasks = B * Hkv * packs;
   // Each thread takes a run of tasks with its share of the work (a task costs its context length and a fixed part),
   // not of the tasks: a prompt's rows attend to 1, 2, ... n tokens, and an even split of them left one thread 3/4 of
   // the work.
   std::vector<int64_t> work_before(tasks + 1, 0);  // the cost of tasks [0, i)
   for (int64_t task = 0; task < tasks; ++task) work_before[task + 1] = work_before[task] + lens[task / packs / Hkv] + 16;
-  const int64_t shares = std::min<int64_t>(slipstream::num_threads(), tasks);
+  const int64_t shares = std::min<int64_t>(at::get_num_threads(), tasks);
   auto share_start = [&](int64_t i) {
     return std::lower_bound(work_before.begin(), work_before.end(), work_before[tasks] * i / shares) -
            work_before.begin();
   };
-  slipstream::parallel_for(0, shares, 1, [&](int64_t share_begin, int64_t share_end) {
+  at::parallel_for(0, shares, 1, [&](int64_t share_begin, int64_t share_end) {
     const int64_t begin = share_start(share_begin), end = share_start(share_end);
     if (begin >= end) return;
     std::vector<float> scores;
