@@ -12,6 +12,8 @@ namespace slipstream {
 constexpr int64_t INT8_ROW_SCALE_BYTES = 4;
 
 constexpr int64_t int8_row_width(int64_t D) { return D + INT8_ROW_SCALE_BYTES; }
+// The head_dim of a cache row `width` elements wide (an int8 row's last bytes are its scale).
+constexpr int64_t row_head_dim(int64_t width, bool int8) { return int8 ? width - INT8_ROW_SCALE_BYTES : width; }
 
 // x[0:D] rounded to int8 into out: each value times 127 / the largest magnitude (0 for a row of zeros), half to even,
 // with kv_cache.encode's float32 operations (bitwise its result). Returns the scale (largest / 127) that gives the

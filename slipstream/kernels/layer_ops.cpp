@@ -209,7 +209,7 @@ void slipstream::write_kv_rows(const float* k, int64_t ldk, const float* v, int6
                                const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* slots) {
   const auto type = k_cache.scalar_type();
   const int64_t H = k_cache.size(1), block_size = k_cache.size(2), width = k_cache.size(3);
-  const int64_t D = type == at::kChar ? width - slipstream::INT8_ROW_SCALE_BYTES : width;
+  const int64_t D = slipstream::row_head_dim(width, type == at::kChar);
   const int64_t row_bytes = width * k_cache.element_size();
   auto* kc = static_cast<char*>(k_cache.data_ptr());
   auto* vc = static_cast<char*>(v_cache.data_ptr());

@@ -348,7 +348,7 @@ void slipstream::paged_attention_rows(const float* q, int64_t ldq, int64_t T, in
                                       const int64_t* context_lens, float* out, double scale) {
   const auto type = k_cache.scalar_type();
   const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2);  // (model/kv_cache.py)
-  const int64_t D = type == at::kChar ? k_cache.size(3) - slipstream::INT8_ROW_SCALE_BYTES : k_cache.size(3);
+  const int64_t D = slipstream::row_head_dim(k_cache.size(3), type == at::kChar);
   const float s = static_cast<float>(scale);
   if (type == at::kFloat)
     decode(q, ldq, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), block_tables, context_lens, out, T, H, D, bs,
