@@ -27,12 +27,15 @@ class SpeculativeConfig:
     guess (their draws stay independent of what else runs)."""
 
     method: str = "ngram"
-    # Tokens guessed per step, at most. 2 measured best on the benchmark's prompts (w4a8 at batch 1, 128 greedy
-    # tokens after ~100 of random words, AMD EPYC Zen 4): 1.14-1.29x plain decoding, 3 and 4 less (each row costs
-    # ~5 % of a step, mostly attention's, and later guesses are taken less often).
-    num_speculative_tokens: int = 2
+    # Tokens guessed per step, at most, and the n-grams looked up. On the benchmark's prompts (w4a8, 128 greedy tokens
+    # after ~100 of random words) a guess from a 3-token match held its first token 83 % of the time and all four 54 %,
+    # one from a 1-token match its first only 16 %: guessing 3 from matches of 2 or 3 tokens was 1.075x the former
+    # default (2 guessed from matches of 1-3 tokens) at batch 1, 6 of 6 rounds, and the same at batch 2 (AMD EPYC Zen 3,
+    # AVX2; the former default was 1.14-1.29x plain decoding on Zen 4). 4 guesses would make 5 rows a step, past the
+    # block kernels' 4-row pieces (a second pass over the weights).
+    num_speculative_tokens: int = 3
     prompt_lookup_max: int = 3  # longest n-gram looked up (tried first)
-    prompt_lookup_min: int = 1  # shortest
+    prompt_lookup_min: int = 2  # shortest (lowered to prompt_lookup_max where only that is given below it)
     # Guess only while at most this many sequences run: larger batches are bound by arithmetic, not by reading the
     # weights, and checking guesses costs as much as they save there (w4a8 + int8 cache, 12 of the benchmark's
     # prompts B at a time, AMD EPYC Zen 4: 1.39-1.59x plain decoding at B = 1, 1.13-1.18x at 2, 0.98-1.12x at 3,
@@ -56,6 +59,9 @@ class SpeculativeConfig:
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(values) - known):
             raise ValueError(f"speculative_config: unknown keys {unknown}; known: {sorted(known)}")
+        lookup_max = values.get("prompt_lookup_max")
+        if "prompt_lookup_min" not in values and isinstance(lookup_max, int) and lookup_max < cls.prompt_lookup_min:
+            values = values | {"prompt_lookup_min": lookup_max}
         return cls(**values)
 
 

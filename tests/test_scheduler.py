@@ -106,7 +106,7 @@ def tiny_llm(llm_fp32) -> LLM:
 def tiny_guessing_llm(llm_fp32) -> LLM:
     """tiny_llm with n-gram speculation at any batch size: guesses compete for the few blocks too."""
     return tiny_pool(llm_fp32, speculative_config={"method": "ngram", "num_speculative_tokens": 4,
-                                                   "disable_by_batch_size": 8})
+                                                   "prompt_lookup_min": 1, "disable_by_batch_size": 8})
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,9 @@ def test_bad_configs_are_refused_with_the_key_named():
         SpeculativeConfig.from_dict({"num_spec_tokens": 2})
     with pytest.raises(ValueError, match="prompt_lookup_min"):
         SpeculativeConfig.from_dict({"prompt_lookup_max": 1, "prompt_lookup_min": 2})
+    # Only a longest n-gram below the default shortest: the shortest follows it (as vLLM's does) instead of refusing.
+    only_max = SpeculativeConfig.from_dict({"prompt_lookup_max": 1})
+    assert (only_max.prompt_lookup_max, only_max.prompt_lookup_min) == (1, 1)
     done = subprocess.run([sys.executable, "-m", "slipstream.entrypoints.openai.api_server", "--speculative-config",
                            '{"method": "ngram", "num_speculative_tokens": -1}'], capture_output=True, text=True)
     assert done.returncode == 2 and "num_speculative_tokens must be a positive integer" in done.stderr
@@ -179,7 +182,8 @@ def test_a_served_greedy_chat_is_the_same_with_speculation():
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected.text
         counts = metrics(server.url)
         accepted = counts["slipstream:spec_decode_num_accepted_tokens_total"]
-        assert counts["slipstream:spec_decode_num_draft_tokens_total"] > accepted > 0
+        # (every guess may stand here: rejections are tested in-process)
+        assert counts["slipstream:spec_decode_num_draft_tokens_total"] >= accepted > 0
         # the dashboard's stats say the same
         assert httpx.get(f"{server.url}/v1/engine/stats").json()["speculation"] == {
             "checked_tokens": counts["slipstream:spec_decode_num_draft_tokens_total"], "accepted_tokens": accepted}
