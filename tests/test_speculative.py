@@ -21,6 +21,7 @@ from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.ngram_proposer import NgramProposer
 from slipstream.engine.scheduler import Scheduler
 from slipstream.engine.sequence import Sequence
+from slipstream.entrypoints.openai.args import speculative_config
 from slipstream.kernels import kernels
 
 # Prompts whose greedy answers repeat what they were given, so that guesses are made and taken.
@@ -187,3 +188,19 @@ def test_a_served_greedy_chat_is_the_same_with_speculation():
         # the dashboard's stats say the same
         assert httpx.get(f"{server.url}/v1/engine/stats").json()["speculation"] == {
             "checked_tokens": counts["slipstream:spec_decode_num_draft_tokens_total"], "accepted_tokens": accepted}
+
+
+@pytest.mark.skipif(kernels().ops is None, reason="guessing by default needs the compiled CPU block kernels")
+def test_the_server_guesses_by_default_for_a_lone_sequence_and_its_answer_stays_the_reference():
+    """Without --speculative-config the server guesses at batch 1 (exact mode, one rank's CPU kernels: a guessed
+    row is summed as a lone row is), and gives plain decoding's greedy answer; null turns guessing off."""
+    messages = [{"role": "user", "content": REPEATING[1]}]
+    plain = LLM(kv_cache_memory=64 << 20)
+    expected = plain.chat([messages], SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
+    plain.engine.shutdown()
+    assert speculative_config("null") is None and speculative_config("auto") == "auto"
+    with running_server() as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model="default", messages=messages, temperature=0, max_tokens=40)
+        assert answer.choices[0].message.content == expected.text
+        assert metrics(server.url)["slipstream:spec_decode_num_accepted_tokens_total"] > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from slipstream.config import EngineConfig
+from slipstream.config import EngineConfig, SpeculativeConfig
 from slipstream.engine.block_manager import BlockManager
 from slipstream.engine.ngram_proposer import NgramProposer
 from slipstream.engine.output_processor import OutputProcessor, RequestOutput
@@ -112,7 +112,16 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill, self.structured_output.can_sample)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
-        self.proposer = NgramProposer(config.speculative_config) if config.speculative_config else None
+        self.speculation = config.speculative_config
+        if self.speculation == "auto":
+            # Guessing changes no output where each row's products are summed as a lone row's are: one rank's CPU
+            # block kernels (a dense GEMM may sum 4 rows in another order than 1).
+            model = self.runner.model
+            matmuls = [*model.linear_layers(), model.lm_head]
+            blocks = all(getattr(lin, "gguf_parts", None) is not None for lin in matmuls)
+            rows_independent = self.runner.device.type == "cpu" and config.tensor_parallel_size == 1 and blocks
+            self.speculation = SpeculativeConfig.for_a_lone_sequence() if rows_independent else None
+        self.proposer = NgramProposer(self.speculation) if self.speculation else None
         self.num_draft_tokens = self.num_accepted_tokens = 0  # guesses checked, and agreed with
         self.recorder = EngineRecorder(config.recorder_keeps_prompts) if config.enable_recorder else None
         self.seqs: dict[str, Sequence] = {}
@@ -123,10 +132,14 @@ class LLMEngine:
         # "float32 w4a8", ...
         self.numerics = " ".join(filter(None, [self.runner.numerics(), config.quantization]))
         kernel_note = f", CPU kernels {kernels().describe()}" if self.runner.device.type == "cpu" else ""
+        spec = self.speculation
+        spec_note = (f", n-gram speculation ({spec.num_speculative_tokens} tokens at batch <= "
+                     f"{spec.disable_by_batch_size})" if spec else "")
         logger.info(
-            "loaded %s: %s%s on %s (%d threads), %d KV blocks x %d tokens (%.0f MiB), max model len %d, in %.1f s",
+            "loaded %s: %s%s on %s (%d threads), %d KV blocks x %d tokens (%.0f MiB), max model len %d%s, in %.1f s",
             self.model_dir, self.numerics, kernel_note, self.runner.device, torch.get_num_threads(),
-            self.runner.num_blocks, bs, self.runner.kv_cache_bytes / 2**20, self.max_model_len, self.load_seconds,
+            self.runner.num_blocks, bs, self.runner.kv_cache_bytes / 2**20, self.max_model_len, spec_note,
+            self.load_seconds,
         )
 
     def _start_tensor_parallel(self) -> WorkerGroup:
@@ -292,7 +305,7 @@ class LLMEngine:
     def _guess_next_tokens(self) -> None:
         """N-gram speculation: each running sequence's guesses for its next step, while the batch is small."""
         running = self.scheduler.running
-        small = len(running) <= self.config.speculative_config.disable_by_batch_size
+        small = len(running) <= self.speculation.disable_by_batch_size
         for seq in running:
             seq.draft_token_ids = self.proposer.propose(seq, self._guess_limit(seq)) if small else []
 

@@ -46,7 +46,9 @@ def _bounded(kind: type, low: float | None = None, high: float | None = None):
     return parse
 
 
-def speculative_config(text: str) -> SpeculativeConfig:
+def speculative_config(text: str) -> SpeculativeConfig | str | None:
+    if text.strip() in ("auto", "null"):  # (null: no speculation)
+        return text.strip() if text.strip() == "auto" else None
     try:
         return SpeculativeConfig.from_dict(json.loads(text))
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
@@ -101,11 +103,12 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "does): faster on CPU, no longer token-for-token equal to the reference. wint8 / wint4 (weight_only_int8 / "
         "_int4): round each linear layer's weights to 8 / 4 bits in blocks of 32 at load, activations stay float32: "
         "less memory (default: exact)")
-    add("--speculative-config", type=speculative_config, default=None,
-        help="vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 2, \"prompt_lookup_max\": 3, "
-        "\"prompt_lookup_min\": 1, \"disable_by_batch_size\": 2}: requests guess their next tokens from their own "
+    add("--speculative-config", type=speculative_config, default="auto",
+        help="vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 3, \"prompt_lookup_max\": 3, "
+        "\"prompt_lookup_min\": 2, \"disable_by_batch_size\": 2}: requests guess their next tokens from their own "
         "context and check the guesses in the same step (the same greedy output, sampled draws of the same "
-        "distribution, fewer steps at small batches)")
+        "distribution, fewer steps at small batches); null: no guessing. Default: auto, the defaults while one "
+        "sequence runs, on one rank's CPU kernels (where guessing changes no output)")
     add("--cpu-threads", type=pos_int, default=None,
         help="compute threads (split among tensor-parallel ranks); default: $OMP_NUM_THREADS if set, else the "
         "cores this process may run on")
