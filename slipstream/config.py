@@ -102,7 +102,7 @@ class EngineConfig:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None  # None: a free port (single node only)
     # None: no speculation; "auto" (the server's default): SpeculativeConfig.for_a_lone_sequence() where it changes
-    # no output (one rank, CPU kernels), else none.
+    # no output (one rank, every matmul on the CPU block kernels: LLMEngine decides), else none.
     speculative_config: SpeculativeConfig | dict | str | None = None
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from slipstream.engine.scheduler import Scheduler
 from slipstream.engine.sequence import Sequence
 from slipstream.engine.structured_output import StructuredOutputManager
 from slipstream.kernels import kernels
+from slipstream.model.layers import LinearBase, ParallelLMHead
 from slipstream.model.llama import ModelArgs, attention_window, check_tp_compatible
 from slipstream.model.loader import hf_directory, load_config, load_tokenizer
 from slipstream.model.parallel import init_distributed
@@ -116,9 +117,8 @@ class LLMEngine:
         if self.speculation == "auto":
             # Guessing changes no output where each row's products are summed as a lone row's are: one rank's CPU
             # block kernels (a dense GEMM may sum 4 rows in another order than 1).
-            model = self.runner.model
-            matmuls = [*model.linear_layers(), model.lm_head]
-            blocks = all(getattr(lin, "gguf_parts", None) is not None for lin in matmuls)
+            matmuls = [m for m in self.runner.model.modules() if isinstance(m, LinearBase | ParallelLMHead)]
+            blocks = bool(matmuls) and all(getattr(m, "gguf_parts", None) is not None for m in matmuls)
             rows_independent = self.runner.device.type == "cpu" and config.tensor_parallel_size == 1 and blocks
             self.speculation = SpeculativeConfig.for_a_lone_sequence() if rows_independent else None
         self.proposer = NgramProposer(self.speculation) if self.speculation else None

@@ -47,8 +47,10 @@ def _bounded(kind: type, low: float | None = None, high: float | None = None):
 
 
 def speculative_config(text: str) -> SpeculativeConfig | str | None:
-    if text.strip() in ("auto", "null"):  # (null: no speculation)
-        return text.strip() if text.strip() == "auto" else None
+    if text.strip() == "auto":
+        return "auto"
+    if text.strip() == "null":  # no speculation
+        return None
     try:
         return SpeculativeConfig.from_dict(json.loads(text))
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
