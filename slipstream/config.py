@@ -53,13 +53,6 @@ class SpeculativeConfig:
             raise ValueError("speculative_config: prompt_lookup_min must not exceed prompt_lookup_max")
 
     @classmethod
-    def for_a_lone_sequence(cls) -> SpeculativeConfig:
-        """What the server guesses without --speculative-config: the defaults, for one running sequence only. Exact
-        mode's rows cost more than w4a8's: alternated in-process on the benchmark's chat prompts (AMD EPYC Zen 3,
-        AVX2), guessing made it 1.16x at batch 1 (4 of 4 rounds) and 0.93x at batch 2."""
-        return cls(disable_by_batch_size=1)
-
-    @classmethod
     def from_dict(cls, values: dict) -> SpeculativeConfig:
         if not isinstance(values, dict):
             raise ValueError("speculative_config must be a JSON object, e.g. {\"method\": \"ngram\"}")
@@ -101,8 +94,8 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int | None = None  # None: a free port (single node only)
-    # None: no speculation; "auto" (the server's default): SpeculativeConfig.for_a_lone_sequence() where it changes
-    # no output (one rank, every matmul on the CPU block kernels: LLMEngine decides), else none.
+    # None: no speculation; "auto" (the server's default): the defaults while one sequence runs, where guessing
+    # changes no output (one rank, every matmul on the CPU block kernels: LLMEngine decides), else none.
     speculative_config: SpeculativeConfig | dict | str | None = None
 
     def __post_init__(self) -> None:

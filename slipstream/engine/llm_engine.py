@@ -116,11 +116,13 @@ class LLMEngine:
         self.speculation = config.speculative_config
         if self.speculation == "auto":
             # Guessing changes no output where each row's products are summed as a lone row's are: one rank's CPU
-            # block kernels (a dense GEMM may sum 4 rows in another order than 1).
+            # block kernels (a dense GEMM may sum 4 rows in another order than 1). One sequence only: exact mode's
+            # rows cost more than w4a8's (alternated in-process on the benchmark's chat prompts, AMD EPYC Zen 3, AVX2:
+            # 1.16x at batch 1, 4 of 4 rounds; 0.93x at batch 2).
             matmuls = [m for m in self.runner.model.modules() if isinstance(m, LinearBase | ParallelLMHead)]
             blocks = bool(matmuls) and all(getattr(m, "gguf_parts", None) is not None for m in matmuls)
             rows_independent = self.runner.device.type == "cpu" and config.tensor_parallel_size == 1 and blocks
-            self.speculation = SpeculativeConfig.for_a_lone_sequence() if rows_independent else None
+            self.speculation = SpeculativeConfig(disable_by_batch_size=1) if rows_independent else None
         self.proposer = NgramProposer(self.speculation) if self.speculation else None
         self.num_draft_tokens = self.num_accepted_tokens = 0  # guesses checked, and agreed with
         self.recorder = EngineRecorder(config.recorder_keeps_prompts) if config.enable_recorder else None
