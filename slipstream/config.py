@@ -41,6 +41,12 @@ class SpeculativeConfig:
     # prompts B at a time, AMD EPYC Zen 4: 1.39-1.59x plain decoding at B = 1, 1.13-1.18x at 2, 0.98-1.12x at 3,
     # 0.96-0.99x at 4).
     disable_by_batch_size: int = 2
+    # Where a sequence's own context holds no match, the outputs of this many recently finished requests are looked
+    # up too (0: its own context only, as vLLM's ngram). Replayed over 24 of the benchmark's chat prompts (exact mode,
+    # 128 greedy tokens each, one after another): 1.79 tokens a step against 1.35 from their own contexts alone
+    # (1.63 where only the last 9 outputs are kept), the chat model's "I'm sorry for any confusion, but as a ..."
+    # answers repeating each other's phrases.
+    lookup_recent_outputs: int = 32
 
     def __post_init__(self) -> None:
         if self.method != "ngram":
@@ -49,6 +55,9 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"speculative_config: {name} must be a positive integer, not {value!r}")
+        value = self.lookup_recent_outputs
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"speculative_config: lookup_recent_outputs must be a non-negative integer, not {value!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("speculative_config: prompt_lookup_min must not exceed prompt_lookup_max")
 

@@ -51,6 +51,31 @@ def test_a_guess_is_what_followed_the_last_earlier_occurrence_of_the_longest_suf
     assert p.propose(seq, limit=0) == []
 
 
+def finished(request_id: str, prompt: list[int], output: list[int]) -> Sequence:
+    seq = Sequence(request_id, prompt, SamplingParams())
+    seq.token_ids += output
+    return seq
+
+
+def test_where_its_own_context_holds_no_match_a_sequence_guesses_from_the_latest_finished_outputs():
+    p = proposer(num_speculative_tokens=3, lookup_recent_outputs=2)
+    p.finish(finished("a", [1, 2, 3], [4, 5, 6, 7, 8, 9]))
+    seq = Sequence("b", [20, 5, 6], SamplingParams())
+    assert p.propose(seq, limit=10) == [7, 8, 9]  # [5, 6] came before 7, 8, 9 in a's output
+    assert p.propose(Sequence("c", [20, 2, 3], SamplingParams()), limit=10) == []  # a's prompt is not looked up
+    seq.token_ids += [5, 6]  # its own context's match comes first: [5, 6] came before 5 in it
+    assert p.propose(seq, limit=10) == [5, 6]
+    p.finish(finished("d", [1], [30, 5, 6, 31, 32]))
+    assert p.propose(Sequence("e", [20, 5, 6], SamplingParams()), limit=2) == [31, 32]  # the latest output first
+    # ... unless an earlier one matches longer: [4, 5, 6] is in a's only
+    assert p.propose(Sequence("f", [20, 4, 5, 6], SamplingParams()), limit=2) == [7, 8]
+    p.finish(finished("g", [1], [40, 41]))  # two outputs kept: a's goes
+    assert p.propose(Sequence("h", [20, 4, 5, 6], SamplingParams()), limit=2) == [31, 32]
+    alone = proposer(lookup_recent_outputs=0)
+    alone.finish(finished("a", [1, 2, 3], [4, 5, 6, 7, 8, 9]))
+    assert alone.propose(Sequence("b", [20, 5, 6], SamplingParams()), limit=10) == []
+
+
 def test_bad_configs_are_refused_with_the_key_named():
     with pytest.raises(ValueError, match="method"):
         SpeculativeConfig.from_dict({"method": "eagle"})
@@ -60,6 +85,8 @@ def test_bad_configs_are_refused_with_the_key_named():
         SpeculativeConfig.from_dict({"num_spec_tokens": 2})
     with pytest.raises(ValueError, match="prompt_lookup_min"):
         SpeculativeConfig.from_dict({"prompt_lookup_max": 1, "prompt_lookup_min": 2})
+    with pytest.raises(ValueError, match="lookup_recent_outputs"):
+        SpeculativeConfig.from_dict({"lookup_recent_outputs": -1})
     # Only a longest n-gram below the default shortest: the shortest follows it (as vLLM's does) instead of refusing.
     only_max = SpeculativeConfig.from_dict({"prompt_lookup_max": 1})
     assert (only_max.prompt_lookup_max, only_max.prompt_lookup_min) == (1, 1)
@@ -121,6 +148,7 @@ def test_speculation_gives_the_tokens_and_logprobs_of_plain_decoding_in_fewer_st
     alone = [results(plain, [p], greedy)[0] for p in REPEATING]
     stopped = results(plain, [REPEATING[0]], cut)[0]
     drawn = results(plain, [OTHER], seeded)[0]
+    other = results(plain, [OTHER], greedy)[0]
     plain.engine.shutdown()
 
     spec = LLM(kv_cache_memory=64 << 20, quantization=quantization, speculative_config=SPEC)
@@ -143,6 +171,13 @@ def test_speculation_gives_the_tokens_and_logprobs_of_plain_decoding_in_fewer_st
     assert steps == sum(len(tokens) for tokens, _, _ in alone) - engine.num_accepted_tokens
     assert results(spec, [REPEATING[0]], cut)[0] == stopped
     assert stopped[2] == "stop" and len(stopped[0]) < len(alone[0][0])
+    # a request whose own context predicts little guesses from the answers before it: asked again, most of its
+    # tokens are guessed from its last answer, and the answer stays plain decoding's
+    accepted = engine.num_accepted_tokens
+    assert results(spec, [OTHER], greedy)[0] == other
+    first_time = engine.num_accepted_tokens - accepted
+    assert results(spec, [OTHER], greedy)[0] == other
+    assert engine.num_accepted_tokens - accepted - first_time > max(first_time, len(other[0]) // 2)
     if quantization:  # batched with each other and a sampled request
         accepted = engine.num_accepted_tokens
         assert results(spec, [*REPEATING, OTHER], [greedy, greedy, seeded]) == [*alone, drawn]

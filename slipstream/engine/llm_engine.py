@@ -215,7 +215,7 @@ class LLMEngine:
         self.reasoning.pop(request_id, None)
         self.structured_output.remove(seq)
         if self.proposer is not None:
-            self.proposer.remove(request_id)
+            self.proposer.finish(seq)
         if self.recorder is not None:
             self.recorder.finish(seq, time.monotonic(), reason)
         return self.output_processor.abort(seq, reason)
@@ -299,7 +299,7 @@ class LLMEngine:
                 self.reasoning.pop(s.seq.request_id, None)
                 self.structured_output.remove(s.seq)
                 if self.proposer is not None:
-                    self.proposer.remove(s.seq.request_id)
+                    self.proposer.finish(s.seq)
         if self.proposer is not None:
             self._guess_next_tokens()
         return outputs

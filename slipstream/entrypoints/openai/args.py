@@ -107,8 +107,9 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "less memory (default: exact)")
     add("--speculative-config", type=speculative_config, default="auto",
         help="vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 3, \"prompt_lookup_max\": 3, "
-        "\"prompt_lookup_min\": 2, \"disable_by_batch_size\": 2}: requests guess their next tokens from their own "
-        "context and check the guesses in the same step (the same greedy output, sampled draws of the same "
+        "\"prompt_lookup_min\": 2, \"disable_by_batch_size\": 2, \"lookup_recent_outputs\": 32}: requests guess "
+        "their next tokens from their own context (else from the last finished requests' outputs) and check the "
+        "guesses in the same step (the same greedy output, sampled draws of the same "
         "distribution, fewer steps at small batches); null: no guessing. Default: auto, the defaults while one "
         "sequence runs, on one rank's CPU kernels (where guessing changes no output)")
     add("--cpu-threads", type=pos_int, default=None,
