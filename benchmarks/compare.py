@@ -4,7 +4,8 @@
 For each server: `benchmarks/peers/<name>.sh serve PORT` starts it on 127.0.0.1, the time until
 /v1/models answers is its start-up time, then `slipstream bench serve` runs at each concurrency
 (closed loop, `--rounds` rounds with different prompts, the median of each figure kept) and the
-server is stopped. Writes benchmarks/results/compare-<timestamp>.{md,json}.
+server is stopped; with `--alternate`, round by round (all servers in round 1, then in round 2, ...), so that the
+VM's speed drifting over the run weighs on every server alike. Writes benchmarks/results/compare-<timestamp>.{md,json}.
 
 Run it with slipstream's venv on an otherwise idle machine, after `benchmarks/peers/<name>.sh install`:
     .venv/bin/python benchmarks/compare.py [--servers slipstream slipstream-w4a8 vllm llama-server]
@@ -135,7 +136,8 @@ def markdown(report: dict) -> str:
         f"- slipstream commit: {report['commit']}",
         f"- Model: {report.get('model') or 'the embedded SmolLM2-135M-Instruct Q4_1 GGUF'}",
         f"- Load: streamed chat completions, ~{report['input_len']} prompt tokens, exactly {report['output_len']} "
-        f"output tokens, closed loop at concurrency C, median of {report['rounds']} rounds (different prompts).",
+        f"output tokens, closed loop at concurrency C, median of {report['rounds']} rounds (different prompts"
+        f"{'; the servers alternated round by round' if report.get('alternate') else ''}).",
         f"- Reproduce: `{report['command']}`; each level runs `{report['bench_command']}`.",
         "",
         "Output tokens/s (TTFT p50, ITL p50):",
@@ -165,6 +167,8 @@ def main() -> int:
     parser.add_argument("--servers", nargs="+", choices=SERVERS + OTHER_SERVERS, default=list(SERVERS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 16, 32])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--alternate", action="store_true",
+                        help="run the servers round by round (each restarted per round) instead of one after another")
     parser.add_argument("--input-len", type=int, default=100)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--prompts-per-slot", type=int, default=4,
@@ -185,12 +189,19 @@ def main() -> int:
                                      "benchmarks/compare.py", *sys.argv[1:]]),
               "bench_command": shlex.join(["slipstream", "bench", *placeholders]),
               "input_len": args.input_len, "output_len": args.output_len, "rounds": args.rounds,
+              "alternate": args.alternate,
               "concurrency": args.concurrency, "servers": {}}
     if any(name.startswith("slipstream") for name in args.servers):
         from slipstream.kernels import kernels
 
         kernels()  # built here (once per code change): no server's start-up time or peak RSS counts the compiler
-    for name in args.servers:
+    # Who runs when: each server for all its rounds in turn, or (--alternate) round by round, every server restarted
+    # in each, so that the VM's drift over the run (20-35 % within the hour) falls on all of them alike.
+    rounds = range(args.rounds)
+    turns = [(n, [r]) for r in rounds for n in args.servers] if args.alternate else [(n, rounds) for n in args.servers]
+    for name, turn_rounds in turns:
+        if "error" in report["servers"].get(name, {}):
+            continue
         log = Path(tempfile.gettempdir()) / f"slipstream-compare-{name}.log"
         print(f"{name}: starting (log: {log})", file=sys.stderr)
         try:
@@ -199,16 +210,16 @@ def main() -> int:
             print(f"{name}: {e}", file=sys.stderr)
             report["servers"][name] = {"error": str(e)}
             continue
-        entry = report["servers"][name] = {"ready_s": ready_s, "levels": {}, "rounds": {}}
+        entry = report["servers"].setdefault(name, {"ready_s": ready_s, "levels": {}, "rounds": {}})
         try:
             for c in args.concurrency:
                 num_prompts = max(8, args.prompts_per_slot * c)
                 # A new seed per round and level: no server may answer from a prefix cached by an earlier round.
-                runs = [bench(bench_args(url, c, num_prompts, 1000 * c + r, args)) for r in range(args.rounds)]
-                entry["rounds"][str(c)] = runs
+                runs = entry["rounds"].setdefault(str(c), [])
+                runs += [bench(bench_args(url, c, num_prompts, 1000 * c + r, args)) for r in turn_rounds]
                 entry["levels"][str(c)] = {k: statistics.median(figure(x, p) for x in runs) for k, p in FIGURES.items()}
                 print(f"{name} C={c}: {entry['levels'][str(c)]}", file=sys.stderr)
-            entry["peak_rss_mib"] = tree_peak_rss_mib(proc.pid)
+            entry["peak_rss_mib"] = max(entry.get("peak_rss_mib", 0), tree_peak_rss_mib(proc.pid))
         except RuntimeError as e:
             print(f"{name}: {e}", file=sys.stderr)
             report["servers"][name] = {"error": str(e), "ready_s": ready_s}

@@ -213,10 +213,16 @@ def test_a_served_greedy_chat_is_the_same_with_speculation():
         client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
         answer = client.chat.completions.create(model="default", messages=messages, temperature=0, max_tokens=40)
         assert answer.choices[0].message.content == expected.text
-        stream = client.chat.completions.create(model="default", messages=messages, temperature=0, max_tokens=40,
-                                                stream=True)
+        before = metrics(server.url)["slipstream:spec_decode_num_accepted_tokens_total"]
+        stream = list(client.chat.completions.create(model="default", messages=messages, temperature=0,
+                                                     max_tokens=40, stream=True,
+                                                     stream_options={"include_usage": True}))
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected.text
         counts = metrics(server.url)
+        # a step's tokens (a guess that stood and the next) come in one chunk: at most a chunk a step
+        accepted_here = counts["slipstream:spec_decode_num_accepted_tokens_total"] - before
+        content_chunks = sum(1 for c in stream if c.choices and c.choices[0].delta.content)
+        assert accepted_here > 0 and content_chunks <= stream[-1].usage.completion_tokens - accepted_here
         accepted = counts["slipstream:spec_decode_num_accepted_tokens_total"]
         # (every guess may stand here: rejections are tested in-process)
         assert counts["slipstream:spec_decode_num_draft_tokens_total"] >= accepted > 0

@@ -4,10 +4,10 @@ The engine lives in ONE background thread that builds it, then loops: run the co
 loop sent (add, abort, stop), step while there is work, block on the command queue when idle (no
 busy spin). torch releases the GIL inside its kernels, so the event loop keeps serving HTTP while a
 step runs. Outputs go back to the event loop with `call_soon_threadsafe`, one hop per step, into an
-asyncio queue per request group. A step that fails ends its own requests (`EngineStepError`). If building
-the engine fails, or a step fails in a way the engine cannot survive (under tensor parallelism), the
-engine is dead: every waiting request gets `EngineDeadError`, and so does every later call (the
-server's /health says 503).
+asyncio queue per request group, a request's tokens of one step in one output. A step that fails ends its own
+requests (`EngineStepError`). If building the engine fails, or a step fails in a way the engine cannot survive
+(under tensor parallelism), the engine is dead: every waiting request gets `EngineDeadError`, and so does every
+later call (the server's /health says 503).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from slipstream.config import EngineConfig
 from slipstream.engine.llm_engine import LLMEngine, ReasoningSpan
-from slipstream.engine.output_processor import RequestOutput
+from slipstream.engine.output_processor import RequestOutput, merge_outputs
 from slipstream.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ class AsyncLLM:
                 engine.shutdown()
                 return
             if outputs:
-                self._post(self._dispatch, outputs)
+                self._post(self._dispatch, _one_per_request(outputs))
 
     def _run_command(self, fn: Callable[[], object], fut: asyncio.Future | None) -> None:
         try:
@@ -287,3 +287,15 @@ def _settle(fut: asyncio.Future, result: object, error: BaseException | None) ->
         fut.set_exception(error)
     else:
         fut.set_result(result)
+
+
+def _one_per_request(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """A step's outputs with each request's consecutive deltas (a guess that stood, then its next token) merged: one
+    stream chunk for what a step made, as vLLM streams, so the event loop and the client handle fewer."""
+    merged: list[RequestOutput] = []
+    for out in outputs:
+        if merged and merged[-1].request_id == out.request_id:
+            merged[-1] = merge_outputs(merged[-1], out)
+        else:
+            merged.append(out)
+    return merged
