@@ -51,13 +51,12 @@ class SpeculativeConfig:
     def __post_init__(self) -> None:
         if self.method != "ngram":
             raise ValueError(f"speculative_config: method {self.method!r} is not supported: use 'ngram'")
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"speculative_config: {name} must be a positive integer, not {value!r}")
-        value = self.lookup_recent_outputs
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"speculative_config: lookup_recent_outputs must be a non-negative integer, not {value!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size",
+                     "lookup_recent_outputs"):
+            value, least = getattr(self, name), 0 if name == "lookup_recent_outputs" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                kind = "non-negative" if least == 0 else "positive"
+                raise ValueError(f"speculative_config: {name} must be a {kind} integer, not {value!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("speculative_config: prompt_lookup_min must not exceed prompt_lookup_max")
 
