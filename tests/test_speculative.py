@@ -69,8 +69,10 @@ def test_where_its_own_context_holds_no_match_a_sequence_guesses_from_the_latest
     assert p.propose(Sequence("e", [20, 5, 6], SamplingParams()), limit=2) == [31, 32]  # the latest output first
     # ... unless an earlier one matches longer: [4, 5, 6] is in a's only
     assert p.propose(Sequence("f", [20, 4, 5, 6], SamplingParams()), limit=2) == [7, 8]
-    p.finish(finished("g", [1], [40, 41]))  # two outputs kept: a's goes
-    assert p.propose(Sequence("h", [20, 4, 5, 6], SamplingParams()), limit=2) == [31, 32]
+    p.finish(finished("g", [1], [40, 41]))  # too short to hold an n-gram a token follows: not kept
+    assert p.propose(Sequence("h", [20, 4, 5, 6], SamplingParams()), limit=2) == [7, 8]
+    p.finish(finished("i", [1], [40, 41, 42]))  # two outputs kept: a's goes
+    assert p.propose(Sequence("j", [20, 4, 5, 6], SamplingParams()), limit=2) == [31, 32]
     alone = proposer(lookup_recent_outputs=0)
     alone.finish(finished("a", [1, 2, 3], [4, 5, 6, 7, 8, 9]))
     assert alone.propose(Sequence("b", [20, 5, 6], SamplingParams()), limit=10) == []

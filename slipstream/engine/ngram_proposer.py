@@ -57,6 +57,8 @@ class NgramProposer:
         for n, ngram in ngrams.items():
             if (end := index.last_end[n].get(ngram)) is not None:
                 return tokens[end : end + limit]
+        for output, output_index in self._recent:  # (indexed when first looked up: not while batches are too big)
+            output_index.extend(output)
         for n, ngram in ngrams.items():  # else the latest output that holds the longest match
             for output, output_index in reversed(self._recent):
                 if (end := output_index.last_end[n].get(ngram)) is not None:
@@ -66,8 +68,6 @@ class NgramProposer:
     def finish(self, seq: Sequence) -> None:
         """`seq` is done: its index goes, and its output joins the recent ones looked up."""
         self._indexes.pop(seq.request_id, None)
-        if self._recent.maxlen:
-            output = seq.output_token_ids[:MAX_INDEXED_OUTPUT]
-            index = _NgramIndex(self._sizes)
-            index.extend(output)
-            self._recent.append((output, index))
+        output = seq.output_token_ids[:MAX_INDEXED_OUTPUT]
+        if self._recent.maxlen and len(output) > self.config.prompt_lookup_min:  # (shorter: no n-gram a token follows)
+            self._recent.append((output, _NgramIndex(self._sizes)))
