@@ -51,11 +51,11 @@ class SpeculativeConfig:
     def __post_init__(self) -> None:
         if self.method != "ngram":
             raise ValueError(f"speculative_config: method {self.method!r} is not supported: use 'ngram'")
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size",
-                     "lookup_recent_outputs"):
-            value, least = getattr(self, name), 0 if name == "lookup_recent_outputs" else 1
+        for name, least in (("num_speculative_tokens", 1), ("prompt_lookup_max", 1), ("prompt_lookup_min", 1),
+                            ("disable_by_batch_size", 1), ("lookup_recent_outputs", 0)):
+            value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                kind = "non-negative" if least == 0 else "positive"
+                kind = "positive" if least else "non-negative"
                 raise ValueError(f"speculative_config: {name} must be a {kind} integer, not {value!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("speculative_config: prompt_lookup_min must not exceed prompt_lookup_max")
