@@ -55,7 +55,7 @@ def ops(request):
 
 
 @pytest.mark.parametrize("qtype", sorted({**GGUF_KERNEL_TYPES, **HALF_TYPES}))
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 15])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 15, 18, 40])  # (from 8 / 16 rows: tiles of 4 rows, and the rest)
 def test_gguf_linear_matches_dequantized_matmul(ops, qtype, rows):
     # 16 blocks of 32 per row (2 super-blocks of 256 for K-quants): whole and partial groups of 8 blocks for
     # the classic types at 320 inputs, K-quants at 512. K-quant blocks are random bytes with valid scales.

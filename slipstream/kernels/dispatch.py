@@ -80,13 +80,15 @@ class CpuVariant:
     name: str
     features: frozenset[str]  # /proc/cpuinfo flags the build's instructions need
     cflags: tuple[str, ...]
-    # Up to this many rows, a matmul in exact mode multiplies the GGUF blocks (0.56 bytes a weight for Q4) directly:
+    # Up to this many rows, a matmul in exact mode multiplies the GGUF blocks directly (0.56 bytes a weight for Q4):
     # small batches are bound by memory and by expanding the blocks, which the kernel does once for all its rows;
-    # beyond, GEMM's blocking wins, on the blocks' values expanded for the call (gguf_dequantize, ~0.25 ns a
-    # weight). Measured on 2 cores of AMD EPYC against dequantize + MKL's float32 GEMM: the AVX2 kernel breaks even
-    # at ~32 rows; the AVX-512 one is 2.0x / 1.4x faster at 32 rows (gate_up 3072x576 / down 576x1536), 1.6x /
-    # 1.1x at 64, 0.96x for down at 128. The int8 kernel (w4a8) serves every row count.
-    block_kernel_max_rows: int = 32
+    # beyond, MKL's GEMM on the blocks' values expanded for the call (gguf_dequantize, ~0.25 ns a weight). The AVX2
+    # kernel multiplies 8 rows or more as tiles of expanded weights (gguf_linear.cpp's tiled_linear_impl): on 2 cores
+    # of AMD EPYC Zen 3, the embedded model's layers 1.1-3x faster than dequantize + MKL at 32-128 rows, even at 256,
+    # 0.9x at 512-1024. The AVX-512 kernel is 2.0x / 1.4x faster than MKL at 32 rows (gate_up 3072x576 / down
+    # 576x1536, AMD EPYC Zen 4), 1.6x / 1.1x at 64, 0.96x for down at 128. The int8 kernel (w4a8) serves every row
+    # count.
+    block_kernel_max_rows: int = 256
     # Whether a dense float32 matmul (a prompt's rows, dense checkpoints) takes oneDNN's GEMM rather than F.linear's
     # MKL. Measured on 2 cores of AMD EPYC Zen 4, where MKL runs its AVX2 code and oneDNN its AVX-512 code: oneDNN
     # 1.1-1.5x at 8-1024 rows for the embedded model's shapes; with both held to AVX2, mixed (0.85-1.4x): MKL stays.

@@ -89,12 +89,14 @@ def _row_layouts(ops, blocks: torch.Tensor, qtype: int) -> list[tuple[torch.Tens
 
 
 def _gguf_linear(ops, perturb: Callable) -> str | None:
-    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
+    # 3 rows and 18: a few activation rows and a batch (multiplied by tiles of expanded weights on AVX2)
+    xs = [torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)) for rows in (3, 18)]
     for qtype, name in {**GGUF_KERNEL_TYPES, **HALF_TYPES}.items():
         blocks, dense = random_gguf_weight(qtype, 19, 512, qtype)
         for layout in _row_layouts(ops, blocks, qtype):
-            if why := _close(perturb(ops.gguf_linear(x, *layout, qtype)), F.linear(x, dense)):
-                return f"{name}: {why}"
+            for x in xs:
+                if why := _close(perturb(ops.gguf_linear(x, *layout, qtype)), F.linear(x, dense)):
+                    return f"{name}: {why}"
     return None
 
 
