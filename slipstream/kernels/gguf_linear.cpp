@@ -346,14 +346,9 @@ void tiled_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K
     for (int64_t n0 = begin; n0 < end; n0 += TILE_ROWS) {
       const int64_t rows = std::min(TILE_ROWS, end - n0);
       for (int64_t i = 0; i < rows; ++i) dequantize_row<T>(w, n0 + i, K, tile.data() + i * K);
-      int64_t m0 = 0;
-      for (; m0 + TileMM <= M; m0 += TileMM)
-        dense_tiles<TileMM>(x + m0 * K, tile.data(), y + m0 * N + n0, K, N, rows);
-      const float* xm = x + m0 * K;  // (the last 1-3 rows)
-      float* ym = y + m0 * N + n0;
-      if (M - m0 == 3) dense_tiles<3>(xm, tile.data(), ym, K, N, rows);
-      else if (M - m0 == 2) dense_tiles<2>(xm, tile.data(), ym, K, N, rows);
-      else if (M - m0 == 1) dense_tiles<1>(xm, tile.data(), ym, K, N, rows);
+      for_row_pieces<TileMM>(M, [&](auto mm, int64_t m0) {
+        dense_tiles<decltype(mm)::value>(x + m0 * K, tile.data(), y + m0 * N + n0, K, N, rows);
+      });
     }
   });
 }
