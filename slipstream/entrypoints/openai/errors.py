@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from slipstream.engine.async_llm import EngineDeadError, EngineStepError
 from slipstream.engine.llm_engine import ContextLengthError, TokenIdError
@@ -82,7 +83,14 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         return APIError(detail or HTTPStatus(exc.status_code).phrase, exc.status_code).response()
 
+    async def on_client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client left while its body was read (a disconnect storm does this): nobody reads the answer, and it is
+        # no bug of ours. (As a plain Exception it would be logged as an internal error, traceback and all.)
+        logger.info("%s %s: the client disconnected before its request body arrived", request.method, request.url.path)
+        return APIError("the client disconnected before its request body arrived").response()
+
     app.add_exception_handler(APIError, on_known)
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(EngineDeadError, on_known)  # e.g. /v1/models while the model loads
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(Exception, on_known)  # a bug: still the envelope, and the traceback in the log
