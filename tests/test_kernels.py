@@ -66,6 +66,21 @@ def test_gguf_linear_matches_dequantized_matmul(ops, qtype, rows):
     torch.testing.assert_close(got, F.linear(x, dense), rtol=1e-5, atol=1e-4)  # sums of ~500 terms of ~1
 
 
+@pytest.mark.parametrize("qtype", sorted(t for t, name in GGUF_KERNEL_TYPES.items() if not name.endswith("_K")))
+@pytest.mark.parametrize("blocks_a_row", range(9, 16))
+def test_gguf_linear_takes_every_partial_group_of_blocks(ops, qtype, blocks_a_row):
+    """A row's scales go eight blocks at a time, the last 1-7 of them lane by lane (gguf_blocks.h load_halves /
+    load_floats): each of those counts, in exact mode and with rounded activations, at one activation row and three."""
+    in_features = 32 * blocks_a_row
+    blocks, dense = random_gguf_weight(qtype, 19, in_features, seed=qtype * 100 + blocks_a_row)
+    split = split_gguf_blocks(blocks, qtype)
+    for rows in (1, 3):
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(blocks_a_row))
+        torch.testing.assert_close(ops.gguf_linear(x, *split, qtype), F.linear(x, dense), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(ops.gguf_linear_q8(x, *split, qtype), q8_reference(x, dense), rtol=1e-5,
+                                   atol=1e-4)
+
+
 @pytest.mark.parametrize("qtype", sorted({**GGUF_KERNEL_TYPES, **HALF_TYPES}))
 def test_gguf_dequantize_gives_the_gguf_packages_values(ops, qtype):
     """What serves a matmul of more rows than the block kernels (through MKL) and an embedding lookup (the rows
