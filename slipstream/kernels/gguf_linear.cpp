@@ -25,14 +25,18 @@ namespace {
 
 using namespace slipstream;
 
+// Eight signed bytes as floats, loaded on their own so that the widening takes them from memory (one fused
+// instruction); the upper half of a 16-byte load took a shuffle first: the byte form's matmuls (k16_rows) 1.10x at one
+// activation row, 1.19x at four (AMD EPYC Zen 3, a Q4_K_M file's Q5_0 / Q6_K layers).
+inline __m256 load_bytes8(const int8_t* q) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+}
+
 // The 32 quantized weights of one block as four vectors of 8 floats, before scale (and min).
 template <QType T>
 inline void load_block(const uint8_t* q, __m256 w[4]) {
   if constexpr (T == QType::Q8_0) {
-    for (int i = 0; i < 4; ++i) {
-      __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
-      w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-    }
+    for (int i = 0; i < 4; ++i) w[i] = load_bytes8(reinterpret_cast<const int8_t*>(q) + 8 * i);
   } else {
     // Low nibbles are weights 0..15, high nibbles 16..31.
     __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
@@ -147,9 +151,7 @@ void k16_rows(const float* x, Weights w, const float* xsum, float* y, int64_t K,
     float min_acc[MM] = {};
     for (int m = 0; m < MM; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * g));
-      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+      const __m256 w0 = load_bytes8(qs + 16 * g), w1 = load_bytes8(qs + 16 * g + 8);
       const __m256 scale = _mm256_broadcast_ss(d + g);
       for (int m = 0; m < MM; ++m) {
         const float* xb = x + m * K + 16 * g;
@@ -272,10 +274,9 @@ void dequantize_row(Weights w, int64_t n, int64_t K, float* out) {
     const int64_t groups = K / 16;
     const int8_t* qs = reinterpret_cast<const int8_t*>(w.qs) + n * K;
     for (int64_t g = 0; g < groups; ++g) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * g));
       const __m256 scale = _mm256_broadcast_ss(w.fscales + n * groups + g);
-      __m256 w0 = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
-      __m256 w1 = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8))));
+      __m256 w0 = _mm256_mul_ps(scale, load_bytes8(qs + 16 * g));
+      __m256 w1 = _mm256_mul_ps(scale, load_bytes8(qs + 16 * g + 8));
       if constexpr (has_mins(T)) {
         const __m256 min = _mm256_broadcast_ss(w.fmins + n * groups + g);
         w0 = _mm256_add_ps(w0, min);
