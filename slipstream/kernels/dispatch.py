@@ -151,6 +151,8 @@ def build(variant: CpuVariant, sources: Path | None = None):
         if sources is not None:
             name += "_" + hashlib.sha1(str(sources.resolve()).encode()).hexdigest()[:8]
         build_directory = _get_build_directory(name, verbose=False)
+        if not (Path(build_directory) / f"{name}.so").exists():  # (else the first start is a minute of silence)
+            logger.info("compiling the %s CPU kernels: on a first start only, about a minute on 2 cores", variant.name)
         with _one_build_at_a_time(Path(build_directory)):
             return load(
                 name=name,
