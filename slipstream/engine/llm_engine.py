@@ -117,9 +117,9 @@ class LLMEngine:
         if self.speculation == "auto":
             # Guessing changes no output where each row's products are summed as a lone row's are: one rank's CPU
             # block kernels, for a step's up to 4 rows (a dense GEMM may sum 4 rows in another order than 1, and so do
-            # exact mode's tiles from 8 rows). One sequence only: exact mode's
-            # rows cost more than w4a8's (alternated in-process on the benchmark's chat prompts, AMD EPYC Zen 3, AVX2:
-            # 1.16x at batch 1, 4 of 4 rounds; 0.93x at batch 2).
+            # exact mode's tiles from 8 rows). One sequence only: exact mode's rows cost more than w4a8's (alternated
+            # in-process on the benchmark's chat prompts, AMD EPYC Zen 3, AVX2: 1.16x at batch 1, 4 of 4 rounds; 0.93x
+            # at batch 2).
             matmuls = [m for m in self.runner.model.modules() if isinstance(m, LinearBase | ParallelLMHead)]
             blocks = bool(matmuls) and all(getattr(m, "gguf_parts", None) is not None for m in matmuls)
             rows_independent = self.runner.device.type == "cpu" and config.tensor_parallel_size == 1 and blocks

@@ -150,16 +150,16 @@ def build(variant: CpuVariant, sources: Path | None = None):
         name = f"slipstream_cpu_kernels_{variant.name}"
         if sources is not None:
             name += "_" + hashlib.sha1(str(sources.resolve()).encode()).hexdigest()[:8]
-        build_directory = _get_build_directory(name, verbose=False)
-        if not (Path(build_directory) / f"{name}.so").exists():  # (else the first start is a minute of silence)
+        build_directory = Path(_get_build_directory(name, verbose=False))
+        if not (build_directory / f"{name}.so").exists():  # (else the first start is a minute of silence)
             logger.info("compiling the %s CPU kernels: on a first start only, about a minute on 2 cores", variant.name)
-        with _one_build_at_a_time(Path(build_directory)):
+        with _one_build_at_a_time(build_directory):
             return load(
                 name=name,
                 sources=sorted(str(f) for f in (sources or Path(__file__).parent).glob("*.cpp")),
                 extra_cflags=["-O3", *variant.cflags, "-fopenmp"],
                 extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP from the header: without it, 1 thread
-                build_directory=build_directory,
+                build_directory=str(build_directory),
                 verbose=False,
             )
     except Exception as e:
