@@ -185,10 +185,11 @@ void int8_key_scores(const float* q, const int8_t* keys, const int64_t* rows, in
                                            _mm256_sign_epi8(kv, at(q8 + g * D + i)));
       }
     }
-    alignas(32) float row_scales[8] = {};
-    #pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) row_scales[j] = slipstream::int8_row_scale(k[j], D);
-    const __m256 key_scale = _mm256_load_ps(row_scales);
+    // The keys' scales gathered in a register: stored to a buffer and loaded as one vector, they stalled every 8 tokens
+    // (a wide load over narrower stores, which store forwarding cannot serve).
+    const auto row_scale = [&](int j) { return j < T ? slipstream::int8_row_scale(k[j], D) : 0.0f; };
+    const __m256 key_scale = _mm256_setr_ps(row_scale(0), row_scale(1), row_scale(2), row_scale(3), row_scale(4),
+                                            row_scale(5), row_scale(6), row_scale(7));
     #pragma GCC unroll 8
     for (int g = 0; g < P; ++g) {
       __m256 sums[T];  // (exact: a lane's sum is below 2^24 for D < 1040)
