@@ -281,6 +281,18 @@ FINDINGS = {
     "responses-template-kwargs-messages": ("/v1/responses", {"input": "Hi", "max_output_tokens": 1,
                                                              "chat_template_kwargs": {"messages": 1}}),
     "tokenize-template-kwargs-messages": ("/tokenize", {"messages": HI, "chat_template_kwargs": {"messages": 1}}),
+    # An assistant's earlier tool_calls reached the template code unchecked (a helper session's probe): TypeError,
+    # KeyError or AttributeError, with tools (generic format) or without.
+    **{f"chat-tool-calls-{name}": ("/v1/chat/completions", {
+        "messages": [*HI, {"role": "assistant", "tool_calls": calls}], "max_tokens": 1,
+        **({"tools": [{"type": "function", "function": {"name": "get_w"}}]} if tools else {})})
+       for name, calls, tools in (("string", "x", True), ("string-no-tools", "x", False),
+                                  ("list-of-strings", ["x"], True), ("no-function", [{"id": "c1"}], True),
+                                  ("null-function", [{"function": None}], True),
+                                  ("no-name", [{"id": "1", "function": {"arguments": "{}"}}], True),
+                                  ("number", 5, False), ("object", {"a": 1}, True))},
+    "chat-tool-calls-on-a-user-message": ("/v1/chat/completions", {"max_tokens": 1, "messages": [
+        {"role": "user", "content": "Hi", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{}"}}]}]}),
 }
 
 
@@ -294,6 +306,74 @@ def test_fuzz_finding(server: RunningServer, path: str, body: dict[str, Any]) ->
     assert 400 <= response.status_code < 500, f"{response.status_code} {response.text}{in_log}"
     assert_error_envelope(response.status_code, response.content)
     assert not tracebacks, f"the request left tracebacks in the log:{in_log}"
+
+
+def test_sampling_settings_json_cannot_mean_are_400(server: RunningServer) -> None:
+    """JSON's Infinity and NaN (Python's json writes them) are no temperature or penalty: a 400 naming the field.
+    Infinity once reached the sampler, whose NaN row then failed every request batched with it."""
+    for field in ("temperature", "top_p", "repetition_penalty", "presence_penalty"):
+        for value in ("Infinity", "NaN"):
+            content = f'{{"prompt": "Hi", "max_tokens": 1, "{field}": {value}}}'
+            response = httpx.post(f"{server.url}/v1/completions", content=content, timeout=REQUEST_TIMEOUT_S,
+                                  headers={"Content-Type": "application/json"})
+            assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+            assert_error_envelope(response.status_code, response.content)
+
+
+def test_settings_that_leave_no_token_to_draw_fail_nobody(server: RunningServer) -> None:
+    """Valid settings under which a row has no finite logit (every token banned; a repetition_penalty float32 rounds
+    to 0, dividing by it; a temperature float32 rounds to inf): the row's draw ran past the vocabulary and the next
+    step's embedding lookup failed every request in the batch, a stranger's stream among them. Now each such row is
+    drawn from the model's own logits, or its +inf logits' tokens, and every request in the batch ends normally."""
+    vocab = 49152
+    hostile = [{"temperature": 1e39}, {"temperature": 1.0, "repetition_penalty": 1e-300},
+               {"temperature": 1.0, "bad_words_token_ids": list(range(vocab))},
+               {"temperature": 0, "bad_words_token_ids": list(range(vocab))},
+               {"temperature": 1.0, "repetition_penalty": 1e-300, "logprobs": 2}]
+    stranger: dict[str, Any] = {}
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=REQUEST_TIMEOUT_S, json={
+                "prompt": "Once upon a time", "max_tokens": MAX_TOKENS_CAP, "ignore_eos": True, "stream": True,
+                "return_token_ids": True}) as r:
+            stranger["events"] = [json.loads(line[6:]) for line in r.iter_lines()
+                                  if line.startswith("data: {")]
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    for settings_ in hostile:
+        body = {"prompt": "Once upon a time", "max_tokens": 3, "ignore_eos": True, "return_token_ids": True,
+                **settings_}
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S)
+        assert response.status_code == 200, (settings_.keys(), response.text[:300])
+        ids = response.json()["choices"][0]["completion_token_ids"]
+        assert len(ids) == 3 and all(0 <= t < vocab for t in ids), (settings_.keys(), ids)
+    worker.join()
+    events = stranger["events"]
+    assert events and not any("error" in e for e in events), events[-1]
+    assert sum(len(e["choices"][0].get("completion_token_ids") or []) for e in events) == MAX_TOKENS_CAP
+
+
+def test_a_prompt_too_long_to_fit_in_any_tokenization_is_400_before_tokenizing(server: RunningServer) -> None:
+    """A prompt of megabytes (15.6 MB under the default body limit) held the prompt worker for the 25 s of its
+    tokenization, and every other request's prompt behind it, only to be rejected: now its length in characters
+    rules it out first (the message counts characters, not tokens: it was not tokenized)."""
+    for path, body in (("/v1/completions", {"prompt": "a b " * 200_000, "max_tokens": 1}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a b " * 200_000}],
+                                                 "max_tokens": 1}),
+                       ("/tokenize", {"prompt": "a b " * 200_000})):
+        response = httpx.post(f"{server.url}{path}", json=body, timeout=REQUEST_TIMEOUT_S)
+        assert response.status_code == 400, response.text[:300]
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded" and "characters" in error["message"], error
+
+
+def test_a_dashboard_limit_of_unicode_digits_is_400_without_traceback(server: RunningServer) -> None:
+    logged = len(server.log())
+    response = httpx.get(f"{server.url}/v1/engine/requests", params={"limit": "\u00b2"}, timeout=REQUEST_TIMEOUT_S)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "limit", response.text
+    time.sleep(0.3)
+    assert not _tracebacks(server.log()[logged:])
 
 
 # Invalid structured-output specs, one per form; {} makes each one new (a compiled spec is cached).

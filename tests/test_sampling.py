@@ -22,7 +22,7 @@ from transformers import (
 
 from slipstream import SamplingParams
 from slipstream.engine.sequence import Sequence
-from slipstream.model.sampler import TOP_P_CANDIDATES, Sampler, nucleus_floor
+from slipstream.model.sampler import LARGEST_LOGIT, TOP_P_CANDIDATES, Sampler, nucleus_floor
 
 EOS = 0
 
@@ -46,7 +46,8 @@ def random_logits(vocab: int, seed: int = 0) -> torch.Tensor:
     "kwargs",
     [dict(n=0), dict(temperature=-0.1), dict(top_p=0.0), dict(min_p=1.5), dict(repetition_penalty=0.0),
      dict(max_tokens=0), dict(min_tokens=5, max_tokens=4), dict(presence_penalty=2.5), dict(frequency_penalty=-3),
-     dict(stop=["ok", ""]), dict(logprobs=-1)],
+     dict(stop=["ok", ""]), dict(logprobs=-1), dict(temperature=float("inf")), dict(temperature=float("nan")),
+     dict(top_p=float("nan")), dict(repetition_penalty=float("inf")), dict(frequency_penalty=float("nan"))],
 )
 def test_invalid_sampling_params_are_rejected(kwargs):
     with pytest.raises(ValueError):
@@ -78,6 +79,26 @@ def test_presence_and_frequency_penalties_are_openai_over_output_tokens():
     assert got[2] == logits[2]  # prompt tokens are not penalised
     encouraged = processed(SamplingParams(presence_penalty=-1.0), logits, prompt, output)
     torch.testing.assert_close(encouraged, logits + (counts > 0).float())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 1e39])
+def test_settings_that_leave_no_finite_logit_still_draw_a_token_of_the_vocabulary(temperature):
+    """Every token banned: the row is the model's own. A repetition_penalty that float32 rounds to 0: a seen token's
+    positive logit becomes the largest (+inf before). A temperature float32 rounds to inf: a uniform draw (-inf / inf
+    was NaN). Each of these once drew past the vocabulary (searchsorted over a row of NaN)."""
+    logits = random_logits(16)
+    logits[4] = 0.0
+    torch.testing.assert_close(processed(SamplingParams(bad_words_token_ids=list(range(16))), logits), logits)
+    seen = [int(logits.argmax()), 4]  # a positive logit and a zero one
+    penalized = processed(SamplingParams(repetition_penalty=1e-300), logits, prompt=seen)
+    assert not penalized.isnan().any() and penalized.max() == LARGEST_LOGIT
+    masked = logits.clone()
+    masked[:8] = float("-inf")  # (as a grammar masks tokens)
+    for params in (SamplingParams(temperature=temperature, bad_words_token_ids=list(range(16))),
+                   SamplingParams(temperature=temperature, repetition_penalty=1e-300),
+                   SamplingParams(temperature=temperature)):
+        tokens, _ = Sampler({EOS})(masked[None].repeat(4, 1), [make_seq(params, prompt=seen) for _ in range(4)])
+        assert all(0 <= t < 16 for t in tokens), (params, tokens)
 
 
 def test_logit_bias_is_added():

@@ -4,6 +4,7 @@ request at most, no --enable-logprob and the seed's --max-model-len 32768 (beyon
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import httpx
@@ -135,6 +136,29 @@ def test_a_request_over_max_concurrency_is_429(server):
             assert time.monotonic() < deadline, "the slot never came back"
             time.sleep(0.1)
         assert r.status_code == 200
+
+
+def test_a_client_slow_to_send_its_body_holds_no_slot(server):
+    """The only slot was taken before the body was read: a client that sent headers and one byte of its body, then
+    waited, locked everyone else out (429s) for as long as its socket stayed open."""
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as slow:
+        slow.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[0]}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+        time.sleep(0.5)  # (the server has its headers and a byte)
+        answer = client(server).completions.create(model=NAME, prompt="Hi", max_tokens=1)
+        assert answer.choices[0].text is not None
+
+
+def test_the_bearer_scheme_in_any_case_and_no_model_named(server):
+    """RFC 7235's schemes are case-insensitive (`bearer` was a 401); a request naming no model gets the one served,
+    as vLLM's do (it was a 404 for `None`), while a wrong name stays a 404 (test_an_unknown_model_is_404)."""
+    for scheme in ("bearer", "BEARER"):
+        r = httpx.post(f"{server.base_url}/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=600,
+                       headers={"Authorization": f"{scheme} {KEYS[1]}"})
+        assert r.status_code == 200 and r.json()["model"] == NAME, r.text
+    r = httpx.get(f"{server.base_url}/models", headers={"Authorization": f"Basic {KEYS[0]}"})
+    assert r.status_code == 401
 
 
 # ---- --max-waiting-time, in-process: the middleware over an endpoint that holds its slot until told ----

@@ -21,6 +21,8 @@ from slipstream.kernels import kernels
 from slipstream.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
+MAX_TEMPERATURE = 1e30
+LARGEST_LOGIT = 1e30  # what a processor's +inf becomes: above every other logit, finite through any temperature
 
 
 class Sampler:
@@ -58,7 +60,7 @@ class Sampler:
         rows = [i for i, seq in enumerate(seqs) if _processes(seq)]
         if not rows:
             return logits
-        logits = logits.clone()
+        unprocessed, logits = logits, logits.clone()
         for i in rows:
             seq = seqs[i]
             p = seq.params
@@ -75,6 +77,7 @@ class Sampler:
                     logits[i, list(stops)] = NEG_INF
             if _penalizes(p):
                 self._penalize(logits[i], seq)
+            _keep_drawable(logits[i], unprocessed[i])
         return logits
 
     def _stops(self, p: SamplingParams) -> set[int]:
@@ -122,7 +125,9 @@ class Sampler:
         dev = logits.device
         seqs = [seqs[i] for i in drawn]
         guesses = [guesses[i] for i in drawn]
-        temps = torch.tensor([s.params.temperature for s in seqs], device=dev)
+        # (beyond 1e30 every finite logit divides to ~0, as at float32's largest: a uniform draw; float32 would
+        # round a larger temperature to inf, and -inf / inf is NaN)
+        temps = torch.tensor([min(s.params.temperature, MAX_TEMPERATURE) for s in seqs], device=dev)
         logits = logits[drawn] / temps.unsqueeze(1)  # (a copy: the rows drawn, nothing for the greedy ones)
         top_k = [s.params.top_k for s in seqs]
         if any(top_k):
@@ -216,6 +221,16 @@ def accepted_draft(draft: list[int], tokens: list[int]) -> int:
     while n < len(draft) and draft[n] == tokens[n]:
         n += 1
     return n
+
+
+def _keep_drawable(row: torch.Tensor, unprocessed: torch.Tensor) -> None:
+    """A processed row that the draw can take: +inf (a positive logit over a repetition_penalty that float32 rounds
+    to 0) becomes the largest logit, NaN rules its token out, and a row whose processors ruled every token out (every
+    token banned) goes back to its unprocessed logits. Without this such a row's softmax was NaN, its draw ran past
+    the vocabulary, and the next step's embedding lookup failed every request batched with it."""
+    row.nan_to_num_(nan=NEG_INF, posinf=LARGEST_LOGIT, neginf=NEG_INF)
+    if not bool(row.max() > NEG_INF):
+        row.copy_(unprocessed)
 
 
 def _processes(seq: Sequence) -> bool:

@@ -1,8 +1,9 @@
 """Who gets in: API keys on /v1/* (401), bodies up to a size (413), a cap on generation requests in
 flight (429), none once the server drains for a shutdown (503).
 
-Plain ASGI middleware rather than route dependencies: they answer before the body is read, and the
-generation slot is held until the whole response (a stream included) has gone out.
+Plain ASGI middleware rather than route dependencies: they answer before the route reads the body, and the
+generation slot is taken once the body has arrived (a client slow to send it holds none) and held until the whole
+response (a stream included) has gone out.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from slipstream.entrypoints.openai.errors import APIError
 class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:
         self.app = app
-        self.accepted = [f"Bearer {k}".encode() for k in keys]
+        self.accepted = [k.encode() for k in keys]
 
     def _authorized(self, scope: Scope) -> bool:
-        """Every key is compared in constant time, so response times tell nothing about any key."""
+        """Every key is compared in constant time, so response times tell nothing about any key. The scheme is
+        case-insensitive (RFC 7235: `bearer` is `Bearer`)."""
         # Header values arrive decoded as latin-1: encoding back gives the bytes the client sent.
-        given = Headers(scope=scope).get("authorization", "").encode("latin-1")
-        return sum(hmac.compare_digest(given, key) for key in self.accepted) > 0
+        scheme, _, given = Headers(scope=scope).get("authorization", "").encode("latin-1").partition(b" ")
+        return scheme.lower() == b"bearer" and sum(hmac.compare_digest(given, key) for key in self.accepted) > 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/") and not self._authorized(scope):
@@ -92,18 +94,40 @@ class GenerationGateMiddleware:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
+        try:
+            body = await _whole_body(receive)
+        except APIError as error:  # (the body-size limit's 413)
+            await error.response()(scope, receive, send)
+            return
+        if body is None:
+            return  # the client left before its body arrived: nobody to answer
         if self.gate.closed:
             error = APIError("The server is shutting down", status=503, code="shutting_down")
         elif not await self.gate.acquire():
             error = APIError(f"Too many requests in flight (--max-concurrency {self.gate.limit}); retry later",
                              status=429, code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
         else:
+            async def replayed() -> Message:  # the body read, then what the connection says next (a disconnect)
+                return body.pop(0) if body else await receive()
+
             try:
-                await self.app(scope, receive, send)
+                await self.app(scope, replayed, send)
             finally:
                 self.gate.release()
             return
         await error.response()(scope, receive, send)
+
+
+async def _whole_body(receive: Receive) -> list[Message] | None:
+    """The request's body messages, read to the end; None if the client disconnected first."""
+    messages = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        messages.append(message)
+        if not message.get("more_body", False):
+            return messages
 
 
 class BodySizeLimitMiddleware:

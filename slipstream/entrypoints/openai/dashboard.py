@@ -146,7 +146,7 @@ class Dashboard:
 
         @app.get("/v1/engine/requests")
         async def engine_requests(limit: str = "50") -> dict:
-            if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIMIT:
+            if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= MAX_LIMIT:  # ('²' isdigit)
                 raise APIError(f"limit: an integer in [1, {MAX_LIMIT}]", param="limit", code="invalid_value")
             return self.requests(int(limit))
 

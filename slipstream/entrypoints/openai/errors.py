@@ -20,7 +20,8 @@ from slipstream.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable_error"}
 
 
 class APIError(Exception):
@@ -46,7 +47,12 @@ class APIError(Exception):
 
 
 def from_validation_error(exc: ValidationError) -> APIError:
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    # A union field (stop: a string or a list of them) reports every form the value failed; the form of the value's
+    # own type says what is wrong with it ("at most 64 items", not "Input should be a valid string"): the deepest
+    # error that is not about the type, where there is one.
+    about_the_value = [e for e in errors if not e["type"].endswith("_type")]
+    err = max(about_the_value, key=lambda e: len(e["loc"])) if about_the_value else errors[0]
     if err["type"] == "json_invalid":
         return APIError(f"The request body is not valid JSON: {err['ctx']['error']}", code="invalid_json")
     msg = err["msg"].removeprefix("Value error, ")
@@ -56,8 +62,9 @@ def from_validation_error(exc: ValidationError) -> APIError:
     return APIError(f"{where}: {msg}", param=str(err["loc"][0]), code="invalid_value")
 
 
-def from_exception(exc: Exception, prompt_param: str | None = None) -> APIError:
-    """Map what the engine raises about a request to what the client sees."""
+def from_exception(exc: Exception, prompt_param: str | None = None, log: bool = True) -> APIError:
+    """Map what the engine raises about a request to what the client sees; an unexpected exception (a bug) is a
+    500, its traceback logged unless `log` is false (whoever calls logs it)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ContextLengthError):
@@ -71,7 +78,8 @@ def from_exception(exc: Exception, prompt_param: str | None = None) -> APIError:
         return APIError(str(exc), status=500, code="engine_step_failed")
     if isinstance(exc, ValueError):
         return APIError(str(exc))
-    logger.error("internal error", exc_info=exc)
+    if log:
+        logger.error("internal error", exc_info=exc)
     return APIError(f"internal error: {type(exc).__name__}: {exc}", status=500)
 
 
@@ -89,8 +97,13 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.info("%s %s: the client disconnected before its request body arrived", request.method, request.url.path)
         return APIError("the client disconnected before its request body arrived").response()
 
-    app.add_exception_handler(APIError, on_known)
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises what this handler answered, and uvicorn logs its traceback: logged once, there.
+        return from_exception(exc, log=False).response()
+
+    # (each known kind by its own handler: the catch-all's exceptions are re-raised, and logged as bugs)
+    for known in (APIError, EngineDeadError, EngineStepError, ValueError):  # EngineDeadError: /v1/models at load
+        app.add_exception_handler(known, on_known)
     app.add_exception_handler(ClientDisconnect, on_client_gone)
-    app.add_exception_handler(EngineDeadError, on_known)  # e.g. /v1/models while the model loads
     app.add_exception_handler(HTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_known)  # a bug: still the envelope, and the traceback in the log
+    app.add_exception_handler(Exception, on_bug)  # a bug: still the envelope, and the traceback in the log

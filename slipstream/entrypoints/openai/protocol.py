@@ -98,6 +98,7 @@ _GUIDED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guide
 class SamplingRequest(BaseModel):
     """Fields both endpoints share."""
 
+    model_config = ConfigDict(allow_inf_nan=False)  # (JSON's Infinity / NaN: no sampling setting means them)
     model: str | None = None
     prompt_token_ids: TokenIds | None = None  # overrides messages / prompt
     max_tokens: int | None = Field(default=None, ge=1)
@@ -178,18 +179,38 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunctionIn(BaseModel):
+    """The function of an earlier call in a conversation: its arguments as JSON text (OpenAI's) or as the object."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunctionIn
+
+
 class ChatMessageIn(BaseModel):
-    """An input message; extra keys (name, tool_calls, ...) pass through to the chat template."""
+    """An input message; extra keys (name, tool_call_id, ...) pass through to the chat template."""
 
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None  # only an assistant message (with tool_calls) may omit it
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls, rendered by the template
 
     @model_validator(mode="after")
     def _content_given(self):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message cannot carry tool_calls: only an assistant's can")
         return self
 
     def template_dict(self) -> dict[str, Any]:

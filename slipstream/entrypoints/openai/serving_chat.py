@@ -62,14 +62,6 @@ def render_chat_text(tokenizer, messages: list[ChatMessageIn | dict[str, Any]], 
                        param="messages") from exc
 
 
-def render_chat(tokenizer, messages: list[ChatMessageIn], add_generation_prompt: bool = True,
-                chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
-    """Token ids of the conversation; special tokens come from the template's text alone, as in
-    `apply_chat_template(tokenize=True)`."""
-    text = render_chat_text(tokenizer, messages, add_generation_prompt, chat_template, **template_kwargs)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def thinking_span(parser: ReasoningParser, tokenizer, prompt_text: str) -> ReasoningSpan:
     """How the engine recognises `parser`'s thinking in the reply to `prompt_text`, to count its tokens
     and to end it at reasoning_max_tokens."""
@@ -177,9 +169,9 @@ class OpenAIServingChat(OpenAIServing):
                 return request.prompt_token_ids, None
             if request.disable_chat_template:
                 text = request.messages[0].content
-                return tokenizer.encode(text, add_special_tokens=True), text
+                return self.encode(text, True, "messages"), text
             text = render_chat_text(tokenizer, plan.messages, chat_template=request.chat_template, **template_kwargs)
-            return tokenizer.encode(text, add_special_tokens=False), text
+            return self.encode(text, False, "messages"), text
 
         prompt, prompt_text = await off_loop(prompt_of_request)
         # Without thinking the template closes it (or the model has none): the output is all answer.

@@ -70,7 +70,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if any(not isinstance(p, str) and any(t >= vocab for t in p) for p in prompt):  # before decode sees them
             raise from_exception(TokenIdError("prompt", vocab),
                                  "prompt" if request.prompt_token_ids is None else "prompt_token_ids")
-        ids = [tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else p for p in prompt]
+        ids = [self.encode(p, True, "prompt") if isinstance(p, str) else p for p in prompt]
         texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompt]
         return ids, texts
 

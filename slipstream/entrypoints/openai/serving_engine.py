@@ -4,6 +4,7 @@ SamplingParams, fan-out of n samples into engine requests, SSE framing and disco
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -76,6 +77,13 @@ async def off_loop(fn: Callable[[], T]) -> T:
 def _consume(fut: asyncio.Future) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+@functools.cache
+def _longest_token_bytes(tokenizer) -> int:
+    """An upper bound on the bytes of text one token stands for: its vocabulary entry's UTF-8 length (a byte-level
+    BPE's entries spell each byte as a character of 1-2 bytes, SentencePiece's a space as 3, byte tokens as 6)."""
+    return max(len(token.encode()) for token in tokenizer.get_vocab())
 
 
 def clamp_logprob(lp: float) -> float:
@@ -154,8 +162,23 @@ class OpenAIServing:
         result = await until_disconnect(raw_request, run)
         return result if isinstance(result, Response) else JSONResponse(result.model_dump())
 
+    def encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """`text`'s token ids; a 400 at once for a text too long for any tokenization of it to fit the context,
+        where tokenizing it (15 MB took 25 s) held the prompt worker, and every other request's prompt with it."""
+        engine = self.llm.engine
+        # A token stands for at most `longest` bytes of text, and a character is at least a byte: a text of more than
+        # 4 x longest x max_model_len characters has over max_model_len tokens (4: room for normalizers that shrink
+        # text, as NFKC turns a 3-byte fullwidth letter into 1 byte).
+        longest = _longest_token_bytes(engine.tokenizer)
+        if len(text) > 4 * longest * engine.max_model_len:
+            raise APIError(f"This model's maximum context length is {engine.max_model_len} tokens, and {param} is "
+                           f"{len(text)} characters long: more tokens than that; shorten it", param=param,
+                           code="context_length_exceeded")
+        return engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
     def check_model(self, request: SamplingRequest) -> None:
-        if self.options.require_model_name and request.model != self.options.model_name:
+        # (no model named: the one served, as vLLM takes it)
+        if self.options.require_model_name and request.model not in (None, self.options.model_name):
             raise APIError(f"The model `{request.model}` does not exist.", status=404, param="model",
                            code="model_not_found")
 
@@ -195,8 +218,10 @@ class OpenAIServing:
                 structured_outputs=structured_outputs,
                 **optional,
             )
-        except ValueError as exc:
-            raise APIError(str(exc)) from exc
+        except ValueError as exc:  # (SamplingParams' messages start with the setting's name)
+            name = str(exc).split(" ", 1)[0]
+            raise APIError(str(exc), param=name if name in type(request).model_fields else None,
+                           code="invalid_value") from exc
 
     async def generate(self, request_id: str, prompts: list[list[int]], params: SamplingParams, prompt_param: str,
                        reasoning: ReasoningSpan | None = None, group_tokens: int | None = None,

@@ -3,8 +3,6 @@ count or build prompts themselves."""
 
 from __future__ import annotations
 
-from functools import partial
-
 from fastapi import Request
 
 from slipstream.entrypoints.openai.errors import APIError
@@ -14,7 +12,7 @@ from slipstream.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from slipstream.entrypoints.openai.serving_chat import render_chat
+from slipstream.entrypoints.openai.serving_chat import render_chat_text
 from slipstream.entrypoints.openai.serving_engine import OpenAIServing, off_loop, parse_body
 
 
@@ -22,12 +20,15 @@ class OpenAIServingTokenization(OpenAIServing):
     async def tokenize(self, raw_request: Request) -> TokenizeResponse:
         request = parse_body(TokenizeRequest, await raw_request.body())
         engine = self.llm.engine
-        if request.messages is not None:
-            ids = await off_loop(partial(render_chat, engine.tokenizer, request.messages,
-                                         request.add_generation_prompt, **(request.chat_template_kwargs or {})))
-        else:
-            ids = await off_loop(partial(engine.tokenizer.encode, request.prompt,
-                                         add_special_tokens=request.add_special_tokens))
+
+        def ids_of_request() -> list[int]:  # (special tokens of a conversation come from its template's text alone)
+            if request.messages is None:
+                return self.encode(request.prompt, request.add_special_tokens, "prompt")
+            text = render_chat_text(engine.tokenizer, request.messages, request.add_generation_prompt,
+                                    **(request.chat_template_kwargs or {}))
+            return self.encode(text, False, "messages")
+
+        ids = await off_loop(ids_of_request)
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)
 
     async def detokenize(self, raw_request: Request) -> DetokenizeResponse:
