@@ -103,6 +103,16 @@ def test_an_unknown_model_is_404(server):
         client(server).completions.create(model="null", prompt="Hi", max_tokens=1)
 
 
+def test_models_retrieve(server):
+    """GET /v1/models/{id} (the SDK's models.retrieve, a common start-up check in client code) was a 404."""
+    card = client(server).models.retrieve(NAME)
+    assert card.id == NAME and card.model_extra["max_model_len"] <= 8192
+    with pytest.raises(openai.NotFoundError) as e:
+        client(server).models.retrieve("gpt-4o")
+    assert e.value.body["code"] == "model_not_found"
+    assert httpx.get(f"{server.base_url}/models/{NAME}").status_code == 401  # (behind the key, as /v1/models is)
+
+
 def test_logprobs_need_enable_logprob(server):
     with pytest.raises(openai.BadRequestError) as e:
         client(server).chat.completions.create(model=NAME, messages=QUESTION, max_tokens=1, logprobs=True)

@@ -81,8 +81,8 @@ def reassemble(chunks) -> tuple[str, list[tuple[str, str, str]], str | None]:
 
 
 def create(client, stream: bool = False, **kwargs):
-    return client.chat.completions.create(model="default", messages=kwargs.pop("messages", QUESTION), tools=TOOLS,
-                                          temperature=0, max_tokens=80, stream=stream, **kwargs)
+    return client.chat.completions.create(**{"model": "default", "messages": QUESTION, "tools": TOOLS,
+                                             "temperature": 0, "max_tokens": 80, "stream": stream, **kwargs})
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
@@ -101,6 +101,61 @@ def test_forced_calls_are_valid_streamed_or_not(client, tool_choice):
     content, streamed, finish = reassemble(create(client, stream=True, tool_choice=tool_choice))
     assert (content, finish) == ("", "tool_calls")
     assert [(name, args) for _, name, args in streamed] == [(c.function.name, c.function.arguments) for c in calls]
+
+
+def test_the_sdk_stream_helper_accumulates_the_calls(client):
+    """`client.chat.completions.stream` merges each delta into a snapshot: the later pieces of a call carried
+    `"type": null` (and `"id": null`, `"name": null`), which overwrote the first piece's and failed the helper's
+    assertion that a call's type is "function", on every streamed call."""
+    with client.chat.completions.stream(model="default", messages=QUESTION, tools=TOOLS, tool_choice="required",
+                                        temperature=0, max_tokens=80) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls" and final.message.tool_calls
+    for c in final.message.tool_calls:
+        assert c.type == "function" and c.id.startswith("call_")
+        check_call(c.function.name, c.function.arguments)
+
+
+def test_a_named_choice_is_one_call_to_it(client):
+    """The generic format's list of calls held any number of calls to the named function (two identical ones at
+    temperature 0, or a second one cut off at max_tokens): a named choice is one call, as vLLM's is."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for seed in range(3):
+        choice = create(client, tool_choice=named, temperature=1.0, seed=seed).choices[0]
+        assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"], choice.message.tool_calls
+        check_call("get_weather", choice.message.tool_calls[0].function.arguments)
+
+
+class Joke(BaseModel):
+    setup: str
+    punchline: str
+
+
+def test_an_answer_beside_tools_follows_the_response_format(client):
+    """With tools and tool_choice auto, the generic format's grammar replaced the request's response_format: an
+    answer came back as prose (`parse` raised on it). Now the answer is a value of the schema: each reply is calls
+    or a Joke, streamed or not."""
+    answers = 0
+    for seed in range(3):
+        kwargs = dict(model="default", messages=[{"role": "user", "content": "Tell me a joke"}], temperature=1.0,
+                      tools=[{**t, "function": {**t["function"], "strict": True}} for t in TOOLS],  # (parse wants it)
+                      seed=seed, max_tokens=120)
+        choice = client.chat.completions.parse(response_format=Joke, **kwargs).choices[0]
+        if choice.message.tool_calls:
+            continue
+        answers += 1
+        assert choice.finish_reason == "stop" and choice.message.parsed == Joke.model_validate_json(
+            choice.message.content)
+        with client.chat.completions.stream(response_format=Joke, **kwargs) as stream:
+            streamed = stream.get_final_completion().choices[0].message
+        assert (streamed.content, streamed.parsed) == (choice.message.content, choice.message.parsed)
+    assert answers, "every reply was a call: nothing checked the answers' format"
+    with pytest.raises(openai.BadRequestError) as e:  # (a regex cannot share the calls' JSON grammar)
+        client.chat.completions.create(model="default", messages=QUESTION, tools=TOOLS, max_tokens=4,
+                                       extra_body={"guided_regex": "[a-z]+"})
+    assert e.value.body["param"] == "guided_regex"
 
 
 def test_parallel_tool_calls_false_gives_one_call(client):

@@ -334,7 +334,9 @@ def test_call_list_schema():
     assert schema["type"] == "array" and schema["minItems"] == 1 and "maxItems" not in schema
     items = schema["items"]["anyOf"]
     assert [i["properties"]["name"] for i in items] == [{"const": "get_weather"}, {"const": "get_time"}]
-    assert items[1]["properties"]["parameters"] == {"type": "object"}
+    # no parameters given: an empty parameter list, as OpenAI reads it (once any object)
+    assert items[1]["properties"]["parameters"] == {"type": "object", "properties": {}, "additionalProperties": False}
+    assert not accepts(schema, '[{"name": "get_time", "parameters": {"tz": "UTC"}}]')
     assert all(i["required"] == ["name", "parameters"] and i["additionalProperties"] is False for i in items)
     two = '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_time", "parameters": {}}]'
     assert accepts(schema, two)
@@ -360,6 +362,16 @@ def test_generic_schema():
     assert not accepts(schema, '{"tool_calls": [{"name": "get_time", "parameters": {}}]}')
     assert not accepts(generic_schema(FUNCTIONS, parallel=True, allow_response=False), '{"response": "Hello!"}')
     assert GenericFormat().extract('{"response": "Hello!"}') == ("Hello!", [])
+    # an answer in the request's schema (response_format): its JSON text is the content, streamed as it grows
+    joke = {"type": "object", "properties": {"setup": {"type": "string"}}, "required": ["setup"]}
+    with_format = generic_schema(FUNCTIONS, parallel=True, allow_response=True, answer=joke)
+    assert accepts(with_format, '{"response": {"setup": "a"}}') and not accepts(with_format, '{"response": "a"}')
+    text = '{"response": {"setup": "a, b"} }'
+    assert GenericFormat().extract(text) == ('{"setup": "a, b"}', [])
+    stream = GenericFormat().stream()
+    assert [stream.feed(text[i : i + 7])[0] for i in range(0, len(text), 7)] == [
+        "", "{", '"setup"', ': "a, b', '"}']
+    assert stream.finish() == ("", [])
 
 
 def test_generic_prompt_and_rendering():

@@ -18,6 +18,7 @@ from slipstream.tools.formats import (
     call_list_schema,
     generic_schema,
     generic_system_prompt,
+    parameters_schema,
     render_generic_calls,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "generic_schema",
     "generic_system_prompt",
     "get_tool_parser",
+    "parameters_schema",
     "register_tool_parser",
     "render_generic_calls",
 ]

@@ -69,13 +69,16 @@ class GenericFormat(ToolParser):
         if key == "response" and text[value] == '"':
             body = text[value + 1 : len(text) if end is None else end - 1]
             return decode_string(body, complete=end is not None), []
+        if key == "response":  # an answer in the request's JSON schema (response_format): its JSON text
+            return text[value : len(text) if end is None else end], []
         if key == "tool_calls" and text[value] == "[":
             return _call_list(text, value, final)
         return text, []
 
 
-def _parameters(function: dict[str, Any]) -> dict[str, Any]:
-    return function.get("parameters") or {"type": "object"}
+def parameters_schema(function: dict[str, Any]) -> dict[str, Any]:
+    """The JSON schema of a function's arguments; none given is an empty parameter list, as OpenAI reads it."""
+    return function.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 def _calls_array(functions: list[dict[str, Any]], parallel: bool, arguments_key: str) -> dict[str, Any]:
@@ -83,7 +86,7 @@ def _calls_array(functions: list[dict[str, Any]], parallel: bool, arguments_key:
     items = [
         {
             "type": "object",
-            "properties": {"name": {"const": f["name"]}, arguments_key: _parameters(f)},
+            "properties": {"name": {"const": f["name"]}, arguments_key: parameters_schema(f)},
             "required": ["name", arguments_key],
             "additionalProperties": False,
         }
@@ -100,8 +103,10 @@ def call_list_schema(functions: list[dict[str, Any]], parallel: bool) -> dict[st
     return _calls_array(functions, parallel, "parameters")
 
 
-def generic_schema(functions: list[dict[str, Any]], parallel: bool, allow_response: bool) -> dict[str, Any]:
-    """JSON schema of `GenericFormat`: calls to these functions or, when `allow_response`, a response."""
+def generic_schema(functions: list[dict[str, Any]], parallel: bool, allow_response: bool,
+                   answer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """JSON schema of `GenericFormat`: calls to these functions or, when `allow_response`, a response: a string, or
+    a value of the `answer` schema (the request's response_format)."""
     alternatives = [
         {
             "type": "object",
@@ -114,7 +119,7 @@ def generic_schema(functions: list[dict[str, Any]], parallel: bool, allow_respon
         alternatives.append(
             {
                 "type": "object",
-                "properties": {"response": {"type": "string"}},
+                "properties": {"response": answer or {"type": "string"}},
                 "required": ["response"],
                 "additionalProperties": False,
             }
@@ -122,20 +127,23 @@ def generic_schema(functions: list[dict[str, Any]], parallel: bool, allow_respon
     return {"anyOf": alternatives}
 
 
-def generic_system_prompt(functions: list[dict[str, Any]], parallel: bool, allow_response: bool) -> str:
+def generic_system_prompt(functions: list[dict[str, Any]], parallel: bool, allow_response: bool,
+                          answer: dict[str, Any] | None = None) -> str:
     """The instruction that tells a model without native tool calling about the functions and `GenericFormat`."""
+    reply = ('{"response": <your answer: JSON of the schema ' + json.dumps(answer, ensure_ascii=False) + ">}"
+             if answer else '{"response": "<your answer>"}')
     lines = ["You can call these functions, each given with its name, what it does and the JSON schema of its "
              "arguments:", ""]
     for f in functions:
         lines.append(f"- {f['name']}" + (f": {f['description']}" if f.get("description") else ""))
-        lines.append(f"  Arguments: {json.dumps(_parameters(f), ensure_ascii=False)}")
+        lines.append(f"  Arguments: {json.dumps(parameters_schema(f), ensure_ascii=False)}")
     how_many = "listing one or more calls" if parallel else "with exactly one call in the list"
     lines += [
         "",
         "Reply with exactly one JSON object and nothing else.",
         f'To call functions, reply {{"tool_calls": [{{"name": "<function name>", "arguments": {{<its arguments>}}}}]}}'
         f", {how_many}.",
-        'To answer the user directly instead, reply {"response": "<your answer>"}; once the results of your '
+        f"To answer the user directly instead, reply {reply}; once the results of your "
         "calls (the tool messages) hold what the user asked for, answer with them that way." if allow_response
         else "Always call a function: do not answer with text.",
     ]

@@ -123,11 +123,20 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
         return {"version": __version__, "numerics": llm.engine.numerics,
                 "cpu_kernels": table.describe() if table is not None else None}
 
+    def model_card() -> ModelCard:
+        engine = llm.engine
+        return ModelCard(id=options.model_name, root=str(engine.model_dir), max_model_len=engine.max_model_len)
+
     @app.get("/v1/models")
     async def models() -> ModelList:
-        engine = llm.engine
-        return ModelList(data=[ModelCard(id=options.model_name, root=str(engine.model_dir),
-                                         max_model_len=engine.max_model_len)])
+        return ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model_id:path}")  # (path: a served name may hold slashes, "org/model")
+    async def model(model_id: str) -> ModelCard:
+        if model_id != options.model_name:
+            raise APIError(f"The model `{model_id}` does not exist.", status=404, param="model",
+                           code="model_not_found")
+        return model_card()
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -9,7 +9,16 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+    model_validator,
+)
 
 from slipstream.sampling_params import StructuredOutputsParams
 
@@ -332,12 +341,21 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class DeltaFunctionCall(BaseModel):
+class _WithoutNulls(BaseModel):
+    """Serialized without its None fields. A streamed call's later pieces carried `"type": null`, which the openai
+    SDK's stream helper merges over the first piece's "function" (and then asserts on): OpenAI leaves them out."""
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, serialize: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in serialize(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_WithoutNulls):
     name: str | None = None
     arguments: str = ""
 
 
-class DeltaToolCall(BaseModel):
+class DeltaToolCall(_WithoutNulls):
     """A piece of a streamed call: the first carries id, type and name; later ones argument text."""
 
     index: int

@@ -102,6 +102,29 @@ def check_tools(request: ChatCompletionRequest) -> None:
                        param="tool_choice")
 
 
+def _answer_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The JSON schema a text answer must match beside tool calls in the generic format (which the tools' grammar
+    carries): the request's structured output, where it is a JSON form; None for free text."""
+    try:
+        spec = request.structured_output_spec()
+    except ValueError as exc:
+        raise APIError(str(exc), param="structured_outputs") from exc
+    if spec is None:
+        return None
+    if spec.json is not None:
+        try:
+            return json.loads(spec.json) if isinstance(spec.json, str) else spec.json
+        except json.JSONDecodeError as exc:
+            raise APIError(f"{spec.param}: the JSON schema is not JSON: {exc}", param=spec.param) from exc
+    if spec.json_object:
+        return {"type": "object"}
+    if spec.choice is not None:
+        return {"enum": list(spec.choice)}
+    raise APIError(f"{spec.param}: beside tools, an answer can follow a JSON schema, a JSON object or a choice, not a "
+                   f"{spec.kind} (this model's chat template knows no tools: calls and answers share one grammar)",
+                   param=spec.param)
+
+
 def plan_tools(request: ChatCompletionRequest, renders_tools: bool, parser_name: str | None) -> ToolPlan:
     check_tools(request)
     generic = bool(request.tools) and not renders_tools
@@ -110,23 +133,25 @@ def plan_tools(request: ChatCompletionRequest, renders_tools: bool, parser_name:
         return ToolPlan(messages)
     functions = [t.function.model_dump(exclude_none=True) for t in request.tools]
     choice = request.tool_choice or "auto"
-    parallel = request.parallel_tool_calls
-    if isinstance(choice, NamedToolChoice):
+    named = isinstance(choice, NamedToolChoice)
+    parallel = request.parallel_tool_calls and not named  # (a named choice: one call to it)
+    if named:
         functions = [f for f in functions if f["name"] == choice.function.name]
     if choice == "none":
         return ToolPlan(messages, None if generic else [t.model_dump(exclude_none=True) for t in request.tools])
     if generic:
         allow_response = choice == "auto"
-        system = tools.generic_system_prompt(functions, parallel, allow_response)
+        answer = _answer_schema(request) if allow_response else None
+        system = tools.generic_system_prompt(functions, parallel, allow_response, answer)
         if messages and messages[0]["role"] in ("system", "developer"):
             messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{system}"}
         else:
             messages.insert(0, {"role": "system", "content": system})
-        schema = tools.generic_schema(functions, parallel, allow_response)
+        schema = tools.generic_schema(functions, parallel, allow_response, answer)
         return ToolPlan(messages, None, StructuredOutputsParams(json=schema, param="tools"), tools.GenericFormat())
     template_tools = [t.model_dump(exclude_none=True) for t in request.tools]
-    if isinstance(choice, NamedToolChoice):
-        schema = functions[0].get("parameters") or {"type": "object"}
+    if named:
+        schema = tools.parameters_schema(functions[0])
         return ToolPlan(messages, template_tools, StructuredOutputsParams(json=schema, param="tools"),
                         tools.NamedCallFormat(functions[0]["name"]))
     if choice == "required":
