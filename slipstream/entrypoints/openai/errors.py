@@ -101,8 +101,9 @@ def install_error_handlers(app: FastAPI) -> None:
         # Starlette re-raises what this handler answered, and uvicorn logs its traceback: logged once, there.
         return from_exception(exc, log=False).response()
 
-    # (each known kind by its own handler: the catch-all's exceptions are re-raised, and logged as bugs)
-    for known in (APIError, EngineDeadError, EngineStepError, ValueError):  # EngineDeadError: /v1/models at load
+    # (each known kind by its own handler: the catch-all's exceptions are re-raised, and logged as bugs; a ValueError
+    # stays among them, a 400 whose traceback shows where a route let it through)
+    for known in (APIError, EngineDeadError, EngineStepError):  # EngineDeadError: /v1/models while the model loads
         app.add_exception_handler(known, on_known)
     app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(HTTPException, on_http_error)
