@@ -20,6 +20,7 @@ from slipstream.entrypoints.openai.admission import GenerationGate, GenerationGa
 
 KEYS = ("key-one", "key-two")
 NAME = "smol"
+ALIAS = "org/smol-instruct"  # a second --served-model-name, with a slash as hub ids have
 ALLOWED_ORIGIN = "https://app.example"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -29,8 +30,8 @@ METRICS_PORT = free_port()
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server("--api-key", KEYS[0], "--api-key", KEYS[1], "--served-model-name", NAME,
-                        "--max-concurrency", "1", "--max-model-len", "32768", "--allowed-origins", ALLOWED_ORIGIN,
+    with running_server("--api-key", KEYS[0], "--api-key", KEYS[1], "--served-model-name", NAME, ALIAS,
+                        "--trust-remote-code", "--enforce-eager", "--max-concurrency", "1", "--max-model-len", "32768", "--allowed-origins", ALLOWED_ORIGIN,
                         "--cpu-threads", "1", "--metrics-port", str(METRICS_PORT)) as s:
         yield s
 
@@ -101,6 +102,17 @@ def test_an_unknown_model_is_404(server):
     assert e.value.body["code"] == "model_not_found" and "gpt-4o" in e.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         client(server).completions.create(model="null", prompt="Hi", max_tokens=1)
+
+
+def test_vllm_command_lines_start_and_every_served_name_is_served(server):
+    """vLLM's --trust-remote-code / --enforce-eager stopped the start ("unrecognized arguments") and a second
+    --served-model-name too: they are accepted, the log says the flags act on nothing here, and every name is
+    listed and taken, the first one answering."""
+    assert "--trust-remote-code, --enforce-eager: accepted for vLLM's command lines" in server.log()
+    assert [m.id for m in client(server).models.list().data] == [NAME, ALIAS]
+    assert client(server).models.retrieve(ALIAS).id == ALIAS
+    answer = client(server).completions.create(model=ALIAS, prompt="Hi", max_tokens=1)
+    assert answer.model == NAME
 
 
 def test_models_retrieve(server):

@@ -42,7 +42,7 @@ class BatchLine(BaseModel):
 
 class BatchRunner:
     def __init__(self, llm: AsyncLLM, args: argparse.Namespace) -> None:
-        options = ServingOptions(served_model_name(args), False, args.enable_logprob, args.max_logprobs,
+        options = ServingOptions(served_model_name(args), (), args.enable_logprob, args.max_logprobs,
                                  args.trust_request_chat_template)
         reasoning = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
         self.chat = OpenAIServingChat(llm, options, reasoning, args.tool_call_parser)

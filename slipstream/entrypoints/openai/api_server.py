@@ -34,7 +34,7 @@ from slipstream.entrypoints.openai.admission import (
     GenerationGate,
     GenerationGateMiddleware,
 )
-from slipstream.entrypoints.openai.args import engine_config, parse_args
+from slipstream.entrypoints.openai.args import engine_config, ignored_flags, parse_args
 from slipstream.entrypoints.openai.dashboard import Dashboard
 from slipstream.entrypoints.openai.errors import APIError, install_error_handlers
 from slipstream.entrypoints.openai.metrics import Metrics
@@ -63,7 +63,7 @@ UVICORN_GRACE_S = 5  # after a drain, for responses to go out and connections to
 
 
 def served_model_name(args: argparse.Namespace) -> str:
-    return args.served_model_name or args.model or Path(DEFAULT_MODEL_FILE).stem
+    return (args.served_model_name or [args.model or Path(DEFAULT_MODEL_FILE).stem])[0]
 
 
 def body_schema(model: type[BaseModel]) -> dict:
@@ -89,7 +89,7 @@ def document_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
 
 def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> FastAPI:
     """The routes over an AsyncLLM (started by the caller; shut down with the app)."""
-    options = ServingOptions(served_model_name(args), args.served_model_name is not None, args.enable_logprob,
+    options = ServingOptions(served_model_name(args), tuple(args.served_model_name or ()), args.enable_logprob,
                              args.max_logprobs, args.trust_request_chat_template)
     reasoning_parser = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
     chat = OpenAIServingChat(llm, options, reasoning_parser, args.tool_call_parser)
@@ -123,20 +123,20 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
         return {"version": __version__, "numerics": llm.engine.numerics,
                 "cpu_kernels": table.describe() if table is not None else None}
 
-    def model_card() -> ModelCard:
+    def model_card(name: str) -> ModelCard:
         engine = llm.engine
-        return ModelCard(id=options.model_name, root=str(engine.model_dir), max_model_len=engine.max_model_len)
+        return ModelCard(id=name, root=str(engine.model_dir), max_model_len=engine.max_model_len)
 
     @app.get("/v1/models")
-    async def models() -> ModelList:
-        return ModelList(data=[model_card()])
+    async def models() -> ModelList:  # (each served name, as vLLM lists them)
+        return ModelList(data=[model_card(name) for name in options.accepted_names or (options.model_name,)])
 
     @app.get("/v1/models/{model_id:path}")  # (path: a served name may hold slashes, "org/model")
     async def model(model_id: str) -> ModelCard:
-        if model_id != options.model_name:
+        if model_id not in (options.accepted_names or (options.model_name,)):
             raise APIError(f"The model `{model_id}` does not exist.", status=404, param="model",
                            code="model_not_found")
-        return model_card()
+        return model_card(model_id)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -200,6 +200,8 @@ async def drain(server: uvicorn.Server, gate: GenerationGate, llm: AsyncLLM, tim
 async def serve(args: argparse.Namespace) -> int:
     """Run until a signal (0) or until the model fails to load (1)."""
     model_name = served_model_name(args)
+    if ignored := ignored_flags(args):
+        logger.info("%s: accepted for vLLM's command lines; nothing here acts on them", ", ".join(ignored))
     metrics = Metrics(model_name, lambda: llm.stats())
     llm = AsyncLLM.from_config(engine_config(args), on_output=metrics.observe)
     app = build_app(args, llm, metrics)

@@ -71,8 +71,9 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     pos_int = _bounded(int, 1)
     add("--model", default=None, help="a .gguf file or a Hugging Face model directory; default: the embedded "
         "SmolLM2-135M-Instruct")
-    add("--served-model-name", default=None, help="the model's name in the API; when set, requests naming "
-        "another model get 404 (default: any name is accepted, /v1/models shows the model's file name)")
+    add("--served-model-name", nargs="+", default=None, help="the model's names in the API (vLLM's: the first "
+        "one in responses); when set, requests naming another model get 404 (default: any name is accepted, "
+        "/v1/models shows the model's file name)")
     add("--host", default="0.0.0.0", help="address to listen on")
     add("--port", type=_bounded(int, 1, 65535), default=8188, help="port to listen on")
     add("--tensor-parallel-size", type=pos_int, default=1, help="number of tensor-parallel ranks")
@@ -151,7 +152,20 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="the dashboard's request timelines show prompt text (default: only counts and settings)")
     add("--log-level", choices=["debug", "info", "warning", "error", "critical"], default="info",
         help="logging verbosity")
+    # vLLM's flags that have nothing to act on here, accepted so that its command lines start (and logged as such)
+    add("--trust-remote-code", action="store_true",
+        help="vLLM's flag: accepted, no effect (no code from a checkpoint runs: the architectures are slipstream's)")
+    add("--enforce-eager", action="store_true", help="vLLM's flag: accepted, no effect (no graphs are captured)")
+    add("--gpu-memory-utilization", type=_bounded(float, 0.0, 1.0), default=None,
+        help="vLLM's flag: accepted, not used (the KV cache's budget is --kv-cache-memory)")
     return p
+
+
+def ignored_flags(args: argparse.Namespace) -> list[str]:
+    """The vLLM flags given that have nothing to act on here, for a line in the start-up log."""
+    given = {"--trust-remote-code": args.trust_remote_code, "--enforce-eager": args.enforce_eager,
+             "--gpu-memory-utilization": args.gpu_memory_utilization is not None}
+    return [flag for flag, on in given.items() if on]
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None,

@@ -49,8 +49,8 @@ _OPTIONAL_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "
 
 @dataclass
 class ServingOptions:
-    model_name: str  # what responses and /v1/models call the model
-    require_model_name: bool  # --served-model-name was given: other names are a 404
+    model_name: str  # what responses call the model
+    accepted_names: tuple[str, ...]  # --served-model-name: the names requests may give (others a 404); (): any
     enable_logprob: bool
     max_logprobs: int
     trust_request_chat_template: bool = False
@@ -178,7 +178,7 @@ class OpenAIServing:
 
     def check_model(self, request: SamplingRequest) -> None:
         # (no model named: the one served, as vLLM takes it)
-        if self.options.require_model_name and request.model not in (None, self.options.model_name):
+        if self.options.accepted_names and request.model not in (None, *self.options.accepted_names):
             raise APIError(f"The model `{request.model}` does not exist.", status=404, param="model",
                            code="model_not_found")
 
