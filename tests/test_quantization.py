@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from scoring import agreement_and_error, scores
-from tiny_models import save_tiny_model
 
 from slipstream import LLM, SamplingParams
 from slipstream.kernels import GGUF_KERNEL_TYPES, kernels
@@ -55,10 +54,25 @@ def test_w4a8_brings_the_dtype_it_needs(caplog):
     assert llm.generate(["Hello"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
 
 
-def test_w4a8_refuses_a_model_without_gguf_blocks(tmp_path):
-    model = save_tiny_model("llama", tmp_path / "tiny")
-    with pytest.raises(ValueError, match="w4a8 needs a GGUF model"):
-        LLM(str(model), kv_cache_memory=16 << 20, quantization="w4a8")
+@needs_kernels
+def test_w4a8_rounds_a_checkpoint_without_blocks_to_4_bits(safetensors_model: Path):
+    """w4a8 on a safetensors checkpoint was refused ("needs a GGUF model") although wint4 rounds the same layers to
+    the Q4_1 blocks w4a8's kernel takes: now it rounds them so, and multiplies them with int8 activations."""
+    exact = LLM(str(safetensors_model), kv_cache_memory=64 << 20)
+    greedy = exact.chat([[{"role": "user", "content": q}] for q in QUESTIONS[:4]],
+                        SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
+    sequences = [r.prompt_token_ids + r.outputs[0].token_ids for r in greedy]
+    start = [len(r.prompt_token_ids) for r in greedy]
+    want = scores(exact, sequences, start)
+    exact.engine.shutdown()
+    quantized = LLM(str(safetensors_model), kv_cache_memory=64 << 20, quantization="w4a8")
+    linears = quantized.engine.runner.model.linear_layers()
+    assert all(lin.weight.numel() == 0 and lin.gguf_parts[0].qtype == WEIGHT_ONLY_TYPES["wint4"]
+               and lin.int8_activations for lin in linears)
+    agreement, error = agreement_and_error(scores(quantized, sequences, start), want)
+    print(f"w4a8 on a safetensors checkpoint: top-1 agreement {agreement:.3f}, max logprob error {error:.3f}")
+    assert agreement >= MIN_TOP1_AGREEMENT and error <= MAX_LOGPROB_ERROR, (agreement, error)
+    assert agreement < 1 or error > 0, "w4a8 gave exactly the exact engine's numbers: was it applied?"
 
 
 def test_an_unknown_quantization_is_refused():

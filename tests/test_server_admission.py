@@ -31,7 +31,8 @@ METRICS_PORT = free_port()
 @pytest.fixture(scope="module")
 def server():
     with running_server("--api-key", KEYS[0], "--api-key", KEYS[1], "--served-model-name", NAME, ALIAS,
-                        "--trust-remote-code", "--enforce-eager", "--max-concurrency", "1", "--max-model-len", "32768", "--allowed-origins", ALLOWED_ORIGIN,
+                        "--trust-remote-code", "--enforce-eager", "--max-concurrency", "1", "--max-model-len", "32768",
+                        "--allowed-origins", ALLOWED_ORIGIN,
                         "--cpu-threads", "1", "--metrics-port", str(METRICS_PORT)) as s:
         yield s
 

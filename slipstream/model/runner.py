@@ -127,9 +127,15 @@ class ModelRunner:
         blocks = []
         if table.serves_gguf_blocks(self.device, self.dtype, tp_size(), int8):
             blocks = list(iter_gguf_blocks(model_dir))  # only a converted GGUF has them
-        if int8 and not blocks:
-            raise ValueError("--quantization w4a8 needs a GGUF model (its weight blocks), a CPU with AVX2 and one "
-                             "tensor-parallel rank")
+        if int8 and not table.serves_gguf_blocks(self.device, self.dtype, tp_size(), True):
+            lacking = [what for what, lacks in (
+                (f"a CPU (the device is {self.device})", self.device.type != "cpu"),
+                (f"one tensor-parallel rank (not {tp_size()})", tp_size() > 1),
+                ("the compiled CPU kernels (none here: no AVX2, no compiler, or SLIPSTREAM_CPU_ISA=none)",
+                 table.ops is None)) if lacks]
+            raise ValueError(f"--quantization w4a8 needs {' and '.join(lacking) or 'its int8 block kernel'}")
+        # A checkpoint without blocks (safetensors): its linear layers rounded to Q4_1 at load, as wint4 rounds them.
+        rounds_to_q4 = int8 and not blocks
         exact_kernels = not int8 and table.serves_gguf_blocks(self.device, self.dtype, tp_size(), False)
         served: set[str] = set()  # checkpoint tensors that GGUF blocks serve: never read as float32
         if blocks:  # (first: the layers they serve are then never filled with float32 weights)
@@ -139,8 +145,8 @@ class ModelRunner:
             hold_half_precision_weights(self.model, half)
         del blocks
         self.model.load_weights(iter_weights(model_dir, skip=served))
-        if weight_only:
-            self.model.quantize_linear_layers(WEIGHT_ONLY_TYPES[quant])
+        if weight_only or rounds_to_q4:
+            self.model.quantize_linear_layers(WEIGHT_ONLY_TYPES["wint4" if rounds_to_q4 else quant], int8)
         if self.weight_dtype != self.dtype:
             round_weights(self.model, self.weight_dtype)
         if exact_kernels:
