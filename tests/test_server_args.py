@@ -14,7 +14,7 @@ import pytest
 from server_utils import free_port
 
 from slipstream.config import EngineConfig
-from slipstream.entrypoints.openai.args import API_KEY_ENV, engine_config, memory_size, parse_args
+from slipstream.entrypoints.openai.args import API_KEY_ENV, engine_config, ignored_flags, memory_size, parse_args
 from slipstream.model.worker import cpu_threads, threads_per_rank
 
 SERVER = [sys.executable, "-m", "slipstream.entrypoints.openai.api_server"]
@@ -173,3 +173,15 @@ def test_collect_env_reports_this_machine():
     assert len(report["cpu kernel variants"]) == len(dispatch.VARIANTS)
     text = subprocess.run([*CLI, "collect-env"], capture_output=True, text=True, timeout=600).stdout
     assert dict(line.split(": ", 1) for line in text.splitlines())["cpu"] == report["cpu"]
+
+
+def test_vllm_spellings_and_its_flags_that_act_on_nothing_here():
+    """vLLM's command lines were refused for a spelling (`--dtype half`, `-tp`, `-q`) or a flag with nothing to act
+    on here (`--disable-log-requests`, ...): the spellings mean ours, the flags are accepted and named in the log."""
+    args = parse_args(["--dtype", "half", "-tp", "3", "-q", "w4a8", "--disable-log-requests", "--enforce-eager",
+                       "--trust-remote-code", "--gpu-memory-utilization", "0.9", "--served-model-name", "a", "b/c"])
+    assert (args.dtype, args.tensor_parallel_size, args.quantization) == ("float16", 3, "w4a8")
+    assert parse_args(["--dtype", "float"]).dtype == "float32" and args.served_model_name == ["a", "b/c"]
+    assert ignored_flags(args) == ["--trust-remote-code", "--enforce-eager", "--gpu-memory-utilization",
+                                   "--disable-log-requests / --disable-log-stats"]
+    assert ignored_flags(parse_args([])) == []

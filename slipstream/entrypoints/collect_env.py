@@ -43,6 +43,13 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return name, flags
 
 
+def _kernels(dispatch) -> str:
+    try:
+        return dispatch.kernels().describe()
+    except ValueError as exc:  # (a bad $SLIPSTREAM_CPU_ISA: the report is for such cases too)
+        return f"none: {exc}"
+
+
 def collect() -> dict[str, object]:
     import torch
 
@@ -68,7 +75,7 @@ def collect() -> dict[str, object]:
         "cpu kernel variants": [f"{v.name}" + (f" (lacks {'+'.join(m)})" if (m := dispatch.missing_features(v))
                                                 else "") for v in dispatch.VARIANTS],
         dispatch.ISA_ENV: os.environ.get(dispatch.ISA_ENV, "unset"),
-        "compiled CPU kernels": dispatch.kernels().describe(),
+        "compiled CPU kernels": _kernels(dispatch),
         "cuda": torch.version.cuda or "none",
         "gpus": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
     }

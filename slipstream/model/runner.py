@@ -195,6 +195,11 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = kv[0, i], kv[1, i]
         self.kv_cache = kv
         self.kv_cache_bytes = kv.numel() * elem
+        table = kernels()
+        if self.device.type == "cpu" and table.has("paged_attention") and not table.cache_fits(kv[0, 0]):
+            logger.warning("a %s KV cache: no compiled attention kernel takes it (float32, float16 and int8 ones; "
+                           "float16 is as small): decode attention runs in plain PyTorch, about half as fast",
+                           str(kv_dtype).removeprefix("torch."))
         return num_blocks
 
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[PromptRows], StepInput]:

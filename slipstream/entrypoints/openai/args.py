@@ -76,7 +76,7 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "/v1/models shows the model's file name)")
     add("--host", default="0.0.0.0", help="address to listen on")
     add("--port", type=_bounded(int, 1, 65535), default=8188, help="port to listen on")
-    add("--tensor-parallel-size", type=pos_int, default=1, help="number of tensor-parallel ranks")
+    add("--tensor-parallel-size", "-tp", type=pos_int, default=1, help="number of tensor-parallel ranks")
     add("--nnodes", type=pos_int, default=1, help="machines the tensor-parallel ranks are spread over")
     add("--node-rank", type=_bounded(int, 0), default=0,
         help="this machine's index; node 0 serves HTTP, the others run tensor-parallel workers only")
@@ -95,13 +95,14 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
         help="split long prompts across engine steps")
     add("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+        type=lambda name: {"half": "float16", "float": "float32"}.get(name, name),  # (vLLM's spellings too)
         help="weights and activations type (auto: float32 on every device, exact and the compiled kernels' type; "
         "bfloat16 / float16: rounded, faster on CUDA; on a CPU with the kernels, weights rounded to it and kept so, "
         "activations in float32)")
     add("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
         help="KV-cache type (auto: the model's dtype; float16 with --quantization w4a8, as llama.cpp keeps it, and "
         "with half-precision weights on a CPU; int8: rounded, a scale per token and head, ~half float16's bytes)")
-    add("--quantization", choices=[*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES], default=None,
+    add("--quantization", "-q", choices=[*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES], default=None,
         help="w4a8: multiply a GGUF's 4-bit weight blocks with activations rounded to int8 (as llama.cpp "
         "does): faster on CPU, no longer token-for-token equal to the reference. wint8 / wint4 (weight_only_int8 / "
         "_int4): round each linear layer's weights to 8 / 4 bits in blocks of 32 at load, activations stay float32: "
@@ -158,13 +159,16 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--enforce-eager", action="store_true", help="vLLM's flag: accepted, no effect (no graphs are captured)")
     add("--gpu-memory-utilization", type=_bounded(float, 0.0, 1.0), default=None,
         help="vLLM's flag: accepted, not used (the KV cache's budget is --kv-cache-memory)")
+    add("--disable-log-requests", "--disable-log-stats", action="store_true", dest="disable_vllm_logs",
+        help="vLLM's flags: accepted, no effect (requests are not logged one by one; stats are on /metrics)")
     return p
 
 
 def ignored_flags(args: argparse.Namespace) -> list[str]:
     """The vLLM flags given that have nothing to act on here, for a line in the start-up log."""
     given = {"--trust-remote-code": args.trust_remote_code, "--enforce-eager": args.enforce_eager,
-             "--gpu-memory-utilization": args.gpu_memory_utilization is not None}
+             "--gpu-memory-utilization": args.gpu_memory_utilization is not None,
+             "--disable-log-requests / --disable-log-stats": args.disable_vllm_logs}
     return [flag for flag, on in given.items() if on]
 
 
