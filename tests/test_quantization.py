@@ -99,6 +99,7 @@ def test_weight_only_quantization_stays_within_its_bound(safetensors_model: Path
     quantized = LLM(str(safetensors_model), kv_cache_memory=64 << 20, quantization=alias)
     linears = quantized.engine.runner.model.linear_layers()
     assert all(lin.weight.numel() == 0 and lin.gguf_parts[0].qtype == WEIGHT_ONLY_TYPES[method] for lin in linears)
+    assert quantized.engine.numerics == f"float32 {method}"
     got = scores(quantized, sequences, start)  # prompts of 60+ tokens: the dequantized path serves their prefill
     agreement, error = agreement_and_error(got, want)
     min_agreement, max_error = WEIGHT_ONLY_BOUNDS[method]
@@ -107,6 +108,14 @@ def test_weight_only_quantization_stays_within_its_bound(safetensors_model: Path
     # (wint4 may give exactly the exact numbers here: the weights were Q4_1 blocks, and rounding them to Q4_1
     # again finds the same blocks. That it was applied is asserted above, on the layers.)
     assert "weights: F32 x" in caplog.text and f"{GGUF_KERNEL_TYPES[WEIGHT_ONLY_TYPES[method]]} by" in caplog.text
+
+
+def test_weight_only_quantization_of_a_gguf_says_it_keeps_the_blocks(caplog):
+    """wint8 on a GGUF rounded nothing (its layers are blocks already) while the log and /version said
+    "float32 wint8": now they say what was served."""
+    caplog.set_level(logging.INFO, logger="slipstream.model.runner")
+    llm = LLM(kv_cache_memory=16 << 20, quantization="wint8")
+    assert llm.engine.numerics == "float32" and "are quantized GGUF blocks already" in caplog.text
 
 
 @pytest.mark.parametrize("qtype", sorted(GGUF_KERNEL_TYPES))

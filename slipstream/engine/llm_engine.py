@@ -133,7 +133,7 @@ class LLMEngine:
         self.load_seconds = time.monotonic() - t0
         # What the model computes in, as /version reports it: "float32", "bfloat16 weights, float32 activations",
         # "float32 w4a8", ...
-        self.numerics = " ".join(filter(None, [self.runner.numerics(), config.quantization]))
+        self.numerics = " ".join(filter(None, [self.runner.numerics(), self.runner.quantization]))
         kernel_note = f", CPU kernels {kernels().describe()}" if self.runner.device.type == "cpu" else ""
         spec = self.speculation
         spec_note = (f", n-gram speculation ({spec.num_speculative_tokens} tokens at batch <= "

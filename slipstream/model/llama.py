@@ -222,17 +222,20 @@ class CausalLM(nn.Module):
         return [lin for layer in self.layers for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                           layer.mlp.gate_up_proj, layer.mlp.down_proj)]
 
-    def quantize_linear_layers(self, qtype: int, int8_activations: bool = False) -> None:
+    def quantize_linear_layers(self, qtype: int, int8_activations: bool = False) -> int:
         """Weight-only quantization at load (--quantization wint8 / wint4; wint4's blocks with `int8_activations`
         for w4a8 on a checkpoint without blocks): each decoder linear layer that has no GGUF blocks yet gets its
         weights rounded to blocks of `qtype` by the gguf package's quantizer, and loses its dense copy. The LM head
-        (often the embedding table too) stays as it is."""
+        (often the embedding table too) stays as it is. Returns how many layers it rounded."""
         from gguf import GGMLQuantizationType, quants
 
+        rounded = 0
         for lin in self.linear_layers():
             if getattr(lin, "gguf_parts", None) is None and lin.weight.shape[1] % 32 == 0:
                 blocks = quants.quantize(lin.weight.detach().float().cpu().numpy(), GGMLQuantizationType(qtype))
                 attach_gguf_blocks(lin, torch.from_numpy(blocks), qtype, int8_activations=int8_activations)
+                rounded += 1
+        return rounded
 
     def load_gguf_blocks(self, blocks: Iterable[tuple[str, torch.Tensor, int]], int8_activations: bool) -> set[str]:
         """Attach the GGUF block form of the weights (one rank only), before `load_weights`: the layers that take

@@ -145,8 +145,13 @@ class ModelRunner:
             hold_half_precision_weights(self.model, half)
         del blocks
         self.model.load_weights(iter_weights(model_dir, skip=served))
+        rounded = 0
         if weight_only or rounds_to_q4:
-            self.model.quantize_linear_layers(WEIGHT_ONLY_TYPES["wint4" if rounds_to_q4 else quant], int8)
+            rounded = self.model.quantize_linear_layers(WEIGHT_ONLY_TYPES["wint4" if rounds_to_q4 else quant], int8)
+        if weight_only and not rounded:
+            logger.info("--quantization %s: the model's linear layers are quantized GGUF blocks already: served as "
+                        "they are", quant)
+        self.quantization = "w4a8" if int8 else quant if rounded else None  # what was applied (/version says it)
         if self.weight_dtype != self.dtype:
             round_weights(self.model, self.weight_dtype)
         if exact_kernels:
