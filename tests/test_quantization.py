@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -54,10 +55,10 @@ def test_w4a8_brings_the_dtype_it_needs(caplog):
     assert llm.generate(["Hello"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
 
 
-@needs_kernels
-def test_w4a8_rounds_a_checkpoint_without_blocks_to_4_bits(safetensors_model: Path):
-    """w4a8 on a safetensors checkpoint was refused ("needs a GGUF model") although wint4 rounds the same layers to
-    the Q4_1 blocks w4a8's kernel takes: now it rounds them so, and multiplies them with int8 activations."""
+@pytest.fixture(scope="module")
+def exact_safetensors_scores(safetensors_model: Path) -> tuple[list[list[int]], list[int], Any]:
+    """The exact engine's greedy continuations of four questions on the safetensors copy, and its scores of them:
+    (sequences, where each continuation starts, scores)."""
     exact = LLM(str(safetensors_model), kv_cache_memory=64 << 20)
     greedy = exact.chat([[{"role": "user", "content": q}] for q in QUESTIONS[:4]],
                         SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
@@ -65,6 +66,14 @@ def test_w4a8_rounds_a_checkpoint_without_blocks_to_4_bits(safetensors_model: Pa
     start = [len(r.prompt_token_ids) for r in greedy]
     want = scores(exact, sequences, start)
     exact.engine.shutdown()
+    return sequences, start, want
+
+
+@needs_kernels
+def test_w4a8_rounds_a_checkpoint_without_blocks_to_4_bits(safetensors_model: Path, exact_safetensors_scores):
+    """w4a8 on a safetensors checkpoint was refused ("needs a GGUF model") although wint4 rounds the same layers to
+    the Q4_1 blocks w4a8's kernel takes: now it rounds them so, and multiplies them with int8 activations."""
+    sequences, start, want = exact_safetensors_scores
     quantized = LLM(str(safetensors_model), kv_cache_memory=64 << 20, quantization="w4a8")
     linears = quantized.engine.runner.model.linear_layers()
     assert all(lin.weight.numel() == 0 and lin.gguf_parts[0].qtype == WEIGHT_ONLY_TYPES["wint4"]
@@ -86,15 +95,10 @@ WEIGHT_ONLY_BOUNDS = {"wint8": (0.95, 0.5), "wint4": (0.85, 1.5)}
 
 
 @pytest.mark.parametrize("method", ["wint8", "wint4"])
-def test_weight_only_quantization_stays_within_its_bound(safetensors_model: Path, method: str, caplog):
+def test_weight_only_quantization_stays_within_its_bound(safetensors_model: Path, exact_safetensors_scores,
+                                                        method: str, caplog):
     caplog.set_level(logging.INFO, logger="slipstream.model.runner")
-    exact = LLM(str(safetensors_model), kv_cache_memory=64 << 20)
-    greedy = exact.chat([[{"role": "user", "content": q}] for q in QUESTIONS[:4]],
-                        SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
-    sequences = [r.prompt_token_ids + r.outputs[0].token_ids for r in greedy]
-    start = [len(r.prompt_token_ids) for r in greedy]
-    want = scores(exact, sequences, start)
-    exact.engine.shutdown()
+    sequences, start, want = exact_safetensors_scores
     alias = {"wint8": "weight_only_int8", "wint4": "weight_only_int4"}[method]  # FastDeploy's long name
     quantized = LLM(str(safetensors_model), kv_cache_memory=64 << 20, quantization=alias)
     linears = quantized.engine.runner.model.linear_layers()
