@@ -114,6 +114,7 @@ def test_a_bad_flag_through_the_module_entry_point_is_one_clear_line():
     r = subprocess.run([*SERVER, "--port", "abc"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2
     assert "argument --port: invalid int value: 'abc'" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # (argparse's whole usage text came first: 36 lines)
 
 
 def test_a_model_that_cannot_load_stops_the_server_with_its_reason(tmp_path):

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+from typing import NoReturn
 
 from slipstream.config import (
     KV_CACHE_DTYPES,
@@ -64,9 +65,16 @@ def _device(text: str) -> str:
     return text
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A mistake is one line (argparse printed the whole usage first: some 36 lines above the error)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
 def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible LLM server.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _OneLineErrors(prog=prog, description="OpenAI-compatible LLM server.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     pos_int = _bounded(int, 1)
     add("--model", default=None, help="a .gguf file or a Hugging Face model directory; default: the embedded "
