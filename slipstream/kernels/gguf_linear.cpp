@@ -25,13 +25,6 @@ namespace {
 
 using namespace slipstream;
 
-// Eight signed bytes as floats, loaded on their own so that the widening takes them from memory (one fused
-// instruction); the upper half of a 16-byte load took a shuffle first: the byte form's matmuls (k16_rows) 1.10x at one
-// activation row, 1.19x at four (AMD EPYC Zen 3, a Q4_K_M file's Q5_0 / Q6_K layers).
-inline __m256 load_bytes8(const int8_t* q) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
-}
-
 // The 32 quantized weights of one block as four vectors of 8 floats, before scale (and min).
 template <QType T>
 inline void load_block(const uint8_t* q, __m256 w[4]) {

@@ -27,9 +27,7 @@ namespace {
 // Eight cache values (float32, or float16 in at::Half) as floats.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
+inline __m256 load8(const int8_t* p) { return slipstream::load_bytes8(p); }
 
 // An int8 row's values are scaled by the float32 after them (kv_rows.h): a key's by its score, a value's by
 // its probability.

@@ -123,17 +123,19 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
         return {"version": __version__, "numerics": llm.engine.numerics,
                 "cpu_kernels": table.describe() if table is not None else None}
 
+    names = options.accepted_names or (options.model_name,)  # (each served name, as vLLM lists them)
+
     def model_card(name: str) -> ModelCard:
         engine = llm.engine
         return ModelCard(id=name, root=str(engine.model_dir), max_model_len=engine.max_model_len)
 
     @app.get("/v1/models")
-    async def models() -> ModelList:  # (each served name, as vLLM lists them)
-        return ModelList(data=[model_card(name) for name in options.accepted_names or (options.model_name,)])
+    async def models() -> ModelList:
+        return ModelList(data=[model_card(name) for name in names])
 
     @app.get("/v1/models/{model_id:path}")  # (path: a served name may hold slashes, "org/model")
     async def model(model_id: str) -> ModelCard:
-        if model_id not in (options.accepted_names or (options.model_name,)):
+        if model_id not in names:
             raise APIError(f"The model `{model_id}` does not exist.", status=404, param="model",
                            code="model_not_found")
         return model_card(model_id)
