@@ -14,6 +14,9 @@ QUANTIZATION_ALIASES = {"weight_only_int8": "wint8", "weight_only_int4": "wint4"
 # weights on a CPU (the kernels' cache types are float32, float16 and int8). int8: each token's keys and values of
 # each KV head rounded to int8 with a scale of their own (model/kv_cache.py): about half float16's bytes, not exact.
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "int8")
+# vLLM's 8-bit caches: no fp8 kernels here; int8 with its scales takes the same bytes a row, and rounds less (7 bits
+# of mantissa against e4m3's 3 / e5m2's 2). The load log names the cache's type.
+KV_CACHE_DTYPE_ALIASES = {"fp8": "int8", "fp8_e4m3": "int8", "fp8_e5m2": "int8"}
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             methods = ", ".join(QUANTIZATION_METHODS)
             raise ValueError(f"unknown quantization {self.quantization!r}: use one of {methods}")
+        self.kv_cache_dtype = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}: use one of {', '.join(KV_CACHE_DTYPES)}")
         if isinstance(self.speculative_config, dict):

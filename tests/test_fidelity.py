@@ -73,7 +73,7 @@ def reference(prompt_ids, llm_fp32) -> list[Reference]:
     """transformers' greedy continuations, one prompt at a time (no padding: exact)."""
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    from slipstream.model.loader import default_model_path
+    from slipstream.model.locate import default_model_path
 
     path = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(

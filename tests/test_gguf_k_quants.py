@@ -23,7 +23,7 @@ from slipstream import LLM, SamplingParams
 from slipstream.kernels import GGUF_KERNEL_TYPES, kernels
 from slipstream.kernels.selfcheck import random_gguf_weight
 from slipstream.model.layers import is_high_bit_rows
-from slipstream.model.loader import default_model_path
+from slipstream.model.locate import default_model_path
 
 K_TYPES = [t for t, name in GGUF_KERNEL_TYPES.items() if name.endswith("_K")]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]

@@ -31,7 +31,8 @@ METRICS_PORT = free_port()
 @pytest.fixture(scope="module")
 def server():
     with running_server("--api-key", KEYS[0], "--api-key", KEYS[1], "--served-model-name", NAME, ALIAS,
-                        "--trust-remote-code", "--enforce-eager", "--max-concurrency", "1", "--max-model-len", "32768",
+                        "--trust-remote-code", "--enforce-eager", "--max-concurrency", "1", "--max-model-len", "32K",
+                        "--engine-worker-queue-port", "8182",
                         "--allowed-origins", ALLOWED_ORIGIN,
                         "--cpu-threads", "1", "--metrics-port", str(METRICS_PORT)) as s:
         yield s
@@ -43,7 +44,7 @@ def client(server, key: str = KEYS[0]) -> openai.OpenAI:
 
 def test_start_up_reports_what_it_loaded_and_caps_the_context(server):
     log = server.log()
-    assert "KV blocks" in log and "float32" in log and "(1 threads)" in log
+    assert "KV blocks" in log and "MiB, float32), max model len" in log and "(1 threads)" in log
     assert f"serving {NAME} at http://127.0.0.1:" in log
     assert "exceeds the model's trained context 8192" in log
     card = client(server).models.list().data[0]
@@ -109,7 +110,8 @@ def test_vllm_command_lines_start_and_every_served_name_is_served(server):
     """vLLM's --trust-remote-code / --enforce-eager stopped the start ("unrecognized arguments") and a second
     --served-model-name too: they are accepted, the log says the flags act on nothing here, and every name is
     listed and taken, the first one answering."""
-    assert "--trust-remote-code, --enforce-eager: accepted for vLLM's command lines" in server.log()
+    assert ("--trust-remote-code, --enforce-eager, --engine-worker-queue-port / --cache-queue-port: accepted for "
+            "vLLM's and FastDeploy's command lines") in server.log()
     assert [m.id for m in client(server).models.list().data] == [NAME, ALIAS]
     assert client(server).models.retrieve(ALIAS).id == ALIAS
     answer = client(server).completions.create(model=ALIAS, prompt="Hi", max_tokens=1)

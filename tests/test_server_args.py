@@ -118,11 +118,36 @@ def test_a_bad_flag_through_the_module_entry_point_is_one_clear_line():
 
 
 def test_a_model_that_cannot_load_stops_the_server_with_its_reason(tmp_path):
-    r = subprocess.run([*SERVER, "--port", str(free_port()), "--model", str(tmp_path / "missing")],
+    (tmp_path / "config.json").write_text("{}")  # found (a Hugging Face directory), but no model in it
+    r = subprocess.run([*SERVER, "--port", str(free_port()), "--model", str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1
-    assert "failed to load the model" in r.stderr and "missing" in r.stderr
+    assert "failed to load the model" in r.stderr and "model_type" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def imported_torch(stderr: str) -> bool:
+    """Whether a `python -X importtime` run imported torch (its lines: "import time: self | cumulative | name")."""
+    return any(line.rsplit("|", 1)[-1].strip() == "torch" for line in stderr.splitlines())
+
+
+def test_help_a_bad_flag_and_a_missing_model_answer_before_torch_is_imported(tmp_path):
+    """They took 5-10 s on 2 cores: the server module imported torch, the engine and FastAPI before it read its
+    flags, and a mistyped --model failed only as the engine loaded it, after uvicorn's "Application startup
+    complete". Now the command line and the model's files are checked first, with nothing heavy imported."""
+    importtime = [sys.executable, "-X", "importtime", *SERVER[1:]]
+    r = subprocess.run([*importtime, "--help"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "--max-model-len" in r.stdout and not imported_torch(r.stderr)
+    r = subprocess.run([*importtime, "--max-model-len", "4x"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and not imported_torch(r.stderr)
+    r = subprocess.run([*importtime, "--model", str(tmp_path / "missing.gguf")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 2 and not imported_torch(r.stderr), r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if not line.startswith("import time:")]
+    assert len(errors) == 1 and "error: argument --model:" in errors[0] and "missing.gguf" in errors[0], errors
+    r = subprocess.run([*SERVER, "--model", str(tmp_path / "missing.gguf")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 2 and imported_torch(r.stderr) is False and "Traceback" not in r.stderr
 
 
 def test_a_taken_port_stops_the_start_before_loading_anything():
@@ -186,3 +211,21 @@ def test_vllm_spellings_and_its_flags_that_act_on_nothing_here():
     assert ignored_flags(args) == ["--trust-remote-code", "--enforce-eager", "--gpu-memory-utilization",
                                    "--disable-log-requests / --disable-log-stats"]
     assert ignored_flags(parse_args([])) == []
+
+
+def test_vllm_and_fastdeploy_command_lines_from_their_quick_starts_parse():
+    """`--max-model-len 32k` (vLLM reads counts so), `--kv-cache-dtype fp8`, FastDeploy's queue ports: refused by
+    argparse before. fp8 means the int8 cache (no fp8 kernels; the same bytes a row)."""
+    args = parse_args(["--model", "baidu/ERNIE-4.5-0.3B-Paddle", "--port", "8180", "--metrics-port", "8181",
+                       "--engine-worker-queue-port", "8182", "--max-model-len", "32k", "--max-num-seqs", "32",
+                       "--max-num-batched-tokens", "8K", "--kv-cache-dtype", "fp8", "--swap-space", "4",
+                       "--load-format", "auto", "--kv-cache-ratio", "0.75", "--tokenizer", "/some/tokenizer"])
+    config = engine_config(args)
+    assert (config.max_model_len, config.max_num_batched_tokens) == (32_000, 8192)
+    assert (config.kv_cache_dtype, config.tokenizer) == ("int8", "/some/tokenizer")
+    assert ignored_flags(args) == ["--swap-space", "--load-format", "--engine-worker-queue-port / --cache-queue-port",
+                                   "--kv-cache-ratio"]
+    assert parse_args(["--max-model-len", "25.6k"]).max_model_len == 25_600
+    for bad in ("0", "1.5", "4x", "-4k"):
+        with pytest.raises(SystemExit):
+            parse_args(["--max-model-len", bad])

@@ -15,9 +15,9 @@ import pytest
 from slipstream import SamplingParams
 from slipstream.engine.async_llm import AsyncLLM, EngineDeadError
 from slipstream.engine.llm_engine import ContextLengthError
-from slipstream.entrypoints.openai.api_server import build_app
 from slipstream.entrypoints.openai.args import parse_args
 from slipstream.entrypoints.openai.metrics import Metrics
+from slipstream.entrypoints.openai.server import build_app
 
 GREEDY = SamplingParams(temperature=0, max_tokens=3)
 

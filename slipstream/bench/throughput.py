@@ -60,7 +60,7 @@ def _generate(engine, prompts: list[list[int]], params: SamplingParams, tag: str
 
 def run(args: argparse.Namespace) -> int:
     from slipstream import LLM
-    from slipstream.model.loader import DEFAULT_MODEL_NAME
+    from slipstream.model.locate import DEFAULT_MODEL_NAME
 
     options = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                "kv_cache_memory": args.kv_cache_memory}

@@ -139,9 +139,11 @@ class LLMEngine:
         spec_note = (f", n-gram speculation ({spec.num_speculative_tokens} tokens at batch <= "
                      f"{spec.disable_by_batch_size})" if spec else "")
         logger.info(
-            "loaded %s: %s%s on %s (%d threads), %d KV blocks x %d tokens (%.0f MiB), max model len %d%s, in %.1f s",
+            "loaded %s: %s%s on %s (%d threads), %d KV blocks x %d tokens (%.0f MiB, %s), max model len %d%s, "
+            "in %.1f s",
             self.model_dir, self.numerics, kernel_note, self.runner.device, torch.get_num_threads(),
-            self.runner.num_blocks, bs, self.runner.kv_cache_bytes / 2**20, self.max_model_len, spec_note,
+            self.runner.num_blocks, bs, self.runner.kv_cache_bytes / 2**20,
+            str(self.runner.kv_cache.dtype).removeprefix("torch."), self.max_model_len, spec_note,
             self.load_seconds,
         )
 

@@ -21,8 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from slipstream.engine.async_llm import AsyncLLM
-from slipstream.entrypoints.openai.api_server import served_model_name
-from slipstream.entrypoints.openai.args import engine_config, make_arg_parser, parse_args
+from slipstream.entrypoints.openai.args import engine_config, make_arg_parser, parse_args, served_model_name
 from slipstream.entrypoints.openai.errors import from_exception
 from slipstream.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from slipstream.entrypoints.openai.serving_chat import OpenAIServingChat

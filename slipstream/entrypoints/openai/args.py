@@ -7,15 +7,18 @@ import argparse
 import json
 import os
 import re
+from pathlib import Path
 from typing import NoReturn
 
 from slipstream.config import (
+    KV_CACHE_DTYPE_ALIASES,
     KV_CACHE_DTYPES,
     QUANTIZATION_ALIASES,
     QUANTIZATION_METHODS,
     EngineConfig,
     SpeculativeConfig,
 )
+from slipstream.model.locate import DEFAULT_MODEL_FILE
 from slipstream.reasoning import REASONING_PARSERS, get_reasoning_parser
 
 API_KEY_ENV = "SLIPSTREAM_API_KEY"
@@ -31,6 +34,18 @@ def memory_size(text: str) -> int:
     if not unit:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: use bytes or a size like 256MiB or 2GiB")
     return int(float(m.group(1)) * unit)
+
+
+_COUNT_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def token_count(text: str) -> int:
+    """A count of tokens as vLLM reads one: 4096, or 4k / 25.6k / 1m (decimal), 4K / 1M (binary: 4096, 2**20)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgKMG]?)\s*", text)
+    value = m and float(m.group(1)) * _COUNT_UNITS.get(m.group(2), 1)
+    if not value or value != int(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: use a positive whole number like 4096, 4k or 4K")
+    return int(value)
 
 
 def _bounded(kind: type, low: float | None = None, high: float | None = None):
@@ -79,6 +94,8 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     pos_int = _bounded(int, 1)
     add("--model", default=None, help="a .gguf file or a Hugging Face model directory; default: the embedded "
         "SmolLM2-135M-Instruct")
+    add("--tokenizer", default=None, help="the tokenizer's directory or cached repo id, when not the model's own "
+        "(vLLM's flag)")
     add("--served-model-name", nargs="+", default=None, help="the model's names in the API (vLLM's: the first "
         "one in responses); when set, requests naming another model get 404 (default: any name is accepted, "
         "/v1/models shows the model's file name)")
@@ -91,10 +108,10 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--master-addr", default="127.0.0.1", help="address of node 0 for the tensor-parallel rendezvous")
     add("--master-port", type=_bounded(int, 1, 65535), default=None,
         help="port of the tensor-parallel rendezvous on node 0 (required with --nnodes > 1; default: a free port)")
-    add("--max-model-len", type=pos_int, default=None,
+    add("--max-model-len", type=token_count, default=None,
         help="context length (prompt + output); capped to the model's trained context")
     add("--max-num-seqs", type=pos_int, default=64, help="most sequences in one batch")
-    add("--max-num-batched-tokens", type=pos_int, default=2048, help="token budget of one engine step")
+    add("--max-num-batched-tokens", type=token_count, default=2048, help="token budget of one engine step")
     add("--block-size", type=pos_int, default=16, help="tokens per KV-cache block")
     add("--kv-cache-memory", type=memory_size, default=None,
         help="KV-cache budget: bytes or a size like 256MiB or 2GiB (default: a quarter of free memory)")
@@ -107,9 +124,10 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="weights and activations type (auto: float32 on every device, exact and the compiled kernels' type; "
         "bfloat16 / float16: rounded, faster on CUDA; on a CPU with the kernels, weights rounded to it and kept so, "
         "activations in float32)")
-    add("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+    add("--kv-cache-dtype", choices=[*KV_CACHE_DTYPES, *KV_CACHE_DTYPE_ALIASES], default="auto",
         help="KV-cache type (auto: the model's dtype; float16 with --quantization w4a8, as llama.cpp keeps it, and "
-        "with half-precision weights on a CPU; int8: rounded, a scale per token and head, ~half float16's bytes)")
+        "with half-precision weights on a CPU; int8: rounded, a scale per token and head, ~half float16's bytes; "
+        "vLLM's fp8 / fp8_e4m3 / fp8_e5m2 mean int8: the same bytes, rounded less)")
     add("--quantization", "-q", choices=[*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES], default=None,
         help="w4a8: multiply a GGUF's 4-bit weight blocks with activations rounded to int8 (as llama.cpp "
         "does): faster on CPU, no longer token-for-token equal to the reference. wint8 / wint4 (weight_only_int8 / "
@@ -161,7 +179,8 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="the dashboard's request timelines show prompt text (default: only counts and settings)")
     add("--log-level", choices=["debug", "info", "warning", "error", "critical"], default="info",
         help="logging verbosity")
-    # vLLM's flags that have nothing to act on here, accepted so that its command lines start (and logged as such)
+    # vLLM's and FastDeploy's flags that have nothing to act on here, accepted so that their command lines start (and
+    # logged as such)
     add("--trust-remote-code", action="store_true",
         help="vLLM's flag: accepted, no effect (no code from a checkpoint runs: the architectures are slipstream's)")
     add("--enforce-eager", action="store_true", help="vLLM's flag: accepted, no effect (no graphs are captured)")
@@ -169,14 +188,29 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="vLLM's flag: accepted, not used (the KV cache's budget is --kv-cache-memory)")
     add("--disable-log-requests", "--disable-log-stats", action="store_true", dest="disable_vllm_logs",
         help="vLLM's flags: accepted, no effect (requests are not logged one by one; stats are on /metrics)")
+    add("--swap-space", type=_bounded(float, 0), default=None,
+        help="vLLM's flag: accepted, not used (no KV blocks are swapped out: a preempted request is recomputed)")
+    add("--load-format", default=None, help="vLLM's flag: accepted, not used (the format is read off the files)")
+    # FastDeploy's, from its quick start's command line: ports and shares of its multi-process engine
+    add("--engine-worker-queue-port", "--cache-queue-port", type=_bounded(int, 1, 65535), default=None,
+        dest="fastdeploy_queue_port", help="FastDeploy's flags: accepted, not used (the engine runs in this process)")
+    add("--kv-cache-ratio", type=_bounded(float, 0.0, 1.0), default=None,
+        help="FastDeploy's flag: accepted, not used (prompts and outputs share the KV cache's blocks)")
     return p
 
 
+def served_model_name(args: argparse.Namespace) -> str:
+    return (args.served_model_name or [args.model or Path(DEFAULT_MODEL_FILE).stem])[0]
+
+
 def ignored_flags(args: argparse.Namespace) -> list[str]:
-    """The vLLM flags given that have nothing to act on here, for a line in the start-up log."""
+    """The vLLM and FastDeploy flags given that have nothing to act on here, for a line in the start-up log."""
     given = {"--trust-remote-code": args.trust_remote_code, "--enforce-eager": args.enforce_eager,
              "--gpu-memory-utilization": args.gpu_memory_utilization is not None,
-             "--disable-log-requests / --disable-log-stats": args.disable_vllm_logs}
+             "--disable-log-requests / --disable-log-stats": args.disable_vllm_logs,
+             "--swap-space": args.swap_space is not None, "--load-format": args.load_format is not None,
+             "--engine-worker-queue-port / --cache-queue-port": args.fastdeploy_queue_port is not None,
+             "--kv-cache-ratio": args.kv_cache_ratio is not None}
     return [flag for flag, on in given.items() if on]
 
 
@@ -218,6 +252,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None,
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model,
+        tokenizer=args.tokenizer,
         dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization,
