@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pexpect
 from prometheus_client.parser import text_string_to_metric_families
-from server_utils import running_server
+from server_utils import free_port, running_server
 
 from slipstream import LLM, SamplingParams
 
@@ -97,3 +97,11 @@ def test_chat_in_a_terminal_keeps_the_conversation_until_clear():
         want = httpx.post(f"{server.base_url}/completions", timeout=120, json={
             "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}).json()["choices"][0]["text"]
         assert r.returncode == 0 and r.stdout == want + "\n"
+
+
+def test_the_terminal_clients_say_when_no_server_answers():
+    """They printed only the openai client's "Connection error."."""
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    for command in (["complete", "Once upon a time"], ["chat"]):
+        r = subprocess.run([*CLI, *command, "--url", url], capture_output=True, text=True, timeout=120, input="")
+        assert r.returncode == 1 and f"cannot reach a server at {url}" in r.stderr and "slipstream serve" in r.stderr

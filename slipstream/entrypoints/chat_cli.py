@@ -35,6 +35,12 @@ def _connect(args: argparse.Namespace) -> tuple[openai.OpenAI, str]:
     return client, model
 
 
+def _explain(exc: openai.APIError, url: str) -> str:
+    if isinstance(exc, openai.APIConnectionError):  # (the client's own message is only "Connection error.")
+        return f"cannot reach a server at {url}: start one with `slipstream serve` (or `make serve`), or pass --url"
+    return f"error: {exc}"
+
+
 def _sampling(args: argparse.Namespace) -> dict:
     return {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature)) if v is not None}
 
@@ -50,7 +56,7 @@ def chat_main(argv: list[str] | None = None) -> int:
     try:
         client, model = _connect(args)
     except openai.APIError as exc:
-        print(f"cannot reach {args.url}: {exc}", file=sys.stderr)
+        print(_explain(exc, args.url), file=sys.stderr)
         return 1
     opening = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(opening)
@@ -93,7 +99,7 @@ def complete_main(argv: list[str] | None = None) -> int:
         _stream(client.completions.create(model=model, prompt=args.prompt, stream=True, **_sampling(args)),
                 chat=False)
     except openai.APIError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(_explain(exc, args.url), file=sys.stderr)
         return 1
     return 0
 
