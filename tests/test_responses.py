@@ -49,7 +49,7 @@ MESSAGE_EVENTS = ["response.output_item.added", "response.content_part.added", "
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server("--max-model-len", str(MAX_MODEL_LEN)) as s:
+    with running_server("--max-model-len", str(MAX_MODEL_LEN), "--enable-logprob") as s:
         yield s
 
 
@@ -194,6 +194,81 @@ def test_fastdeploy_fields_pass_through_to_the_chat_request(client):
 
 
 # ---- store, retrieve, delete, chaining ----
+
+
+def same_logprobs(got: list, want: list) -> bool:
+    """Token for token; logprobs within float32 noise (a prompt from the prefix cache sums in another order)."""
+    def flat(entries):
+        return [(t.token, t.logprob, *[(a.token, a.logprob) for a in (t.top_logprobs or [])]) for t in entries]
+
+    def close(a, b):
+        return len(a) == len(b) and all(
+            x == y if isinstance(x, str) else (close(x, y) if isinstance(x, tuple) else abs(x - y) < 1e-4)
+            for x, y in zip(a, b, strict=True))
+
+    return close(flat(got), flat(want))
+
+
+def test_logprobs_through_include_are_chats(client):
+    """`include: ["message.output_text.logprobs"]` with `top_logprobs` (which openai-agents and LangChain's
+    Responses path send): the output text's logprobs were always [] before."""
+    include = ["message.output_text.logprobs"]
+    r = client.responses.create(model="m", input=QUESTION, include=include, top_logprobs=3, **SHORT)
+    chat_logprobs = chat(client, [{"role": "user", "content": QUESTION}], logprobs=True, top_logprobs=3).choices[0]
+    *want, end = chat_logprobs.logprobs.content  # (chat's, as vLLM's, hold the end token the answer stopped on)
+    assert end.token == "<|im_end|>" and len(want) > 3
+    [part] = r.output[0].content
+    assert same_logprobs(part.logprobs, want)
+    assert all(len(t.top_logprobs) == 3 for t in part.logprobs) and r.top_logprobs == 3
+    assert "".join(t.token for t in part.logprobs) == r.output_text
+    assert all(bytes(t.bytes).decode() == t.token for t in part.logprobs)
+
+    events = stream_events(client, input=QUESTION, include=include, top_logprobs=3, **SHORT)
+    streamed = [t for e in events if e.type == "response.output_text.delta" for t in e.logprobs]
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert same_logprobs(streamed, want) and same_logprobs(done.logprobs, want)
+    assert same_logprobs(events[-1].response.output[0].content[0].logprobs, want)
+
+    plain = client.responses.create(model="m", input=QUESTION, top_logprobs=3, **SHORT)  # not asked for: none
+    assert plain.output[0].content[0].logprobs == []
+    # Other `include` values name outputs of OpenAI's hosted tools: accepted, nothing to add.
+    assert client.responses.create(model="m", input=QUESTION, include=["reasoning.encrypted_content"],
+                                   **SHORT).status == "completed"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="m", input=QUESTION, include=include, top_logprobs=21, **SHORT)
+    assert e.value.body["param"] == "top_logprobs"
+
+
+def test_input_items_are_listed_newest_first_and_page(client):
+    """client.responses.input_items.list (GET /v1/responses/{id}/input_items) was a 404."""
+    items = [{"role": "user", "content": "What is the weather in Paris?"},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 C"},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "And tomorrow?"}]}]
+    r = client.responses.create(model="m", input=items, tools=[WEATHER_TOOL], tool_choice="none", **SHORT)
+    listed = client.responses.input_items.list(r.id)
+    assert [i.type for i in listed.data] == ["message", "function_call_output", "function_call", "message"]
+    oldest_first = client.responses.input_items.list(r.id, order="asc").data
+    assert [i.id for i in oldest_first] == [i.id for i in listed.data][::-1]
+    first, call, output, last = oldest_first
+    assert (first.role, first.content[0].type, first.content[0].text) == ("user", "input_text", items[0]["content"])
+    assert (call.call_id, call.name, call.arguments) == ("call_1", "get_weather", '{"city": "Paris"}')
+    assert (output.call_id, output.output) == ("call_1", "Sunny, 21 C") and last.content[0].text == "And tomorrow?"
+    paged = [i.id for i in client.responses.input_items.list(r.id, order="asc", limit=1)]  # (the SDK pages on)
+    assert paged == [i.id for i in oldest_first]
+    page = client.responses.input_items.list(r.id, limit=2)
+    assert page.has_more and page.first_id == listed.data[0].id and page.last_id == listed.data[1].id
+
+    chained = client.responses.create(model="m", input="Thanks!", previous_response_id=r.id, **SHORT)
+    [own] = client.responses.input_items.list(chained.id).data  # its own input, not the conversation before it
+    assert own.role == "user" and own.content[0].text == "Thanks!"
+    for bad, param in (({"limit": 0}, "limit"), ({"order": "up"}, "order"), ({"after": "msg_nope"}, "after")):
+        with pytest.raises(openai.APIStatusError) as e:
+            client.responses.input_items.list(r.id, **bad)
+        assert e.value.status_code in (400, 404) and e.value.body["param"] == param
+    client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list(r.id)
 
 
 def test_store_retrieve_delete(client):
@@ -385,7 +460,7 @@ def test_store_is_a_bounded_lru():
 
     def stored(i: int) -> StoredResponse:
         response = Response.model_construct(id=f"resp_{i}")
-        return StoredResponse(response, [])
+        return StoredResponse(response, [], [])
 
     store = ResponseStore(capacity=2)
     store.put(stored(0))
@@ -534,3 +609,10 @@ def test_reasoning_item(thinking_client):
     again = thinking_client.responses.create(model="scripted", input=THINKING_QUESTION, temperature=0,
                                              previous_response_id=r.id)
     assert again.status == "completed"
+
+
+def test_logprobs_on_a_server_without_enable_logprob_are_400_naming_include(thinking_client):
+    with pytest.raises(openai.BadRequestError) as e:
+        thinking_client.responses.create(model="scripted", input=THINKING_QUESTION,
+                                         include=["message.output_text.logprobs"])
+    assert e.value.body["param"] == "include" and "--enable-logprob" in e.value.body["message"]

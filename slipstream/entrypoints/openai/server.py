@@ -149,6 +149,7 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
     if not args.disable_dashboard:
         Dashboard(llm, metrics, gate, options.model_name, args.dashboard_show_prompts).add_routes(app)
     app.get("/v1/responses/{response_id}")(responses.retrieve)
+    app.get("/v1/responses/{response_id}/input_items")(responses.input_items)
     app.delete("/v1/responses/{response_id}")(responses.delete)
 
     app.add_middleware(GenerationGateMiddleware, gate=gate, paths=GENERATION_PATHS)

@@ -1,11 +1,12 @@
 """POST /v1/responses (OpenAI's Responses API) on top of the chat endpoint: input items -> chat messages ->
 `OpenAIServingChat.generate_chat` -> output items, as the `openai` package's own response and stream event
 types. Finished responses are kept (store, the default) in a bounded in-memory LRU, for
-GET/DELETE /v1/responses/{id} and for chaining with previous_response_id.
+GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items and for chaining with previous_response_id.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections import OrderedDict
@@ -28,8 +29,13 @@ from openai.types.responses import (
     ResponseFunctionCallArgumentsDeltaEvent,
     ResponseFunctionCallArgumentsDoneEvent,
     ResponseFunctionToolCall,
+    ResponseFunctionToolCallItem,
+    ResponseFunctionToolCallOutputItem,
     ResponseIncompleteEvent,
     ResponseInProgressEvent,
+    ResponseInputMessageItem,
+    ResponseInputText,
+    ResponseItemList,
     ResponseOutputItemAddedEvent,
     ResponseOutputItemDoneEvent,
     ResponseOutputMessage,
@@ -47,6 +53,7 @@ from openai.types.responses import Response as SDKResponse
 from openai.types.responses.response import IncompleteDetails
 from openai.types.responses.response_content_part_added_event import PartReasoningText as AddedReasoningPart
 from openai.types.responses.response_content_part_done_event import PartReasoningText as DoneReasoningPart
+from openai.types.responses.response_output_text import Logprob, LogprobTopLogprob
 from openai.types.responses.response_reasoning_item import Content as ReasoningContent
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 from openai.types.shared import Reasoning, ResponseFormatJSONObject, ResponseFormatText
@@ -57,6 +64,7 @@ from slipstream.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamResponse,
+    ChatLogprobs,
     UsageInfo,
 )
 from slipstream.entrypoints.openai.serving_chat import OpenAIServingChat
@@ -74,7 +82,12 @@ PASS_THROUGH_FIELDS = ("seed", "top_k", "min_p", "frequency_penalty", "presence_
 
 # A chat parameter that failed -> the Responses parameter it came from.
 _CHAT_TO_RESPONSES_PARAM = {"messages": "input", "max_completion_tokens": "max_output_tokens",
-                            "max_tokens": "max_output_tokens", "response_format": "text"}
+                            "max_tokens": "max_output_tokens", "response_format": "text", "logprobs": "include"}
+
+# `include` asks for the answer's token logprobs so (and `top_logprobs` for alternatives); its other values name
+# outputs of OpenAI's hosted tools, which nothing here produces: accepted, as OpenAI's clients send them.
+INCLUDE_LOGPROBS = "message.output_text.logprobs"
+MAX_INPUT_ITEMS_PAGE = 100  # GET /v1/responses/{id}/input_items: most items a page (OpenAI's limit)
 
 
 # ---- the request ----
@@ -215,6 +228,8 @@ class ResponsesRequest(BaseModel):
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
     user: str | None = None
 
@@ -268,6 +283,29 @@ def items_to_messages(items: list[InputItem] | list[dict], base: list[dict] | No
     return messages
 
 
+def listed_input_items(items: str | list[InputItem]) -> list[Any]:
+    """A request's input items as GET /v1/responses/{id}/input_items lists them: with ids, as the SDK's types
+    (reasoning items sent back are dropped, as they are from the conversation)."""
+    listed: list[Any] = []
+    for item in [MessageItem(role="user", content=items)] if isinstance(items, str) else items:
+        if isinstance(item, MessageItem):
+            text = _text_of(item.content)
+            if item.role == "assistant":
+                listed.append(message_item(_new_id("msg"), text))
+            else:
+                listed.append(ResponseInputMessageItem(
+                    id=_new_id("msg"), type="message", role=item.role, status="completed",
+                    content=[ResponseInputText(type="input_text", text=text)]))
+        elif isinstance(item, FunctionCallItem):
+            listed.append(ResponseFunctionToolCallItem(id=_new_id("fc"), type="function_call", call_id=item.call_id,
+                                                       name=item.name, arguments=item.arguments, status="completed"))
+        elif isinstance(item, FunctionCallOutputItem):
+            listed.append(ResponseFunctionToolCallOutputItem(id=_new_id("fco"), type="function_call_output",
+                                                             call_id=item.call_id, output=_text_of(item.output),
+                                                             status="completed"))
+    return listed
+
+
 # ---- what is kept ----
 
 
@@ -275,6 +313,7 @@ def items_to_messages(items: list[InputItem] | list[dict], base: list[dict] | No
 class StoredResponse:
     response: SDKResponse
     conversation: list[dict]  # chat messages it saw and produced, without its instructions
+    input_items: list[Any]  # its request's input, as listed_input_items gives it
 
 
 class ResponseStore:
@@ -326,6 +365,20 @@ def _usage(usage: UsageInfo | None) -> ResponseUsage | None:
                          output_tokens_details=OutputTokensDetails(reasoning_tokens=reasoning))
 
 
+def output_logprobs(chat: ChatLogprobs, end_tokens: frozenset[str]) -> list[Logprob]:
+    """Chat's token logprobs in the Responses' shape (a token's bytes: [] where chat leaves them out), those of the
+    output text's tokens only: chat's, as vLLM's, also hold the end token (`<|im_end|>`) the answer stopped on."""
+    return [Logprob(token=t.token, bytes=t.bytes or [], logprob=t.logprob,
+                    top_logprobs=[LogprobTopLogprob(token=a.token, bytes=a.bytes or [], logprob=a.logprob)
+                                  for a in t.top_logprobs])
+            for t in chat.content if t.token not in end_tokens]
+
+
+def _event_logprobs(logprobs: list[Logprob]) -> list[dict]:
+    """Those of an output_text delta / done event: without bytes (the events' type has none)."""
+    return [lp.model_dump(exclude={"bytes": True, "top_logprobs": {"__all__": {"bytes"}}}) for lp in logprobs]
+
+
 def _remap(err: APIError) -> APIError:
     """A chat error, named by the Responses parameter it came from."""
     name = _CHAT_TO_RESPONSES_PARAM.get(err.param or "")
@@ -345,6 +398,7 @@ class _Output:
         self.kind: str | None = None  # the open item: "reasoning" | "message" | "function_call"
         self.item_id = ""
         self.buffer = ""  # its text or arguments so far
+        self.logprobs: list[Logprob] = []  # an open message's, so far
         self.call: tuple[str, str] | None = None  # (call_id, name) of an open function call
         self.tool_index: int | None = None  # chat's index of the open function call
         self.status = "in_progress"  # then completed / incomplete
@@ -363,7 +417,7 @@ class _Output:
         return self.kind == kind or any(item.type == kind for item in self.items)
 
     def open(self, kind: str, call: tuple[str, str] | None = None) -> list[SDKModel]:
-        self.kind, self.buffer, self.call = kind, "", call
+        self.kind, self.buffer, self.call, self.logprobs = kind, "", call, []
         if kind == "reasoning":
             self.item_id = _new_id("rs")
             item = ResponseReasoningItem(id=self.item_id, type="reasoning", summary=[], content=[],
@@ -386,26 +440,29 @@ class _Output:
                                      item_id=self.item_id, output_index=self.index, content_index=0, part=part))
         return events
 
-    def delta(self, text: str) -> list[SDKModel]:
+    def delta(self, text: str, logprobs: list[Logprob] = ()) -> list[SDKModel]:
         self.buffer += text
         where = {"item_id": self.item_id, "output_index": self.index}
         if self.kind == "reasoning":
             return [self.event(ResponseReasoningTextDeltaEvent, type="response.reasoning_text.delta",
                                content_index=0, delta=text, **where)]
         if self.kind == "message":
+            self.logprobs += logprobs
             return [self.event(ResponseTextDeltaEvent, type="response.output_text.delta", content_index=0,
-                               delta=text, logprobs=[], **where)]
+                               delta=text, logprobs=_event_logprobs(logprobs), **where)]
         return [self.event(ResponseFunctionCallArgumentsDeltaEvent, type="response.function_call_arguments.delta",
                            delta=text, **where)]
 
-    def feed(self, kind: str, text: str, call: tuple[str, str] | None = None) -> list[SDKModel]:
-        """A piece of `kind`: opens its item (closing another open one) when needed."""
+    def feed(self, kind: str, text: str, call: tuple[str, str] | None = None,
+             logprobs: list[Logprob] = ()) -> list[SDKModel]:
+        """A piece of `kind` (a message's with its tokens' logprobs): opens its item (closing another open one)
+        when needed."""
         events = []
         if self.kind != kind or call is not None:
             events += self.close()
             events += self.open(kind, call)
         if text:
-            events += self.delta(text)
+            events += self.delta(text, logprobs)
         return events
 
     def close(self, status: str = "completed") -> list[SDKModel]:
@@ -421,9 +478,9 @@ class _Output:
                       self.event(ResponseContentPartDoneEvent, type="response.content_part.done", content_index=0,
                                  part=DoneReasoningPart(type="reasoning_text", text=text), **where)]
         elif self.kind == "message":
-            item = message_item(self.item_id, text, status)
+            item = message_item(self.item_id, text, status, self.logprobs)
             events = [self.event(ResponseTextDoneEvent, type="response.output_text.done", content_index=0,
-                                 text=text, logprobs=[], **where),
+                                 text=text, logprobs=_event_logprobs(self.logprobs), **where),
                       self.event(ResponseContentPartDoneEvent, type="response.content_part.done", content_index=0,
                                  part=item.content[0], **where)]
         else:
@@ -442,10 +499,11 @@ def reasoning_item(item_id: str, text: str, status: str = "completed") -> Respon
                                  content=[ReasoningContent(type="reasoning_text", text=text)], status=status)
 
 
-def message_item(item_id: str, text: str, status: str = "completed") -> ResponseOutputMessage:
+def message_item(item_id: str, text: str, status: str = "completed",
+                 logprobs: list[Logprob] | None = None) -> ResponseOutputMessage:
     return ResponseOutputMessage(id=item_id, type="message", role="assistant", status=status,
                                  content=[ResponseOutputText(type="output_text", text=text, annotations=[],
-                                                             logprobs=[])])
+                                                             logprobs=logprobs or [])])
 
 
 def function_call_item(item_id: str, call_id: str, name: str, arguments: str,
@@ -455,11 +513,21 @@ def function_call_item(item_id: str, call_id: str, name: str, arguments: str,
 
 
 class OpenAIServingResponses:
-    """POST /v1/responses, GET and DELETE /v1/responses/{response_id}, over the chat endpoint."""
+    """POST /v1/responses, GET and DELETE /v1/responses/{response_id}, GET /v1/responses/{response_id}/input_items,
+    over the chat endpoint."""
 
     def __init__(self, chat: OpenAIServingChat, store_capacity: int = MAX_STORED_RESPONSES) -> None:
         self.chat = chat
         self.store = ResponseStore(store_capacity)
+
+    @functools.cached_property
+    def end_tokens(self) -> frozenset[str]:
+        """The texts of the model's end tokens, as chat's logprobs name them (known once the model is loaded)."""
+        engine = self.chat.llm.engine
+        return frozenset(engine.tokenizer.decode([token]) for token in engine.eos_token_ids)
+
+    def logprobs(self, chat: ChatLogprobs | None) -> list[Logprob]:
+        return output_logprobs(chat, self.end_tokens) if chat is not None else []
 
     # ---- routes ----
 
@@ -475,6 +543,30 @@ class OpenAIServingResponses:
         if stored is None:
             raise _not_found(response_id)
         return JSONResponse(_dump(stored.response))
+
+    async def input_items(self, response_id: str, limit: int = 20, order: str = "desc",
+                          after: str | None = None) -> Response:
+        """The request's input items, a page at a time (`after`: the last id of the page before), as OpenAI lists
+        them: newest first unless `order` is asc."""
+        stored = self.store.get(response_id)
+        if stored is None:
+            raise _not_found(response_id)
+        if not 1 <= limit <= MAX_INPUT_ITEMS_PAGE:
+            raise APIError(f"limit must be between 1 and {MAX_INPUT_ITEMS_PAGE}, got {limit}", param="limit",
+                           code="invalid_value")
+        if order not in ("asc", "desc"):
+            raise APIError(f"order must be 'asc' or 'desc', got {order!r}", param="order", code="invalid_value")
+        items = stored.input_items if order == "asc" else stored.input_items[::-1]
+        if after is not None:
+            ids = [item.id for item in items]
+            if after not in ids:
+                raise APIError(f"No input item with id '{after}' in response '{response_id}'.", status=404,
+                               param="after", code="not_found")
+            items = items[ids.index(after) + 1:]
+        page = items[:limit]
+        return JSONResponse(_dump(ResponseItemList(
+            object="list", data=page, first_id=page[0].id if page else "", last_id=page[-1].id if page else "",
+            has_more=len(items) > limit)))
 
     async def delete(self, response_id: str) -> Response:
         if not self.store.delete(response_id):
@@ -504,7 +596,8 @@ class OpenAIServingResponses:
         if message.reasoning_content:
             output.append(reasoning_item(_new_id("rs"), message.reasoning_content))
         if message.content or not message.tool_calls:
-            output.append(message_item(_new_id("msg"), message.content or ""))
+            output.append(message_item(_new_id("msg"), message.content or "", "completed",
+                                       self.logprobs(choice.logprobs)))
         output += [function_call_item(_new_id("fc"), call.id, call.function.name, call.function.arguments)
                    for call in message.tool_calls]
         if incomplete:
@@ -540,6 +633,8 @@ class OpenAIServingResponses:
             "temperature": request.temperature, "top_p": request.top_p, "user": request.user,
             "stream": request.stream, "stream_options": {"include_usage": True} if request.stream else None,
         }
+        if INCLUDE_LOGPROBS in (request.include or ()):
+            body["logprobs"], body["top_logprobs"] = True, request.top_logprobs
         if request.tools:
             body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                              for t in request.tools]
@@ -565,7 +660,8 @@ class OpenAIServingResponses:
     def _keep(self, request: ResponsesRequest, response: SDKResponse, conversation: list[dict]) -> None:
         if request.store:
             outputs = [_dump(item) for item in response.output]
-            self.store.put(StoredResponse(response, items_to_messages(outputs, conversation)))
+            self.store.put(StoredResponse(response, items_to_messages(outputs, conversation),
+                                          listed_input_items(request.input)))
 
     def _response(self, request: ResponsesRequest, response_id: str, created: int, status: str,
                   output: list[Any], usage: UsageInfo | None) -> SDKResponse:
@@ -593,7 +689,7 @@ class OpenAIServingResponses:
             tools=[FunctionTool(**t.model_dump(exclude_none=True)) for t in request.tools or []],
             text=ResponseTextConfig(format=text_format),
             reasoning=Reasoning(**request.reasoning.model_dump(exclude_none=True)) if request.reasoning else None,
-            usage=_usage(usage), user=request.user, store=request.store,
+            usage=_usage(usage), user=request.user, store=request.store, top_logprobs=request.top_logprobs,
         )
 
     async def _events(self, request: ResponsesRequest, response_id: str, created: int, conversation: list[dict],
@@ -619,8 +715,8 @@ class OpenAIServingResponses:
         else:
             yield out.event(ResponseCompletedEvent, type="response.completed", response=response)
 
-    @staticmethod
-    async def _items(out: _Output, chunks: AsyncIterator[ChatCompletionStreamResponse]) -> AsyncIterator[SDKModel]:
+    async def _items(self, out: _Output, chunks: AsyncIterator[ChatCompletionStreamResponse]
+                     ) -> AsyncIterator[SDKModel]:
         """The output items' events from the chat chunks; sets out.status and out.usage at the end."""
         finish_reason = None
         async with aclosing(chunks):
@@ -635,7 +731,7 @@ class OpenAIServingResponses:
                 if delta.reasoning_content:
                     events += out.feed("reasoning", delta.reasoning_content)
                 if delta.content:
-                    events += out.feed("message", delta.content)
+                    events += out.feed("message", delta.content, logprobs=self.logprobs(choice.logprobs))
                 for piece in delta.tool_calls or []:
                     if piece.function.name is not None and piece.index != out.tool_index:  # a new call
                         events += out.feed("function_call", piece.function.arguments or "",
