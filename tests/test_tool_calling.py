@@ -158,6 +158,39 @@ def test_an_answer_beside_tools_follows_the_response_format(client):
     assert e.value.body["param"] == "guided_regex"
 
 
+class Address(BaseModel):
+    city: str = Field(max_length=30)
+    country: str = Field(max_length=30)
+
+
+class Resident(BaseModel):
+    name: str = Field(max_length=30)
+    address: Address  # (pydantic writes it as {"$ref": "#/$defs/Address"}, with "$defs" at the schema's root)
+
+
+def test_tools_whose_schemas_refer_to_their_own_definitions(client):
+    """pydantic's schemas of nested models (what instructor, pydantic-ai and `openai.pydantic_function_tool` send)
+    keep the nested models in "$defs" and refer to them: pasted below the calls' list, those references pointed at
+    the list's root: a 400 ("Cannot find field '$defs'"). Each call's arguments are now a valid instance of the
+    model, however calls are asked for, and so is an answer in such a response_format beside the tools."""
+    tools = [openai.pydantic_function_tool(Resident, name="save_person"),
+             {**TIME, "function": {**TIME["function"], "strict": True}}]  # (parse wants every tool strict)
+    assert "$defs" in tools[0]["function"]["parameters"]
+    messages = [{"role": "user", "content": "Ann lives in Paris, France. Save her."}]
+    for tool_choice in ("required", {"type": "function", "function": {"name": "save_person"}}, "auto"):
+        choice = client.chat.completions.parse(model="default", messages=messages, tools=tools, temperature=0,
+                                               max_tokens=120, tool_choice=tool_choice).choices[0]
+        calls = [c for c in choice.message.tool_calls or [] if c.function.name == "save_person"]
+        assert tool_choice == "auto" or calls, choice
+        for call in calls:
+            assert call.function.parsed_arguments == Resident.model_validate_json(call.function.arguments)
+    answered = client.chat.completions.parse(model="default", messages=[{"role": "user", "content": "Who is Ann?"}],
+                                             tools=tools, response_format=Resident, temperature=0, max_tokens=120,
+                                             parallel_tool_calls=False)  # (else it calls get_time on and on)
+    message = answered.choices[0].message
+    assert message.tool_calls or message.parsed == Resident.model_validate_json(message.content)
+
+
 def test_parallel_tool_calls_false_gives_one_call(client):
     calls = create(client, tool_choice="required", parallel_tool_calls=False).choices[0].message.tool_calls
     assert len(calls) == 1

@@ -374,6 +374,31 @@ def test_generic_schema():
     assert stream.finish() == ("", [])
 
 
+def test_schemas_that_refer_to_themselves_keep_their_meaning_below_the_calls():
+    """A function's parameters with "$defs" (pydantic's nested models) or "#" (a tree's children) resolved against
+    the calls' schema once pasted into it: a 400, or "#" accepting a list of calls as a node's child."""
+    node = {"name": "node", "parameters": {
+        "$defs": {"Leaf": {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"],
+                           "additionalProperties": False}},
+        "type": "object", "properties": {"leaf": {"$ref": "#/$defs/Leaf"}, "children": {"type": "array",
+                                                                                          "items": {"$ref": "#"}}},
+        "required": ["leaf", "children"], "additionalProperties": False, "default": {"$ref": "#/not/a/ref"}}}
+    tree = '{"leaf": {"id": 1}, "children": [{"leaf": {"id": 2}, "children": []}]}'
+    wrong = '{"leaf": {"id": 1}, "children": [[{"name": "node", "parameters": {"leaf": {"id": 2}, "children": []}}]]}'
+    calls_of = '[{{"name": "node", "parameters": {}}}]'
+    for schema, calls in ((call_list_schema([node, FUNCTIONS[1]], parallel=True), calls_of),
+                          (generic_schema([node], parallel=True, allow_response=False),
+                           '{{"tool_calls": [{{"name": "node", "arguments": {}}}]}}')):
+        assert accepts(schema, calls.format(tree)) and not accepts(schema, calls.format(wrong))
+        assert not accepts(schema, calls.format('{"leaf": {"id": "1"}, "children": []}'))
+        assert set(schema["$defs"]) == {"arguments_0"}  # (the function without references stays inline)
+        assert schema["$defs"]["arguments_0"]["default"] == {"$ref": "#/not/a/ref"}  # (data, not a reference)
+    answer = node["parameters"]  # the same schema as the request's response_format, beside tools
+    schema = generic_schema(FUNCTIONS, parallel=True, allow_response=True, answer=answer)
+    assert accepts(schema, f'{{"response": {tree}}}') and set(schema["$defs"]) == {"answer"}
+    assert call_list_schema(FUNCTIONS, parallel=True).get("$defs") is None
+
+
 def test_generic_prompt_and_rendering():
     prompt = generic_system_prompt(FUNCTIONS, parallel=True, allow_response=True)
     assert "get_weather: The current weather in a city." in prompt and "- get_time" in prompt

@@ -81,16 +81,65 @@ def parameters_schema(function: dict[str, Any]) -> dict[str, Any]:
     return function.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
 
 
-def _calls_array(functions: list[dict[str, Any]], parallel: bool, arguments_key: str) -> dict[str, Any]:
-    """Schema of a list of calls, each `{"name": <one of the functions>, <arguments_key>: <its parameters>}`."""
+# Keys whose values are data, not schemas: a "$ref" in them is not a reference.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _rebased(node: Any, base: str) -> Any:
+    """`node` (a schema or part of one) with every local reference ("#", "#/$defs/A", "#/properties/x", ...) made to
+    point below `base` ("#/$defs/<name>") instead of the root."""
+    if isinstance(node, list):
+        return [_rebased(item, base) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = base + value[1:]
+        elif key in _DATA_KEYWORDS:
+            out[key] = value
+        else:
+            out[key] = _rebased(value, base)
+    return out
+
+
+def _refers_to_itself(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(map(_refers_to_itself, node))
+    if not isinstance(node, dict):
+        return False
+    return any((key == "$ref" and isinstance(value, str) and value.startswith("#"))
+               or (key not in _DATA_KEYWORDS and _refers_to_itself(value)) for key, value in node.items())
+
+
+def _embedded(schema: dict[str, Any], name: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """`schema` to be placed below another schema's root. Its local references ("#/$defs/Address", "#" for a tree's
+    children: what pydantic writes for nested models) would resolve against that root: such a schema moves whole
+    into `defs[name]` (which the caller puts at the root's "$defs"), its references rebased there, and is referred
+    to. Schemas without them stay as they are."""
+    if not _refers_to_itself(schema):
+        return schema
+    defs[name] = _rebased(schema, f"#/$defs/{name}")
+    return {"$ref": f"#/$defs/{name}"}
+
+
+def _with_defs(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "$defs": defs} if defs else schema
+
+
+def _calls_array(functions: list[dict[str, Any]], parallel: bool, arguments_key: str,
+                 defs: dict[str, Any]) -> dict[str, Any]:
+    """Schema of a list of calls, each `{"name": <one of the functions>, <arguments_key>: <its parameters>}` (the
+    parameters' own definitions go to `defs`, for the root)."""
     items = [
         {
             "type": "object",
-            "properties": {"name": {"const": f["name"]}, arguments_key: parameters_schema(f)},
+            "properties": {"name": {"const": f["name"]},
+                           arguments_key: _embedded(parameters_schema(f), f"arguments_{i}", defs)},
             "required": ["name", arguments_key],
             "additionalProperties": False,
         }
-        for f in functions
+        for i, f in enumerate(functions)
     ]
     schema: dict[str, Any] = {"type": "array", "items": {"anyOf": items}, "minItems": 1}
     if not parallel:
@@ -100,17 +149,19 @@ def _calls_array(functions: list[dict[str, Any]], parallel: bool, arguments_key:
 
 def call_list_schema(functions: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
     """JSON schema of `CallListFormat` for these OpenAI function dicts (`{"name", "description"?, "parameters"?}`)."""
-    return _calls_array(functions, parallel, "parameters")
+    defs: dict[str, Any] = {}
+    return _with_defs(_calls_array(functions, parallel, "parameters", defs), defs)
 
 
 def generic_schema(functions: list[dict[str, Any]], parallel: bool, allow_response: bool,
                    answer: dict[str, Any] | None = None) -> dict[str, Any]:
     """JSON schema of `GenericFormat`: calls to these functions or, when `allow_response`, a response: a string, or
     a value of the `answer` schema (the request's response_format)."""
+    defs: dict[str, Any] = {}
     alternatives = [
         {
             "type": "object",
-            "properties": {"tool_calls": _calls_array(functions, parallel, "arguments")},
+            "properties": {"tool_calls": _calls_array(functions, parallel, "arguments", defs)},
             "required": ["tool_calls"],
             "additionalProperties": False,
         }
@@ -119,12 +170,12 @@ def generic_schema(functions: list[dict[str, Any]], parallel: bool, allow_respon
         alternatives.append(
             {
                 "type": "object",
-                "properties": {"response": answer or {"type": "string"}},
+                "properties": {"response": _embedded(answer, "answer", defs) if answer else {"type": "string"}},
                 "required": ["response"],
                 "additionalProperties": False,
             }
         )
-    return {"anyOf": alternatives}
+    return _with_defs({"anyOf": alternatives}, defs)
 
 
 def generic_system_prompt(functions: list[dict[str, Any]], parallel: bool, allow_response: bool,
