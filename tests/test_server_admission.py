@@ -198,7 +198,7 @@ def limited_app(max_wait: float) -> tuple[Starlette, asyncio.Event]:
 
     app = Starlette(routes=[Route("/v1/completions", hold, methods=["POST"])])
     gate = GenerationGate(limit=1, max_wait=max_wait)
-    return GenerationGateMiddleware(app, gate, paths=("/v1/completions",)), release
+    return GenerationGateMiddleware(app, gate, paths=("/v1/completions",), send_timeout=600), release
 
 
 @pytest.mark.parametrize(("max_wait", "second_status"), [(0, 429), (0.05, 429), (-1, 200), (600, 200)])

@@ -3,18 +3,22 @@ flight (429), none once the server drains for a shutdown (503).
 
 Plain ASGI middleware rather than route dependencies: they answer before the route reads the body, and the
 generation slot is taken once the body has arrived (a client slow to send it holds none) and held until the whole
-response (a stream included) has gone out.
+response (a stream included) has gone out, or until the client has taken none of it for --send-timeout seconds (a
+client that stopped reading held its slot, and its request kept generating into memory, for ever).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slipstream.entrypoints.openai.errors import APIError
+
+logger = logging.getLogger("slipstream.api_server")
 
 
 class ApiKeyMiddleware:
@@ -84,11 +88,16 @@ class GenerationGate:
         return True
 
 
+class _ClientStalled(Exception):
+    pass
+
+
 class GenerationGateMiddleware:
-    def __init__(self, app: ASGIApp, gate: GenerationGate, paths: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, gate: GenerationGate, paths: tuple[str, ...], send_timeout: float) -> None:
         self.app = app
         self.gate = gate
         self.paths = paths
+        self.send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
@@ -110,8 +119,18 @@ class GenerationGateMiddleware:
             async def replayed() -> Message:  # the body read, then what the connection says next (a disconnect)
                 return body.pop(0) if body else await receive()
 
+            async def timed(message: Message) -> None:  # (a send waits while the client's buffers are full)
+                try:
+                    async with asyncio.timeout(self.send_timeout):
+                        await send(message)
+                except TimeoutError:
+                    raise _ClientStalled from None
+
             try:
-                await self.app(scope, replayed, send)
+                await self.app(scope, replayed, timed)
+            except _ClientStalled:  # the route's generator is closed on the way out: its engine requests end
+                logger.warning("%s: the client took none of its response for %.0f s (--send-timeout): ended",
+                               scope["path"], self.send_timeout)
             finally:
                 self.gate.release()
             return

@@ -169,6 +169,9 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--workers", type=pos_int, default=1,
         help="API processes (FastDeploy's flag): one, in front of the one engine; its asyncio loop is not the "
         "bottleneck")
+    add("--send-timeout", type=_bounded(float, 0.001), default=60.0,
+        help="seconds a generation response may wait on a client that takes none of it (a stream nobody reads); "
+        "then it ends, and its engine requests and --max-concurrency slot with it")
     add("--max-body-size", type=memory_size, default="16MiB",
         help="largest request body (bytes or a size like 16MiB); larger ones get a 413")
     add("--shutdown-timeout", "--timeout-graceful-shutdown", type=_bounded(float, 0), default=30.0,

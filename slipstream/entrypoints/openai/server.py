@@ -34,6 +34,11 @@ from slipstream.entrypoints.openai.admission import (
     GenerationGateMiddleware,
 )
 from slipstream.entrypoints.openai.args import engine_config, ignored_flags, served_model_name
+from slipstream.entrypoints.openai.connections import (
+    H11WithRequestHeadTimeout,
+    quiet_accept_errors,
+    raise_open_files_limit,
+)
 from slipstream.entrypoints.openai.dashboard import Dashboard
 from slipstream.entrypoints.openai.errors import APIError, install_error_handlers
 from slipstream.entrypoints.openai.metrics import Metrics
@@ -152,7 +157,7 @@ def build_app(args: argparse.Namespace, llm: AsyncLLM, metrics: Metrics) -> Fast
     app.get("/v1/responses/{response_id}/input_items")(responses.input_items)
     app.delete("/v1/responses/{response_id}")(responses.delete)
 
-    app.add_middleware(GenerationGateMiddleware, gate=gate, paths=GENERATION_PATHS)
+    app.add_middleware(GenerationGateMiddleware, gate=gate, paths=GENERATION_PATHS, send_timeout=args.send_timeout)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.max_body_size)
     if args.api_key:  # a request without a key learns nothing else
         app.add_middleware(ApiKeyMiddleware, keys=args.api_key)
@@ -203,7 +208,9 @@ async def serve(args: argparse.Namespace) -> int:
     metrics = Metrics(model_name, lambda: llm.stats())
     llm = AsyncLLM.from_config(engine_config(args), on_output=metrics.observe)
     app = build_app(args, llm, metrics)
-    config = uvicorn.Config(app, host=args.host, port=args.port,
+    raise_open_files_limit()
+    quiet_accept_errors(asyncio.get_running_loop())
+    config = uvicorn.Config(app, host=args.host, port=args.port, http=H11WithRequestHeadTimeout,
                             log_level=args.log_level, timeout_graceful_shutdown=UVICORN_GRACE_S)
     sock = config.bind_socket()  # a taken port stops the start here (uvicorn's message), before any loading
     server = DrainingServer(config, partial(drain, gate=app.state.gate, llm=llm, timeout=args.shutdown_timeout))

@@ -157,10 +157,10 @@ class OpenAIServing:
     async def respond(raw_request: Request, stream: bool, run: Awaitable) -> Response:
         """The HTTP answer of `run` (a generate_* call): its events as SSE, or its response as JSON unless
         the client goes away first."""
-        if stream:
-            return sse_response(await run)
-        result = await until_disconnect(raw_request, run)
-        return result if isinstance(result, Response) else JSONResponse(result.model_dump())
+        result = await until_disconnect(raw_request, run)  # (a stream's first event may be a prompt's wait away)
+        if isinstance(result, Response):
+            return result
+        return sse_response(result) if stream else JSONResponse(result.model_dump())
 
     def encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
         """`text`'s token ids; a 400 at once for a text too long for any tokenization of it to fit the context,

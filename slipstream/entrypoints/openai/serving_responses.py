@@ -533,10 +533,11 @@ class OpenAIServingResponses:
 
     async def create(self, raw_request: Request) -> Response:
         request = parse_body(ResponsesRequest, await raw_request.body())
-        if request.stream:
-            return _sse(await self.generate_stream(request))
-        result = await until_disconnect(raw_request, self.generate_response(request))
-        return result if isinstance(result, Response) else JSONResponse(_dump(result))
+        work = self.generate_stream(request) if request.stream else self.generate_response(request)
+        result = await until_disconnect(raw_request, work)
+        if isinstance(result, Response):
+            return result
+        return _sse(result) if request.stream else JSONResponse(_dump(result))
 
     async def retrieve(self, response_id: str) -> Response:
         stored = self.store.get(response_id)
