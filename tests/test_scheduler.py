@@ -53,6 +53,42 @@ def test_decodes_go_first_and_new_prompts_take_the_rest_of_the_budget():
     assert [(s.seq, s.num_new_tokens) for s in batch] == [(a, 1), (b, 15)]
 
 
+def test_a_newer_decode_goes_before_an_older_prompts_chunk():
+    """Running sequences were served oldest first, each taking what it could: an older prompt's chunk (a long prompt,
+    or one recomputed after a preemption) took the budget and a newer sequence's next token waited for all of it."""
+    sched = make_scheduler(budget=16)
+    old, new = add(sched, "old", 40), add(sched, "new", 3, first_token=100)
+    for seq, computed in ((old, 8), (new, 3)):  # both running: old 8 tokens into its prompt, new decoding
+        sched.waiting.remove(seq)
+        sched.running.append(seq)
+        assert sched.block_manager.allocate(seq, computed)
+        seq.num_computed_tokens, seq.status = computed, SequenceStatus.RUNNING
+    new.token_ids.append(7)
+    batch = sched.schedule()
+    assert [(s.seq, s.num_new_tokens) for s in batch] == [(new, 1), (old, 15)]
+
+
+def test_beside_decodes_a_prompts_chunk_is_held_to_its_work_which_grows_with_its_context():
+    """A prompt token costs 1 + start / context_cost tokens of work (its attention to the tokens before it); beside
+    decodes a step's prompt chunks do at most prefill_beside_decodes of it, and at least a block (progress)."""
+    sched = Scheduler(BlockManager(512, 4), 8, 512, prefill_beside_decodes=64, context_cost=50)
+    alone = add(sched, "alone", 1000)
+    assert [s.num_new_tokens for s in sched.schedule()] == [512]  # nothing decodes: the whole budget
+    sched.finish(alone)
+    decoding = add(sched, "decoding", 3, first_token=5000)
+    advance(sched.schedule())
+    long = add(sched, "long", 1000)
+    chunks = []
+    while long.num_output_tokens == 0:
+        batch = sched.schedule()
+        assert batch[0].seq is decoding and batch[0].num_new_tokens == 1
+        chunks += [(s.seq.num_computed_tokens, s.num_new_tokens) for s in batch[1:]]
+        advance(batch)
+    assert chunks[:2] == [(0, 64), (64, 28)]  # 64 / (1 + 64 / 50) = 28
+    assert all(n == min(max(int(64 / (1 + start / 50)), 4), 1000 - start) for start, n in chunks), chunks
+    assert chunks[-2][1] == 4 and sum(n for _, n in chunks) == 1000
+
+
 def test_without_chunked_prefill_a_prompt_waits_for_a_step_it_fits_in():
     sched = make_scheduler(budget=16, chunked=False)
     a = add(sched, "a", 5)

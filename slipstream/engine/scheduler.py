@@ -1,9 +1,16 @@
 """Decides what runs in the next forward pass.
 
 One token budget per step covers decode tokens, prefill chunks and prefix-cache hits (vLLM v1's
-shape): running sequences go first (oldest first), then waiting ones while budget, sequence slots
-and KV blocks last. When blocks run out, the newest running sequence is preempted: its blocks are
-freed and it is recomputed from its tokens later (prompt and output alike), so nothing is lost.
+shape): running sequences go first (those decoding, then those still prefilling, oldest first within each),
+then waiting ones while budget, sequence slots and KV blocks last. When blocks run out, the newest running
+sequence not yet scheduled is preempted: its blocks are freed and it is recomputed from its tokens later
+(prompt and output alike), so nothing is lost.
+
+Beside decoding sequences, a step's prompt chunks are held to `prefill_beside_decodes` tokens' worth of work
+(vLLM's long_prefill_token_threshold, by cost): every decoding sequence waits for the step, and a prompt token
+attending to c earlier ones costs 1 + c / `context_cost` tokens (context_cost: the context whose attention costs
+what a token's matmuls do). On 2 CPU cores a 2048-token chunk of a 7000-token prompt took 5 s and more: every
+other stream's next token waited on it.
 
 A waiting sequence whose next full prompt block a running sequence is still computing (the other
 samples of an n > 1 request, or any shared system prompt) waits for it and then takes it from the
@@ -41,6 +48,8 @@ class Scheduler:
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
         can_sample: Callable[[Sequence], bool] = lambda seq: True,
+        prefill_beside_decodes: int | None = None,  # None: prompts take what budget the decodes leave
+        context_cost: float = float("inf"),
     ) -> None:
         self.block_manager = block_manager
         # False while a sequence may not sample yet (its grammar still compiling): it runs every
@@ -49,6 +58,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.prefill_beside_decodes = prefill_beside_decodes
+        self.context_cost = context_cost
+        self._prefill_work: float | None = None  # this step's, while sequences decode in it
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -72,6 +84,8 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSeq]:
         scheduled: list[ScheduledSeq] = []
         self.preempted = []
+        decoding = any(not self._prefilling(s) for s in self.running)
+        self._prefill_work = self.prefill_beside_decodes if decoding and self.enable_chunked_prefill else None
         budget, preempted = self._schedule_running(self.max_num_batched_tokens, scheduled)
         # Admitting new work right after a preemption would only thrash the pool.
         if not preempted:
@@ -89,27 +103,55 @@ class Scheduler:
                 s.draft = draft
                 budget -= len(draft)
 
+    @staticmethod
+    def _prefilling(seq: Sequence) -> bool:
+        """Whether `seq` has more than its next token to compute (a prompt, or what a preemption dropped)."""
+        return seq.num_tokens - seq.num_computed_tokens > 1
+
+    def _prompt_chunk(self, seq: Sequence, start: int, num_new: int, scheduled: list[ScheduledSeq]) -> int:
+        """`num_new` tokens of a prompt from `start` cut to what is left of this step's prefill work (at least a
+        block for the step's first chunk, so that every prompt gets on)."""
+        if self._prefill_work is None:
+            return num_new
+        affordable = int(self._prefill_work / (1 + start / self.context_cost))
+        if not any(self._prefilling(s.seq) for s in scheduled):
+            affordable = max(affordable, self.block_manager.block_size)
+        return min(num_new, affordable)
+
+    def _spend_prefill_work(self, start: int, num_new: int) -> None:
+        if self._prefill_work is not None:
+            self._prefill_work -= num_new * (1 + (start + num_new / 2) / self.context_cost)
+
     def _schedule_running(self, budget: int, scheduled: list[ScheduledSeq]) -> tuple[int, bool]:
-        """Continue the running sequences, oldest first, preempting the newest when blocks run out.
-        Returns the budget left and whether anything was preempted."""
+        """Continue the running sequences, those decoding first (a prompt's chunk cannot take their turn), oldest
+        first, preempting the newest not yet scheduled when blocks run out. Returns the budget left and whether
+        anything was preempted."""
         preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            num_new = min(self._num_runnable(seq, seq.num_computed_tokens), budget)
+        taken: set[int] = set()  # ids of the sequences scheduled
+        for seq in sorted(self.running, key=self._prefilling):  # (stable: oldest first within each)
+            if budget <= 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:  # preempted for an earlier one's blocks
+                continue
+            start = seq.num_computed_tokens
+            num_new = min(self._num_runnable(seq, start), budget)
+            if num_new > 1:
+                num_new = self._prompt_chunk(seq, start, num_new, scheduled)
             if num_new <= 0:
-                i += 1
                 continue
             while not self.block_manager.allocate(seq, num_new):
-                victim = self.running.pop()
+                victim = next(s for s in reversed(self.running) if id(s) not in taken)
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
                 scheduled.append(ScheduledSeq(seq, num_new))
+                taken.add(id(seq))
                 budget -= num_new
-                i += 1
+                if num_new > 1:
+                    self._spend_prefill_work(start, num_new)
         return budget, preempted
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
@@ -125,6 +167,8 @@ class Scheduler:
             if self._block_in_flight(seq, num_cached):
                 continue
             num_new = self._num_runnable(seq, num_cached)
+            if num_new > 1:
+                num_new = self._prompt_chunk(seq, num_cached, num_new, scheduled)
             if num_new <= 0:
                 continue
             if num_new > budget:
@@ -142,6 +186,8 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
+            if num_new > 1:
+                self._spend_prefill_work(num_cached, num_new)
         return budget
 
     def _num_runnable(self, seq: Sequence, num_computed: int) -> int:
