@@ -116,6 +116,22 @@ def test_input_items_match_chat_messages(client):
     assert_same_usage(r, c)
 
 
+def test_timestamps_are_integers_on_the_wire(server):
+    """The SDK's Response types created_at / completed_at as floats, and they went out as 1796514499.0: OpenAI sends
+    integers, and strictly typed clients (a Rust u64) refused the float."""
+    body = {"input": QUESTION, **SHORT}
+    whole = httpx.post(f"{server.base_url}/responses", json=body, timeout=600).json()
+    with httpx.stream("POST", f"{server.base_url}/responses", json={**body, "stream": True}, timeout=600) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    responses = [whole, httpx.get(f"{server.base_url}/responses/{whole['id']}", timeout=60).json(),
+                 *(e["response"] for e in events if "response" in e)]
+    assert len(responses) == 5  # created, in_progress, completed
+    for response in responses:
+        assert type(response["created_at"]) is int, response
+        assert response["completed_at"] is None if response["status"] == "in_progress" else \
+            type(response["completed_at"]) is int
+
+
 def test_instructions_are_the_system_message(client):
     instructions = "You are a pirate. Answer like one."
     r = client.responses.create(model="m", input=QUESTION, instructions=instructions, **SHORT)

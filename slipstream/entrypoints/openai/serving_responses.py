@@ -306,6 +306,14 @@ def listed_input_items(items: str | list[InputItem]) -> list[Any]:
     return listed
 
 
+class ResponseObject(SDKResponse):
+    """The SDK's Response with OpenAI's integer timestamps: the SDK types them float, and 1796514499.0 breaks strictly
+    typed clients (Rust's async-openai reads a u64). Dumped in events with serialize_as_any, to keep its fields'."""
+
+    created_at: int
+    completed_at: int | None = None
+
+
 # ---- what is kept ----
 
 
@@ -347,7 +355,7 @@ def _not_found(response_id: str, param: str | None = None) -> APIError:
 
 
 def _dump(model: SDKModel) -> dict:
-    return model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return model.model_dump(mode="json", by_alias=True, exclude_unset=True, serialize_as_any=True)
 
 
 def _new_id(prefix: str) -> str:
@@ -678,7 +686,7 @@ class OpenAIServingResponses:
         else:
             text_format = ResponseFormatText(type="text")
         done = status in ("completed", "incomplete")
-        return SDKResponse(
+        return ResponseObject(
             id=response_id, object="response", created_at=created, status=status,
             completed_at=int(time.time()) if done else None,
             model=self.chat.options.model_name, output=output, error=None,
@@ -757,6 +765,7 @@ def _sse(events: AsyncIterator[SDKModel]) -> StreamingResponse:
     async def frames() -> AsyncIterator[str]:
         async with aclosing(events):
             async for event in events:
-                yield f"event: {event.type}\ndata: {event.model_dump_json(by_alias=True, exclude_unset=True)}\n\n"
+                data = event.model_dump_json(by_alias=True, exclude_unset=True, serialize_as_any=True)
+                yield f"event: {event.type}\ndata: {data}\n\n"
 
     return StreamingResponse(frames(), media_type="text/event-stream")

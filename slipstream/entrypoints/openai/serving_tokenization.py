@@ -35,6 +35,10 @@ class OpenAIServingTokenization(OpenAIServing):
         request = parse_body(DetokenizeRequest, await raw_request.body())
         engine = self.llm.engine
         vocab = engine.hf_config.vocab_size
+        if len(request.tokens) > engine.max_model_len:  # (2.5M ids took 1.1 s to decode: no prompt is that long)
+            raise APIError(f"tokens: {len(request.tokens)} ids, more than any prompt or answer here holds "
+                           f"(the context is {engine.max_model_len} tokens)", param="tokens",
+                           code="context_length_exceeded")
         if any(t >= vocab for t in request.tokens):
             raise APIError(f"tokens: token ids must be in [0, {vocab})", param="tokens")
-        return DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens))
+        return DetokenizeResponse(prompt=await off_loop(lambda: engine.tokenizer.decode(request.tokens)))
