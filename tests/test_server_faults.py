@@ -104,6 +104,10 @@ def test_sigterm_drains_then_exits_0():
                               long_started, long),
         ]
         assert short_started.wait(120) and long_started.wait(120)
+        viewer: list = []  # the dashboard's endless stream: it held the exit up 5 s, then was cut off mid-frame
+        watching = threading.Thread(target=lambda: viewer.append(_dashboard_frames(server.url)), daemon=True)
+        watching.start()
+        time.sleep(1)
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         # Draining: the port still answers, but nothing new starts and load balancers see 503.
@@ -116,3 +120,13 @@ def test_sigterm_drains_then_exits_0():
         assert short["events"][-1] == "[DONE]" and short["events"][-2]["choices"][0]["finish_reason"] == "length"
         assert long["events"][-1] == "[DONE]" and "shutting down" in long["events"][-2]["error"]["message"]
         assert server.process.wait(timeout=60) == 0, server.log()
+        watching.join(60)
+        frames = viewer[0]
+        assert frames[-1]["stats"]["health"]["status"] == "draining", frames[-1]  # (then it ended, cleanly)
+        assert "Traceback" not in server.log() and "graceful shutdown exceeded" not in server.log()
+
+
+def _dashboard_frames(url: str) -> list[dict]:
+    """The frames of /v1/engine/stream until it ends (an error if it is cut off instead)."""
+    with httpx.stream("GET", f"{url}/v1/engine/stream", timeout=120) as r:
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]

@@ -174,8 +174,9 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "then it ends, and its engine requests and --max-concurrency slot with it")
     add("--max-body-size", type=memory_size, default="16MiB",
         help="largest request body (bytes or a size like 16MiB); larger ones get a 413")
-    add("--shutdown-timeout", "--timeout-graceful-shutdown", type=_bounded(float, 0), default=30.0,
-        help="seconds a SIGTERM lets requests in flight finish (new ones get 503) before ending them")
+    add("--shutdown-timeout", "--timeout-graceful-shutdown", type=_bounded(float, 0), default=25.0,
+        help="seconds a SIGTERM lets requests in flight finish (new ones get 503) before ending them (25: the "
+        "exit then comes within Kubernetes' default 30 s grace period)")
     add("--disable-dashboard", action="store_true",
         help="no /dashboard, no /v1/engine/* and no engine recorder behind them")
     add("--dashboard-show-prompts", action="store_true",

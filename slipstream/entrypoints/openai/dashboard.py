@@ -130,6 +130,8 @@ class Dashboard:
         try:
             while True:
                 yield await q.get()
+                if self.gate.closed and not self.gate.in_flight:  # drained: it would only hold up the exit
+                    return
         finally:
             self._viewers.discard(q)
 
