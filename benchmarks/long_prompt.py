@@ -1,0 +1,87 @@
+"""A long prompt beside a stream: what one 7000-token prompt does to another client's stream, and what a prompt
+chunk costs by where it starts (the scheduler's measure of a chunk's work, llm_engine.ATTENTION_EFFICIENCY).
+
+    .venv/bin/python benchmarks/long_prompt.py beside [--prompt-tokens 7000] [server flags...]
+    .venv/bin/python benchmarks/long_prompt.py chunks [--chunk 512] [--prompt-tokens 8000]
+
+`beside`: a real server; a streamed chat of 400 tokens starts, 3 s later a completion with a prompt of
+`--prompt-tokens` ids arrives; prints the prompt's time and the stream's gaps between tokens (p50 / p99 / max).
+`chunks`: the offline engine prefills one prompt in `--chunk`-token steps, each step timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def beside(prompt_tokens: int, server_flags: list[str]) -> None:
+    from server_utils import running_server
+
+    with running_server("--max-model-len", "8192", "--kv-cache-memory", "1GiB", *server_flags) as server:
+        gaps: list[float] = []
+
+        def stream() -> None:
+            body = {"messages": [{"role": "user", "content": "Count to one hundred."}], "max_tokens": 400,
+                    "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=900) as r:
+                last = time.monotonic()
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and '"content"' in line:
+                        now = time.monotonic()
+                        gaps.append(now - last)
+                        last = now
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        time.sleep(3)
+        start = time.monotonic()
+        r = httpx.post(f"{server.base_url}/completions", json={"prompt": [1000] * prompt_tokens, "max_tokens": 1},
+                       timeout=900)
+        print(f"{prompt_tokens}-token prompt: {r.status_code} in {time.monotonic() - start:.1f} s")
+        streaming.join()
+        gaps.sort()
+        print(f"the stream's gaps between tokens: {len(gaps)} tokens, p50 {gaps[len(gaps) // 2]:.3f} s, "
+              f"p99 {gaps[int(len(gaps) * 0.99)]:.2f} s, max {gaps[-1]:.2f} s")
+
+
+def chunks(chunk: int, prompt_tokens: int) -> None:
+    from slipstream import SamplingParams
+    from slipstream.config import EngineConfig
+    from slipstream.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(max_model_len=8192, max_num_batched_tokens=chunk, kv_cache_memory=1 << 30,
+                                    enable_prefix_caching=False))
+    random.seed(0)
+    engine.add_request("long", [random.randrange(100, 40000) for _ in range(prompt_tokens)],
+                       SamplingParams(max_tokens=1, temperature=0))
+    for start in range(0, prompt_tokens, chunk):
+        t = time.perf_counter()
+        engine.step()
+        seconds = time.perf_counter() - t
+        print(f"chunk from {start:5d}: {seconds * 1000:6.0f} ms, {seconds / min(chunk, prompt_tokens - start) * 1e3:.2f}"
+              " ms a token")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["beside", "chunks"])
+    p.add_argument("--prompt-tokens", type=int, default=None)
+    p.add_argument("--chunk", type=int, default=512)
+    args, server_flags = p.parse_known_args()
+    if args.what == "beside":
+        beside(args.prompt_tokens or 7000, server_flags)
+    else:
+        chunks(args.chunk, args.prompt_tokens or 8000)
+
+
+if __name__ == "__main__":
+    main()
