@@ -67,8 +67,8 @@ def chunks(chunk: int, prompt_tokens: int) -> None:
         t = time.perf_counter()
         engine.step()
         seconds = time.perf_counter() - t
-        print(f"chunk from {start:5d}: {seconds * 1000:6.0f} ms, {seconds / min(chunk, prompt_tokens - start) * 1e3:.2f}"
-              " ms a token")
+        per_token_ms = seconds / min(chunk, prompt_tokens - start) * 1e3
+        print(f"chunk from {start:5d}: {seconds * 1000:6.0f} ms, {per_token_ms:.2f} ms a token")
 
 
 def main() -> None:
