@@ -282,6 +282,8 @@ def test_input_items_are_listed_newest_first_and_page(client):
         with pytest.raises(openai.APIStatusError) as e:
             client.responses.input_items.list(r.id, **bad)
         assert e.value.status_code in (400, 404) and e.value.body["param"] == param
+    raw = httpx.get(f"{client.base_url}responses/{r.id}/input_items", params={"limit": "null"}, timeout=60)
+    assert raw.status_code == 400 and raw.json()["error"]["param"] == "limit"  # (was FastAPI's 422 shape)
     client.responses.delete(r.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.input_items.list(r.id)

@@ -8,6 +8,7 @@ import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
@@ -91,6 +92,12 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         return APIError(detail or HTTPStatus(exc.status_code).phrase, exc.status_code).response()
 
+    async def on_invalid_params(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # What FastAPI validates itself (query and path parameters: ?limit=null) answered its own 422 shape.
+        err = exc.errors()[0]
+        where = [str(p) for p in err["loc"][1:]] or [str(p) for p in err["loc"]]
+        return APIError(f"{'.'.join(where)}: {err['msg']}", param=where[0], code="invalid_value").response()
+
     async def on_client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
         # The client left while its body was read (a disconnect storm does this): nobody reads the answer, and it is
         # no bug of ours. (As a plain Exception it would be logged as an internal error, traceback and all.)
@@ -106,5 +113,6 @@ def install_error_handlers(app: FastAPI) -> None:
     for known in (APIError, EngineDeadError, EngineStepError):  # EngineDeadError: /v1/models while the model loads
         app.add_exception_handler(known, on_known)
     app.add_exception_handler(ClientDisconnect, on_client_gone)
+    app.add_exception_handler(RequestValidationError, on_invalid_params)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(Exception, on_bug)  # a bug: still the envelope, and the traceback in the log
