@@ -89,6 +89,19 @@ def test_beside_decodes_a_prompts_chunk_is_held_to_its_work_which_grows_with_its
     assert chunks[-2][1] == 4 and sum(n for _, n in chunks) == 1000
 
 
+def test_waiting_requests_are_admitted_in_turns():
+    """A request of many sequences (prompts x n) was admitted whole before any request after it: a request of one
+    now waits for at most one of its sequences a free slot."""
+    sched = make_scheduler(max_num_seqs=2, budget=64)
+    many = [Sequence(f"many-{i}", [1, 2, 3], SamplingParams(), group="many") for i in range(6)]
+    for seq in many:
+        sched.add(seq)
+    one = add(sched, "one", 3, first_token=100)
+    assert [s.seq for s in sched.schedule()] == [many[0], one]
+    assert sched.waiting[0] is many[1] and len(sched.waiting) == 5
+    assert [s.group for s in (many[0], one)] == ["many", "one"]  # (its own id where none is given)
+
+
 def test_without_chunked_prefill_a_prompt_waits_for_a_step_it_fits_in():
     sched = make_scheduler(budget=16, chunked=False)
     a = add(sched, "a", 5)

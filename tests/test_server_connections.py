@@ -134,6 +134,24 @@ def test_a_stream_abandoned_in_the_engine_queue_leaves_it(server):
     wait_for(lambda: requests_state(server)["in_flight_http"] == 0, 60, "the busy request ends with its client")
 
 
+def test_a_request_of_many_sequences_does_not_hold_back_a_later_one(server):
+    """24 prompts (24 sequences, 8 run at a time) then a chat of as many tokens: the chat was admitted after all 24,
+    and ended with them at best; admitted in turns, it ends while the big request's later sequences still run."""
+    done: dict[str, float] = {}
+
+    def post(name: str, path: str, body: dict) -> None:
+        r = httpx.post(f"{server.base_url}/{path}", json={**body, "max_tokens": 24, "ignore_eos": True}, timeout=600)
+        assert r.status_code == 200, r.text
+        done[name] = time.monotonic()
+
+    big = threading.Thread(target=post, args=("big", "completions", {"prompt": [f"Story {i}:" for i in range(24)]}))
+    big.start()
+    wait_for(lambda: requests_state(server)["waiting"] > 0, 60, "the big request queues")
+    post("chat", "chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
+    big.join(600)
+    assert done["chat"] < done["big"], done
+
+
 def test_a_connection_that_sends_no_whole_request_head_is_closed(server):
     """A socket that sends nothing and one that sends its head a byte a second are closed REQUEST_HEAD_TIMEOUT_S
     after they opened (both were kept for ever: enough of them took every file descriptor); a client that sends its

@@ -39,6 +39,7 @@ class EngineRequest(NamedTuple):
     params: SamplingParams
     reasoning: ReasoningSpan | None = None  # a thinking span to count and budget (--reasoning-parser)
     tags: dict[str, object] | None = None  # what the dashboard shows of its origin (endpoint, stream, tools)
+    group: str | None = None  # the API request it is one sequence of (prompts x n): the scheduler admits them in turn
 
 
 class EngineDeadError(RuntimeError):
@@ -203,8 +204,8 @@ class AsyncLLM:
         added = []
         try:
             for request in requests:
-                rid, prompt_token_ids, params, reasoning, tags = EngineRequest(*request)
-                self._engine.add_request(rid, prompt_token_ids, params, reasoning=reasoning, tags=tags)
+                rid, prompt_token_ids, params, reasoning, tags, group = EngineRequest(*request)
+                self._engine.add_request(rid, prompt_token_ids, params, reasoning=reasoning, tags=tags, group=group)
                 added.append(rid)
         except Exception:
             for rid in added:

@@ -201,8 +201,9 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None, reasoning: ReasoningSpan | None = None,
-                    tags: dict[str, object] | None = None) -> None:
-        """Queue a request; `tags` are what the dashboard shows of where it came from (endpoint, tools...)."""
+                    tags: dict[str, object] | None = None, group: str | None = None) -> None:
+        """Queue a request; `tags` are what the dashboard shows of where it came from (endpoint, tools...); `group`:
+        the API request it is one sequence of (default: its own), which the scheduler admits in turn with others."""
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already running")
         if not prompt_token_ids:
@@ -216,7 +217,7 @@ class LLMEngine:
                 raise TokenIdError(name, vocab)
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"logprobs must be at most {self.config.max_logprobs}")
-        seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, group=group or request_id)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         if reasoning is not None:

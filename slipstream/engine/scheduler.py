@@ -12,6 +12,10 @@ attending to c earlier ones costs 1 + c / `context_cost` tokens (context_cost: t
 what a token's matmuls do). On 2 CPU cores a 2048-token chunk of a 7000-token prompt took 5 s and more: every
 other stream's next token waited on it.
 
+Waiting sequences are admitted in turns by API request (each request's first, then each one's second, ...), in
+arrival order within each: a request of many sequences (200 prompts x n = 8) kept every later request waiting for
+all of them (a stream's first token 234 s late behind 1,600 sequences).
+
 A waiting sequence whose next full prompt block a running sequence is still computing (the other
 samples of an n > 1 request, or any shared system prompt) waits for it and then takes it from the
 prefix cache instead of computing the same keys and values again.
@@ -19,6 +23,7 @@ prefix cache instead of computing the same keys and values again.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -158,7 +163,7 @@ class Scheduler:
         """Start waiting sequences in arrival order while budget, sequence slots and blocks last. Returns the budget
         left."""
         bm = self.block_manager
-        for seq in list(self.waiting):
+        for seq in self._in_turns():
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             # Prompt logprobs need every prompt position computed, so such requests skip the cache.
@@ -189,6 +194,16 @@ class Scheduler:
             if num_new > 1:
                 self._spend_prefill_work(num_cached, num_new)
         return budget
+
+    def _in_turns(self) -> list[Sequence]:
+        """The waiting sequences in admission order: requests in turn, each one's in its own order (preempted ones,
+        at the front, stay first in their request's)."""
+        by_group: dict[str, list[Sequence]] = {}
+        for seq in self.waiting:
+            by_group.setdefault(seq.group, []).append(seq)
+        if len(by_group) == len(self.waiting):  # a sequence each: arrival order
+            return list(self.waiting)
+        return [seq for turn in itertools.zip_longest(*by_group.values()) for seq in turn if seq is not None]
 
     def _num_runnable(self, seq: Sequence, num_computed: int) -> int:
         """Tokens of `seq` that may run after its first `num_computed`."""

@@ -34,6 +34,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    group: str = ""  # the API request it is one sequence of (its prompts x n), for fair admission; "": its own
     token_ids: list[int] = field(init=False)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
@@ -55,6 +56,7 @@ class Sequence:
     answer_start: int | None = 0  # output tokens before the answer; None while a thinking span may still come
 
     def __post_init__(self) -> None:
+        self.group = self.group or self.request_id
         self.token_ids = list(self.prompt_token_ids)
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)

@@ -239,7 +239,7 @@ class OpenAIServing:
             for s, sample_params in enumerate(samples):
                 rid = f"{request_id}-{p * len(samples) + s}"
                 index[rid] = p * len(samples) + s
-                requests.append(EngineRequest(rid, prompt, sample_params, reasoning, tags))
+                requests.append(EngineRequest(rid, prompt, sample_params, reasoning, tags, request_id))
         try:
             outputs = await self.llm.generate(requests)
         except Exception as exc:
