@@ -132,7 +132,6 @@ class Scheduler:
         first, preempting the newest not yet scheduled when blocks run out. Returns the budget left and whether
         anything was preempted."""
         preempted = False
-        taken: set[int] = set()  # ids of the sequences scheduled
         for seq in sorted(self.running, key=self._prefilling):  # (stable: oldest first within each)
             if budget <= 0:
                 break
@@ -145,7 +144,8 @@ class Scheduler:
             if num_new <= 0:
                 continue
             while not self.block_manager.allocate(seq, num_new):
-                victim = next(s for s in reversed(self.running) if id(s) not in taken)
+                taken = {s.seq for s in scheduled}
+                victim = next(s for s in reversed(self.running) if s not in taken)
                 self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
@@ -153,7 +153,6 @@ class Scheduler:
                     break
             else:
                 scheduled.append(ScheduledSeq(seq, num_new))
-                taken.add(id(seq))
                 budget -= num_new
                 if num_new > 1:
                     self._spend_prefill_work(start, num_new)

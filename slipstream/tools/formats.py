@@ -103,23 +103,15 @@ def _rebased(node: Any, base: str) -> Any:
     return out
 
 
-def _refers_to_itself(node: Any) -> bool:
-    if isinstance(node, list):
-        return any(map(_refers_to_itself, node))
-    if not isinstance(node, dict):
-        return False
-    return any((key == "$ref" and isinstance(value, str) and value.startswith("#"))
-               or (key not in _DATA_KEYWORDS and _refers_to_itself(value)) for key, value in node.items())
-
-
 def _embedded(schema: dict[str, Any], name: str, defs: dict[str, Any]) -> dict[str, Any]:
     """`schema` to be placed below another schema's root. Its local references ("#/$defs/Address", "#" for a tree's
     children: what pydantic writes for nested models) would resolve against that root: such a schema moves whole
     into `defs[name]` (which the caller puts at the root's "$defs"), its references rebased there, and is referred
     to. Schemas without them stay as they are."""
-    if not _refers_to_itself(schema):
+    rebased = _rebased(schema, f"#/$defs/{name}")
+    if rebased == schema:  # (no local reference in it)
         return schema
-    defs[name] = _rebased(schema, f"#/$defs/{name}")
+    defs[name] = rebased
     return {"$ref": f"#/$defs/{name}"}
 
 

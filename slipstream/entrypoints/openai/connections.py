@@ -21,18 +21,16 @@ OPEN_FILES_TARGET = 65536
 ACCEPT_WARNING_INTERVAL_S = 10.0
 
 
-def raise_open_files_limit() -> int:
-    """The soft limit on open files raised towards OPEN_FILES_TARGET, as far as the hard limit allows; the limit now."""
+def raise_open_files_limit() -> None:
+    """The soft limit on open files raised towards OPEN_FILES_TARGET, as far as the hard limit allows."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = OPEN_FILES_TARGET if hard == resource.RLIM_INFINITY else min(OPEN_FILES_TARGET, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return target
         except (ValueError, OSError) as exc:
             logger.warning("could not raise the open-files limit from %d to %d (%s): about that many idle "
                            "connections stop the server from accepting more", soft, target, exc)
-    return soft
 
 
 class H11WithRequestHeadTimeout(H11Protocol):

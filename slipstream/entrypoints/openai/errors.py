@@ -48,7 +48,11 @@ class APIError(Exception):
 
 
 def from_validation_error(exc: ValidationError) -> APIError:
-    errors = exc.errors(include_url=False)
+    return from_errors(exc.errors(include_url=False))
+
+
+def from_errors(errors: list) -> APIError:
+    """The 400 of pydantic's errors (ValidationError.errors(): dicts of type, loc, msg, ctx)."""
     # A union field (stop: a string or a list of them) reports every form the value failed; the form of the value's
     # own type says what is wrong with it ("at most 64 items", not "Input should be a valid string"): the deepest
     # error that is not about the type, where there is one.
@@ -93,10 +97,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(detail or HTTPStatus(exc.status_code).phrase, exc.status_code).response()
 
     async def on_invalid_params(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # What FastAPI validates itself (query and path parameters: ?limit=null) answered its own 422 shape.
-        err = exc.errors()[0]
-        where = [str(p) for p in err["loc"][1:]] or [str(p) for p in err["loc"]]
-        return APIError(f"{'.'.join(where)}: {err['msg']}", param=where[0], code="invalid_value").response()
+        # What FastAPI validates itself (query and path parameters: ?limit=null) answered its own 422 shape; the
+        # location's first part says where ("query"), the rest names the parameter.
+        return from_errors([{**e, "loc": e["loc"][1:]} for e in exc.errors()]).response()
 
     async def on_client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
         # The client left while its body was read (a disconnect storm does this): nobody reads the answer, and it is

@@ -373,15 +373,6 @@ def _usage(usage: UsageInfo | None) -> ResponseUsage | None:
                          output_tokens_details=OutputTokensDetails(reasoning_tokens=reasoning))
 
 
-def output_logprobs(chat: ChatLogprobs, end_tokens: frozenset[str]) -> list[Logprob]:
-    """Chat's token logprobs in the Responses' shape (a token's bytes: [] where chat leaves them out), those of the
-    output text's tokens only: chat's, as vLLM's, also hold the end token (`<|im_end|>`) the answer stopped on."""
-    return [Logprob(token=t.token, bytes=t.bytes or [], logprob=t.logprob,
-                    top_logprobs=[LogprobTopLogprob(token=a.token, bytes=a.bytes or [], logprob=a.logprob)
-                                  for a in t.top_logprobs])
-            for t in chat.content if t.token not in end_tokens]
-
-
 def _event_logprobs(logprobs: list[Logprob]) -> list[dict]:
     """Those of an output_text delta / done event: without bytes (the events' type has none)."""
     return [lp.model_dump(exclude={"bytes": True, "top_logprobs": {"__all__": {"bytes"}}}) for lp in logprobs]
@@ -535,7 +526,14 @@ class OpenAIServingResponses:
         return frozenset(engine.tokenizer.decode([token]) for token in engine.eos_token_ids)
 
     def logprobs(self, chat: ChatLogprobs | None) -> list[Logprob]:
-        return output_logprobs(chat, self.end_tokens) if chat is not None else []
+        """Chat's token logprobs in the Responses' shape (a token's bytes: [] where chat leaves them out), those of
+        the output text's tokens only: chat's, as vLLM's, also hold the end token (`<|im_end|>`) it stopped on."""
+        if chat is None:
+            return []
+        return [Logprob(token=t.token, bytes=t.bytes or [], logprob=t.logprob,
+                        top_logprobs=[LogprobTopLogprob(token=a.token, bytes=a.bytes or [], logprob=a.logprob)
+                                      for a in t.top_logprobs])
+                for t in chat.content if t.token not in self.end_tokens]
 
     # ---- routes ----
 
