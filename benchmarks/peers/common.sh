@@ -12,7 +12,7 @@ MODEL_NAME=SmolLM2-135M-Instruct
 # wheel, as slipstream itself finds it.
 default_gguf() {
   if [[ -n "${GGUF:-}" ]]; then echo "$GGUF"; return; fi
-  "$REPO/.venv/bin/python" -c 'from slipstream.model.loader import default_model_path; print(default_model_path())'
+  "$REPO/.venv/bin/python" -c 'from slipstream.model.locate import default_model_path; print(default_model_path())'
 }
 
 dispatch() {
