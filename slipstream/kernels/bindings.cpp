@@ -1,3 +1,4 @@
+#include <pybind11/stl.h>
 #include <torch/extension.h>
 
 #include "kernels.h"
@@ -12,6 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_dequantize", &gguf_dequantize, "the float32 values of GGUF blocks (row layout) or F16 / BF16 rows",
         nogil);
   m.def("takes_high_bit_rows", &takes_high_bit_rows, "whether gguf_linear takes Q5_0 / Q5_1 / Q5_K at 5 bits a weight");
+  m.def("tile_types", &tile_types, "GGML types gguf_linear multiplies on AMX tiles at any row count");
   m.def("gguf_linear_q8", &gguf_linear_q8, "gguf_linear with x rounded to int8 blocks (Q8 activations)", nogil);
   m.def("q4_group_rows", &q4_group_rows, "rows per group of the interleaved Q4 layout this build does best (8, 16)");
   m.def("q8_group_rows", &q8_group_rows, "rows per group of the interleaved Q8_0 layout this build takes (0: none)");

@@ -96,11 +96,15 @@ class CpuVariant:
 
 
 _AVX2 = ("avx2", "fma", "f16c")
+_AVX512 = (*_AVX2, "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+_AVX512_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 VARIANTS = (  # best first; AVX2 sources shared, the VNNI builds take vpdpbusd for int8 dot products (vec.h), the
-    # AVX-512 build its own float32 block kernels (gguf_rows_avx512.h)
-    CpuVariant("avx512_vnni", frozenset({*_AVX2, "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
-               ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
-               block_kernel_max_rows=64, onednn_gemm=True),
+    # AVX-512 builds their own float32 block kernels (gguf_rows_avx512.h), the AMX build bf16 tiles for the Q4 and
+    # Q8_0 types at 8 rows or more (gguf_amx.h; the types it serves so: `KernelTable.tile_types`)
+    CpuVariant("amx", frozenset({*_AVX512, "avx512_bf16", "amx_tile", "amx_bf16"}),
+               (*_AVX512_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"), block_kernel_max_rows=64,
+               onednn_gemm=True),
+    CpuVariant("avx512_vnni", frozenset(_AVX512), _AVX512_FLAGS, block_kernel_max_rows=64, onednn_gemm=True),
     CpuVariant("avx_vnni", frozenset({*_AVX2, "avx_vnni"}), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
     CpuVariant("avx2", frozenset(_AVX2), ("-mavx2", "-mfma", "-mf16c")),
 )
@@ -190,6 +194,12 @@ class KernelTable:
     ops: object | None  # the compiled module
     disabled: dict[str, str] = field(default_factory=dict)  # kernel -> why (its self-check disagreed)
 
+    @functools.cached_property
+    def tile_types(self) -> frozenset[int]:
+        """GGML types gguf_linear multiplies on matrix tiles (AMX) at any row count: none unless this build has them
+        and the system lets the process use them."""
+        return frozenset(self.ops.tile_types()) if self.has("gguf_linear") else frozenset()
+
     def has(self, name: str) -> bool:
         return self.ops is not None and name not in self.disabled
 
@@ -219,8 +229,10 @@ class KernelTable:
             return self.ops.gguf_linear_q8 if self.has("gguf_linear_q8") else None
         if not self.has("gguf_linear") or self._rounded_gemm_serves(layer, rows):
             return None
-        half = any(qtype in HALF_TYPES for _, qtype in layer.gguf_parts)
-        limit = HALF_KERNEL_MAX_ROWS if half else self.variant.block_kernel_max_rows
+        qtypes = [qtype for _, qtype in layer.gguf_parts]
+        if all(qtype in self.tile_types for qtype in qtypes):
+            return self.ops.gguf_linear  # (matrix tiles: faster than expanding the blocks for a GEMM at any rows)
+        limit = HALF_KERNEL_MAX_ROWS if any(q in HALF_TYPES for q in qtypes) else self.variant.block_kernel_max_rows
         return self.ops.gguf_linear if rows <= limit else None
 
     def uses_onednn_gemm(self) -> bool:
@@ -292,9 +304,11 @@ class KernelTable:
         off = f"; disabled after their self-check: {', '.join(sorted(self.disabled))}" if self.disabled else ""
         gemm = "oneDNN" if self.uses_onednn_gemm() else "MKL"
         bf16 = ", --dtype bfloat16 from 8 rows: oneDNN bf16 GEMM on packed weights" if native_bf16_gemm() else ""
+        tiles = "/".join(GGUF_KERNEL_TYPES[t] for t in sorted(self.tile_types))
+        tiles = f", {tiles} at any rows on AMX tiles" if tiles else ""
         return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())} up to " \
-               f"{self.variant.block_kernel_max_rows} rows, F16/BF16 rows, paged attention (float32 / float16 / int8 " \
-               f"caches), norm/rotary/SwiGLU, layer stack; dense float32 GEMM: {gemm}{bf16}){off}"
+               f"{self.variant.block_kernel_max_rows} rows{tiles}, F16/BF16 rows, paged attention (float32 / float16 " \
+               f"/ int8 caches), norm/rotary/SwiGLU, layer stack; dense float32 GEMM: {gemm}{bf16}){off}"
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

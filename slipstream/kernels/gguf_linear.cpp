@@ -18,6 +18,9 @@
 #ifdef __AVX512F__
 #include "gguf_rows_avx512.h"
 #endif
+#ifdef __AMX_BF16__
+#include "gguf_amx.h"
+#endif
 #include "kernels.h"
 #include "vec.h"
 
@@ -380,6 +383,13 @@ at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, in
   return out;
 }
 
+std::vector<int64_t> tile_types() {
+#ifdef __AMX_BF16__
+  if (amx::tiles_permitted()) return {2, 3, 8, 12};  // (amx::takes)
+#endif
+  return {};
+}
+
 bool takes_high_bit_rows() {
 #ifdef __AVX512F__
   return true;
@@ -399,6 +409,10 @@ BlockLinear gguf_linear_kernel(const at::Tensor& qs, const at::Tensor& scales, c
         constexpr QType T = decltype(type)::value;
         if constexpr (high_bit_planes(T) == 1)
           if (layout == Layout::HighBitRows) return &avx512::linear_impl<T, Layout::HighBitRows>;
+#ifdef __AMX_BF16__
+        if constexpr (amx::takes(T))
+          if (amx::tiles_permitted()) return &amx::linear_impl<T>;
+#endif
         return &avx512::linear_impl<T>;
       },
       layout);

@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include "gguf_blocks.h"
 
 at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);
@@ -10,6 +12,8 @@ slipstream::BlockLinear gguf_linear_kernel(const at::Tensor& qs, const at::Tenso
                                            int64_t qtype, int64_t K);
 slipstream::BlockLinear gguf_linear_q8_kernel(const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
                                               int64_t qtype, int64_t K);
+// GGML types this build's gguf_linear multiplies on matrix tiles (AMX), at any row count; empty where it has none.
+std::vector<int64_t> tile_types();
 bool takes_high_bit_rows();  // whether this build's gguf_linear takes the 5-bit types in HighBitRows (gguf_blocks.h)
 at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);
 at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);

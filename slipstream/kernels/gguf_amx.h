@@ -1,0 +1,266 @@
+// gguf_linear on AMX (the amx variant): Q4_0 / Q4_1 / Q4_K / Q8_0 rows times float32 activations on bf16 tiles,
+// still x @ dequantize(W)^T up to summation order (exact mode), for batches and prompts.
+//
+// A block's quants are small integers, exact in bf16; x is not, so each activation is split into three bf16 parts
+// (hi + mid + lo == x exactly: each holds the next 8 of float32's 24 significant bits). Every product of a quant and a
+// part is exact in float32, and the tiles sum them in float32: per block, the three parts' dot products with the
+// quants add up to the block's sum of x times quants as a float32 kernel's would (in another order). That sum is
+// then scaled by the block's scale and the min term (its min times the block's sum of x) added, as the AVX2 kernels
+// do. Tiles: the weights are A (16 weight rows x one block of 32, expanded to bf16 once a call), the activations B
+// (16 rows of x, pairs of k in the dword layout TDPBF16PS takes), C = 16 weight rows x 16 activation rows, stored
+// after every block to be scaled into float32 sums. Three products a block where a float32 kernel has one FMA a
+// weight and row, at 16x an FMA's work each: on 2 cores of an AMX Xeon 2.2-2.7x the AVX-512 kernel's speed at 32
+// rows and more (~200 GMAC/s; without the stores and scaling it would be ~1.4x more: what is left to gain).
+#pragma once
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "gguf_blocks.h"
+#include "gguf_rows_avx512.h"
+
+namespace slipstream::amx {
+
+// Linux gives a process the tiles' state only once asked (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); without it
+// the first tile instruction kills the process.
+inline bool tiles_permitted() {
+  static const bool permitted = [] {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return permitted;
+}
+
+// The types these tiles take: quants of at most 8 bits, 32 to a scale.
+constexpr bool takes(QType t) { return is_q4(t) || t == QType::Q8_0; }
+
+// Fewer activation rows than this go to the AVX-512 row kernel: a tile of 16 activation rows then computes mostly
+// padding, and expanding every weight to bf16 costs more than it saves. (This Xeon, 2 threads, tiles / row kernel at
+// 8 / 12 / 16 rows: gate_up 0.59x / 0.99x / 1.19x, down 0.75x / 1.06x / 1.44x, the Q8_0 LM head 0.74x / 1.18x /
+// 1.50x; at 32 rows the embedded model's matmuls in a step 1.74x, in isolation 2.2-2.7x.)
+constexpr int64_t MIN_ROWS = 12;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Eight tiles of 16 rows of 64 bytes (SLIPSTREAM_TILE_PRODUCTS says which holds what).
+inline void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+// Transposes 16 rows of 16 dwords in place.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + j], lane L: rows 4i..4i+3 of column 4L + j
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i a0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88), a1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
+    const __m512i b0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88),
+                  b1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
+    r[j] = _mm512_shuffle_i32x4(a0, b0, 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(a0, b0, 0xdd);
+    r[j + 4] = _mm512_shuffle_i32x4(a1, b1, 0x88);
+    r[j + 12] = _mm512_shuffle_i32x4(a1, b1, 0xdd);
+  }
+}
+
+inline __m512 bf16_low_as_float(__m512i words) {  // words 0..15 as floats
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(words)), 16));
+}
+inline __m512 bf16_high_as_float(__m512i words) {  // words 16..31 as floats
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1)), 16));
+}
+
+// x's activation rows as the B tiles take them: for tile j of 16 rows and block b, 3 parts of 16 rows (pairs of k)
+// x 16 activation rows' dwords, at ((j * nb + b) * 3 + part) * 512 words; rows beyond M are zero. And each block's
+// sum of x, 16 rows at a time (xsum[(j * nb + b) * 16 + i]), for the min term.
+struct SplitX {
+  std::vector<uint16_t> parts;
+  std::vector<float> xsum;
+};
+
+inline SplitX split_x(const float* x, int64_t M, int64_t K) {
+  const int64_t nb = K / QK, tiles = (M + 15) / 16;
+  SplitX s{std::vector<uint16_t>(tiles * nb * 3 * 512), std::vector<float>(tiles * nb * 16, 0.0f)};
+  for (int64_t j = 0; j < tiles; ++j)
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512i rows[3][16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t m = 16 * j + i;
+        if (m >= M) {
+          for (auto& part : rows) part[i] = _mm512_setzero_si512();
+          continue;
+        }
+        const float* xb = x + m * K + b * QK;
+        __m512 r0 = _mm512_loadu_ps(xb), r1 = _mm512_loadu_ps(xb + 16);
+        s.xsum[(j * nb + b) * 16 + i] = _mm512_reduce_add_ps(_mm512_add_ps(r0, r1));
+        for (auto& part : rows) {  // the part nearest what is left, then what is left (exact: a float32 difference)
+          const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(r1, r0);
+          part[i] = words;
+          r0 = _mm512_sub_ps(r0, bf16_low_as_float(words));
+          r1 = _mm512_sub_ps(r1, bf16_high_as_float(words));
+        }
+      }
+      for (int p = 0; p < 3; ++p) {
+        transpose16(rows[p]);  // row i's pair k -> B row k, dword i
+        uint16_t* out = s.parts.data() + ((j * nb + b) * 3 + p) * 512;
+        for (int k = 0; k < 16; ++k) _mm512_storeu_si512(out + 32 * k, rows[p][k]);
+      }
+    }
+  return s;
+}
+
+// Weight rows [n0, n0 + rows) expanded to bf16 quants (Q4_0's less 8), 16 rows of K; scales and mins per block and
+// row (d[b * 16 + r]), zero for rows beyond.
+template <QType T>
+void expand_weights(const Weights& w, int64_t K, int64_t n0, int64_t rows, uint16_t* a, float* d, float* mn) {
+  const int64_t nb = K / QK;
+  alignas(64) uint16_t table[32];
+  for (int i = 0; i < 32; ++i) {
+    const float f = static_cast<float>(i - (T == QType::Q4_0 ? 8 : 0));
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    table[i] = static_cast<uint16_t>(bits >> 16);
+  }
+  const __m512i lookup = _mm512_load_si512(table);
+  std::memset(a + rows * K, 0, (16 - rows) * K * 2);
+  std::fill(d, d + nb * 16, 0.0f);
+  std::fill(mn, mn + nb * 16, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = n0 + r;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t at = n * nb + b;
+      __m512i words;
+      if constexpr (T == QType::Q8_0) {
+        const int8_t* q = reinterpret_cast<const int8_t*>(w.qs) + at * 32;
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+        const __m512 hi =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+        words = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      } else {  // low nibbles are weights 0..15, high nibbles 16..31
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + at * 16));
+        const __m128i low = _mm_set1_epi8(0x0F);
+        const __m256i nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+        words = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(nibbles), lookup);
+      }
+      _mm512_storeu_si512(a + r * K + b * QK, words);
+      d[b * 16 + r] = avx512::scale_at<T>(w, at);
+      if constexpr (has_mins(T)) mn[b * 16 + r] = avx512::min_at<T, Layout::Rows>(w, at, d[b * 16 + r]);
+    }
+  }
+}
+
+// One block of two weight tiles (A: tiles 4, 5) times x's three parts for one or two activation tiles (B: 6, 7),
+// into C tiles 0 (weights 0-15 x activations 0-15), 1 (weights 0-15 x activations 16-31), 2 and 3 (weights 16-31):
+// Intel's 2 x 2 blocking, four products independent of each other in flight, which covers a product's latency
+// (several times its issue interval; chaining the three parts' products in one tile was bound by it). GCC's tile
+// intrinsics take tile numbers as literals, hence the macro.
+#define SLIPSTREAM_TILE_PRODUCTS(a, lda, parts0, parts1, two) \
+  do {                                                        \
+    _tile_zero(0);                                            \
+    _tile_zero(2);                                            \
+    if (two) {                                                \
+      _tile_zero(1);                                          \
+      _tile_zero(3);                                          \
+    }                                                         \
+    _tile_loadd(4, a, lda);                                   \
+    _tile_loadd(5, (a) + 16 * (lda) / 2, lda);                \
+    for (int p = 0; p < 3; ++p) {                             \
+      _tile_loadd(6, (parts0) + 512 * p, 64);                 \
+      _tile_dpbf16ps(0, 4, 6);                                \
+      _tile_dpbf16ps(2, 5, 6);                                \
+      if (two) {                                              \
+        _tile_loadd(7, (parts1) + 512 * p, 64);               \
+        _tile_dpbf16ps(1, 4, 7);                              \
+        _tile_dpbf16ps(3, 5, 7);                              \
+      }                                                       \
+    }                                                         \
+  } while (0)
+
+// acc[r] (activation rows of weight row r) += scale x row r of a drained C tile c (+ min x the block's sums of x).
+template <bool Mins>
+[[gnu::always_inline]] inline void scale_block(const float* c, const float* d, const float* mn, const float* xsum,
+                                               float* acc) {
+  const __m512 sums = Mins ? _mm512_loadu_ps(xsum) : _mm512_setzero_ps();
+  for (int r = 0; r < 16; ++r) {
+    __m512 v = _mm512_fmadd_ps(_mm512_load_ps(c + 16 * r), _mm512_set1_ps(d[r]), _mm512_load_ps(acc + 16 * r));
+    if constexpr (Mins) v = _mm512_fmadd_ps(sums, _mm512_set1_ps(mn[r]), v);
+    _mm512_store_ps(acc + 16 * r, v);
+  }
+}
+
+template <QType T>
+void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
+  if (M < MIN_ROWS) return avx512::linear_impl<T>(x, w, y, M, K, N);
+  constexpr bool mins = has_mins(T);
+  const int64_t nb = K / QK, tiles = (M + 15) / 16;
+  const SplitX s = split_x(x, M, K);
+  at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t t0, int64_t t1) {
+    configure_tiles();
+    std::vector<uint16_t> a(32 * K);
+    std::vector<float> d(nb * 32), mn(nb * 32);
+    alignas(64) float c[4][256], acc[4][256];  // [weight tile * 2 + activation tile]
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = 32 * t, rows = std::min<int64_t>(32, N - n0);
+      for (int half = 0; half < 2; ++half)
+        expand_weights<T>(w, K, n0 + 16 * half, std::clamp<int64_t>(rows - 16 * half, 0, 16), a.data() + half * 16 * K,
+                          d.data() + half * nb * 16, mn.data() + half * nb * 16);
+      for (int64_t j = 0; j < tiles; j += 2) {
+        const bool two = j + 1 < tiles;
+        std::memset(acc, 0, sizeof(acc));
+        for (int64_t b = 0; b < nb; ++b) {
+          const uint16_t* parts0 = s.parts.data() + (j * nb + b) * 1536;
+          SLIPSTREAM_TILE_PRODUCTS(a.data() + b * QK, K * 2, parts0, parts0 + nb * 1536, two);
+          _tile_stored(0, c[0], 64);
+          _tile_stored(2, c[2], 64);
+          if (two) {
+            _tile_stored(1, c[1], 64);
+            _tile_stored(3, c[3], 64);
+          }
+          for (int i = 0; i < 4; ++i) {
+            const int wt = i / 2, at = i % 2;
+            if (at == 1 && !two) continue;
+            scale_block<mins>(c[i], d.data() + wt * nb * 16 + b * 16, mn.data() + wt * nb * 16 + b * 16,
+                              s.xsum.data() + ((j + at) * nb + b) * 16, acc[i]);
+          }
+        }
+        // acc[i] row r, lane l is y[16 (j + at) + l, n0 + 16 wt + r]: transposed, row l is y's
+        for (int i = 0; i < 4; ++i) {
+          const int wt = i / 2, at = i % 2;
+          const int64_t m0 = 16 * (j + at), valid_rows = std::clamp<int64_t>(rows - 16 * wt, 0, 16);
+          if ((at == 1 && !two) || valid_rows == 0) continue;
+          __m512i out[16];
+          for (int r = 0; r < 16; ++r) out[r] = _mm512_castps_si512(_mm512_load_ps(acc[i] + 16 * r));
+          transpose16(out);
+          const __mmask16 valid = static_cast<__mmask16>((1u << valid_rows) - 1);
+          for (int64_t l = 0; l < 16 && m0 + l < M; ++l)
+            _mm512_mask_storeu_ps(y + (m0 + l) * N + n0 + 16 * wt, valid, _mm512_castsi512_ps(out[l]));
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+}  // namespace slipstream::amx
