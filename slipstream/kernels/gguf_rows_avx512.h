@@ -78,6 +78,19 @@ void block_rows(const float* x, Weights w, float* y, int64_t K, int64_t N, int64
     __m512 acc[MM][2];
     for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
+      if constexpr (is_q4(T) || T == QType::Q8_0) {
+        // The rows' stream PREFETCH_AHEAD_BYTES ahead, a line at a time, and their scales' (and mins') lines: the
+        // hardware prefetcher alone left a Q8_0 LM head (49152 x 576) read from DRAM at 10.9 GB/s at one row, 22.5
+        // with these (2.1x; gate_up 1.25x), where the same weight in cache reads at 33 (Intel Xeon, 2 threads).
+        constexpr int64_t bytes = T == QType::Q8_0 ? 32 : 16;
+        const int64_t at = n * nb + b;
+        if (at % (64 / bytes) == 0) prefetch_l2(w.qs + at * bytes + PREFETCH_AHEAD_BYTES);
+        if constexpr (half_scales(T, L))
+          if (at % 32 == 0) {
+            prefetch_l2(w.scales + at + PREFETCH_AHEAD_BYTES / bytes);
+            if constexpr (has_mins(T)) prefetch_l2(w.mins + at + PREFETCH_AHEAD_BYTES / bytes);
+          }
+      }
       __m512 w0, w1;  // weights 32b..32b+15, 32b+16..32b+31
       if constexpr (is_q4(T) || five_bits) {
         // Low nibbles are weights 0..15, high nibbles 16..31.
