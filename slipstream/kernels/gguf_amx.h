@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "gguf_blocks.h"
@@ -96,15 +97,16 @@ inline __m512 bf16_high_as_float(__m512i words) {  // words 16..31 as floats
 // x 16 activation rows' dwords, at ((j * nb + b) * 3 + part) * 512 words; rows beyond M are zero. And each block's
 // sum of x, 16 rows at a time (xsum[(j * nb + b) * 16 + i]), for the min term.
 struct SplitX {
-  std::vector<uint16_t> parts;
+  std::unique_ptr<uint16_t[]> parts;  // (every word written: no zeroing first)
   std::vector<float> xsum;
 };
 
 inline SplitX split_x(const float* x, int64_t M, int64_t K) {
   const int64_t nb = K / QK, tiles = (M + 15) / 16;
-  SplitX s{std::vector<uint16_t>(tiles * nb * 3 * 512), std::vector<float>(tiles * nb * 16, 0.0f)};
-  for (int64_t j = 0; j < tiles; ++j)
-    for (int64_t b = 0; b < nb; ++b) {
+  SplitX s{std::unique_ptr<uint16_t[]>(new uint16_t[tiles * nb * 3 * 512]), std::vector<float>(tiles * nb * 16, 0.0f)};
+  at::parallel_for(0, tiles * nb, 16, [&](int64_t begin, int64_t end) {  // (a prompt's rows: the threads share them)
+    for (int64_t jb = begin; jb < end; ++jb) {
+      const int64_t j = jb / nb, b = jb % nb;
       __m512i rows[3][16];
       for (int i = 0; i < 16; ++i) {
         const int64_t m = 16 * j + i;
@@ -124,10 +126,11 @@ inline SplitX split_x(const float* x, int64_t M, int64_t K) {
       }
       for (int p = 0; p < 3; ++p) {
         transpose16(rows[p]);  // row i's pair k -> B row k, dword i
-        uint16_t* out = s.parts.data() + ((j * nb + b) * 3 + p) * 512;
+        uint16_t* out = s.parts.get() + ((j * nb + b) * 3 + p) * 512;
         for (int k = 0; k < 16; ++k) _mm512_storeu_si512(out + 32 * k, rows[p][k]);
       }
     }
+  });
   return s;
 }
 
@@ -210,9 +213,9 @@ template <bool Mins>
   }
 }
 
+// y [M, N] for up to CHUNK_TILES tiles of activation rows.
 template <QType T>
-void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
-  if (M < MIN_ROWS) return avx512::linear_impl<T>(x, w, y, M, K, N);
+void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   constexpr bool mins = has_mins(T);
   const int64_t nb = K / QK, tiles = (M + 15) / 16;
   const SplitX s = split_x(x, M, K);
@@ -230,7 +233,7 @@ void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int6
         const bool two = j + 1 < tiles;
         std::memset(acc, 0, sizeof(acc));
         for (int64_t b = 0; b < nb; ++b) {
-          const uint16_t* parts0 = s.parts.data() + (j * nb + b) * 1536;
+          const uint16_t* parts0 = s.parts.get() + (j * nb + b) * 1536;
           SLIPSTREAM_TILE_PRODUCTS(a.data() + b * QK, K * 2, parts0, parts0 + nb * 1536, two);
           _tile_stored(0, c[0], 64);
           _tile_stored(2, c[2], 64);
@@ -261,6 +264,18 @@ void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int6
     }
     _tile_release();
   });
+}
+
+// Activation rows go in chunks of this many tiles (128 rows), split into their parts just before use: a chunk's parts
+// (384 KiB to 1.2 MiB for K = 576 to 1536) stay in L2 while every weight tile passes them, where a whole prompt's
+// would stream from memory once per weight tile.
+constexpr int64_t CHUNK_TILES = 8;
+
+template <QType T>
+void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
+  if (M < MIN_ROWS) return avx512::linear_impl<T>(x, w, y, M, K, N);
+  for (int64_t m0 = 0; m0 < M; m0 += 16 * CHUNK_TILES)
+    chunk_linear<T>(x + m0 * K, w, y + m0 * N, std::min(M - m0, 16 * CHUNK_TILES), K, N);
 }
 
 }  // namespace slipstream::amx
