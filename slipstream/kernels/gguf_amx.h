@@ -1,5 +1,6 @@
-// gguf_linear on AMX (the amx variant): Q4_0 / Q4_1 / Q4_K / Q8_0 rows times float32 activations on bf16 tiles,
-// still x @ dequantize(W)^T up to summation order (exact mode), for batches and prompts.
+// gguf_linear on AMX (the amx variant): Q4_0 / Q4_1 / Q4_K / Q8_0 rows and the 5-bit types' HighBitRows times
+// float32 activations on bf16 tiles, still x @ dequantize(W)^T up to summation order (exact mode), for batches and
+// prompts.
 //
 // A block's quants are small integers, exact in bf16; x is not, so each activation is split into three bf16 parts
 // (hi + mid + lo == x exactly: each holds the next 8 of float32's 24 significant bits). Every product of a quant and a
@@ -10,7 +11,8 @@
 // (16 rows of x, pairs of k in the dword layout TDPBF16PS takes), C = 16 weight rows x 16 activation rows, stored
 // after every block to be scaled into float32 sums. Three products a block where a float32 kernel has one FMA a
 // weight and row, at 16x an FMA's work each: on 2 cores of an AMX Xeon 2.2-2.7x the AVX-512 kernel's speed at 32
-// rows and more (~200 GMAC/s; without the stores and scaling it would be ~1.4x more: what is left to gain).
+// rows and more (~200 GMAC/s). Without the stores and scaling the products alone ran ~1.4x faster, in L1 ~1.8x:
+// what is left to gain, by overlapping a block's stores with the next block's products (C tiles to spare).
 #pragma once
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -37,8 +39,12 @@ inline bool tiles_permitted() {
   return permitted;
 }
 
-// The types these tiles take: quants of at most 8 bits, 32 to a scale.
-constexpr bool takes(QType t) { return is_q4(t) || t == QType::Q8_0; }
+// The types these tiles take in a layout: quants of at most 8 bits, 32 to a scale; the Q4 types and Q8_0 as rows,
+// the 5-bit ones (Q5_0, Q5_1, Q5_K) as HighBitRows (a Q4_K_M file's Q5_0 where K is not a multiple of 256).
+template <QType T, Layout L>
+constexpr bool takes() {
+  return L == Layout::HighBitRows ? high_bit_planes(T) == 1 : is_q4(T) || T == QType::Q8_0;
+}
 
 // Fewer activation rows than this go to the AVX-512 row kernel: a tile of 16 activation rows then computes mostly
 // padding, and expanding every weight to bf16 costs more than it saves. (This Xeon, 2 threads, tiles / row kernel at
@@ -134,14 +140,15 @@ inline SplitX split_x(const float* x, int64_t M, int64_t K) {
   return s;
 }
 
-// Weight rows [n0, n0 + rows) expanded to bf16 quants (Q4_0's less 8), 16 rows of K; scales and mins per block and
-// row (d[b * 16 + r]), zero for rows beyond.
-template <QType T>
+// Weight rows [n0, n0 + rows) expanded to bf16 quants (Q4_0's less 8, HighBitRows' Q5_0 less 16), 16 rows of K;
+// scales and mins per block and row (d[b * 16 + r]), zero for rows beyond.
+template <QType T, Layout L>
 void expand_weights(const Weights& w, int64_t K, int64_t n0, int64_t rows, uint16_t* a, float* d, float* mn) {
+  constexpr bool five_bits = L == Layout::HighBitRows;
   const int64_t nb = K / QK;
   alignas(64) uint16_t table[32];
   for (int i = 0; i < 32; ++i) {
-    const float f = static_cast<float>(i - (T == QType::Q4_0 ? 8 : 0));
+    const float f = static_cast<float>(i) - (avx512::offset_quants<T, L>() ? quant_offset(T) : 0.0f);
     uint32_t bits;
     std::memcpy(&bits, &f, 4);
     table[i] = static_cast<uint16_t>(bits >> 16);
@@ -157,19 +164,24 @@ void expand_weights(const Weights& w, int64_t K, int64_t n0, int64_t rows, uint1
       __m512i words;
       if constexpr (T == QType::Q8_0) {
         const int8_t* q = reinterpret_cast<const int8_t*>(w.qs) + at * 32;
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
-        const __m512 hi =
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+        const __m512 lo = avx512::load_bytes16(q), hi = avx512::load_bytes16(q + 16);
         words = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-      } else {  // low nibbles are weights 0..15, high nibbles 16..31
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + at * 16));
+      } else {  // low nibbles are weights 0..15, high nibbles 16..31 (5 bits: bit i of the word after them, i's fifth)
+        const uint8_t* block = w.qs + at * (five_bits ? nibble_group_row_bytes(T) : 16);
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block));
         const __m128i low = _mm_set1_epi8(0x0F);
         const __m256i nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
-        words = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(nibbles), lookup);
+        __m512i quants = _mm512_cvtepu8_epi16(nibbles);
+        if constexpr (five_bits) {
+          __mmask32 fifth;
+          std::memcpy(&fifth, block + 16, 4);
+          quants = _mm512_mask_add_epi16(quants, fifth, quants, _mm512_set1_epi16(16));  // (nibble + 16: its fifth bit)
+        }
+        words = _mm512_permutexvar_epi16(quants, lookup);
       }
       _mm512_storeu_si512(a + r * K + b * QK, words);
-      d[b * 16 + r] = avx512::scale_at<T>(w, at);
-      if constexpr (has_mins(T)) mn[b * 16 + r] = avx512::min_at<T, Layout::Rows>(w, at, d[b * 16 + r]);
+      d[b * 16 + r] = avx512::scale_at<T, L>(w, at);
+      if constexpr (has_mins(T)) mn[b * 16 + r] = avx512::min_at<T, L>(w, at, d[b * 16 + r]);
     }
   }
 }
@@ -214,7 +226,7 @@ template <bool Mins>
 }
 
 // y [M, N] for up to CHUNK_TILES tiles of activation rows.
-template <QType T>
+template <QType T, Layout L>
 void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   constexpr bool mins = has_mins(T);
   const int64_t nb = K / QK, tiles = (M + 15) / 16;
@@ -227,8 +239,8 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = 32 * t, rows = std::min<int64_t>(32, N - n0);
       for (int half = 0; half < 2; ++half)
-        expand_weights<T>(w, K, n0 + 16 * half, std::clamp<int64_t>(rows - 16 * half, 0, 16), a.data() + half * 16 * K,
-                          d.data() + half * nb * 16, mn.data() + half * nb * 16);
+        expand_weights<T, L>(w, K, n0 + 16 * half, std::clamp<int64_t>(rows - 16 * half, 0, 16),
+                             a.data() + half * 16 * K, d.data() + half * nb * 16, mn.data() + half * nb * 16);
       for (int64_t j = 0; j < tiles; j += 2) {
         const bool two = j + 1 < tiles;
         std::memset(acc, 0, sizeof(acc));
@@ -271,11 +283,11 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
 // would stream from memory once per weight tile.
 constexpr int64_t CHUNK_TILES = 8;
 
-template <QType T>
+template <QType T, Layout L = Layout::Rows>
 void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
-  if (M < MIN_ROWS) return avx512::linear_impl<T>(x, w, y, M, K, N);
+  if (M < MIN_ROWS) return avx512::linear_impl<T, L>(x, w, y, M, K, N);
   for (int64_t m0 = 0; m0 < M; m0 += 16 * CHUNK_TILES)
-    chunk_linear<T>(x + m0 * K, w, y + m0 * N, std::min(M - m0, 16 * CHUNK_TILES), K, N);
+    chunk_linear<T, L>(x + m0 * K, w, y + m0 * N, std::min(M - m0, 16 * CHUNK_TILES), K, N);
 }
 
 }  // namespace slipstream::amx

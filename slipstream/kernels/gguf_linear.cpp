@@ -385,7 +385,8 @@ at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, in
 
 std::vector<int64_t> tile_types() {
 #ifdef __AMX_BF16__
-  if (amx::tiles_permitted()) return {2, 3, 8, 12};  // (amx::takes)
+  if (amx::tiles_permitted()) return {2, 3, 6, 7, 8, 12, 13};  // (amx::takes: the 5-bit ones as HighBitRows, which
+                                                                // the loader gives every AVX-512 build)
 #endif
   return {};
 }
@@ -407,12 +408,16 @@ BlockLinear gguf_linear_kernel(const at::Tensor& qs, const at::Tensor& scales, c
       qs, scales, mins, qtype, K,
       [layout](auto type) -> LinearImpl {
         constexpr QType T = decltype(type)::value;
+#ifdef __AMX_BF16__
+        if (amx::tiles_permitted()) {
+          if constexpr (amx::takes<T, Layout::HighBitRows>())
+            if (layout == Layout::HighBitRows) return &amx::linear_impl<T, Layout::HighBitRows>;
+          if constexpr (amx::takes<T, Layout::Rows>())
+            if (layout == Layout::Rows) return &amx::linear_impl<T>;
+        }
+#endif
         if constexpr (high_bit_planes(T) == 1)
           if (layout == Layout::HighBitRows) return &avx512::linear_impl<T, Layout::HighBitRows>;
-#ifdef __AMX_BF16__
-        if constexpr (amx::takes(T))
-          if (amx::tiles_permitted()) return &amx::linear_impl<T>;
-#endif
         return &avx512::linear_impl<T>;
       },
       layout);
