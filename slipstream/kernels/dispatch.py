@@ -99,8 +99,8 @@ _AVX2 = ("avx2", "fma", "f16c")
 _AVX512 = (*_AVX2, "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 _AVX512_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 VARIANTS = (  # best first; AVX2 sources shared, the VNNI builds take vpdpbusd for int8 dot products (vec.h), the
-    # AVX-512 builds their own float32 block kernels (gguf_rows_avx512.h), the AMX build bf16 tiles for the Q4 and
-    # Q8_0 types at 8 rows or more (gguf_amx.h; the types it serves so: `KernelTable.tile_types`)
+    # AVX-512 builds their own float32 block kernels (gguf_rows_avx512.h), the AMX build bf16 tiles for exact mode's
+    # Q4, Q5 and Q8_0 types at 12 rows or more (gguf_amx.h; the types it serves so: `KernelTable.tile_types`)
     CpuVariant("amx", frozenset({*_AVX512, "avx512_bf16", "amx_tile", "amx_bf16"}),
                (*_AVX512_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"), block_kernel_max_rows=64,
                onednn_gemm=True),

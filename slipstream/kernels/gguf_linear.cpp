@@ -384,11 +384,18 @@ at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, in
 }
 
 std::vector<int64_t> tile_types() {
+  std::vector<int64_t> types;
 #ifdef __AMX_BF16__
-  if (amx::tiles_permitted()) return {2, 3, 6, 7, 8, 12, 13};  // (amx::takes: the 5-bit ones as HighBitRows, which
-                                                                // the loader gives every AVX-512 build)
+  if (!amx::tiles_permitted()) return types;
+  for (const QType t : {QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::Q4_K, QType::Q5_K,
+                        QType::Q6_K})
+    with_qtype(static_cast<int64_t>(t), [&](auto type) {
+      constexpr QType T = decltype(type)::value;  // (the 5-bit ones as HighBitRows, the loader's on AVX-512 builds)
+      if (amx::takes<T, Layout::Rows>() || amx::takes<T, Layout::HighBitRows>())
+        types.push_back(static_cast<int64_t>(T));
+    });
 #endif
-  return {};
+  return types;
 }
 
 bool takes_high_bit_rows() {

@@ -62,6 +62,30 @@ inline void half_scales16(const Weights& w, int64_t at, int64_t count, float* d,
   else if constexpr (has_mins(T)) _mm512_store_ps(mn, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, w.mins + at)));
 }
 
+// The rows' stream PREFETCH_AHEAD_BYTES ahead of block `at`, a line at a time, and their scales' (and mins') lines: the
+// hardware prefetcher alone left a Q8_0 LM head (49152 x 576) read from DRAM at 10.9 GB/s at one row, 22.5 with these
+// (2.1x; Q4_1's gate_up 1.25x), where the same weight in cache reads at 33 (Intel Xeon, 2 threads).
+template <QType T, Layout L>
+[[gnu::always_inline]] inline void prefetch_ahead(const Weights& w, int64_t at) {
+  constexpr bool five_bits = L == Layout::HighBitRows;
+  // bytes of a block (32 weights) and of its scales in their stream
+  constexpr int64_t bytes = five_bits ? nibble_group_row_bytes(T) : is_q4(T) ? 16 : is_half(T) ? 64 : 32;
+  constexpr int64_t scale_bytes = is_half(T) ? 0 : half_scales(T, L) ? 2 : is_k16(T) && !five_bits ? 8 : 4;
+  constexpr int64_t ahead = PREFETCH_AHEAD_BYTES / bytes;  // (blocks)
+  if ((at * bytes) % 64 < bytes) prefetch_l2(w.qs + (at + ahead) * bytes);
+  if constexpr (scale_bytes > 0) {
+    if ((at * scale_bytes) % 64 >= scale_bytes) return;
+    const int64_t i = (at + ahead) * scale_bytes;  // (bytes into the scales and mins)
+    if constexpr (half_scales(T, L)) {
+      prefetch_l2(w.scales + i / 2);
+      if constexpr (has_mins(T)) prefetch_l2(w.mins + i / 2);
+    } else {
+      prefetch_l2(w.fscales + i / 4);
+      if constexpr (has_mins(T)) prefetch_l2(w.fmins + i / 4);
+    }
+  }
+}
+
 // y[m, n] for weight rows [n0, n1) and MM activation rows: each 32 weights (two vectors) are dequantized once and
 // meet the MM rows of x in two accumulator chains per row. Layout L: Rows, or a 5-bit type's HighBitRows.
 template <QType T, int MM, Layout L = Layout::Rows>
@@ -78,19 +102,7 @@ void block_rows(const float* x, Weights w, float* y, int64_t K, int64_t N, int64
     __m512 acc[MM][2];
     for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      if constexpr (is_q4(T) || T == QType::Q8_0) {
-        // The rows' stream PREFETCH_AHEAD_BYTES ahead, a line at a time, and their scales' (and mins') lines: the
-        // hardware prefetcher alone left a Q8_0 LM head (49152 x 576) read from DRAM at 10.9 GB/s at one row, 22.5
-        // with these (2.1x; gate_up 1.25x), where the same weight in cache reads at 33 (Intel Xeon, 2 threads).
-        constexpr int64_t bytes = T == QType::Q8_0 ? 32 : 16;
-        const int64_t at = n * nb + b;
-        if (at % (64 / bytes) == 0) prefetch_l2(w.qs + at * bytes + PREFETCH_AHEAD_BYTES);
-        if constexpr (half_scales(T, L))
-          if (at % 32 == 0) {
-            prefetch_l2(w.scales + at + PREFETCH_AHEAD_BYTES / bytes);
-            if constexpr (has_mins(T)) prefetch_l2(w.mins + at + PREFETCH_AHEAD_BYTES / bytes);
-          }
-      }
+      prefetch_ahead<T, L>(w, n * nb + b);
       __m512 w0, w1;  // weights 32b..32b+15, 32b+16..32b+31
       if constexpr (is_q4(T) || five_bits) {
         // Low nibbles are weights 0..15, high nibbles 16..31.
