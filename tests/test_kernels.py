@@ -67,14 +67,15 @@ def test_gguf_linear_matches_dequantized_matmul(ops, qtype, rows):
     torch.testing.assert_close(got, F.linear(x, dense), rtol=1e-5, atol=1e-4)  # sums of ~500 terms of ~1
 
 
-@pytest.mark.parametrize("qtype", [2, 3, 6, 7, 8, 12, 13])
+@pytest.mark.parametrize("qtype", [2, 3, 6, 7, 8, 12, 13, 30])
 @pytest.mark.parametrize("blocks_a_row", [8, 9, 48])
 @pytest.mark.parametrize("rows", [8, 16, 17, 100, 300])
 def test_gguf_linear_of_batches_and_prompts(ops, qtype, blocks_a_row, rows):
     """The types the AMX build multiplies on tiles (`tile_types`; the 5-bit ones at 5 bits a weight, as its loader
-    gives them) at any row count: 16 activation rows to a tile and the rest, in chunks of 128 and the rest (300),
-    16 weight rows to a tile and the rest (37), blocks in pairs and an odd one (9), K = 1536 (down_proj).
-    Float32 accuracy: each activation meets the quants as three bf16 parts, every product exact."""
+    gives them; BF16 rows, summed over the whole row before one store) at any row count: 16 activation rows to a tile
+    and the rest, in chunks of 128 and the rest (300), 16 weight rows to a tile and the rest (37), blocks in pairs
+    and an odd one (9), K = 1536 (down_proj). Float32 accuracy: each activation meets the quants as three bf16
+    parts, every product exact."""
     in_features = 32 * blocks_a_row * (8 if qtype in (12, 13) else 1)  # (K-quants: super-blocks of 256)
     blocks, dense = random_gguf_weight(qtype, 37, in_features, seed=qtype * 100 + rows)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)) * 3
@@ -92,11 +93,12 @@ def test_the_tile_types_are_served_at_any_row_count(ops):
     table = dispatch.KernelTable(next(v for v in dispatch.VARIANTS if dispatch.build(v) is ops), ops)
     layer = nn.Module()
     layer.int8_activations, layer.bf16_packed = False, None
-    for qtype in (2, 3, 6, 7, 8, 12, 13, 14):
+    for qtype in (1, 2, 3, 6, 7, 8, 12, 13, 14, 30):
         layer.gguf_parts = [((), qtype)]
         served = table.gguf_matmul(layer, 4096) is not None
         assert served == (qtype in table.tile_types), (qtype, table.tile_types)
-    assert table.tile_types == (frozenset({2, 3, 6, 7, 8, 12, 13}) if table.variant.name == "amx" else frozenset())
+    tiled = frozenset({2, 3, 6, 7, 8, 12, 13, 30})
+    assert table.tile_types == (tiled if table.variant.name == "amx" else frozenset())
 
 
 @pytest.mark.parametrize("qtype", sorted(t for t, name in GGUF_KERNEL_TYPES.items() if not name.endswith("_K")))

@@ -39,11 +39,11 @@ inline bool tiles_permitted() {
   return permitted;
 }
 
-// The types these tiles take in a layout: quants of at most 8 bits, 32 to a scale; the Q4 types and Q8_0 as rows,
-// the 5-bit ones (Q5_0, Q5_1, Q5_K) as HighBitRows (a Q4_K_M file's Q5_0 where K is not a multiple of 256).
+// The types these tiles take in a layout: quants of at most 8 bits, 32 to a scale, and BF16 rows (a bf16
+// checkpoint's own weights; F16's would need two bf16 parts); the Q4 types and Q8_0 as rows, the 5-bit ones (Q5_0, Q5_1, Q5_K) as HighBitRows (a Q4_K_M file's Q5_0 where K is not a multiple of 256).
 template <QType T, Layout L>
 constexpr bool takes() {
-  return L == Layout::HighBitRows ? high_bit_planes(T) == 1 : is_q4(T) || T == QType::Q8_0;
+  return L == Layout::HighBitRows ? high_bit_planes(T) == 1 : is_q4(T) || T == QType::Q8_0 || T == QType::BF16;
 }
 
 // Fewer activation rows than this go to the AVX-512 row kernel: a tile of 16 activation rows then computes mostly
@@ -146,6 +146,11 @@ template <QType T, Layout L>
 void expand_weights(const Weights& w, int64_t K, int64_t n0, int64_t rows, uint16_t* a, float* d, float* mn) {
   constexpr bool five_bits = L == Layout::HighBitRows;
   const int64_t nb = K / QK;
+  if constexpr (T == QType::BF16) {  // (only a last partial tile: the rows, zero below; no scales)
+    std::memcpy(a, w.qs + n0 * K * 2, rows * K * 2);
+    std::memset(a + rows * K, 0, (16 - rows) * K * 2);
+    return;
+  }
   alignas(64) uint16_t table[32];
   for (int i = 0; i < 32; ++i) {
     const float f = static_cast<float>(i) - (avx512::offset_quants<T, L>() ? quant_offset(T) : 0.0f);
@@ -191,14 +196,26 @@ void expand_weights(const Weights& w, int64_t K, int64_t n0, int64_t rows, uint1
 // Intel's 2 x 2 blocking, four products independent of each other in flight, which covers a product's latency
 // (several times its issue interval; chaining the three parts' products in one tile was bound by it). GCC's tile
 // intrinsics take tile numbers as literals, hence the macro.
+#define SLIPSTREAM_ZERO_C_TILES(two) \
+  do {                               \
+    _tile_zero(0);                   \
+    _tile_zero(2);                   \
+    if (two) {                       \
+      _tile_zero(1);                 \
+      _tile_zero(3);                 \
+    }                                \
+  } while (0)
+#define SLIPSTREAM_STORE_C_TILES(c, two) \
+  do {                                   \
+    _tile_stored(0, (c)[0], 64);         \
+    _tile_stored(2, (c)[2], 64);         \
+    if (two) {                           \
+      _tile_stored(1, (c)[1], 64);       \
+      _tile_stored(3, (c)[3], 64);       \
+    }                                    \
+  } while (0)
 #define SLIPSTREAM_TILE_PRODUCTS(a, lda, parts0, parts1, two) \
   do {                                                        \
-    _tile_zero(0);                                            \
-    _tile_zero(2);                                            \
-    if (two) {                                                \
-      _tile_zero(1);                                          \
-      _tile_zero(3);                                          \
-    }                                                         \
     _tile_loadd(4, a, lda);                                   \
     _tile_loadd(5, (a) + 16 * (lda) / 2, lda);                \
     for (int p = 0; p < 3; ++p) {                             \
@@ -229,6 +246,9 @@ template <bool Mins>
 template <QType T, Layout L>
 void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   constexpr bool mins = has_mins(T);
+  // BF16 rows are the weights' values themselves: no scale a block, so the C tiles sum the whole row before one store,
+  // and the tiles load the rows where they lie (but a last partial tile of them, copied with zeros below).
+  constexpr bool scaled = T != QType::BF16;
   const int64_t nb = K / QK, tiles = (M + 15) / 16;
   const SplitX s = split_x(x, M, K);
   at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t t0, int64_t t1) {
@@ -238,21 +258,22 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
     alignas(64) float c[4][256], acc[4][256];  // [weight tile * 2 + activation tile]
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = 32 * t, rows = std::min<int64_t>(32, N - n0);
-      for (int half = 0; half < 2; ++half)
-        expand_weights<T, L>(w, K, n0 + 16 * half, std::clamp<int64_t>(rows - 16 * half, 0, 16),
-                             a.data() + half * 16 * K, d.data() + half * nb * 16, mn.data() + half * nb * 16);
+      const uint16_t* rows_a = a.data();
+      if (!scaled && rows == 32) rows_a = reinterpret_cast<const uint16_t*>(w.qs) + n0 * K;
+      else
+        for (int half = 0; half < 2; ++half)
+          expand_weights<T, L>(w, K, n0 + 16 * half, std::clamp<int64_t>(rows - 16 * half, 0, 16),
+                               a.data() + half * 16 * K, d.data() + half * nb * 16, mn.data() + half * nb * 16);
       for (int64_t j = 0; j < tiles; j += 2) {
         const bool two = j + 1 < tiles;
         std::memset(acc, 0, sizeof(acc));
+        if (!scaled) SLIPSTREAM_ZERO_C_TILES(two);
         for (int64_t b = 0; b < nb; ++b) {
           const uint16_t* parts0 = s.parts.get() + (j * nb + b) * 1536;
-          SLIPSTREAM_TILE_PRODUCTS(a.data() + b * QK, K * 2, parts0, parts0 + nb * 1536, two);
-          _tile_stored(0, c[0], 64);
-          _tile_stored(2, c[2], 64);
-          if (two) {
-            _tile_stored(1, c[1], 64);
-            _tile_stored(3, c[3], 64);
-          }
+          if (scaled) SLIPSTREAM_ZERO_C_TILES(two);
+          SLIPSTREAM_TILE_PRODUCTS(rows_a + b * QK, K * 2, parts0, parts0 + nb * 1536, two);
+          if (!scaled) continue;
+          SLIPSTREAM_STORE_C_TILES(c, two);
           for (int i = 0; i < 4; ++i) {
             const int wt = i / 2, at = i % 2;
             if (at == 1 && !two) continue;
@@ -260,6 +281,7 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
                               s.xsum.data() + ((j + at) * nb + b) * 16, acc[i]);
           }
         }
+        if (!scaled) SLIPSTREAM_STORE_C_TILES(acc, two);
         // acc[i] row r, lane l is y[16 (j + at) + l, n0 + 16 wt + r]: transposed, row l is y's
         for (int i = 0; i < 4; ++i) {
           const int wt = i / 2, at = i % 2;

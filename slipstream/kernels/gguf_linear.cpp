@@ -388,7 +388,7 @@ std::vector<int64_t> tile_types() {
 #ifdef __AMX_BF16__
   if (!amx::tiles_permitted()) return types;
   for (const QType t : {QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q8_0, QType::Q4_K, QType::Q5_K,
-                        QType::Q6_K})
+                        QType::Q6_K, QType::F16, QType::BF16})
     with_qtype(static_cast<int64_t>(t), [&](auto type) {
       constexpr QType T = decltype(type)::value;  // (the 5-bit ones as HighBitRows, the loader's on AVX-512 builds)
       if (amx::takes<T, Layout::Rows>() || amx::takes<T, Layout::HighBitRows>())
