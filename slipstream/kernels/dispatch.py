@@ -304,7 +304,7 @@ class KernelTable:
         off = f"; disabled after their self-check: {', '.join(sorted(self.disabled))}" if self.disabled else ""
         gemm = "oneDNN" if self.uses_onednn_gemm() else "MKL"
         bf16 = ", --dtype bfloat16 from 8 rows: oneDNN bf16 GEMM on packed weights" if native_bf16_gemm() else ""
-        tiles = "/".join(GGUF_KERNEL_TYPES[t] for t in sorted(self.tile_types))
+        tiles = "/".join({**GGUF_KERNEL_TYPES, **HALF_TYPES}[t] for t in sorted(self.tile_types))
         tiles = f", {tiles} at any rows on AMX tiles" if tiles else ""
         return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())} up to " \
                f"{self.variant.block_kernel_max_rows} rows{tiles}, F16/BF16 rows, paged attention (float32 / float16 " \
