@@ -1,6 +1,6 @@
-// gguf_linear on AMX (the amx variant): Q4_0 / Q4_1 / Q4_K / Q8_0 rows and the 5-bit types' HighBitRows times
-// float32 activations on bf16 tiles, still x @ dequantize(W)^T up to summation order (exact mode), for batches and
-// prompts.
+// gguf_linear on AMX (the amx variant): Q4_0 / Q4_1 / Q4_K / Q8_0 / BF16 rows and the 5-bit types' HighBitRows
+// times float32 activations on bf16 tiles, still x @ dequantize(W)^T up to summation order (exact mode), for batches
+// and prompts.
 //
 // A block's quants are small integers, exact in bf16; x is not, so each activation is split into three bf16 parts
 // (hi + mid + lo == x exactly: each holds the next 8 of float32's 24 significant bits). Every product of a quant and a
@@ -40,7 +40,8 @@ inline bool tiles_permitted() {
 }
 
 // The types these tiles take in a layout: quants of at most 8 bits, 32 to a scale, and BF16 rows (a bf16
-// checkpoint's own weights; F16's would need two bf16 parts); the Q4 types and Q8_0 as rows, the 5-bit ones (Q5_0, Q5_1, Q5_K) as HighBitRows (a Q4_K_M file's Q5_0 where K is not a multiple of 256).
+// checkpoint's own weights; F16's would need two bf16 parts); the Q4 types, Q8_0 and BF16 as rows, the 5-bit ones
+// (Q5_0, Q5_1, Q5_K) as HighBitRows (a Q4_K_M file's Q5_0 where K is not a multiple of 256).
 template <QType T, Layout L>
 constexpr bool takes() {
   return L == Layout::HighBitRows ? high_bit_planes(T) == 1 : is_q4(T) || T == QType::Q8_0 || T == QType::BF16;
