@@ -217,7 +217,7 @@ class LLMEngine:
                 raise TokenIdError(name, vocab)
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"logprobs must be at most {self.config.max_logprobs}")
-        seq = Sequence(request_id, list(prompt_token_ids), params, group=group or request_id)
+        seq = Sequence(request_id, list(prompt_token_ids), params, group=group)
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         if reasoning is not None:

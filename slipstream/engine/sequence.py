@@ -34,7 +34,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
-    group: str = ""  # the API request it is one sequence of (its prompts x n), for fair admission; "": its own
+    group: str | None = None  # the API request it is one of the sequences of (prompts x n); None: its own id
     token_ids: list[int] = field(init=False)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
@@ -56,7 +56,8 @@ class Sequence:
     answer_start: int | None = 0  # output tokens before the answer; None while a thinking span may still come
 
     def __post_init__(self) -> None:
-        self.group = self.group or self.request_id
+        if self.group is None:
+            self.group = self.request_id
         self.token_ids = list(self.prompt_token_ids)
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)

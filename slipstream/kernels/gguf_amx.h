@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -102,13 +103,14 @@ inline __m512 bf16_high_as_float(__m512i words) {  // words 16..31 as floats
 
 // x's activation rows as the B tiles take them: for tile j of 16 rows and block b, 3 parts of 16 rows (pairs of k)
 // x 16 activation rows' dwords, at ((j * nb + b) * 3 + part) * 512 words; rows beyond M are zero. And each block's
-// sum of x, 16 rows at a time (xsum[(j * nb + b) * 16 + i]), for the min term.
+// sum of x, 16 rows at a time (xsum[(j * nb + b) * 16 + i]), for the min term of the types with mins (Sums).
 struct SplitX {
   std::unique_ptr<uint16_t[]> parts;  // (every word written: no zeroing first)
   std::vector<float> xsum;
 };
 
-inline SplitX split_x(const float* x, int64_t M, int64_t K) {
+template <bool Sums>
+SplitX split_x(const float* x, int64_t M, int64_t K) {
   const int64_t nb = K / QK, tiles = (M + 15) / 16;
   SplitX s{std::unique_ptr<uint16_t[]>(new uint16_t[tiles * nb * 3 * 512]), std::vector<float>(tiles * nb * 16, 0.0f)};
   at::parallel_for(0, tiles * nb, 16, [&](int64_t begin, int64_t end) {  // (a prompt's rows: the threads share them)
@@ -123,7 +125,7 @@ inline SplitX split_x(const float* x, int64_t M, int64_t K) {
         }
         const float* xb = x + m * K + b * QK;
         __m512 r0 = _mm512_loadu_ps(xb), r1 = _mm512_loadu_ps(xb + 16);
-        s.xsum[(j * nb + b) * 16 + i] = _mm512_reduce_add_ps(_mm512_add_ps(r0, r1));
+        if constexpr (Sums) s.xsum[(j * nb + b) * 16 + i] = _mm512_reduce_add_ps(_mm512_add_ps(r0, r1));
         for (auto& part : rows) {  // the part nearest what is left, then what is left (exact: a float32 difference)
           const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(r1, r0);
           part[i] = words;
@@ -152,14 +154,17 @@ void expand_weights(const Weights& w, int64_t K, int64_t n0, int64_t rows, uint1
     std::memset(a + rows * K, 0, (16 - rows) * K * 2);
     return;
   }
-  alignas(64) uint16_t table[32];
-  for (int i = 0; i < 32; ++i) {
-    const float f = static_cast<float>(i) - (avx512::offset_quants<T, L>() ? quant_offset(T) : 0.0f);
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    table[i] = static_cast<uint16_t>(bits >> 16);
-  }
-  const __m512i lookup = _mm512_load_si512(table);
+  static const auto table = [] {  // bf16 of each quant (less the type's offset), looked up by quant
+    std::array<uint16_t, 32> t{};
+    for (int i = 0; i < 32; ++i) {
+      const float f = static_cast<float>(i) - (avx512::offset_quants<T, L>() ? quant_offset(T) : 0.0f);
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      t[i] = static_cast<uint16_t>(bits >> 16);
+    }
+    return t;
+  }();
+  const __m512i lookup = _mm512_loadu_si512(table.data());
   std::memset(a + rows * K, 0, (16 - rows) * K * 2);
   std::fill(d, d + nb * 16, 0.0f);
   std::fill(mn, mn + nb * 16, 0.0f);
@@ -251,7 +256,7 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
   // and the tiles load the rows where they lie (but a last partial tile of them, copied with zeros below).
   constexpr bool scaled = T != QType::BF16;
   const int64_t nb = K / QK, tiles = (M + 15) / 16;
-  const SplitX s = split_x(x, M, K);
+  const SplitX s = split_x<mins>(x, M, K);
   at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t t0, int64_t t1) {
     configure_tiles();
     std::vector<uint16_t> a(32 * K);
