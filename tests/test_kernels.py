@@ -402,6 +402,28 @@ def test_gguf_linear_q8_interleaved_q8_0_matches_rounded_activations(ops, rows):
     torch.testing.assert_close(got, q8_reference(x, dense), rtol=1e-5, atol=3e-4)
 
 
+@pytest.mark.parametrize("qtype", sorted({*Q4_TYPES, *HIGH_BIT_TYPES, 8}))
+def test_w4a8_group_kernels_give_each_row_the_same_bits_at_any_row_count(ops, qtype):
+    """w4a8's batch invariance within the group kernels: a row's outputs are bitwise the same whether it is multiplied
+    alone, in a batch or in a prompt, whichever kernel serves that many rows (the AMX build's int8 tiles from 16
+    rows, the VNNI kernels below; partial tiles, an odd number of groups, chunks of 128 rows and a last partial one)."""
+    skip_unless_the_build_takes(ops, 16)
+    in_features = 512
+    blocks, dense = random_gguf_weight(qtype, 112, in_features, seed=900 + qtype)  # 7 groups of 16 rows
+    split = split_gguf_blocks(blocks, qtype)
+    if qtype == 8:
+        weights = interleave_byte_rows(*split, 16)
+    elif qtype in Q4_TYPES:
+        weights = interleave_q4_rows(*split, 16)
+    else:
+        weights = interleave_high_bit_rows(split, qtype, 16)
+    x = 3 * torch.randn(300, in_features, generator=torch.Generator().manual_seed(qtype))
+    alone = torch.cat([ops.gguf_linear_q8(row[None], *weights, qtype) for row in x])
+    torch.testing.assert_close(alone[:8], q8_reference(x[:8], dense), rtol=1e-5, atol=3e-4)
+    for rows in (2, 15, 16, 17, 40, 300):
+        assert torch.equal(ops.gguf_linear_q8(x[:rows], *weights, qtype), alone[:rows]), f"{rows} rows"
+
+
 @pytest.mark.parametrize("qtype", sorted(Q4_TYPES | HIGH_BIT_TYPES))
 def test_a_q4_embedding_under_w4a8_looks_its_rows_up_in_the_interleaved_blocks(qtype):
     """Under w4a8 a Q4 (or 5- or 6-bit) embedding's blocks are interleaved for the int8 kernel; its lookups are still

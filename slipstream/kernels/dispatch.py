@@ -100,9 +100,10 @@ _AVX512 = (*_AVX2, "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 _AVX512_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 VARIANTS = (  # best first; AVX2 sources shared, the VNNI builds take vpdpbusd for int8 dot products (vec.h), the
     # AVX-512 builds their own float32 block kernels (gguf_rows_avx512.h), the AMX build bf16 tiles for exact mode's
-    # Q4, Q5 and Q8_0 types at 12 rows or more (gguf_amx.h; the types it serves so: `KernelTable.tile_types`)
-    CpuVariant("amx", frozenset({*_AVX512, "avx512_bf16", "amx_tile", "amx_bf16"}),
-               (*_AVX512_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"), block_kernel_max_rows=64,
+    # Q4, Q5, Q8_0 and BF16 types at 12 rows or more (gguf_amx.h; the types it serves so: `KernelTable.tile_types`)
+    # and int8 tiles for w4a8's 16-row groups at 16 rows or more (gguf_q8_amx.h)
+    CpuVariant("amx", frozenset({*_AVX512, "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}),
+               (*_AVX512_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8"), block_kernel_max_rows=64,
                onednn_gemm=True),
     CpuVariant("avx512_vnni", frozenset(_AVX512), _AVX512_FLAGS, block_kernel_max_rows=64, onednn_gemm=True),
     CpuVariant("avx_vnni", frozenset({*_AVX2, "avx_vnni"}), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
@@ -305,7 +306,7 @@ class KernelTable:
         gemm = "oneDNN" if self.uses_onednn_gemm() else "MKL"
         bf16 = ", --dtype bfloat16 from 8 rows: oneDNN bf16 GEMM on packed weights" if native_bf16_gemm() else ""
         tiles = "/".join({**GGUF_KERNEL_TYPES, **HALF_TYPES}[t] for t in sorted(self.tile_types))
-        tiles = f", {tiles} at any rows on AMX tiles" if tiles else ""
+        tiles = f", {tiles} at any rows on AMX tiles (w4a8's groups from 16 rows on int8 tiles)" if tiles else ""
         return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())} up to " \
                f"{self.variant.block_kernel_max_rows} rows{tiles}, F16/BF16 rows, paged attention (float32 / float16 " \
                f"/ int8 caches), norm/rotary/SwiGLU, layer stack; dense float32 GEMM: {gemm}{bf16}){off}"

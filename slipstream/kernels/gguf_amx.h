@@ -15,8 +15,6 @@
 // what is left to gain, by overlapping a block's stores with the next block's products (C tiles to spare).
 #pragma once
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -25,20 +23,11 @@
 #include <memory>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "gguf_blocks.h"
 #include "gguf_rows_avx512.h"
 
 namespace slipstream::amx {
-
-// Linux gives a process the tiles' state only once asked (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); without it
-// the first tile instruction kills the process.
-inline bool tiles_permitted() {
-  static const bool permitted = [] {
-    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  }();
-  return permitted;
-}
 
 // The types these tiles take in a layout: quants of at most 8 bits, 32 to a scale, and BF16 rows (a bf16
 // checkpoint's own weights; F16's would need two bf16 parts); the Q4 types, Q8_0 and BF16 as rows, the 5-bit ones
@@ -54,20 +43,11 @@ constexpr bool takes() {
 // 1.50x; at 32 rows the embedded model's matmuls in a step 1.74x, in isolation 2.2-2.7x.)
 constexpr int64_t MIN_ROWS = 12;
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Eight tiles of 16 rows of 64 bytes (SLIPSTREAM_TILE_PRODUCTS says which holds what).
 inline void configure_tiles() {
   TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.bytes_per_row[t] = 64;
-    config.rows[t] = 16;
-  }
-  _tile_loadconfig(&config);
+  for (int t = 0; t < 8; ++t) config.tile(t, 16, 64);
+  config.load();
 }
 
 // Transposes 16 rows of 16 dwords in place.

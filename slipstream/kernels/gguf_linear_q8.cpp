@@ -24,6 +24,9 @@
 #if defined(__AVX512VNNI__)
 #include "gguf_q8_avx512.h"
 #endif
+#if defined(__AMX_INT8__)
+#include "gguf_q8_amx.h"
+#endif
 #include "kernels.h"
 #include "vec.h"
 
@@ -31,9 +34,9 @@ namespace {
 
 using namespace slipstream;
 
-// x as int8 blocks: quants [M, K], and per block its scale and the sum of its rounded values (and the sums of
-// its two halves, for mins per 16 weights), rows padded with 8 zero blocks so vector loads of a last partial
-// group of 8 blocks (16 halves) stay in bounds.
+// x as int8 blocks: quants [M, K] (zero rows below, up to `rows` in all: the tiles load whole tiles of 16), and per
+// block its scale and the sum of its rounded values (and the sums of its two halves, for mins per 16 weights), rows
+// padded with 8 zero blocks so vector loads of a last partial group of 8 blocks (16 halves) stay in bounds.
 struct QuantizedRows {
   std::vector<int8_t> q;
   std::vector<float> scale, sum, half_sum;
@@ -65,10 +68,11 @@ inline void quantize_block(const float* x, int8_t* q, float* scale, float* sum, 
                       _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 }
 
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t rows = 0) {
   const int64_t nb = K / QK;
-  QuantizedRows r{std::vector<int8_t>(M * K), std::vector<float>(M * (nb + 8)), std::vector<float>(M * (nb + 8)),
-                  std::vector<float>(M * 2 * (nb + 8)), nb + 8};
+  rows = std::max(M, rows);
+  QuantizedRows r{std::vector<int8_t>(rows * K), std::vector<float>(rows * (nb + 8)),
+                  std::vector<float>(rows * (nb + 8)), std::vector<float>(rows * 2 * (nb + 8)), nb + 8};
   at::parallel_for(0, M * nb, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = i / nb, b = i % nb;
@@ -322,6 +326,14 @@ void q4x8_group_tile(const QuantizedRows& xq, int64_t m0, int64_t rows, Weights 
 // Nibble groups (Q4, 5 and 6 bits) by G = 8 (q4x8_groups) or, in AVX-512 VNNI builds, 16 (gguf_q8_avx512.h).
 template <QType T, int G>
 void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
+#if defined(__AMX_INT8__)
+  if constexpr (G == 16 && amx::int8_takes<T, Layout::NibbleGroups>())
+    if (M >= amx::INT8_MIN_ROWS && amx::tiles_permitted()) {
+      const QuantizedRows xq = quantize_rows(x, M, K, (M + 15) / 16 * 16);
+      return amx::int8_groups_linear<T, Layout::NibbleGroups>({xq.q.data(), xq.scale.data(), xq.sum.data(), xq.stride},
+                                                              w, y, M, K, N);
+    }
+#endif
   const QuantizedRows xq = quantize_rows(x, M, K);
   at::parallel_for(0, N / G, 16 / G, [&](int64_t begin, int64_t end) {
     // 16 weight rows at a time stay in L1 while the pieces of 64 activation rows (in L2) pass them.
@@ -363,6 +375,13 @@ void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64
 #if defined(__AVX512VNNI__)
 // Q8_0 rows interleaved by 16 (gguf_q8_avx512.h).
 void q8_0_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
+#if defined(__AMX_INT8__)
+  if (M >= amx::INT8_MIN_ROWS && amx::tiles_permitted()) {
+    const QuantizedRows xq = quantize_rows(x, M, K, (M + 15) / 16 * 16);
+    return amx::int8_groups_linear<QType::Q8_0, Layout::ByteGroups>(
+        {xq.q.data(), xq.scale.data(), xq.sum.data(), xq.stride}, w, y, M, K, N);
+  }
+#endif
   const QuantizedRows xq = quantize_rows(x, M, K);
   std::vector<uint8_t> xu(xq.q.size());
   for (size_t i = 0; i < xu.size(); ++i) xu[i] = static_cast<uint8_t>(xq.q[i]) ^ 0x80;

@@ -110,20 +110,22 @@ def _gguf_dequantize(ops, perturb: Callable) -> str | None:
 
 
 def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
-    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
+    # 5 rows and 18: a few activation rows and a batch (the AMX build's int8 tiles take 16 or more)
+    xs = [torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)) for rows in (5, 18)]
     for qtype, name in GGUF_KERNEL_TYPES.items():
         blocks, dense = random_gguf_weight(qtype, 48, 512, qtype)
         split = split_gguf_blocks(blocks, qtype)
-        want = q8_reference(x, dense)
         groups = sorted({8, ops.q4_group_rows()})
         layouts = [split] + [interleave_q4_rows(*split, group) for group in groups if qtype in Q4_TYPES]
         if ops.q8_group_rows() and name == "Q8_0":
             layouts.append(interleave_byte_rows(*split, ops.q8_group_rows()))
         if qtype in HIGH_BIT_TYPES:
             layouts += [interleave_high_bit_rows(split, qtype, group) for group in groups]
-        for layout in layouts:
-            if why := _close(perturb(ops.gguf_linear_q8(x, *layout, qtype)), want):
-                return f"{name}: {why}"
+        for x in xs:
+            want = q8_reference(x, dense)
+            for layout in layouts:
+                if why := _close(perturb(ops.gguf_linear_q8(x, *layout, qtype)), want):
+                    return f"{name}: {why}"
     return None
 
 
