@@ -1,7 +1,7 @@
 """`--dtype bfloat16` / `float16` on a CPU with the compiled kernels: the checkpoint's weights are rounded to that
 type at load and kept in it (BF16 / F16 rows, half float32's bytes), activations stay float32 through the kernels
 and the KV cache is float16; on a CPU with native bf16 dot products (AVX512-BF16, AMX) a prompt's rows beyond the
-kernels' go through oneDNN's bf16 GEMM, activations rounded to bf16 too. This rounds what a bf16 model rounds in its
+kernels' go through oneDNN's bf16 GEMM, activations rounded to bf16 too (with AMX, a batch's through the BF16 tiles). This rounds what a bf16 model rounds in its
 weights, and not all of what it rounds in its activations, so it has its own fidelity bound against transformers
 computing in bfloat16 on the same checkpoint, teacher-forced over transformers' own greedy continuations
 (scoring.py). Without the kernels (another CPU, CUDA), it is the plain
@@ -91,3 +91,18 @@ def test_half_precision_mode_stays_within_its_bound_of_transformers_bf16(safeten
         assert agreement >= min_agreement and error <= max_error, (name, agreement, error)
     # the bf16 GEMM served the joined prefill exactly where the CPU has it
     assert bool(bf16_gemm_calls) == (kernels().ops is not None and dtype == "bfloat16" and native_bf16_gemm())
+
+
+def test_bfloat16_mode_on_amx_tiles_stays_within_its_bound(safetensors_model, bf16_reference, monkeypatch):
+    """Where the build multiplies BF16 rows on AMX tiles, the rounded mode takes them from 12 to 64 rows
+    (dispatch.ROUNDED_TILES_ROWS: batches); here for every prefill too, so that the bound above holds them."""
+    if 30 not in kernels().tile_types:
+        pytest.skip("this build has no BF16 tiles (AMX)")
+    monkeypatch.setattr(dispatch, "ROUNDED_TILES_ROWS", range(12, 1 << 20))
+    sequences, start, want, _ = bf16_reference
+    llm = LLM(str(safetensors_model), dtype="bfloat16", kv_cache_memory=64 << 20)
+    assert kernels().gguf_matmul(llm.engine.runner.model.lm_head, 80) is kernels().ops.gguf_linear_rounded
+    agreement, error = agreement_and_error(scores(llm, sequences, start), want)
+    print(f"bfloat16 on tiles: top-1 agreement {agreement:.3f}, max logprob error {error:.3f} vs transformers bf16")
+    min_agreement, max_error = BOUNDS["bfloat16"]
+    assert agreement >= min_agreement and error <= max_error, (agreement, error)

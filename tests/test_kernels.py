@@ -102,6 +102,40 @@ def test_the_tile_types_are_served_at_any_row_count(ops):
     assert table.tile_types == (tiled if table.variant.name == "amx" else frozenset())
 
 
+@pytest.mark.parametrize("rows", [1, 11, 12, 17, 64, 300])
+def test_rounded_bf16_rows_are_x_rounded_to_bf16_times_the_rows(ops, rows):
+    """gguf_linear_rounded (--dtype bfloat16's BF16 rows): on AMX tiles from 12 rows x rounded to bf16 times the rows,
+    float32 sums (a bf16 model's matmul), one tile product a block; elsewhere (fewer rows, builds without tiles) exact
+    mode's gguf_linear, bitwise."""
+    weight = torch.randn(80, 320, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    bf16_rows, none = weight.view(torch.uint8).view(80, -1), torch.empty(0)
+    x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows))
+    got = ops.gguf_linear_rounded(x, bf16_rows, none, none, 30)
+    if 30 in ops.tile_types() and rows >= 12:
+        rounded = x.to(torch.bfloat16).double()
+        want, magnitude = F.linear(rounded, weight.double()), F.linear(rounded.abs(), weight.double().abs())
+        assert ((got - want).abs() <= 4e-7 * magnitude + 1e-6).all()
+        assert (got - ops.gguf_linear(x, bf16_rows, none, none, 30)).abs().max() > 0  # (x was rounded)
+    else:
+        assert torch.equal(got, ops.gguf_linear(x, bf16_rows, none, none, 30))
+
+
+def test_the_rounded_mode_takes_the_tiles_between_their_first_rows_and_the_gemms(ops):
+    """--dtype bfloat16 where the build has BF16 tiles: gguf_linear_rounded from 12 to 64 rows, oneDNN's packed GEMM
+    beyond (and from 8 rows below them, as on CPUs without tiles)."""
+    variant = next(v for v in dispatch.VARIANTS if not dispatch.missing_features(v) and dispatch.build(v) is ops)
+    table = dispatch.KernelTable(variant, ops)
+    layer = nn.Module()
+    layer.int8_activations, layer.gguf_parts = False, [((), 30)]
+    layer.bf16_packed = torch.empty(3072 * 576)  # (gate_up's size: the GEMM's from 8 rows)
+    tiles = 30 in table.tile_types
+    for rows in (1, 8, 11, 12, 64, 65, 512):
+        kernel = table.gguf_matmul(layer, rows)
+        on_tiles = tiles and 12 <= rows <= 64
+        assert (kernel is ops.gguf_linear_rounded) == on_tiles, rows
+        assert (table.rounded_half_linear(layer, rows) is not None) == (rows >= 8 and not on_tiles), rows
+
+
 @pytest.mark.parametrize("qtype", sorted(t for t, name in GGUF_KERNEL_TYPES.items() if not name.endswith("_K")))
 @pytest.mark.parametrize("blocks_a_row", range(9, 16))
 def test_gguf_linear_takes_every_partial_group_of_blocks(ops, qtype, blocks_a_row):

@@ -81,22 +81,24 @@ inline __m512 bf16_high_as_float(__m512i words) {  // words 16..31 as floats
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1)), 16));
 }
 
-// x's activation rows as the B tiles take them: for tile j of 16 rows and block b, 3 parts of 16 rows (pairs of k)
-// x 16 activation rows' dwords, at ((j * nb + b) * 3 + part) * 512 words; rows beyond M are zero. And each block's
+// x's activation rows as the B tiles take them: for tile j of 16 rows and block b, Parts parts of 16 rows (pairs of
+// k) x 16 activation rows' dwords, at ((j * nb + b) * Parts + part) * 512 words; rows beyond M are zero. Three parts
+// are x exactly (exact mode); one is x rounded to bf16 (`gguf_linear_rounded`: --dtype bfloat16). And each block's
 // sum of x, 16 rows at a time (xsum[(j * nb + b) * 16 + i]), for the min term of the types with mins (Sums).
 struct SplitX {
   std::unique_ptr<uint16_t[]> parts;  // (every word written: no zeroing first)
   std::vector<float> xsum;
 };
 
-template <bool Sums>
+template <bool Sums, int Parts>
 SplitX split_x(const float* x, int64_t M, int64_t K) {
   const int64_t nb = K / QK, tiles = (M + 15) / 16;
-  SplitX s{std::unique_ptr<uint16_t[]>(new uint16_t[tiles * nb * 3 * 512]), std::vector<float>(tiles * nb * 16, 0.0f)};
+  SplitX s{std::unique_ptr<uint16_t[]>(new uint16_t[tiles * nb * Parts * 512]),
+           std::vector<float>(tiles * nb * 16, 0.0f)};
   at::parallel_for(0, tiles * nb, 16, [&](int64_t begin, int64_t end) {  // (a prompt's rows: the threads share them)
     for (int64_t jb = begin; jb < end; ++jb) {
       const int64_t j = jb / nb, b = jb % nb;
-      __m512i rows[3][16];
+      __m512i rows[Parts][16];
       for (int i = 0; i < 16; ++i) {
         const int64_t m = 16 * j + i;
         if (m >= M) {
@@ -113,9 +115,9 @@ SplitX split_x(const float* x, int64_t M, int64_t K) {
           r1 = _mm512_sub_ps(r1, bf16_high_as_float(words));
         }
       }
-      for (int p = 0; p < 3; ++p) {
+      for (int p = 0; p < Parts; ++p) {
         transpose16(rows[p]);  // row i's pair k -> B row k, dword i
-        uint16_t* out = s.parts.get() + ((j * nb + b) * 3 + p) * 512;
+        uint16_t* out = s.parts.get() + ((j * nb + b) * Parts + p) * 512;
         for (int k = 0; k < 16; ++k) _mm512_storeu_si512(out + 32 * k, rows[p][k]);
       }
     }
@@ -200,20 +202,20 @@ void expand_weights(const Weights& w, int64_t K, int64_t n0, int64_t rows, uint1
       _tile_stored(3, (c)[3], 64);       \
     }                                    \
   } while (0)
-#define SLIPSTREAM_TILE_PRODUCTS(a, lda, parts0, parts1, two) \
-  do {                                                        \
-    _tile_loadd(4, a, lda);                                   \
-    _tile_loadd(5, (a) + 16 * (lda) / 2, lda);                \
-    for (int p = 0; p < 3; ++p) {                             \
-      _tile_loadd(6, (parts0) + 512 * p, 64);                 \
-      _tile_dpbf16ps(0, 4, 6);                                \
-      _tile_dpbf16ps(2, 5, 6);                                \
-      if (two) {                                              \
-        _tile_loadd(7, (parts1) + 512 * p, 64);               \
-        _tile_dpbf16ps(1, 4, 7);                              \
-        _tile_dpbf16ps(3, 5, 7);                              \
-      }                                                       \
-    }                                                         \
+#define SLIPSTREAM_TILE_PRODUCTS(a, lda, parts0, parts1, two, parts) \
+  do {                                                               \
+    _tile_loadd(4, a, lda);                                          \
+    _tile_loadd(5, (a) + 16 * (lda) / 2, lda);                       \
+    for (int p = 0; p < (parts); ++p) {                              \
+      _tile_loadd(6, (parts0) + 512 * p, 64);                        \
+      _tile_dpbf16ps(0, 4, 6);                                       \
+      _tile_dpbf16ps(2, 5, 6);                                       \
+      if (two) {                                                     \
+        _tile_loadd(7, (parts1) + 512 * p, 64);                      \
+        _tile_dpbf16ps(1, 4, 7);                                     \
+        _tile_dpbf16ps(3, 5, 7);                                     \
+      }                                                              \
+    }                                                                \
   } while (0)
 
 // acc[r] (activation rows of weight row r) += scale x row r of a drained C tile c (+ min x the block's sums of x).
@@ -228,15 +230,15 @@ template <bool Mins>
   }
 }
 
-// y [M, N] for up to CHUNK_TILES tiles of activation rows.
-template <QType T, Layout L>
+// y [M, N] for up to CHUNK_TILES tiles of activation rows, x in Parts bf16 parts (split_x).
+template <QType T, Layout L, int Parts>
 void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   constexpr bool mins = has_mins(T);
   // BF16 rows are the weights' values themselves: no scale a block, so the C tiles sum the whole row before one store,
   // and the tiles load the rows where they lie (but a last partial tile of them, copied with zeros below).
   constexpr bool scaled = T != QType::BF16;
   const int64_t nb = K / QK, tiles = (M + 15) / 16;
-  const SplitX s = split_x<mins>(x, M, K);
+  const SplitX s = split_x<mins, Parts>(x, M, K);
   at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t t0, int64_t t1) {
     configure_tiles();
     std::vector<uint16_t> a(32 * K);
@@ -255,9 +257,9 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
         std::memset(acc, 0, sizeof(acc));
         if (!scaled) SLIPSTREAM_ZERO_C_TILES(two);
         for (int64_t b = 0; b < nb; ++b) {
-          const uint16_t* parts0 = s.parts.get() + (j * nb + b) * 1536;
+          const uint16_t* parts0 = s.parts.get() + (j * nb + b) * Parts * 512;
           if (scaled) SLIPSTREAM_ZERO_C_TILES(two);
-          SLIPSTREAM_TILE_PRODUCTS(rows_a + b * QK, K * 2, parts0, parts0 + nb * 1536, two);
+          SLIPSTREAM_TILE_PRODUCTS(rows_a + b * QK, K * 2, parts0, parts0 + nb * Parts * 512, two, Parts);
           if (!scaled) continue;
           SLIPSTREAM_STORE_C_TILES(c, two);
           for (int i = 0; i < 4; ++i) {
@@ -291,11 +293,12 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
 // would stream from memory once per weight tile.
 constexpr int64_t CHUNK_TILES = 8;
 
-template <QType T, Layout L = Layout::Rows>
+// Parts 3: exact mode; 1: x rounded to bf16 (from MIN_ROWS rows; below, the exact row kernel serves either).
+template <QType T, Layout L = Layout::Rows, int Parts = 3>
 void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   if (M < MIN_ROWS) return avx512::linear_impl<T, L>(x, w, y, M, K, N);
   for (int64_t m0 = 0; m0 < M; m0 += 16 * CHUNK_TILES)
-    chunk_linear<T, L>(x + m0 * K, w, y + m0 * N, std::min(M - m0, 16 * CHUNK_TILES), K, N);
+    chunk_linear<T, L, Parts>(x + m0 * K, w, y + m0 * N, std::min(M - m0, 16 * CHUNK_TILES), K, N);
 }
 
 }  // namespace slipstream::amx

@@ -407,16 +407,18 @@ bool takes_high_bit_rows() {
 }
 
 BlockLinear gguf_linear_kernel(const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins, int64_t qtype,
-                               int64_t K) {
+                               int64_t K, bool rounded) {
   const auto type = static_cast<QType>(qtype);
   const Layout layout = qs.dim() == 2 ? row_layout(type, qs.size(1), K) : Layout::Rows;
 #ifdef __AVX512F__  // every type in one kernel (gguf_rows_avx512.h), the 5-bit ones in HighBitRows too
   return block_linear(
       qs, scales, mins, qtype, K,
-      [layout](auto type) -> LinearImpl {
+      [layout, rounded](auto type) -> LinearImpl {
         constexpr QType T = decltype(type)::value;
 #ifdef __AMX_BF16__
         if (amx::tiles_permitted()) {
+          if constexpr (T == QType::BF16)
+            if (rounded) return &amx::linear_impl<T, Layout::Rows, 1>;  // (x rounded: one bf16 part)
           if constexpr (amx::takes<T, Layout::HighBitRows>())
             if (layout == Layout::HighBitRows) return &amx::linear_impl<T, Layout::HighBitRows>;
           if constexpr (amx::takes<T, Layout::Rows>())
@@ -429,6 +431,7 @@ BlockLinear gguf_linear_kernel(const at::Tensor& qs, const at::Tensor& scales, c
       },
       layout);
 #else
+  (void)rounded;  // (no tiles: x stays float32)
   TORCH_CHECK(layout == Layout::Rows, "this build takes the 5-bit types a byte a weight (HighBitRows: AVX-512)");
   return block_linear(qs, scales, mins, qtype, K, [](auto type) -> LinearImpl {
     constexpr QType T = decltype(type)::value;
@@ -441,4 +444,8 @@ BlockLinear gguf_linear_kernel(const at::Tensor& qs, const at::Tensor& scales, c
 
 at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
   return run_block_linear(x, gguf_linear_kernel(qs, scales, mins, qtype, x.size(-1)));
+}
+
+at::Tensor gguf_linear_rounded(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype) {
+  return run_block_linear(x, gguf_linear_kernel(qs, scales, mins, qtype, x.size(-1), true));
 }

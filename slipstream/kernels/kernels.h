@@ -7,9 +7,12 @@
 #include "gguf_blocks.h"
 
 at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);
-// The kernels gguf_linear and gguf_linear_q8 run for these weights and K inputs a row, checked once.
+// gguf_linear where x may be rounded to bf16 (--dtype bfloat16): BF16 rows on AMX tiles, one product a block.
+at::Tensor gguf_linear_rounded(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);
+// The kernels gguf_linear (gguf_linear_rounded) and gguf_linear_q8 run for these weights and K inputs a row, checked
+// once.
 slipstream::BlockLinear gguf_linear_kernel(const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
-                                           int64_t qtype, int64_t K);
+                                           int64_t qtype, int64_t K, bool rounded = false);
 slipstream::BlockLinear gguf_linear_q8_kernel(const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
                                               int64_t qtype, int64_t K);
 // GGML types this build's gguf_linear multiplies on matrix tiles (AMX), at any row count; empty where it has none.

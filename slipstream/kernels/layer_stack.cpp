@@ -54,12 +54,12 @@ void run_linear(const Linear& parts, const float* x, int64_t T, float* y, int64_
 class LayerStack {
  public:
   // linears: [qs, scales, mins] of each part of each layer's qkv, o, gate_up and down projections, layer by layer;
-  // qtypes: the parts' types.
+  // qtypes: the parts' types; rounded: x may be rounded to bf16 (gguf_linear_rounded's kernels).
   LayerStack(std::vector<at::Tensor> input_norms, std::vector<at::Tensor> post_norms,
              std::vector<std::vector<at::Tensor>> linears, std::vector<std::vector<int64_t>> qtypes,
              std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, at::Tensor cos, at::Tensor sin,
              double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, bool interleaved, double scale,
-             bool int8_activations)
+             bool int8_activations, bool rounded)
       : input_norms_(std::move(input_norms)), post_norms_(std::move(post_norms)), k_caches_(std::move(k_caches)),
         v_caches_(std::move(v_caches)), cos_(cos.contiguous()), sin_(sin.contiguous()), eps_(eps), heads_(num_heads),
         kv_heads_(num_kv_heads), head_dim_(head_dim), interleaved_(interleaved), scale_(scale) {
@@ -78,7 +78,7 @@ class LayerStack {
         const at::Tensor &qs = linears[i][3 * j], &scales = linears[i][3 * j + 1], &mins = linears[i][3 * j + 2];
         parts.push_back({qs, scales, mins,
                          int8_activations ? gguf_linear_q8_kernel(qs, scales, mins, qtypes[i][j], K)
-                                          : gguf_linear_kernel(qs, scales, mins, qtypes[i][j], K)});
+                                          : gguf_linear_kernel(qs, scales, mins, qtypes[i][j], K, rounded)});
       }
       if (i % 4 == 2) intermediate_ = out_features(parts) / 2;
       linears_.push_back(std::move(parts));
@@ -185,7 +185,7 @@ void register_layer_stack(pybind11::module& m) {
   pybind11::class_<LayerStack>(m, "LayerStack")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>,
                           std::vector<std::vector<int64_t>>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                          at::Tensor, at::Tensor, double, int64_t, int64_t, int64_t, bool, double, bool>())
+                          at::Tensor, at::Tensor, double, int64_t, int64_t, int64_t, bool, double, bool, bool>())
       // Touches no Python object: the HTTP thread runs for the whole step.
       .def("forward", &LayerStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
