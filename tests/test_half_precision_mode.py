@@ -1,10 +1,10 @@
 """`--dtype bfloat16` / `float16` on a CPU with the compiled kernels: the checkpoint's weights are rounded to that
 type at load and kept in it (BF16 / F16 rows, half float32's bytes), activations stay float32 through the kernels
 and the KV cache is float16; on a CPU with native bf16 dot products (AVX512-BF16, AMX) a prompt's rows beyond the
-kernels' go through oneDNN's bf16 GEMM, activations rounded to bf16 too (with AMX, a batch's through the BF16 tiles). This rounds what a bf16 model rounds in its
-weights, and not all of what it rounds in its activations, so it has its own fidelity bound against transformers
-computing in bfloat16 on the same checkpoint, teacher-forced over transformers' own greedy continuations
-(scoring.py). Without the kernels (another CPU, CUDA), it is the plain
+kernels' go through oneDNN's bf16 GEMM, activations rounded to bf16 too (with AMX, a batch's through the BF16
+tiles). This rounds what a bf16 model rounds in its weights, and not all of what it rounds in its activations, so
+it has its own fidelity bound against transformers computing in bfloat16 on the same checkpoint, teacher-forced
+over transformers' own greedy continuations (scoring.py). Without the kernels (another CPU, CUDA), it is the plain
 PyTorch model in that dtype, held to the same bound."""
 
 from __future__ import annotations
@@ -95,10 +95,10 @@ def test_half_precision_mode_stays_within_its_bound_of_transformers_bf16(safeten
 
 def test_bfloat16_mode_on_amx_tiles_stays_within_its_bound(safetensors_model, bf16_reference, monkeypatch):
     """Where the build multiplies BF16 rows on AMX tiles, the rounded mode takes them from 12 to 64 rows
-    (dispatch.ROUNDED_TILES_ROWS: batches); here for every prefill too, so that the bound above holds them."""
+    (dispatch.ROUNDED_TILES_MAX_ROWS: batches); here for every prefill too, so that the bound above holds them."""
     if 30 not in kernels().tile_types:
         pytest.skip("this build has no BF16 tiles (AMX)")
-    monkeypatch.setattr(dispatch, "ROUNDED_TILES_ROWS", range(12, 1 << 20))
+    monkeypatch.setattr(dispatch, "ROUNDED_TILES_MAX_ROWS", 1 << 20)
     sequences, start, want, _ = bf16_reference
     llm = LLM(str(safetensors_model), dtype="bfloat16", kv_cache_memory=64 << 20)
     assert kernels().gguf_matmul(llm.engine.runner.model.lm_head, 80) is kernels().ops.gguf_linear_rounded

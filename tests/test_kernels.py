@@ -121,8 +121,8 @@ def test_rounded_bf16_rows_are_x_rounded_to_bf16_times_the_rows(ops, rows):
 
 
 def test_the_rounded_mode_takes_the_tiles_between_their_first_rows_and_the_gemms(ops):
-    """--dtype bfloat16 where the build has BF16 tiles: gguf_linear_rounded from 12 to 64 rows, oneDNN's packed GEMM
-    beyond (and from 8 rows below them, as on CPUs without tiles)."""
+    """--dtype bfloat16 where the build has BF16 tiles: gguf_linear_rounded up to 64 rows (the tiles from 12, the exact
+    row kernel below), oneDNN's packed GEMM beyond; without tiles the GEMM from 8 rows, the exact kernels below."""
     variant = next(v for v in dispatch.VARIANTS if not dispatch.missing_features(v) and dispatch.build(v) is ops)
     table = dispatch.KernelTable(variant, ops)
     layer = nn.Module()
@@ -131,8 +131,9 @@ def test_the_rounded_mode_takes_the_tiles_between_their_first_rows_and_the_gemms
     tiles = 30 in table.tile_types
     for rows in (1, 8, 11, 12, 64, 65, 512):
         kernel = table.gguf_matmul(layer, rows)
-        on_tiles = tiles and 12 <= rows <= 64
+        on_tiles = tiles and rows <= 64
         assert (kernel is ops.gguf_linear_rounded) == on_tiles, rows
+        assert (kernel is ops.gguf_linear) == (not tiles and rows < 8), rows
         assert (table.rounded_half_linear(layer, rows) is not None) == (rows >= 8 and not on_tiles), rows
 
 

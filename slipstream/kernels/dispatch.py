@@ -68,11 +68,13 @@ ROUNDED_GEMM_MIN_ROWS = 8
 ROUNDED_GEMM_MIN_ROWS_SMALL = 32
 ROUNDED_GEMM_MIN_WEIGHTS = 512 * 1024
 # Where the build multiplies BF16 rows on AMX tiles, it does so for the rounded mode too, x rounded to bf16 (one tile
-# product a block where exact mode has three: `gguf_linear_rounded`), faster than oneDNN's packed GEMM from the tiles'
-# first rows to about 64 (this Xeon, 2 cores, rounded tiles / oneDNN at 12 / 32 / 64 / 128 / 512 rows: gate_up 1.70x
-# / 1.65x / 1.09x / 0.89x / 0.75x, down 1.51x / 0.83-1.87x / 1.51x / 1.48x, q/k/v 2.16x / 1.96x / 1.38x / 1.46x, o
-# 2.49x / 2.01x / 1.94x, the LM head 1.13x / 2.14x / 0.87x / 0.57x; below 12 rows the tiles are not used: 0.5-0.8x).
-ROUNDED_TILES_ROWS = range(12, 65)
+# product a block where exact mode has three: `gguf_linear_rounded`, from 12 rows; fewer take the exact row kernel),
+# faster than oneDNN's packed GEMM up to about 64 rows (this Xeon, 2 cores, rounded tiles / oneDNN at 12 / 32 / 64 /
+# 128 / 512 rows: gate_up 1.70x / 1.65x / 1.09x / 0.89x / 0.75x, down 1.51x / 0.83-1.87x / 1.51x / 1.48x, q/k/v 2.16x
+# / 1.96x / 1.38x / 1.46x, o 2.49x / 2.01x / 1.94x, the LM head 1.13x / 2.14x / 0.87x / 0.57x). At 8-11 rows the row
+# kernel in the layer stack beats oneDNN's GEMM through the Python layers in a step (bf16 checkpoint, C = 8: ITL p50
+# 21.0 ms in exact mode, 26.0 in this mode through oneDNN, `compare-20261206-0622.md`): up to 64 rows, no GEMM.
+ROUNDED_TILES_MAX_ROWS = 64
 
 # KV cache rows the attention kernels read and write (model/kv_cache.py).
 KV_CACHE_KERNEL_DTYPES = (torch.float32, torch.float16, torch.int8)
@@ -269,11 +271,11 @@ class KernelTable:
         return packed.numel() >= ROUNDED_GEMM_MIN_WEIGHTS or rows >= ROUNDED_GEMM_MIN_ROWS_SMALL
 
     def rounds_on_tiles(self, layer: nn.Module) -> bool:
-        """Whether `layer`'s rounded BF16 rows (--dtype bfloat16) go to the AMX tiles (ROUNDED_TILES_ROWS)."""
+        """Whether `layer`'s rounded BF16 rows (--dtype bfloat16) go to the AMX tiles (up to ROUNDED_TILES_MAX_ROWS)."""
         return getattr(layer, "bf16_packed", None) is not None and HALF_IDS["BF16"] in self.tile_types
 
     def _rounded_tiles_serve(self, layer: nn.Module, rows: int) -> bool:
-        return rows in ROUNDED_TILES_ROWS and self.rounds_on_tiles(layer)
+        return rows <= ROUNDED_TILES_MAX_ROWS and self.rounds_on_tiles(layer)
 
     def gguf_dequantize(self) -> Callable | None:
         """The kernel expanding blocks (row layout) or F16 / BF16 rows to float32 — for what no block kernel
@@ -321,7 +323,7 @@ class KernelTable:
         gemm = "oneDNN" if self.uses_onednn_gemm() else "MKL"
         bf16 = ", --dtype bfloat16 from 8 rows: oneDNN bf16 GEMM on packed weights" if native_bf16_gemm() else ""
         if bf16 and HALF_IDS["BF16"] in self.tile_types:
-            bf16 += f" (at {ROUNDED_TILES_ROWS.start}-{ROUNDED_TILES_ROWS.stop - 1} rows x rounded on AMX tiles)"
+            bf16 += f" (up to {ROUNDED_TILES_MAX_ROWS} rows: x rounded on AMX tiles from 12)"
         tiles = "/".join({**GGUF_KERNEL_TYPES, **HALF_TYPES}[t] for t in sorted(self.tile_types))
         tiles = f", {tiles} at any rows on AMX tiles (w4a8's groups from 16 rows on int8 tiles)" if tiles else ""
         return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())} up to " \

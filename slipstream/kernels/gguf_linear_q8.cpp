@@ -323,16 +323,23 @@ void q4x8_group_tile(const QuantizedRows& xq, int64_t m0, int64_t rows, Weights 
   for (int64_t m = 0; m < rows; ++m) _mm256_storeu_ps(y + (m0 + m) * N + 8 * g, tile[m]);
 }
 
+#if defined(__AMX_INT8__)
+// Whether the AMX int8 tiles (gguf_q8_amx.h) take a matmul of M rows in the 16-row groups.
+inline bool int8_tiles_serve(int64_t M) { return M >= amx::INT8_MIN_ROWS && amx::tiles_permitted(); }
+
+template <QType T, Layout L>
+void int8_tiles_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
+  const QuantizedRows xq = quantize_rows(x, M, K, (M + 15) / 16 * 16);
+  amx::int8_groups_linear<T, L>({xq.q.data(), xq.scale.data(), xq.sum.data(), xq.stride}, w, y, M, K, N);
+}
+#endif
+
 // Nibble groups (Q4, 5 and 6 bits) by G = 8 (q4x8_groups) or, in AVX-512 VNNI builds, 16 (gguf_q8_avx512.h).
 template <QType T, int G>
 void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
 #if defined(__AMX_INT8__)
   if constexpr (G == 16 && amx::int8_takes<T, Layout::NibbleGroups>())
-    if (M >= amx::INT8_MIN_ROWS && amx::tiles_permitted()) {
-      const QuantizedRows xq = quantize_rows(x, M, K, (M + 15) / 16 * 16);
-      return amx::int8_groups_linear<T, Layout::NibbleGroups>({xq.q.data(), xq.scale.data(), xq.sum.data(), xq.stride},
-                                                              w, y, M, K, N);
-    }
+    if (int8_tiles_serve(M)) return int8_tiles_linear<T, Layout::NibbleGroups>(x, w, y, M, K, N);
 #endif
   const QuantizedRows xq = quantize_rows(x, M, K);
   at::parallel_for(0, N / G, 16 / G, [&](int64_t begin, int64_t end) {
@@ -376,11 +383,7 @@ void q4_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64
 // Q8_0 rows interleaved by 16 (gguf_q8_avx512.h).
 void q8_0_groups_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
 #if defined(__AMX_INT8__)
-  if (M >= amx::INT8_MIN_ROWS && amx::tiles_permitted()) {
-    const QuantizedRows xq = quantize_rows(x, M, K, (M + 15) / 16 * 16);
-    return amx::int8_groups_linear<QType::Q8_0, Layout::ByteGroups>(
-        {xq.q.data(), xq.scale.data(), xq.sum.data(), xq.stride}, w, y, M, K, N);
-  }
+  if (int8_tiles_serve(M)) return int8_tiles_linear<QType::Q8_0, Layout::ByteGroups>(x, w, y, M, K, N);
 #endif
   const QuantizedRows xq = quantize_rows(x, M, K);
   std::vector<uint8_t> xu(xq.q.size());
