@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scoring import agreement_and_error, scores
+from scoring import agreement_and_error, greedy_sequences, scores
 
 from slipstream import LLM
 from slipstream.kernels import HALF_TYPES, dispatch, kernels
@@ -104,5 +104,26 @@ def test_bfloat16_mode_on_amx_tiles_stays_within_its_bound(safetensors_model, bf
     assert kernels().gguf_matmul(llm.engine.runner.model.lm_head, 80) is kernels().ops.gguf_linear_rounded
     agreement, error = agreement_and_error(scores(llm, sequences, start), want)
     print(f"bfloat16 on tiles: top-1 agreement {agreement:.3f}, max logprob error {error:.3f} vs transformers bf16")
+    min_agreement, max_error = BOUNDS["bfloat16"]
+    assert agreement >= min_agreement and error <= max_error, (agreement, error)
+
+
+def test_a_gguf_model_in_bfloat16_mode_stays_within_its_bound_of_exact_mode():
+    """--dtype bfloat16 on a GGUF model (the embedded one): its blocks stay the file's weights; where the build has
+    AMX tiles its matmuls round x to bf16 (one tile product a block where exact mode has three), held to the mode's
+    bound against exact mode, teacher-forced over exact mode's greedy continuations."""
+    exact = LLM(None, kv_cache_memory=64 << 20)
+    tokenizer = exact.tokenizer
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                              add_generation_prompt=True), add_special_tokens=False)
+               for q in QUESTIONS]
+    sequences, start = greedy_sequences(exact, prompts, MAX_TOKENS)
+    want = scores(exact, sequences, start)
+    del exact
+    llm = LLM(None, dtype="bfloat16", kv_cache_memory=64 << 20)
+    head, table = llm.engine.runner.model.lm_head, kernels()
+    assert (table.gguf_matmul(head, 80) is table.ops.gguf_linear_rounded) == bool(table.tile_types)
+    agreement, error = agreement_and_error(scores(llm, sequences, start), want)
+    print(f"GGUF in bfloat16 mode: top-1 agreement {agreement:.3f}, max logprob error {error:.3f} vs exact mode")
     min_agreement, max_error = BOUNDS["bfloat16"]
     assert agreement >= min_agreement and error <= max_error, (agreement, error)

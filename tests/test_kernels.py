@@ -102,39 +102,52 @@ def test_the_tile_types_are_served_at_any_row_count(ops):
     assert table.tile_types == (tiled if table.variant.name == "amx" else frozenset())
 
 
-@pytest.mark.parametrize("rows", [1, 11, 12, 17, 64, 300])
-def test_rounded_bf16_rows_are_x_rounded_to_bf16_times_the_rows(ops, rows):
-    """gguf_linear_rounded (--dtype bfloat16's BF16 rows): on AMX tiles from 12 rows x rounded to bf16 times the rows,
-    float32 sums (a bf16 model's matmul), one tile product a block; elsewhere (fewer rows, builds without tiles) exact
-    mode's gguf_linear, bitwise."""
-    weight = torch.randn(80, 320, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    bf16_rows, none = weight.view(torch.uint8).view(80, -1), torch.empty(0)
-    x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows))
-    got = ops.gguf_linear_rounded(x, bf16_rows, none, none, 30)
-    if 30 in ops.tile_types() and rows >= 12:
-        rounded = x.to(torch.bfloat16).double()
-        want, magnitude = F.linear(rounded, weight.double()), F.linear(rounded.abs(), weight.double().abs())
-        assert ((got - want).abs() <= 4e-7 * magnitude + 1e-6).all()
-        assert (got - ops.gguf_linear(x, bf16_rows, none, none, 30)).abs().max() > 0  # (x was rounded)
+@pytest.mark.parametrize("qtype", [30, 2, 3, 6, 8, 12, 14])
+@pytest.mark.parametrize("rows", [1, 11, 12, 17, 300])
+def test_rounded_matmuls_are_x_rounded_to_bf16_times_the_weights(ops, qtype, rows):
+    """gguf_linear_rounded (--dtype bfloat16): on AMX tiles, from 12 rows, x rounded to bf16 times the weights (BF16
+    rows; GGUF blocks, Q5_0 at 5 bits a weight), float32 sums, one tile product a block; elsewhere (fewer rows, the
+    types the tiles do not take, builds without tiles) exact mode's gguf_linear, bitwise."""
+    if qtype == 30:
+        dense = torch.randn(80, 320, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).float()
+        split = (dense.to(torch.bfloat16).view(torch.uint8).view(80, -1), torch.empty(0), torch.empty(0))
     else:
-        assert torch.equal(got, ops.gguf_linear(x, bf16_rows, none, none, 30))
+        blocks, dense = random_gguf_weight(qtype, 80, 512, seed=qtype)
+        split = split_gguf_blocks(blocks, qtype)
+        if qtype in FIVE_BIT_TYPES and ops.takes_high_bit_rows():
+            split = high_bit_rows(split, qtype)
+    x = torch.randn(rows, dense.shape[1], generator=torch.Generator().manual_seed(rows))
+    got, exact = ops.gguf_linear_rounded(x, *split, qtype), ops.gguf_linear(x, *split, qtype)
+    if qtype in ops.tile_types() and rows >= 12:
+        rounded = x.to(torch.bfloat16).double()
+        want, magnitude = F.linear(rounded, dense.double()), F.linear(rounded.abs(), dense.double().abs())
+        assert ((got - want).abs() <= 4e-7 * magnitude + 1e-6).all()
+        assert (got - exact).abs().max() > 0  # (x was rounded)
+    else:
+        assert torch.equal(got, exact)
 
 
-def test_the_rounded_mode_takes_the_tiles_between_their_first_rows_and_the_gemms(ops):
-    """--dtype bfloat16 where the build has BF16 tiles: gguf_linear_rounded up to 64 rows (the tiles from 12, the exact
-    row kernel below), oneDNN's packed GEMM beyond; without tiles the GEMM from 8 rows, the exact kernels below."""
+def test_the_rounded_mode_takes_the_tiles_where_they_beat_the_gemm(ops):
+    """--dtype bfloat16 where the build has tiles: gguf_linear_rounded for GGUF blocks at any rows, for BF16 rows up
+    to 64 (the tiles from 12, the exact row kernel below), oneDNN's packed GEMM beyond; without tiles the GEMM from 8
+    rows, the exact kernels below."""
     variant = next(v for v in dispatch.VARIANTS if not dispatch.missing_features(v) and dispatch.build(v) is ops)
     table = dispatch.KernelTable(variant, ops)
-    layer = nn.Module()
-    layer.int8_activations, layer.gguf_parts = False, [((), 30)]
-    layer.bf16_packed = torch.empty(3072 * 576)  # (gate_up's size: the GEMM's from 8 rows)
-    tiles = 30 in table.tile_types
+    tiles = bool(table.tile_types)
+    bf16_rows, q4_1 = nn.Module(), nn.Module()
+    bf16_rows.gguf_parts = [((), 30)]
+    bf16_rows.bf16_packed = torch.empty(3072 * 576)  # (gate_up's size: the GEMM's from 8 rows)
+    q4_1.gguf_parts, q4_1.bf16_packed = [((), 3)], None
+    for layer in (bf16_rows, q4_1):
+        layer.int8_activations, layer.rounds_to_bf16 = False, True
     for rows in (1, 8, 11, 12, 64, 65, 512):
-        kernel = table.gguf_matmul(layer, rows)
+        kernel = table.gguf_matmul(bf16_rows, rows)
         on_tiles = tiles and rows <= 64
         assert (kernel is ops.gguf_linear_rounded) == on_tiles, rows
         assert (kernel is ops.gguf_linear) == (not tiles and rows < 8), rows
-        assert (table.rounded_half_linear(layer, rows) is not None) == (rows >= 8 and not on_tiles), rows
+        assert (table.rounded_half_linear(bf16_rows, rows) is not None) == (rows >= 8 and not on_tiles), rows
+        if tiles:
+            assert table.gguf_matmul(q4_1, rows) is ops.gguf_linear_rounded, rows
 
 
 @pytest.mark.parametrize("qtype", sorted(t for t, name in GGUF_KERNEL_TYPES.items() if not name.endswith("_K")))

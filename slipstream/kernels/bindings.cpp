@@ -11,7 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("gguf_linear", &gguf_linear, "x @ dequantize(W)^T with W in GGUF blocks or F16 / BF16 rows", nogil);
   m.def("gguf_linear_rounded", &gguf_linear_rounded,
-        "gguf_linear, x rounded to bf16 where that is faster (BF16 rows on AMX tiles)", nogil);
+        "gguf_linear, x rounded to bf16 where that is faster (the types on AMX tiles)", nogil);
   m.def("gguf_dequantize", &gguf_dequantize, "the float32 values of GGUF blocks (row layout) or F16 / BF16 rows",
         nogil);
   m.def("takes_high_bit_rows", &takes_high_bit_rows, "whether gguf_linear takes Q5_0 / Q5_1 / Q5_K at 5 bits a weight");

@@ -50,7 +50,6 @@ FIVE_BIT_TYPES = frozenset({6, 7, 13})
 # Half-precision rows, which gguf_linear takes too (float32 activations): a bf16 / fp16 checkpoint's own weights,
 # exact in float32, at half float32's bytes.
 HALF_TYPES = {1: "F16", 30: "BF16"}
-HALF_IDS = {name: qtype for qtype, name in HALF_TYPES.items()}
 HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # their torch dtypes; bfloat16 first: any float32's range
 
 # F16 / BF16 rows: beyond this many rows, converting the weight to float32 for the dense GEMM (`dense_linear`) pays
@@ -67,13 +66,14 @@ HALF_KERNEL_MAX_ROWS = 128
 ROUNDED_GEMM_MIN_ROWS = 8
 ROUNDED_GEMM_MIN_ROWS_SMALL = 32
 ROUNDED_GEMM_MIN_WEIGHTS = 512 * 1024
-# Where the build multiplies BF16 rows on AMX tiles, it does so for the rounded mode too, x rounded to bf16 (one tile
-# product a block where exact mode has three: `gguf_linear_rounded`, from 12 rows; fewer take the exact row kernel),
-# faster than oneDNN's packed GEMM up to about 64 rows (this Xeon, 2 cores, rounded tiles / oneDNN at 12 / 32 / 64 /
-# 128 / 512 rows: gate_up 1.70x / 1.65x / 1.09x / 0.89x / 0.75x, down 1.51x / 0.83-1.87x / 1.51x / 1.48x, q/k/v 2.16x
-# / 1.96x / 1.38x / 1.46x, o 2.49x / 2.01x / 1.94x, the LM head 1.13x / 2.14x / 0.87x / 0.57x). At 8-11 rows the row
-# kernel in the layer stack beats oneDNN's GEMM through the Python layers in a step (bf16 checkpoint, C = 8: ITL p50
-# 21.0 ms in exact mode, 26.0 in this mode through oneDNN, `compare-20261206-0622.md`): up to 64 rows, no GEMM.
+# Where the build multiplies on AMX tiles, it does so for the rounded mode too, x rounded to bf16 (one tile product a
+# block where exact mode has three: `gguf_linear_rounded`, from 12 rows; fewer take the exact row kernel): GGUF blocks
+# at any rows, BF16 rows (packed for oneDNN too) up to ROUNDED_TILES_MAX_ROWS, faster than oneDNN's packed GEMM there
+# (this Xeon, 2 cores, rounded tiles / oneDNN at 12 / 32 / 64 / 128 / 512 rows: gate_up 1.70x / 1.65x / 1.09x / 0.89x
+# / 0.75x, down 1.51x / 0.83-1.87x / 1.51x / 1.48x, q/k/v 2.16x / 1.96x / 1.38x / 1.46x, o 2.49x / 2.01x / 1.94x,
+# the LM head 1.13x / 2.14x / 0.87x / 0.57x). At 8-11 rows the row kernel in the layer stack beats oneDNN's GEMM
+# through the Python layers in a step (bf16 checkpoint, C = 8: ITL p50 21.0 ms in exact mode, 26.0 in this mode
+# through oneDNN, `compare-20261206-0622.md`): up to 64 rows, no GEMM.
 ROUNDED_TILES_MAX_ROWS = 64
 
 # KV cache rows the attention kernels read and write (model/kv_cache.py).
@@ -239,13 +239,12 @@ class KernelTable:
             return self.ops.gguf_linear_q8 if self.has("gguf_linear_q8") else None
         if not self.has("gguf_linear") or self._rounded_gemm_serves(layer, rows):
             return None
-        if self._rounded_tiles_serve(layer, rows):
-            return self.ops.gguf_linear_rounded
+        kernel = self.ops.gguf_linear_rounded if self.rounds_on_tiles(layer) else self.ops.gguf_linear
         qtypes = [qtype for _, qtype in layer.gguf_parts]
         if all(qtype in self.tile_types for qtype in qtypes):
-            return self.ops.gguf_linear  # (matrix tiles: faster than expanding the blocks for a GEMM at any rows)
+            return kernel  # (matrix tiles: faster than expanding the blocks for a GEMM at any rows)
         limit = HALF_KERNEL_MAX_ROWS if any(q in HALF_TYPES for q in qtypes) else self.variant.block_kernel_max_rows
-        return self.ops.gguf_linear if rows <= limit else None
+        return kernel if rows <= limit else None
 
     def uses_onednn_gemm(self) -> bool:
         return self.variant is not None and self.variant.onednn_gemm and torch.backends.mkldnn.is_available()
@@ -266,16 +265,16 @@ class KernelTable:
 
     def _rounded_gemm_serves(self, layer: nn.Module, rows: int) -> bool:
         packed = getattr(layer, "bf16_packed", None)
-        if packed is None or rows < ROUNDED_GEMM_MIN_ROWS or self._rounded_tiles_serve(layer, rows):
+        if packed is None or rows < ROUNDED_GEMM_MIN_ROWS:
             return False
+        if self.rounds_on_tiles(layer):
+            return rows > ROUNDED_TILES_MAX_ROWS
         return packed.numel() >= ROUNDED_GEMM_MIN_WEIGHTS or rows >= ROUNDED_GEMM_MIN_ROWS_SMALL
 
     def rounds_on_tiles(self, layer: nn.Module) -> bool:
-        """Whether `layer`'s rounded BF16 rows (--dtype bfloat16) go to the AMX tiles (up to ROUNDED_TILES_MAX_ROWS)."""
-        return getattr(layer, "bf16_packed", None) is not None and HALF_IDS["BF16"] in self.tile_types
-
-    def _rounded_tiles_serve(self, layer: nn.Module, rows: int) -> bool:
-        return rows <= ROUNDED_TILES_MAX_ROWS and self.rounds_on_tiles(layer)
+        """Whether `layer`'s block kernel is gguf_linear_rounded: in --dtype bfloat16 (`layer.rounds_to_bf16`) where the
+        build has tiles, whose types it then multiplies with x rounded to bf16 (the others' kernels stay exact)."""
+        return getattr(layer, "rounds_to_bf16", False) and bool(self.tile_types)
 
     def gguf_dequantize(self) -> Callable | None:
         """The kernel expanding blocks (row layout) or F16 / BF16 rows to float32 — for what no block kernel
@@ -322,8 +321,8 @@ class KernelTable:
         off = f"; disabled after their self-check: {', '.join(sorted(self.disabled))}" if self.disabled else ""
         gemm = "oneDNN" if self.uses_onednn_gemm() else "MKL"
         bf16 = ", --dtype bfloat16 from 8 rows: oneDNN bf16 GEMM on packed weights" if native_bf16_gemm() else ""
-        if bf16 and HALF_IDS["BF16"] in self.tile_types:
-            bf16 += f" (up to {ROUNDED_TILES_MAX_ROWS} rows: x rounded on AMX tiles from 12)"
+        if bf16 and self.tile_types:
+            bf16 += f" (up to {ROUNDED_TILES_MAX_ROWS} rows, and GGUF blocks at any: x rounded on AMX tiles from 12)"
         tiles = "/".join({**GGUF_KERNEL_TYPES, **HALF_TYPES}[t] for t in sorted(self.tile_types))
         tiles = f", {tiles} at any rows on AMX tiles (w4a8's groups from 16 rows on int8 tiles)" if tiles else ""
         return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())} up to " \

@@ -106,14 +106,18 @@ SplitX split_x(const float* x, int64_t M, int64_t K) {
           continue;
         }
         const float* xb = x + m * K + b * QK;
-        __m512 r0 = _mm512_loadu_ps(xb), r1 = _mm512_loadu_ps(xb + 16);
-        if constexpr (Sums) s.xsum[(j * nb + b) * 16 + i] = _mm512_reduce_add_ps(_mm512_add_ps(r0, r1));
+        const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+        __m512 r0 = x0, r1 = x1;
         for (auto& part : rows) {  // the part nearest what is left, then what is left (exact: a float32 difference)
           const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(r1, r0);
           part[i] = words;
           r0 = _mm512_sub_ps(r0, bf16_low_as_float(words));
           r1 = _mm512_sub_ps(r1, bf16_high_as_float(words));
         }
+        // The sum of what the parts hold (x - what is left, exactly: x itself for three parts, x rounded for one).
+        if constexpr (Sums)
+          s.xsum[(j * nb + b) * 16 + i] =
+              _mm512_reduce_add_ps(_mm512_add_ps(_mm512_sub_ps(x0, r0), _mm512_sub_ps(x1, r1)));
       }
       for (int p = 0; p < Parts; ++p) {
         transpose16(rows[p]);  // row i's pair k -> B row k, dword i

@@ -416,13 +416,12 @@ BlockLinear gguf_linear_kernel(const at::Tensor& qs, const at::Tensor& scales, c
       [layout, rounded](auto type) -> LinearImpl {
         constexpr QType T = decltype(type)::value;
 #ifdef __AMX_BF16__
-        if (amx::tiles_permitted()) {
-          if constexpr (T == QType::BF16)
-            if (rounded) return &amx::linear_impl<T, Layout::Rows, 1>;  // (x rounded: one bf16 part)
+        if (amx::tiles_permitted()) {  // (rounded: x as one bf16 part, not three)
           if constexpr (amx::takes<T, Layout::HighBitRows>())
-            if (layout == Layout::HighBitRows) return &amx::linear_impl<T, Layout::HighBitRows>;
+            if (layout == Layout::HighBitRows)
+              return rounded ? &amx::linear_impl<T, Layout::HighBitRows, 1> : &amx::linear_impl<T, Layout::HighBitRows>;
           if constexpr (amx::takes<T, Layout::Rows>())
-            if (layout == Layout::Rows) return &amx::linear_impl<T>;
+            if (layout == Layout::Rows) return rounded ? &amx::linear_impl<T, Layout::Rows, 1> : &amx::linear_impl<T>;
         }
 #endif
         if constexpr (high_bit_planes(T) == 1)

@@ -7,7 +7,7 @@
 #include "gguf_blocks.h"
 
 at::Tensor gguf_linear(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);
-// gguf_linear where x may be rounded to bf16 (--dtype bfloat16): BF16 rows on AMX tiles, one product a block.
+// gguf_linear where x may be rounded to bf16 (--dtype bfloat16): the AMX tile types, one product a block.
 at::Tensor gguf_linear_rounded(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);
 // The kernels gguf_linear (gguf_linear_rounded) and gguf_linear_q8 run for these weights and K inputs a row, checked
 // once.

@@ -125,6 +125,15 @@ def keep_half_precision_weights(model: nn.Module, rounded: bool) -> None:
         keep_half_precision(layers, rounded)
 
 
+def round_activations_to_bf16(model: nn.Module) -> None:
+    """`--dtype bfloat16` on a CPU with the kernels: the block-served matmuls of `model` may round x to bf16 where that
+    is faster (KernelTable.rounds_on_tiles: the AMX tiles take one product a block for three), as a bf16 model rounds
+    it; w4a8's int8 activations aside."""
+    for layer in model.modules():
+        if getattr(layer, "gguf_parts", None) is not None and not layer.int8_activations:
+            layer.rounds_to_bf16 = True
+
+
 def round_weights(model: nn.Module, dtype: torch.dtype) -> None:
     """`--dtype bfloat16` / `float16` on a CPU with the kernels: round every weight of `model` that no GGUF block
     holds to `dtype` (kept in float32, where keep_half_precision_weights then finds them exact), so the model has the

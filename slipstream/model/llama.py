@@ -327,7 +327,7 @@ def build_layer_stack(model: CausalLM):
         [layer.self_attn.attn.v_cache for layer in model.layers],
         attn.rotary.cos, attn.rotary.sin, args.rms_norm_eps, attn.num_heads, attn.num_kv_heads, args.head_dim,
         args.rope_interleaved, attn.attn.scale, linears[0].int8_activations,
-        table.rounds_on_tiles(linears[0]),  # (gguf_matmul's gguf_linear_rounded: the stack's kernels are the same)
+        getattr(linears[0], "rounds_to_bf16", False),  # (gguf_linear_rounded's kernels, as gguf_matmul picks them)
     )
 
 

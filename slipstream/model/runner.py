@@ -24,6 +24,7 @@ from slipstream.model.layers import (
     VocabParallelEmbedding,
     hold_half_precision_weights,
     keep_half_precision_weights,
+    round_activations_to_bf16,
     round_weights,
 )
 from slipstream.model.loader import checkpoint_tensor_types, half_precision_checkpoint, iter_gguf_blocks, iter_weights
@@ -157,6 +158,8 @@ class ModelRunner:
         if exact_kernels:
             # (a bf16 / fp16 checkpoint's weights, as they are, or those round_weights rounded)
             keep_half_precision_weights(self.model, rounded=self.weight_dtype != self.dtype)
+            if self.weight_dtype == torch.bfloat16:
+                round_activations_to_bf16(self.model)
         if self.device.type == "cpu":
             move_weights_to_huge_pages(self.model)
         logger.info("%s", weights_report(self.model, model_dir, table))
