@@ -11,8 +11,10 @@
 // (16 rows of x, pairs of k in the dword layout TDPBF16PS takes), C = 16 weight rows x 16 activation rows, stored
 // after every block to be scaled into float32 sums. Three products a block where a float32 kernel has one FMA a
 // weight and row, at 16x an FMA's work each: on 2 cores of an AMX Xeon 2.2-2.7x the AVX-512 kernel's speed at 32
-// rows and more (~200 GMAC/s). Without the stores and scaling the products alone ran ~1.4x faster, in L1 ~1.8x:
-// what is left to gain, by overlapping a block's stores with the next block's products (C tiles to spare).
+// rows and more (~200 GMAC/s). Without the stores and scaling the products alone ran ~1.4x faster, in L1 ~1.8x; but
+// scaling a block's stored sums after the next block's products went to the tiles changed nothing (0.92-1.09x): the
+// tile unit's own work (products, tile loads and stores) is the bound, not the vector code beside it.
+// --dtype bfloat16 takes one part, x rounded to bf16 (`gguf_linear_rounded`): one product a block.
 #pragma once
 #include <immintrin.h>
 
