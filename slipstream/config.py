@@ -84,7 +84,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: int | None = None  # None: the model's trained context
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None  # a step's token budget; None: 512 on a CPU, 2048 on CUDA
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: a fraction of free memory
     kv_cache_fraction: float = 0.25

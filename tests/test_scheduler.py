@@ -206,3 +206,16 @@ def test_prefix_cache_hit_gives_the_same_greedy_output(tiny_llm):
     assert tiny_llm.engine.stats()["prefix_cache_hits"] - hits == expected
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
     assert_pool_empty(tiny_llm.engine)
+
+
+def test_a_cpu_engine_steps_512_tokens_unless_told_and_holds_prompts_beside_decodes_as_before(llm_fp32):
+    """The default budget on a CPU (llm_engine.CPU_STEP_TOKENS) splits a burst of prompts into steps whose first
+    prompts decode while the later ones prefill; a long prompt's chunks beside a stream keep the work cap of a
+    2048-token step; a given budget is the budget."""
+    from slipstream.config import EngineConfig
+    from slipstream.engine.llm_engine import CPU_STEP_TOKENS, LLMEngine
+
+    sched = llm_fp32.engine.scheduler
+    assert (sched.max_num_batched_tokens, sched.prefill_beside_decodes) == (CPU_STEP_TOKENS, 1024) == (512, 1024)
+    explicit = LLMEngine(EngineConfig(max_num_batched_tokens=4096, kv_cache_memory=16 << 20))
+    assert (explicit.scheduler.max_num_batched_tokens, explicit.scheduler.prefill_beside_decodes) == (4096, 2048)

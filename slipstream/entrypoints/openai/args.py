@@ -111,7 +111,8 @@ def make_arg_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--max-model-len", type=token_count, default=None,
         help="context length (prompt + output); capped to the model's trained context")
     add("--max-num-seqs", type=pos_int, default=64, help="most sequences in one batch")
-    add("--max-num-batched-tokens", type=token_count, default=2048, help="token budget of one engine step")
+    add("--max-num-batched-tokens", type=token_count, default=None,
+        help="token budget of one engine step (default: 512 on a CPU, 2048 on CUDA)")
     add("--block-size", type=pos_int, default=16, help="tokens per KV-cache block")
     add("--kv-cache-memory", type=memory_size, default=None,
         help="KV-cache budget: bytes or a size like 256MiB or 2GiB (default: a quarter of free memory)")
