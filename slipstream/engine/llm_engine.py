@@ -82,7 +82,8 @@ class ReasoningSpan:
 # those admitted first decode while the others prefill. Exact mode, 100-token prompts, 128-token answers, closed loop
 # (AMX Xeon, 2 cores), budget 2048 / 1024 / 512 / 256: TTFT p50 at 16 clients 753 / 532 / 386 / 305 ms, at 32 1302 /
 # 738 / 470 / 434 ms; output tok/s 408 / 427 / 424 / 427 and 506 / 515 / 511 / 474 (at 256 the decodes crowd out the
-# prompts).
+# prompts). Two more runs of 2048 / 512 alternated: TTFT 853, 769 / 479, 673 ms at 16 clients, 1282, 1260 / 672, 796
+# at 32; tok/s 444, 419 / 428, 408 and 505, 506 / 522, 492.
 CPU_STEP_TOKENS = 512
 GPU_STEP_TOKENS = 2048
 # Beside decodes a prompt's chunk does at most half a step's work (Scheduler.prefill_beside_decodes), of a step of at
