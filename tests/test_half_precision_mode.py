@@ -122,7 +122,8 @@ def test_a_gguf_model_in_bfloat16_mode_stays_within_its_bound_of_exact_mode():
     del exact
     llm = LLM(None, dtype="bfloat16", kv_cache_memory=64 << 20)
     head, table = llm.engine.runner.model.lm_head, kernels()
-    assert (table.gguf_matmul(head, 80) is table.ops.gguf_linear_rounded) == bool(table.tile_types)
+    rounded = table.ops is not None and table.gguf_matmul(head, 80) is table.ops.gguf_linear_rounded
+    assert rounded == bool(table.tile_types)  # (without the kernels: plain PyTorch, exact on the blocks' values)
     agreement, error = agreement_and_error(scores(llm, sequences, start), want)
     print(f"GGUF in bfloat16 mode: top-1 agreement {agreement:.3f}, max logprob error {error:.3f} vs exact mode")
     min_agreement, max_error = BOUNDS["bfloat16"]
