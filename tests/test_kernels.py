@@ -88,10 +88,15 @@ def test_gguf_linear_of_batches_and_prompts(ops, qtype, blocks_a_row, rows):
     assert ((got - want).abs() <= 4e-7 * magnitude + 1e-6).all()  # (eps 6e-8 x ~log2(K) roundings)
 
 
+def kernel_table(ops) -> dispatch.KernelTable:
+    """The kernel table of the build `ops` (one of this CPU's variants)."""
+    variant = next(v for v in dispatch.VARIANTS if not dispatch.missing_features(v) and dispatch.build(v) is ops)
+    return dispatch.KernelTable(variant, ops)
+
+
 def test_the_tile_types_are_served_at_any_row_count(ops):
     """Where the build multiplies a type on tiles, no row count sends its matmuls to dequantize + a dense GEMM."""
-    variant = next(v for v in dispatch.VARIANTS if not dispatch.missing_features(v) and dispatch.build(v) is ops)
-    table = dispatch.KernelTable(variant, ops)
+    table = kernel_table(ops)
     layer = nn.Module()
     layer.int8_activations, layer.bf16_packed = False, None
     for qtype in (1, 2, 3, 6, 7, 8, 12, 13, 14, 30):
@@ -131,8 +136,7 @@ def test_the_rounded_mode_takes_the_tiles_where_they_beat_the_gemm(ops):
     """--dtype bfloat16 where the build has tiles: gguf_linear_rounded for GGUF blocks at any rows, for BF16 rows up
     to 64 (the tiles from 12, the exact row kernel below), oneDNN's packed GEMM beyond; without tiles the GEMM from 8
     rows, the exact kernels below."""
-    variant = next(v for v in dispatch.VARIANTS if not dispatch.missing_features(v) and dispatch.build(v) is ops)
-    table = dispatch.KernelTable(variant, ops)
+    table = kernel_table(ops)
     tiles = bool(table.tile_types)
     bf16_rows, q4_1 = nn.Module(), nn.Module()
     bf16_rows.gguf_parts = [((), 30)]

@@ -86,10 +86,6 @@ class ReasoningSpan:
 # at 32; tok/s 444, 419 / 428, 408 and 505, 506 / 522, 492.
 CPU_STEP_TOKENS = 512
 GPU_STEP_TOKENS = 2048
-# Beside decodes a prompt's chunk does at most half a step's work (Scheduler.prefill_beside_decodes), of a step of at
-# least GPU_STEP_TOKENS: a CPU's smaller steps split a burst of prompts, not a long prompt's chunks beside a stream
-# into smaller ones than before (benchmarks/long_prompt.py).
-PREFILL_BESIDE_DECODES_MIN = GPU_STEP_TOKENS // 2
 
 # Prompt rows' attention does this share of the arithmetic a second per core that their matmuls do (CPU kernels, AMD
 # EPYC Zen 3, the embedded model: a 512-token chunk costs 1.7 ms a token at the start of a prompt, 1.25 ms more a
@@ -146,7 +142,9 @@ class LLMEngine:
             CPU_STEP_TOKENS if self.runner.device.type == "cpu" else GPU_STEP_TOKENS)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget,
                                    config.enable_chunked_prefill, self.structured_output.can_sample,
-                                   prefill_beside_decodes=max(budget // 2, PREFILL_BESIDE_DECODES_MIN),
+                                   # (half a step's work, of a step of GPU_STEP_TOKENS at least: a CPU's smaller
+                                   # steps split a burst of prompts, not a long prompt's chunks beside a stream)
+                                   prefill_beside_decodes=max(budget, GPU_STEP_TOKENS) // 2,
                                    context_cost=attention_context_cost(self.hf_config))
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.speculation = config.speculative_config

@@ -300,11 +300,17 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
 constexpr int64_t CHUNK_TILES = 8;
 
 // Parts 3: exact mode; 1: x rounded to bf16 (from MIN_ROWS rows; below, the exact row kernel serves either).
-template <QType T, Layout L = Layout::Rows, int Parts = 3>
+template <QType T, Layout L, int Parts>
 void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   if (M < MIN_ROWS) return avx512::linear_impl<T, L>(x, w, y, M, K, N);
   for (int64_t m0 = 0; m0 < M; m0 += 16 * CHUNK_TILES)
     chunk_linear<T, L, Parts>(x + m0 * K, w, y + m0 * N, std::min(M - m0, 16 * CHUNK_TILES), K, N);
+}
+
+// The tiles' kernel for type T in layout L: x exactly (three parts), or `rounded` to bf16 (one).
+template <QType T, Layout L>
+LinearImpl kernel(bool rounded) {
+  return rounded ? &linear_impl<T, L, 1> : &linear_impl<T, L, 3>;
 }
 
 }  // namespace slipstream::amx

@@ -418,10 +418,9 @@ BlockLinear gguf_linear_kernel(const at::Tensor& qs, const at::Tensor& scales, c
 #ifdef __AMX_BF16__
         if (amx::tiles_permitted()) {  // (rounded: x as one bf16 part, not three)
           if constexpr (amx::takes<T, Layout::HighBitRows>())
-            if (layout == Layout::HighBitRows)
-              return rounded ? &amx::linear_impl<T, Layout::HighBitRows, 1> : &amx::linear_impl<T, Layout::HighBitRows>;
+            if (layout == Layout::HighBitRows) return amx::kernel<T, Layout::HighBitRows>(rounded);
           if constexpr (amx::takes<T, Layout::Rows>())
-            if (layout == Layout::Rows) return rounded ? &amx::linear_impl<T, Layout::Rows, 1> : &amx::linear_impl<T>;
+            if (layout == Layout::Rows) return amx::kernel<T, Layout::Rows>(rounded);
         }
 #endif
         if constexpr (high_bit_planes(T) == 1)
