@@ -248,30 +248,36 @@ def test_paged_attention_matches_sdpa(ops, dim, cache_dtype, heads, kv_heads):
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
-def test_a_query_rows_attention_is_the_same_in_any_batch(ops, cache_dtype):
-    """A prompt chunk's rows attend through one block table (a stride-0 view, lengths 1..n), bitwise as each row
-    alone or among other sequences' rows: the kernel's arithmetic for a row does not depend on its batch."""
+@pytest.mark.parametrize("start", [0, 150])  # a prompt's first chunk, and one after 150 cached tokens
+def test_a_query_rows_attention_is_the_same_in_any_batch(ops, cache_dtype, start):
+    """A prompt chunk's rows attend through one block table (a stride-0 view, lengths start + 1 .. start + n), bitwise
+    as each row alone or among other sequences' rows: the kernel's arithmetic for a row does not depend on its batch.
+    (The kernel takes such rows in tiles that share each key and value: 37 rows are tiles of 16, 16 and 5, and rows
+    past 64 tokens hold their value sums between spans of tokens.)"""
     torch.manual_seed(7)
-    block_size, num_blocks, heads, kv_heads, dim = 4, 24, 9, 3, 64
+    block_size, num_blocks, heads, kv_heads, dim = 4, 64, 9, 3, 64
     k_cache = kv_cache.encode(torch.randn(num_blocks, kv_heads, block_size, dim), cache_dtype)
     v_cache = kv_cache.encode(torch.randn(num_blocks, kv_heads, block_size, dim), cache_dtype)
-    table = torch.randperm(num_blocks)[:10]
     n = 37
+    table = torch.randperm(num_blocks)[: -(-(start + n) // block_size)]
     q = torch.randn(n, heads, dim)
-    lens = torch.arange(1, n + 1)
+    lens = torch.arange(start + 1, start + n + 1)
     chunk = ops.paged_attention(q, k_cache, v_cache, table.unsqueeze(0).expand(n, -1), lens, dim**-0.5)
-    for i in (0, 5, 17, 36):
+    for i in (0, 5, 15, 16, 17, 36):
         alone = ops.paged_attention(q[i : i + 1], k_cache, v_cache, table.unsqueeze(0), lens[i : i + 1], dim**-0.5)
         assert torch.equal(chunk[i], alone[0])
-    others = torch.stack([torch.randperm(num_blocks)[:10] for _ in range(8)])
-    mixed = ops.paged_attention(torch.cat([torch.randn(8, heads, dim), q[20:21]]), k_cache, v_cache,
-                                torch.cat([others, table.unsqueeze(0)]),
-                                torch.cat([torch.randint(1, 40, (8,)), lens[20:21]]), dim**-0.5)
-    assert torch.equal(mixed[8], chunk[20])
-    k = kv_cache.gather(k_cache, table, torch.float32)[:, :n]
-    v = kv_cache.gather(v_cache, table, torch.float32)[:, :n]
+    # Among 8 decode rows and another chunk's rows, the tables side by side (not one stride-0 view)
+    others = torch.stack([torch.randperm(num_blocks)[: table.numel()] for _ in range(9)])
+    other_lens = torch.cat([torch.randint(1, start + 40, (8,)), torch.arange(start + 1, start + 21)])
+    mixed = ops.paged_attention(torch.cat([torch.randn(28, heads, dim), q[10:30]]), k_cache, v_cache,
+                                torch.cat([others[:8], others[8:].expand(20, -1), table.expand(20, -1)]),
+                                torch.cat([other_lens, lens[10:30]]), dim**-0.5)
+    assert torch.equal(mixed[28:], chunk[10:30])
+    k = kv_cache.gather(k_cache, table, torch.float32)[:, : start + n]
+    v = kv_cache.gather(v_cache, table, torch.float32)[:, : start + n]
     queries = kv_cache.round_queries(q) if cache_dtype == torch.int8 else q
-    want = F.scaled_dot_product_attention(queries.transpose(0, 1), k, v, is_causal=True, enable_gqa=True)
+    causal = torch.arange(start + n) < lens.unsqueeze(1)
+    want = F.scaled_dot_product_attention(queries.transpose(0, 1), k, v, attn_mask=causal, enable_gqa=True)
     torch.testing.assert_close(chunk, want.transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 

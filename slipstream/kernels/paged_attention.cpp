@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -90,16 +91,55 @@ constexpr int MAX_PACK = 3;  // heads a task takes together
 // (The loops over heads, keys and dimensions below are unrolled by pragma: left to GCC, the nested loops stayed
 // rolled and the accumulator arrays in memory, every update a store and a reload.)
 
-// The T keys of the tile at t0 (the last one repeated past L) into k; keys 4 x PREFETCH ahead asked for, and the next
-// group's stream stepped.
+// Query rows that attend through one block table to lengths one apart (a prompt chunk's rows) go in tiles of up to
+// TILE_ROWS: each key and value row is read once for the tile (from DRAM or L3: a long prompt's keys outgrow L2) and
+// reused from L1 by every row that reaches it, where each row alone read them all. A row's arithmetic is the same in
+// a tile of any size (the same tiles of keys from token 0, each lane's sum over tokens in order): results stay
+// independent of the batch.
+constexpr int64_t TILE_ROWS = 16;
+// A row's value sums take this many tokens before the tile's next row takes them (the rows' accumulators wait in
+// `out`; a lone row takes all its tokens at once).
+constexpr int64_t VALUE_SPAN = 64;
+
+// A task's query rows: lengths ascending, one apart (the last row the longest).
+struct TaskRows {
+  int64_t n = 0;
+  const float* q[TILE_ROWS];  // P rows of D each
+  float* out[TILE_ROWS];
+  int64_t len[TILE_ROWS];
+  int64_t longest() const { return len[n - 1]; }
+};
+
+// The T keys of the tile at t0 (the last one repeated past L) into k.
 template <int T, typename C>
-[[gnu::always_inline]] inline void tile_keys(const C* keys, const int64_t* rows, int64_t t0, int64_t L, int64_t width,
-                                             const C* (&k)[T], AheadStream<C>& ahead) {
+[[gnu::always_inline]] inline void tile_keys(const C* keys, const int64_t* rows, int64_t t0, int64_t L,
+                                             const C* (&k)[T]) {
   const int64_t n = std::min<int64_t>(T, L - t0);
   #pragma GCC unroll 8
   for (int j = 0; j < T; ++j) k[j] = keys + rows[t0 + std::min<int64_t>(j, n - 1)];
-  for (int64_t j = t0 + 4 * PREFETCH; j < std::min(L, t0 + 4 * PREFETCH + T); ++j) prefetch_row(keys + rows[j], width);
-  if (t0 % 8 == 0) ahead.step();
+}
+
+// tile(r, k, t0) for each tile of T keys from token 0 and each of the task's rows that reaches it, k the tile's keys
+// for that row; the keys 4 x PREFETCH ahead of the longest row asked for, and the next group's stream stepped.
+template <int T, typename C, typename Tile>
+[[gnu::always_inline]] inline void for_key_tiles(const TaskRows& task, const C* keys, const int64_t* rows,
+                                                 int64_t width, AheadStream<C>& ahead, Tile&& tile) {
+  const int64_t L = task.longest();
+  for (int64_t t0 = 0; t0 < L; t0 += T) {
+    const C* k[T];
+    tile_keys(keys, rows, t0, L, k);
+    for (int64_t j = t0 + 4 * PREFETCH; j < std::min(L, t0 + 4 * PREFETCH + T); ++j) prefetch_row(keys + rows[j], width);
+    if (t0 % 8 == 0) ahead.step();
+    for (int64_t r = 0; r < task.n; ++r) {
+      if (task.len[r] >= t0 + T || r == task.n - 1) {
+        tile(r, k, t0);
+      } else if (task.len[r] > t0) {  // a shorter row's last tile
+        const C* mine[T];
+        tile_keys(keys, rows, t0, task.len[r], mine);
+        tile(r, mine, t0);
+      }
+    }
+  }
 }
 
 // The P rows of scores past L, up to a multiple of 8, -> -inf (no weight in the softmax).
@@ -109,17 +149,16 @@ inline void pad_scores(float* const* scores, int64_t L) {
   for (int g = 0; g < P; ++g) std::fill(scores[g] + L, scores[g] + (L + 7) / 8 * 8, pad);
 }
 
-// Scores of P queries (`q`, rows of D) against L keys (row offsets `rows` into `keys`), T keys at a time so T x P
-// independent FMA chains run and one horizontal reduction serves T keys. Each of `scores` has room for L rounded
-// up to 8; the padding gets -inf.
+// Scores of each row's P queries (rows of D) against its keys (row offsets `rows` into `keys`), T keys at a time so
+// T x P independent FMA chains run and one horizontal reduction serves T keys. scores[r * P + g] has room for the
+// row's length rounded up to 8; the padding gets -inf.
 template <int P, typename C>
-void key_scores(const float* q, const C* keys, const int64_t* rows, int64_t L, int64_t D, float scale,
+void key_scores(const TaskRows& task, const C* keys, const int64_t* rows, int64_t D, float scale,
                 float* const* scores, AheadStream<C>& ahead) {
   constexpr int T = P == 1 || WIDE_REGISTERS ? 8 : 4;
   const __m256 sv = _mm256_set1_ps(scale);
-  for (int64_t t0 = 0; t0 < L; t0 += T) {
-    const C* k[T];
-    tile_keys(keys, rows, t0, L, D, k, ahead);
+  for_key_tiles<T>(task, keys, rows, D, ahead, [&](int64_t r, const C* const (&k)[T], int64_t t0) {
+    const float* q = task.q[r];
     __m256 acc[P][T];
     #pragma GCC unroll 8
     for (int g = 0; g < P; ++g)
@@ -138,11 +177,12 @@ void key_scores(const float* q, const C* keys, const int64_t* rows, int64_t L, i
     }
     #pragma GCC unroll 8
     for (int g = 0; g < P; ++g) {
-      if constexpr (T == 8) _mm256_storeu_ps(scores[g] + t0, _mm256_mul_ps(slipstream::hsum8(acc[g]), sv));
-      else _mm_storeu_ps(scores[g] + t0, _mm_mul_ps(slipstream::hsum4(acc[g]), _mm256_castps256_ps128(sv)));
+      float* s = scores[r * P + g] + t0;
+      if constexpr (T == 8) _mm256_storeu_ps(s, _mm256_mul_ps(slipstream::hsum8(acc[g]), sv));
+      else _mm_storeu_ps(s, _mm_mul_ps(slipstream::hsum4(acc[g]), _mm256_castps256_ps128(sv)));
     }
-  }
-  pad_scores<P>(scores, L);
+  });
+  for (int64_t r = 0; r < task.n; ++r) pad_scores<P>(scores + r * P, task.len[r]);
 }
 
 // key_scores for int8 keys (D a multiple of 32: KernelTable.cache_fits), in integers: the queries rounded to int8
@@ -153,21 +193,23 @@ void key_scores(const float* q, const C* keys, const int64_t* rows, int64_t L, i
 // (benchmarks/decode_attention.py: 30 layers, batch 8 / 32, 164-200 tokens, cold; AMD EPYC Zen 4); hot 0.9-1.0x
 // (its values' conversion to float32).
 template <int P>
-void int8_key_scores(const float* q, const int8_t* keys, const int64_t* rows, int64_t L, int64_t D, float scale,
+void int8_key_scores(const TaskRows& task, const int8_t* keys, const int64_t* rows, int64_t D, float scale,
                      float* const* scores, AheadStream<int8_t>& ahead, std::vector<int8_t>& scratch) {
   constexpr int T = P == 1 || WIDE_REGISTERS ? 8 : 4;
-  scratch.resize(2 * P * D);
-  int8_t* q8 = scratch.data();  // P rows of D: the queries rounded to int8
-  int8_t* magnitudes = q8 + P * D;  // |q8|, read as unsigned bytes
-  float q_scales[P];
-  for (int g = 0; g < P; ++g) {
-    q_scales[g] = slipstream::round_to_int8(q + g * D, D, q8 + g * D) * scale;
-    for (int64_t d = 0; d < D; ++d) magnitudes[g * D + d] = static_cast<int8_t>(std::abs(q8[g * D + d]));
+  scratch.resize(task.n * 2 * P * D);  // a row's P rows of D rounded to int8, then their magnitudes
+  float q_scales[TILE_ROWS][P];
+  for (int64_t r = 0; r < task.n; ++r) {
+    int8_t* q8 = scratch.data() + r * 2 * P * D;
+    for (int g = 0; g < P; ++g) {
+      q_scales[r][g] = slipstream::round_to_int8(task.q[r] + g * D, D, q8 + g * D) * scale;
+      for (int64_t d = 0; d < D; ++d) q8[(P + g) * D + d] = static_cast<int8_t>(std::abs(q8[g * D + d]));
+    }
   }
   const auto at = [](const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
-  for (int64_t t0 = 0; t0 < L; t0 += T) {
-    const int8_t* k[T];
-    tile_keys(keys, rows, t0, L, row_width<int8_t>(D), k, ahead);
+  for_key_tiles<T>(task, keys, rows, row_width<int8_t>(D), ahead, [&](int64_t r, const int8_t* const (&k)[T],
+                                                                      int64_t t0) {
+    const int8_t* q8 = scratch.data() + r * 2 * P * D;
+    const int8_t* magnitudes = q8 + P * D;  // |q8|, read as unsigned bytes
     __m256i acc[P][T];
     #pragma GCC unroll 8
     for (int g = 0; g < P; ++g)
@@ -193,12 +235,13 @@ void int8_key_scores(const float* q, const int8_t* keys, const int64_t* rows, in
       __m256 sums[T];  // (exact: a lane's sum is below 2^24 for D < 1040)
       #pragma GCC unroll 8
       for (int j = 0; j < T; ++j) sums[j] = _mm256_cvtepi32_ps(acc[g][j]);
-      const __m256 scale_t = _mm256_mul_ps(_mm256_set1_ps(q_scales[g]), key_scale);
-      if constexpr (T == 8) _mm256_storeu_ps(scores[g] + t0, _mm256_mul_ps(slipstream::hsum8(sums), scale_t));
-      else _mm_storeu_ps(scores[g] + t0, _mm_mul_ps(slipstream::hsum4(sums), _mm256_castps256_ps128(scale_t)));
+      const __m256 scale_t = _mm256_mul_ps(_mm256_set1_ps(q_scales[r][g]), key_scale);
+      float* s = scores[r * P + g] + t0;
+      if constexpr (T == 8) _mm256_storeu_ps(s, _mm256_mul_ps(slipstream::hsum8(sums), scale_t));
+      else _mm_storeu_ps(s, _mm_mul_ps(slipstream::hsum4(sums), _mm256_castps256_ps128(scale_t)));
     }
-  }
-  pad_scores<P>(scores, L);
+  });
+  for (int64_t r = 0; r < task.n; ++r) pad_scores<P>(scores + r * P, task.len[r]);
 }
 
 // scores -> softmax probabilities in place (padding -> 0); returns nothing, L >= 1.
@@ -221,86 +264,116 @@ void softmax(float* s, int64_t L) {
   for (int64_t t = 0; t < padded; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), inv));
 }
 
-// out[g * D + d0 : ... + 8 * NV] = sum_t p[g][t] * values[rows[t] + d0 : ...] for the P heads. NV is a compile-time
-// count so the accumulators stay in registers (with a runtime count GCC kept them on the stack, and every token's
-// update waited on a store and a reload: 20 % of the kernel at batch 32). Only the first part of a row steps the
-// AheadStream (which counts on one pass over the tokens).
+// out[g * D + d0 : ... + 8 * NV] = sum_t p[g][t] * values[rows[t] + d0 : ...] for each row's P heads (p[r * P + g]),
+// VALUE_SPAN tokens a row at a time (the accumulators wait in out between). NV is a compile-time count so the
+// accumulators stay in registers (with a runtime count GCC kept them on the stack, and every token's update waited
+// on a store and a reload: 20 % of the kernel at batch 32). The first row asks for values ahead, and its first part
+// of a row steps the AheadStream (which counts on one pass over the tokens).
 template <int P, int NV, typename C>
-void weighted_values_part(float* const* p, const C* values, const int64_t* rows, int64_t L, int64_t D, int64_t d0,
-                          float* out, AheadStream<C>& ahead) {
-  __m256 acc[P][NV];
-  #pragma GCC unroll 8
-  for (int g = 0; g < P; ++g)
-    #pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) acc[g][i] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < L; ++t) {
-    __m256 pt[P];
-    #pragma GCC unroll 8
-    for (int g = 0; g < P; ++g) pt[g] = _mm256_broadcast_ss(p[g] + t);
-    const C* v = values + rows[t] + d0;
-    if (t + 2 * PREFETCH < L) prefetch_row(values + rows[t + 2 * PREFETCH] + d0, 8 * NV);
-    if (d0 == 0 && t % 8 == 0) ahead.step();
-    #pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) {
-      const __m256 vv = load8(v + 8 * i);
+void weighted_values_part(const TaskRows& task, float* const* p, const C* values, const int64_t* rows, int64_t D,
+                          int64_t d0, AheadStream<C>& ahead) {
+  const int64_t L = task.longest(), span = task.n == 1 ? L : VALUE_SPAN;
+  for (int64_t t_begin = 0; t_begin < L; t_begin += span)
+    for (int64_t r = 0; r < task.n; ++r) {
+      const int64_t t_end = std::min(task.len[r], t_begin + span);
+      if (t_begin >= t_end) continue;  // (a row past its length: its sums are in out already)
+      const bool lead = r == 0;
+      float* out = task.out[r] + d0;
+      __m256 acc[P][NV];
       #pragma GCC unroll 8
-      for (int g = 0; g < P; ++g) acc[g][i] = _mm256_fmadd_ps(pt[g], vv, acc[g][i]);
+      for (int g = 0; g < P; ++g)
+        #pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) acc[g][i] = t_begin ? _mm256_loadu_ps(out + g * D + 8 * i) : _mm256_setzero_ps();
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        __m256 pt[P];
+        #pragma GCC unroll 8
+        for (int g = 0; g < P; ++g) pt[g] = _mm256_broadcast_ss(p[r * P + g] + t);
+        const C* v = values + rows[t] + d0;
+        if (lead) {
+          if (t + 2 * PREFETCH < L) prefetch_row(values + rows[t + 2 * PREFETCH] + d0, 8 * NV);
+          if (d0 == 0 && t % 8 == 0) ahead.step();
+        }
+        #pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) {
+          const __m256 vv = load8(v + 8 * i);
+          #pragma GCC unroll 8
+          for (int g = 0; g < P; ++g) acc[g][i] = _mm256_fmadd_ps(pt[g], vv, acc[g][i]);
+        }
+      }
+      #pragma GCC unroll 8
+      for (int g = 0; g < P; ++g)
+        #pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + g * D + 8 * i, acc[g][i]);
     }
-  }
-  #pragma GCC unroll 8
-  for (int g = 0; g < P; ++g)
-    #pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + g * D + d0 + 8 * i, acc[g][i]);
 }
 
-// out[g * D : (g + 1) * D] = sum_t p[g][t] * values[rows[t]]: 64 dimensions at a time (32 for several heads
-// without AVX-512's registers), then 32, 16, 8.
+// Each row's out[g * D : (g + 1) * D] = sum_t p[r * P + g][t] * values[rows[t]]: 64 dimensions at a time (32 for
+// several heads without AVX-512's registers), then 32, 16, 8.
 template <int P, typename C>
-void weighted_values(float* const* p, const C* values, const int64_t* rows, int64_t L, int64_t D, float* out,
+void weighted_values(const TaskRows& task, float* const* p, const C* values, const int64_t* rows, int64_t D,
                      AheadStream<C>& ahead) {
   constexpr int WIDEST = P == 1 || WIDE_REGISTERS ? 8 : 4;
   int64_t d0 = 0;
-  for (; d0 + 8 * WIDEST <= D; d0 += 8 * WIDEST) weighted_values_part<P, WIDEST>(p, values, rows, L, D, d0, out, ahead);
-  if (WIDEST > 4 && D - d0 >= 32) weighted_values_part<P, 4>(p, values, rows, L, D, d0, out, ahead), d0 += 32;
-  if (D - d0 >= 16) weighted_values_part<P, 2>(p, values, rows, L, D, d0, out, ahead), d0 += 16;
-  if (D - d0 >= 8) weighted_values_part<P, 1>(p, values, rows, L, D, d0, out, ahead);
+  for (; d0 + 8 * WIDEST <= D; d0 += 8 * WIDEST) weighted_values_part<P, WIDEST>(task, p, values, rows, D, d0, ahead);
+  if (WIDEST > 4 && D - d0 >= 32) weighted_values_part<P, 4>(task, p, values, rows, D, d0, ahead), d0 += 32;
+  if (D - d0 >= 16) weighted_values_part<P, 2>(task, p, values, rows, D, d0, ahead), d0 += 16;
+  if (D - d0 >= 8) weighted_values_part<P, 1>(task, p, values, rows, D, d0, ahead);
 }
 
-// P heads of one KV head: queries `q` (P rows of D), their outputs `out`.
+// P heads of one KV head for each of the task's rows (q and out at each row's first head).
 template <int P, typename C>
-void attend(const float* q, const C* keys, const C* values, const int64_t* rows, int64_t L, int64_t D, float scale,
-            std::vector<float>& scores, std::vector<int8_t>& scratch, float* out, AheadStream<C>& ahead) {
-  const int64_t padded = (L + 7) / 8 * 8;
-  scores.resize(P * padded);
-  float* s[P];
-  for (int g = 0; g < P; ++g) s[g] = scores.data() + g * padded;
-  if constexpr (SCALED<C>) int8_key_scores<P>(q, keys, rows, L, D, scale, s, ahead, scratch);
-  else key_scores<P>(q, keys, rows, L, D, scale, s, ahead);
-  for (int g = 0; g < P; ++g) softmax(s[g], L);
-  if constexpr (SCALED<C>)
-    for (int64_t t = 0; t < L; ++t) {
-      const float scale_t = slipstream::int8_row_scale(values + rows[t], D);
-      for (int g = 0; g < P; ++g) s[g][t] *= scale_t;
-    }
-  weighted_values<P>(s, values, rows, L, D, out, ahead);
+void attend(const TaskRows& task, const C* keys, const C* values, const int64_t* rows, int64_t D, float scale,
+            std::vector<float>& scores, std::vector<int8_t>& scratch, AheadStream<C>& ahead) {
+  const int64_t padded = (task.longest() + 7) / 8 * 8;
+  scores.resize(task.n * P * padded);
+  float* s[TILE_ROWS * P];
+  for (int64_t i = 0; i < task.n * P; ++i) s[i] = scores.data() + i * padded;
+  if constexpr (SCALED<C>) int8_key_scores<P>(task, keys, rows, D, scale, s, ahead, scratch);
+  else key_scores<P>(task, keys, rows, D, scale, s, ahead);
+  for (int64_t r = 0; r < task.n; ++r) {
+    for (int g = 0; g < P; ++g) softmax(s[r * P + g], task.len[r]);
+    if constexpr (SCALED<C>)
+      for (int64_t t = 0; t < task.len[r]; ++t) {
+        const float scale_t = slipstream::int8_row_scale(values + rows[t], D);
+        for (int g = 0; g < P; ++g) s[r * P + g][t] *= scale_t;
+      }
+  }
+  weighted_values<P>(task, s, values, rows, D, ahead);
 }
 
-// Cache element C: float, at::Half or int8_t. A task is a pack of up to MAX_PACK heads of a (sequence, KV head) group
-// when there are two groups or more a thread, one head otherwise (batch 1: 3 groups for 2 threads). (From four a
-// thread before: two query rows, 6 groups for 2 threads, then took one head a task and converted each key and value
-// row three times; in packs, 16-21 % faster hot at 300 tokens, a w4a8 step at batch 2 1.04x, AMD EPYC Zen 4. A head's
-// arithmetic is the same in a pack as alone.)
+// Cache element C: float, at::Half or int8_t. Rows go in tiles (TILE_ROWS); a task is a pack of up to MAX_PACK heads
+// of a (tile, KV head) group when there are two groups or more a thread, one head otherwise (batch 1: 3 groups for 2
+// threads). (From four a thread before: two query rows, 6 groups for 2 threads, then took one head a task and
+// converted each key and value row three times; in packs, 16-21 % faster hot at 300 tokens, a w4a8 step at batch 2
+// 1.04x, AMD EPYC Zen 4. A head's arithmetic is the same in a pack as alone.)
 template <typename C>
 void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_t* bt, const int64_t* lens, float* op,
             int64_t B, int64_t H, int64_t D, int64_t bs, int64_t Hkv, int64_t W, float scale) {
-  const int64_t G = H / Hkv;
-  const int64_t packs = B * Hkv >= 2 * at::get_num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
-  const int64_t pack_size = (G + packs - 1) / packs, width = row_width<C>(D), tasks = B * Hkv * packs;
-  // Each thread takes a run of tasks with its share of the work (a task costs its context length and a fixed part),
-  // not of the tasks: a prompt's rows attend to 1, 2, ... n tokens, and an even split of them left one thread 3/4 of
-  // the work.
+  // Tiles: (first row, rows), a row joining the last tile where it attends through the same table one token further.
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t b = 0; b < B; ++b) {
+    if (!tiles.empty()) {
+      auto& [first, n] = tiles.back();
+      const int64_t last = first + n - 1;
+      if (n < TILE_ROWS && lens[b] == lens[last] + 1 &&
+          (W == 0 || std::equal(bt + b * W, bt + b * W + (lens[b] + bs - 1) / bs, bt + last * W))) {
+        ++n;
+        continue;
+      }
+    }
+    tiles.emplace_back(b, 1);
+  }
+  const int64_t num_tiles = static_cast<int64_t>(tiles.size()), G = H / Hkv;
+  const int64_t packs = num_tiles * Hkv >= 2 * at::get_num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
+  const int64_t pack_size = (G + packs - 1) / packs, width = row_width<C>(D), tasks = num_tiles * Hkv * packs;
+  // Each thread takes a run of tasks with its share of the work (a task costs its rows' context lengths and a fixed
+  // part), not of the tasks: a prompt's rows attend to 1, 2, ... n tokens, and an even split of them left one thread
+  // 3/4 of the work.
   std::vector<int64_t> work_before(tasks + 1, 0);  // the cost of tasks [0, i)
-  for (int64_t task = 0; task < tasks; ++task) work_before[task + 1] = work_before[task] + lens[task / packs / Hkv] + 16;
+  for (int64_t task = 0; task < tasks; ++task) {
+    const auto [first, n] = tiles[task / packs / Hkv];
+    work_before[task + 1] = work_before[task] + std::accumulate(lens + first, lens + first + n, int64_t{0}) + 16 * n;
+  }
   const int64_t shares = std::min<int64_t>(at::get_num_threads(), tasks);
   auto share_start = [&](int64_t i) {
     return std::lower_bound(work_before.begin(), work_before.end(), work_before[tasks] * i / shares) -
@@ -312,29 +385,38 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
     std::vector<float> scores;
     std::vector<int8_t> scratch;
     std::vector<int64_t> rows;
-    // The row offsets of (sequence, KV head) `group`'s tokens.
+    // The row offsets of (tile, KV head) `group`'s tokens (its longest row's).
     auto group_rows = [&](int64_t group, std::vector<int64_t>& out) {
-      const int64_t b = group / Hkv, kvh = group % Hkv, L = lens[b];
+      const auto [first, n] = tiles[group / Hkv];
+      const int64_t b = first + n - 1, kvh = group % Hkv, L = lens[b];
       out.resize(L);
       for (int64_t t = 0, j = 0; t < L; ++j)  // block by block: no division per token
-        for (int64_t first = (bt[b * W + j] * Hkv + kvh) * bs, o = 0; o < bs && t < L; ++o, ++t)
-          out[t] = (first + o) * width;
+        for (int64_t first_slot = (bt[b * W + j] * Hkv + kvh) * bs, o = 0; o < bs && t < L; ++o, ++t)
+          out[t] = (first_slot + o) * width;
     };
     AheadStream<C> ahead{kp, vp, width};
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t group = task / packs, pack = task % packs, b = group / Hkv, L = lens[b];
+      const int64_t group = task / packs, pack = task % packs;
       if (task == begin || pack == 0) {  // a group's first task here: its rows, and the next group's
         if (task == begin) group_rows(group, rows);
         else rows.swap(ahead.rows);
         if ((group + 1) * packs < end) group_rows(group + 1, ahead.rows);
         else ahead.rows.clear();
       }
-      ahead.start_task(pack, packs, L);
-      const int64_t h0 = (group % Hkv) * G + pack * pack_size, first = (b * H + h0) * D, q_first = b * ldq + h0 * D;
+      const auto [first, n] = tiles[group / Hkv];
+      const int64_t h0 = (group % Hkv) * G + pack * pack_size;
+      TaskRows rows_of_task;
+      rows_of_task.n = n;
+      for (int64_t r = 0; r < n; ++r) {
+        rows_of_task.q[r] = qp + (first + r) * ldq + h0 * D;
+        rows_of_task.out[r] = op + ((first + r) * H + h0) * D;
+        rows_of_task.len[r] = lens[first + r];
+      }
+      ahead.start_task(pack, packs, rows_of_task.longest());
       switch (std::min(pack_size, G - pack * pack_size)) {
-        case 1: attend<1>(qp + q_first, kp, vp, rows.data(), L, D, scale, scores, scratch, op + first, ahead); break;
-        case 2: attend<2>(qp + q_first, kp, vp, rows.data(), L, D, scale, scores, scratch, op + first, ahead); break;
-        default: attend<3>(qp + q_first, kp, vp, rows.data(), L, D, scale, scores, scratch, op + first, ahead); break;
+        case 1: attend<1>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, ahead); break;
+        case 2: attend<2>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, ahead); break;
+        default: attend<3>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, ahead); break;
       }
     }
   });
