@@ -3,10 +3,13 @@ chunk costs by where it starts (the scheduler's measure of a chunk's work, llm_e
 
     .venv/bin/python benchmarks/long_prompt.py beside [--prompt-tokens 7000] [server flags...]
     .venv/bin/python benchmarks/long_prompt.py chunks [--chunk 512] [--prompt-tokens 8000]
+    .venv/bin/python benchmarks/long_prompt.py ttft --url http://127.0.0.1:8001 [--prompt-tokens 1000 4000 8000]
 
 `beside`: a real server; a streamed chat of 400 tokens starts, 3 s later a completion with a prompt of
 `--prompt-tokens` ids arrives; prints the prompt's time and the stream's gaps between tokens (p50 / p99 / max).
 `chunks`: the offline engine prefills one prompt in `--chunk`-token steps, each step timed.
+`ttft`: any OpenAI server already running at `--url` (slipstream, or a peer: `benchmarks/peers/vllm.sh serve 8001`)
+answers one token to prompts of random ids of each size alone; prints the best of two (no shared prefix to cache).
 """
 
 from __future__ import annotations
@@ -71,16 +74,32 @@ def chunks(chunk: int, prompt_tokens: int) -> None:
         print(f"chunk from {start:5d}: {seconds * 1000:6.0f} ms, {per_token_ms:.2f} ms a token")
 
 
+def ttft(url: str, sizes: list[int]) -> None:
+    model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+    for n in sizes:
+        seconds = []
+        for attempt in range(2):
+            rng = random.Random(n * 10 + attempt)
+            body = {"model": model, "prompt": [rng.randrange(1000, 40000) for _ in range(n)], "max_tokens": 1}
+            start = time.monotonic()
+            httpx.post(f"{url}/v1/completions", json=body, timeout=900).raise_for_status()
+            seconds.append(time.monotonic() - start)
+        print(f"{n}-token prompt: first token in {min(seconds):.2f} s ({n / min(seconds):.0f} prompt tokens/s)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["beside", "chunks"])
-    p.add_argument("--prompt-tokens", type=int, default=None)
+    p.add_argument("what", choices=["beside", "chunks", "ttft"])
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=None, help="(one size but for ttft)")
     p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="ttft: the server's base URL, without /v1")
     args, server_flags = p.parse_known_args()
     if args.what == "beside":
-        beside(args.prompt_tokens or 7000, server_flags)
+        beside(args.prompt_tokens[0] if args.prompt_tokens else 7000, server_flags)
+    elif args.what == "chunks":
+        chunks(args.chunk, args.prompt_tokens[0] if args.prompt_tokens else 8000)
     else:
-        chunks(args.chunk, args.prompt_tokens or 8000)
+        ttft(args.url, args.prompt_tokens or [1000, 4000, 8000])
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 // one block table, a stride-0 view) attends to the first `len` tokens of its block table, without gathering them
 // into a contiguous copy. Every row of every step and path takes this kernel on the CPU, its arithmetic independent
 // of the other rows (model/attention.py: what makes results independent of batch and prefix cache).
-// A task is a pack of query heads of one (sequence, KV head) group, which loads and converts each key and value
-// row once for the pack (one head a task when there are too few groups to share among the threads); the rows a
-// group shares stay in cache between its tasks. The cache holds float32, float16 (half the bytes to read: ~15 %
+// A task is a pack of query heads of one (tile of rows, KV head) group, which loads and converts each key and value
+// row once for the pack and the tile (one head a task when there are too few groups to share among the threads): a
+// decode row is a tile alone, a prompt chunk's rows go up to TILE_ROWS a tile. The rows a group shares stay in cache
+// between its tasks. The cache holds float32, float16 (half the bytes to read: ~15 %
 // faster at batch 32, where this kernel is a quarter of the step) or int8 rows with a scale each (model/kv_cache.py:
 // D + 4 bytes a row); the arithmetic is float32, but for an int8 cache's q . k (int8_key_scores).
 // Packs of SmolLM2's 3 heads against one head a task (AMD EPYC Zen 4, 2 threads, batch 32, 164-token contexts):
