@@ -151,8 +151,7 @@ inline void pad_scores(float* const* scores, int64_t L) {
 }
 
 // Scores of each row's P queries (rows of D) against its keys (row offsets `rows` into `keys`), T keys at a time so
-// T x P independent FMA chains run and one horizontal reduction serves T keys. scores[r * P + g] has room for the
-// row's length rounded up to 8; the padding gets -inf.
+// T x P independent FMA chains run and one horizontal reduction serves T keys, into scores[r * P + g].
 template <int P, typename C>
 void key_scores(const TaskRows& task, const C* keys, const int64_t* rows, int64_t D, float scale,
                 float* const* scores, AheadStream<C>& ahead) {
@@ -183,7 +182,6 @@ void key_scores(const TaskRows& task, const C* keys, const int64_t* rows, int64_
       else _mm_storeu_ps(s, _mm_mul_ps(slipstream::hsum4(acc[g]), _mm256_castps256_ps128(sv)));
     }
   });
-  for (int64_t r = 0; r < task.n; ++r) pad_scores<P>(scores + r * P, task.len[r]);
 }
 
 // key_scores for int8 keys (D a multiple of 32: KernelTable.cache_fits), in integers: the queries rounded to int8
@@ -242,7 +240,6 @@ void int8_key_scores(const TaskRows& task, const int8_t* keys, const int64_t* ro
       else _mm_storeu_ps(s, _mm_mul_ps(slipstream::hsum4(sums), _mm256_castps256_ps128(scale_t)));
     }
   });
-  for (int64_t r = 0; r < task.n; ++r) pad_scores<P>(scores + r * P, task.len[r]);
 }
 
 // scores -> softmax probabilities in place (padding -> 0); returns nothing, L >= 1.
@@ -332,6 +329,7 @@ void attend(const TaskRows& task, const C* keys, const C* values, const int64_t*
   if constexpr (SCALED<C>) int8_key_scores<P>(task, keys, rows, D, scale, s, ahead, scratch);
   else key_scores<P>(task, keys, rows, D, scale, s, ahead);
   for (int64_t r = 0; r < task.n; ++r) {
+    pad_scores<P>(s + r * P, task.len[r]);  // (the scores of a row's last tile past its length)
     for (int g = 0; g < P; ++g) softmax(s[r * P + g], task.len[r]);
     if constexpr (SCALED<C>)
       for (int64_t t = 0; t < task.len[r]; ++t) {
