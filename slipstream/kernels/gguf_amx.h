@@ -45,44 +45,6 @@ constexpr bool takes() {
 // 1.50x; at 32 rows the embedded model's matmuls in a step 1.74x, in isolation 2.2-2.7x.)
 constexpr int64_t MIN_ROWS = 12;
 
-// Eight tiles of 16 rows of 64 bytes (SLIPSTREAM_TILE_PRODUCTS says which holds what).
-inline void configure_tiles() {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) config.tile(t, 16, 64);
-  config.load();
-}
-
-// Transposes 16 rows of 16 dwords in place.
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // u[4i + j], lane L: rows 4i..4i+3 of column 4L + j
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512i a0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88), a1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
-    const __m512i b0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88),
-                  b1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
-    r[j] = _mm512_shuffle_i32x4(a0, b0, 0x88);
-    r[j + 8] = _mm512_shuffle_i32x4(a0, b0, 0xdd);
-    r[j + 4] = _mm512_shuffle_i32x4(a1, b1, 0x88);
-    r[j + 12] = _mm512_shuffle_i32x4(a1, b1, 0xdd);
-  }
-}
-
-inline __m512 bf16_low_as_float(__m512i words) {  // words 0..15 as floats
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(words)), 16));
-}
-inline __m512 bf16_high_as_float(__m512i words) {  // words 16..31 as floats
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1)), 16));
-}
-
 // x's activation rows as the B tiles take them: for tile j of 16 rows and block b, Parts parts of 16 rows (pairs of
 // k) x 16 activation rows' dwords, at ((j * nb + b) * Parts + part) * 512 words; rows beyond M are zero. Three parts
 // are x exactly (exact mode); one is x rounded to bf16 (`gguf_linear_rounded`: --dtype bfloat16). And each block's
@@ -109,13 +71,10 @@ SplitX split_x(const float* x, int64_t M, int64_t K) {
         }
         const float* xb = x + m * K + b * QK;
         const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+        __m512i words[Parts];
         __m512 r0 = x0, r1 = x1;
-        for (auto& part : rows) {  // the part nearest what is left, then what is left (exact: a float32 difference)
-          const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(r1, r0);
-          part[i] = words;
-          r0 = _mm512_sub_ps(r0, bf16_low_as_float(words));
-          r1 = _mm512_sub_ps(r1, bf16_high_as_float(words));
-        }
+        split_parts(r0, r1, words);
+        for (int p = 0; p < Parts; ++p) rows[p][i] = words[p];
         // The sum of what the parts hold (x - what is left, exactly: x itself for three parts, x rounded for one).
         if constexpr (Sums)
           s.xsum[(j * nb + b) * 16 + i] =

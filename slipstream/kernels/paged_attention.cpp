@@ -23,6 +23,9 @@
 #include "kernels.h"
 #include "kv_rows.h"
 #include "vec.h"
+#ifdef __AMX_BF16__
+#include "attention_amx.h"
+#endif
 
 namespace {
 
@@ -108,6 +111,7 @@ struct TaskRows {
   const float* q[TILE_ROWS];  // P rows of D each
   float* out[TILE_ROWS];
   int64_t len[TILE_ROWS];
+  const uint16_t* parts = nullptr;  // its keys and values split for the AMX tiles (attention_amx.h), if they serve it
   int64_t longest() const { return len[n - 1]; }
 };
 
@@ -318,16 +322,9 @@ void weighted_values(const TaskRows& task, float* const* p, const C* values, con
   if (D - d0 >= 8) weighted_values_part<P, 1>(task, p, values, rows, D, d0, ahead);
 }
 
-// P heads of one KV head for each of the task's rows (q and out at each row's first head).
+// Each row's scores -> its softmax probabilities (an int8 cache's times each value row's scale).
 template <int P, typename C>
-void attend(const TaskRows& task, const C* keys, const C* values, const int64_t* rows, int64_t D, float scale,
-            std::vector<float>& scores, std::vector<int8_t>& scratch, AheadStream<C>& ahead) {
-  const int64_t padded = (task.longest() + 7) / 8 * 8;
-  scores.resize(task.n * P * padded);
-  float* s[TILE_ROWS * P];
-  for (int64_t i = 0; i < task.n * P; ++i) s[i] = scores.data() + i * padded;
-  if constexpr (SCALED<C>) int8_key_scores<P>(task, keys, rows, D, scale, s, ahead, scratch);
-  else key_scores<P>(task, keys, rows, D, scale, s, ahead);
+void probabilities(const TaskRows& task, float* const* s, const C* values, const int64_t* rows, int64_t D) {
   for (int64_t r = 0; r < task.n; ++r) {
     pad_scores<P>(s + r * P, task.len[r]);  // (the scores of a row's last tile past its length)
     for (int g = 0; g < P; ++g) softmax(s[r * P + g], task.len[r]);
@@ -337,8 +334,106 @@ void attend(const TaskRows& task, const C* keys, const C* values, const int64_t*
         for (int g = 0; g < P; ++g) s[r * P + g][t] *= scale_t;
       }
   }
+}
+
+#ifdef __AMX_BF16__
+using TileScratch = slipstream::amx::AttentionScratch;
+#else
+struct TileScratch {};
+#endif
+
+// P heads of one KV head for each of the task's rows (q and out at each row's first head).
+template <int P, typename C>
+void attend(const TaskRows& task, const C* keys, const C* values, const int64_t* rows, int64_t D, float scale,
+            std::vector<float>& scores, std::vector<int8_t>& scratch, [[maybe_unused]] TileScratch& tile_scratch,
+            AheadStream<C>& ahead) {
+  const int64_t padded = (task.longest() + 7) / 8 * 8;
+  scores.resize(task.n * P * padded);
+  float* s[TILE_ROWS * P];
+  for (int64_t i = 0; i < task.n * P; ++i) s[i] = scores.data() + i * padded;
+#ifdef __AMX_BF16__
+  if (task.parts) {
+    slipstream::amx::configure_tiles();
+    slipstream::amx::tile_key_scores(task, P, task.parts, D, scale, s, tile_scratch);
+    probabilities<P>(task, s, values, rows, D);
+    slipstream::amx::tile_weighted_values(task, P, s, task.parts, D, tile_scratch);
+    _tile_release();
+    return;
+  }
+#endif
+  if constexpr (SCALED<C>) int8_key_scores<P>(task, keys, rows, D, scale, s, ahead, scratch);
+  else key_scores<P>(task, keys, rows, D, scale, s, ahead);
+  probabilities<P>(task, s, values, rows, D);
   weighted_values<P>(task, s, values, rows, D, ahead);
 }
+
+// The keys and values of the prompt tiles the AMX tiles serve (attention_amx.h: tiles of ATTENTION_MIN_ROWS rows or
+// more over a float32 cache, exact mode's; the float16 and int8 caches are w4a8's, whose rows stay bitwise the same in
+// any batch), split for them once for each block table and KV head the tiles share (a prompt chunk's tiles share
+// one). Returns each (tile, KV head) group's parts, null where the FMA kernel serves it; empty where none take them.
+// The parts stay in this thread's buffer until its next call.
+#ifdef __AMX_BF16__
+template <typename C, typename TokenRows>
+std::vector<const uint16_t*> split_for_tiles(const std::vector<std::pair<int64_t, int64_t>>& tiles, const int64_t* lens,
+                                             const int64_t* bt, int64_t W, int64_t bs, int64_t Hkv, int64_t D,
+                                             const C* kp, const C* vp, TokenRows&& token_rows) {
+  namespace amx = slipstream::amx;
+  std::vector<const uint16_t*> parts;
+  if constexpr (std::is_same_v<C, float>) {
+    if (D % 32 != 0 || !amx::tiles_permitted()) return parts;
+    struct Source {
+      int64_t b, L;  // the row whose table it reads, its tokens
+    };
+    std::vector<Source> sources;
+    std::vector<int64_t> source_of(tiles.size(), -1);
+    for (size_t i = 0; i < tiles.size(); ++i) {
+      const auto [first, n] = tiles[i];
+      if (n < amx::ATTENTION_MIN_ROWS) continue;
+      const int64_t b = first + n - 1, L = lens[b];
+      if (!sources.empty()) {
+        Source& last = sources.back();
+        const int64_t blocks = (std::max(L, last.L) + bs - 1) / bs;
+        if (W == 0 || std::equal(bt + b * W, bt + b * W + blocks, bt + last.b * W)) {
+          if (L > last.L) last = {b, L};
+          source_of[i] = static_cast<int64_t>(sources.size()) - 1;
+          continue;
+        }
+      }
+      source_of[i] = static_cast<int64_t>(sources.size());
+      sources.push_back({b, L});
+    }
+    if (sources.empty()) return parts;
+    // (source, KV head) j's steps of 32 tokens are [steps_before[j], steps_before[j + 1])
+    std::vector<int64_t> steps_before{0};
+    for (const Source& source : sources)
+      for (int64_t kvh = 0; kvh < Hkv; ++kvh) steps_before.push_back(steps_before.back() + (source.L + 31) / 32);
+    thread_local std::vector<uint16_t> buffer;  // (this thread's: the threads below write through `out`)
+    buffer.resize(steps_before.back() * amx::step_words(D));
+    uint16_t* const out = buffer.data();
+    at::parallel_for(0, steps_before.back(), 8, [&](int64_t begin, int64_t end) {
+      int64_t j = std::upper_bound(steps_before.begin(), steps_before.end(), begin) - steps_before.begin() - 1;
+      for (int64_t step = begin; step < end; ++step) {
+        while (step >= steps_before[j + 1]) ++j;
+        const Source& source = sources[j / Hkv];
+        const int64_t t0 = 32 * (step - steps_before[j]), n = std::min<int64_t>(32, source.L - t0);
+        int64_t rows[32];
+        token_rows(source.b, j % Hkv, t0, n, rows);
+        amx::split_step(kp, vp, rows, n, D, out + step * amx::step_words(D));
+      }
+    });
+    parts.assign(tiles.size() * Hkv, nullptr);
+    for (size_t i = 0; i < tiles.size(); ++i)
+      for (int64_t kvh = 0; source_of[i] >= 0 && kvh < Hkv; ++kvh)
+        parts[i * Hkv + kvh] = out + steps_before[source_of[i] * Hkv + kvh] * amx::step_words(D);
+  }
+  return parts;
+}
+#else
+template <typename C, typename... Args>
+std::vector<const uint16_t*> split_for_tiles(Args&&...) {
+  return {};
+}
+#endif
 
 // Cache element C: float, at::Half or int8_t. Rows go in tiles (TILE_ROWS); a task is a pack of up to MAX_PACK heads
 // of a (tile, KV head) group when there are two groups or more a thread, one head otherwise (batch 1: 3 groups for 2
@@ -363,8 +458,14 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
     tiles.emplace_back(b, 1);
   }
   const int64_t num_tiles = static_cast<int64_t>(tiles.size()), G = H / Hkv;
+  const int64_t width = row_width<C>(D);
+  // The row offsets of KV head kvh's tokens [t0, t0 + n) through row b's block table.
+  auto token_rows = [&](int64_t b, int64_t kvh, int64_t t0, int64_t n, int64_t* out) {
+    for (int64_t t = t0; t < t0 + n; ++t) out[t - t0] = ((bt[b * W + t / bs] * Hkv + kvh) * bs + t % bs) * width;
+  };
+  const std::vector<const uint16_t*> tile_parts = split_for_tiles<C>(tiles, lens, bt, W, bs, Hkv, D, kp, vp, token_rows);
   const int64_t packs = num_tiles * Hkv >= 2 * at::get_num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
-  const int64_t pack_size = (G + packs - 1) / packs, width = row_width<C>(D), tasks = num_tiles * Hkv * packs;
+  const int64_t pack_size = (G + packs - 1) / packs, tasks = num_tiles * Hkv * packs;
   // Each thread takes a run of tasks with its share of the work (a task costs its rows' context lengths and a fixed
   // part), not of the tasks: a prompt's rows attend to 1, 2, ... n tokens, and an even split of them left one thread
   // 3/4 of the work.
@@ -383,6 +484,7 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
     if (begin >= end) return;
     std::vector<float> scores;
     std::vector<int8_t> scratch;
+    TileScratch tile_scratch;
     std::vector<int64_t> rows;
     // The row offsets of (tile, KV head) `group`'s tokens (its longest row's).
     auto group_rows = [&](int64_t group, std::vector<int64_t>& out) {
@@ -411,11 +513,12 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
         rows_of_task.out[r] = op + ((first + r) * H + h0) * D;
         rows_of_task.len[r] = lens[first + r];
       }
+      if (!tile_parts.empty()) rows_of_task.parts = tile_parts[group];
       ahead.start_task(pack, packs, rows_of_task.longest());
       switch (std::min(pack_size, G - pack * pack_size)) {
-        case 1: attend<1>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, ahead); break;
-        case 2: attend<2>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, ahead); break;
-        default: attend<3>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, ahead); break;
+        case 1: attend<1>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, tile_scratch, ahead); break;
+        case 2: attend<2>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, tile_scratch, ahead); break;
+        default: attend<3>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, tile_scratch, ahead); break;
       }
     }
   });

@@ -135,11 +135,13 @@ def _paged_attention(ops, perturb: Callable) -> str | None:
     for dtype in KV_CACHE_KERNEL_DTYPES:
         k_cache = kv_cache.encode(torch.randn(8, kv_heads, block_size, dim, generator=g), dtype)
         v_cache = kv_cache.encode(torch.randn(8, kv_heads, block_size, dim, generator=g), dtype)
-        lens = torch.tensor([1, 5, 12])
-        own = torch.stack([torch.randperm(8, generator=g)[:3] for _ in lens])
-        q = torch.randn(len(lens), heads, dim, generator=g)
-        queries = kv_cache.round_queries(q) if dtype == torch.int8 else q  # (int8 keys: q . k in integers)
-        for tables in (own, own[:1].expand(len(lens), -1)):  # a table a row; a prompt chunk's one, a stride-0 view
+        own = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(3)])
+        chunk = torch.arange(3, 13)  # a prompt chunk's rows, one tile (on AMX a float32 cache's on the matrix tiles)
+        # a table a row; one table, a stride-0 view; a chunk's
+        for lens, tables in ((torch.tensor([1, 5, 12]), own), (torch.tensor([1, 5, 12]), own[:1].expand(3, -1)),
+                             (chunk, own[:1].expand(len(chunk), -1))):
+            q = torch.randn(len(lens), heads, dim, generator=g)
+            queries = kv_cache.round_queries(q) if dtype == torch.int8 else q  # (int8 keys: q . k in integers)
             got = perturb(ops.paged_attention(q, k_cache, v_cache, tables, lens, dim**-0.5))
             for i, n in enumerate(lens.tolist()):
                 k = kv_cache.gather(k_cache, tables[i], torch.float32)[:, :n]
