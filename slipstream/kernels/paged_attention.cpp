@@ -463,7 +463,8 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
   auto token_rows = [&](int64_t b, int64_t kvh, int64_t t0, int64_t n, int64_t* out) {
     for (int64_t t = t0; t < t0 + n; ++t) out[t - t0] = ((bt[b * W + t / bs] * Hkv + kvh) * bs + t % bs) * width;
   };
-  const std::vector<const uint16_t*> tile_parts = split_for_tiles<C>(tiles, lens, bt, W, bs, Hkv, D, kp, vp, token_rows);
+  const std::vector<const uint16_t*> tile_parts =
+      split_for_tiles<C>(tiles, lens, bt, W, bs, Hkv, D, kp, vp, token_rows);
   const int64_t packs = num_tiles * Hkv >= 2 * at::get_num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
   const int64_t pack_size = (G + packs - 1) / packs, tasks = num_tiles * Hkv * packs;
   // Each thread takes a run of tasks with its share of the work (a task costs its rows' context lengths and a fixed
