@@ -461,7 +461,9 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
   const int64_t width = row_width<C>(D);
   // The row offsets of KV head kvh's tokens [t0, t0 + n) through row b's block table.
   auto token_rows = [&](int64_t b, int64_t kvh, int64_t t0, int64_t n, int64_t* out) {
-    for (int64_t t = t0; t < t0 + n; ++t) out[t - t0] = ((bt[b * W + t / bs] * Hkv + kvh) * bs + t % bs) * width;
+    for (int64_t t = t0, j = t0 / bs; t < t0 + n; ++j)  // block by block: no division per token
+      for (int64_t first_slot = (bt[b * W + j] * Hkv + kvh) * bs, o = t % bs; o < bs && t < t0 + n; ++o, ++t)
+        out[t - t0] = (first_slot + o) * width;
   };
   const std::vector<const uint16_t*> tile_parts =
       split_for_tiles<C>(tiles, lens, bt, W, bs, Hkv, D, kp, vp, token_rows);
@@ -490,11 +492,9 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
     // The row offsets of (tile, KV head) `group`'s tokens (its longest row's).
     auto group_rows = [&](int64_t group, std::vector<int64_t>& out) {
       const auto [first, n] = tiles[group / Hkv];
-      const int64_t b = first + n - 1, kvh = group % Hkv, L = lens[b];
-      out.resize(L);
-      for (int64_t t = 0, j = 0; t < L; ++j)  // block by block: no division per token
-        for (int64_t first_slot = (bt[b * W + j] * Hkv + kvh) * bs, o = 0; o < bs && t < L; ++o, ++t)
-          out[t] = (first_slot + o) * width;
+      const int64_t b = first + n - 1;
+      out.resize(lens[b]);
+      token_rows(b, group % Hkv, 0, lens[b], out.data());
     };
     AheadStream<C> ahead{kp, vp, width};
     for (int64_t task = begin; task < end; ++task) {
