@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "cache_lines.h"
+
 namespace slipstream::amx {
 
 // Linux gives a process the tiles' state only once asked (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); without it

@@ -32,8 +32,8 @@ constexpr int64_t TILE_WORDS = 512;  // a tile of 16 rows of 64 bytes, in bf16 w
 
 // A thread's buffers for the tiles' operands, kept between tasks.
 struct AttentionScratch {
-  std::vector<uint16_t> queries, probabilities;
-  std::vector<float> sums;
+  CacheLineVector<uint16_t> queries, probabilities;
+  CacheLineVector<float> sums;
 };
 
 // The task's query vectors (vector v: row v / P's head v % P) as B tiles: for group g of 16 vectors, chunk h of 32

@@ -22,7 +22,6 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include "amx_tiles.h"
@@ -50,15 +49,14 @@ constexpr int64_t MIN_ROWS = 12;
 // are x exactly (exact mode); one is x rounded to bf16 (`gguf_linear_rounded`: --dtype bfloat16). And each block's
 // sum of x, 16 rows at a time (xsum[(j * nb + b) * 16 + i]), for the min term of the types with mins (Sums).
 struct SplitX {
-  std::unique_ptr<uint16_t[]> parts;  // (every word written: no zeroing first)
+  CacheLineVector<uint16_t> parts;  // (every word written: not zeroed first)
   std::vector<float> xsum;
 };
 
 template <bool Sums, int Parts>
 SplitX split_x(const float* x, int64_t M, int64_t K) {
   const int64_t nb = K / QK, tiles = (M + 15) / 16;
-  SplitX s{std::unique_ptr<uint16_t[]>(new uint16_t[tiles * nb * Parts * 512]),
-           std::vector<float>(tiles * nb * 16, 0.0f)};
+  SplitX s{CacheLineVector<uint16_t>(tiles * nb * Parts * 512), std::vector<float>(tiles * nb * 16, 0.0f)};
   at::parallel_for(0, tiles * nb, 16, [&](int64_t begin, int64_t end) {  // (a prompt's rows: the threads share them)
     for (int64_t jb = begin; jb < end; ++jb) {
       const int64_t j = jb / nb, b = jb % nb;
@@ -82,7 +80,7 @@ SplitX split_x(const float* x, int64_t M, int64_t K) {
       }
       for (int p = 0; p < Parts; ++p) {
         transpose16(rows[p]);  // row i's pair k -> B row k, dword i
-        uint16_t* out = s.parts.get() + ((j * nb + b) * Parts + p) * 512;
+        uint16_t* out = s.parts.data() + ((j * nb + b) * Parts + p) * 512;
         for (int k = 0; k < 16; ++k) _mm512_storeu_si512(out + 32 * k, rows[p][k]);
       }
     }
@@ -206,7 +204,7 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
   const SplitX s = split_x<mins, Parts>(x, M, K);
   at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t t0, int64_t t1) {
     configure_tiles();
-    std::vector<uint16_t> a(32 * K);
+    CacheLineVector<uint16_t> a(32 * K);
     std::vector<float> d(nb * 32), mn(nb * 32);
     alignas(64) float c[4][256], acc[4][256];  // [weight tile * 2 + activation tile]
     for (int64_t t = t0; t < t1; ++t) {
@@ -222,7 +220,7 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
         std::memset(acc, 0, sizeof(acc));
         if (!scaled) SLIPSTREAM_ZERO_C_TILES(two);
         for (int64_t b = 0; b < nb; ++b) {
-          const uint16_t* parts0 = s.parts.get() + (j * nb + b) * Parts * 512;
+          const uint16_t* parts0 = s.parts.data() + (j * nb + b) * Parts * 512;
           if (scaled) SLIPSTREAM_ZERO_C_TILES(two);
           SLIPSTREAM_TILE_PRODUCTS(rows_a + b * QK, K * 2, parts0, parts0 + nb * Parts * 512, two, Parts);
           if (!scaled) continue;

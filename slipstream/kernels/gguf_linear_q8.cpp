@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cache_lines.h"
 #include "gguf_blocks.h"
 #if defined(__AVX512VNNI__)
 #include "gguf_q8_avx512.h"
@@ -38,7 +39,7 @@ using namespace slipstream;
 // block its scale and the sum of its rounded values (and the sums of its two halves, for mins per 16 weights), rows
 // padded with 8 zero blocks so vector loads of a last partial group of 8 blocks (16 halves) stay in bounds.
 struct QuantizedRows {
-  std::vector<int8_t> q;
+  CacheLineVector<int8_t> q;  // (the int8 tiles load its rows)
   std::vector<float> scale, sum, half_sum;
   int64_t stride;  // per row, of scale and sum; half_sum's is twice this
 };
@@ -71,7 +72,7 @@ inline void quantize_block(const float* x, int8_t* q, float* scale, float* sum, 
 QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t rows = 0) {
   const int64_t nb = K / QK;
   rows = std::max(M, rows);
-  QuantizedRows r{std::vector<int8_t>(rows * K), std::vector<float>(rows * (nb + 8)),
+  QuantizedRows r{CacheLineVector<int8_t>(rows * K, 0), std::vector<float>(rows * (nb + 8)),
                   std::vector<float>(rows * (nb + 8)), std::vector<float>(rows * 2 * (nb + 8)), nb + 8};
   at::parallel_for(0, M * nb, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {

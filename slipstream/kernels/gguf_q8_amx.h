@@ -127,7 +127,7 @@ void int8_groups_linear(const Int8Rows& x, Weights w, float* y, int64_t M, int64
     TileConfig config;
     config.tile(0, 16, 64).tile(1, 16, 64).tile(2, 16, QK).tile(3, 16, QK).tile(4, QK / 4, 64).tile(5, QK / 4, 64);
     config.load();
-    std::vector<uint8_t> unpacked(nibbles ? nb * 512 : 0);  // the group's blocks: 8 quads x 64 bytes each
+    CacheLineVector<uint8_t> unpacked(nibbles ? nb * 512 : 0);  // the group's blocks: 8 quads x 64 bytes each
     for (int64_t mc = 0; mc < M; mc += INT8_CHUNK_ROWS) {
       const int64_t rows = std::min(INT8_CHUNK_ROWS, M - mc);
       for (int64_t g = g0; g < g1; ++g) {

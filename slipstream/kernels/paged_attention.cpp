@@ -407,7 +407,7 @@ std::vector<const uint16_t*> split_for_tiles(const std::vector<std::pair<int64_t
     std::vector<int64_t> steps_before{0};
     for (const Source& source : sources)
       for (int64_t kvh = 0; kvh < Hkv; ++kvh) steps_before.push_back(steps_before.back() + (source.L + 31) / 32);
-    thread_local std::vector<uint16_t> buffer;  // (this thread's: the threads below write through `out`)
+    thread_local slipstream::CacheLineVector<uint16_t> buffer;  // (this thread's: the threads below write through `out`)
     buffer.resize(steps_before.back() * amx::step_words(D));
     uint16_t* const out = buffer.data();
     at::parallel_for(0, steps_before.back(), 8, [&](int64_t begin, int64_t end) {
