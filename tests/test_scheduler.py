@@ -89,6 +89,30 @@ def test_beside_decodes_a_prompts_chunk_is_held_to_its_work_which_grows_with_its
     assert chunks[-2][1] == 4 and sum(n for _, n in chunks) == 1000
 
 
+def test_beside_decodes_prompts_after_a_steps_first_share_a_small_allowance():
+    """Prompts that arrive together while others decode prefill about one to a step (the step's first chunk may
+    take the whole work cap, later ones fill up to more_prompts_beside_decodes tokens), so that each reaches its
+    first token a short step after the one before; with nothing decoding a burst takes the whole budget."""
+    sched = Scheduler(BlockManager(512, 4), 8, 512, prefill_beside_decodes=1024, more_prompts_beside_decodes=128)
+    burst = [add(sched, f"burst-{i}", 100, first_token=1000 * i) for i in range(6)]
+    assert [s.num_new_tokens for s in sched.schedule()] == [100, 100, 100, 100, 100, 12]  # nothing decodes
+    for seq in burst:
+        sched.finish(seq)
+    decoding = add(sched, "decoding", 3, first_token=9000)
+    advance(sched.schedule())
+    late = [add(sched, f"late-{i}", 100, first_token=10000 + 1000 * i) for i in range(3)]
+    steps = []
+    while any(seq.num_output_tokens == 0 for seq in late):
+        batch = sched.schedule()
+        assert batch[0].seq is decoding and batch[0].num_new_tokens == 1
+        steps.append([(s.seq.request_id, s.num_new_tokens) for s in batch if s.seq.num_output_tokens == 0])
+        advance(batch)
+    assert steps == [[("late-0", 100), ("late-1", 28)], [("late-1", 72), ("late-2", 56)], [("late-2", 44)]]
+    long = add(sched, "long", 1000, first_token=20000)  # the only prompt beside the streams: the whole budget
+    assert [(s.seq, s.num_new_tokens) for s in sched.schedule()] == [(decoding, 1), *((seq, 1) for seq in late),
+                                                                      (long, 508)]
+
+
 def test_waiting_requests_are_admitted_in_turns():
     """A request of many sequences (prompts x n) was admitted whole before any request after it: a request of one
     now waits for at most one of its sequences a free slot."""
@@ -210,12 +234,15 @@ def test_prefix_cache_hit_gives_the_same_greedy_output(tiny_llm):
 
 def test_a_cpu_engine_steps_512_tokens_unless_told_and_holds_prompts_beside_decodes_as_before(llm_fp32):
     """The default budget on a CPU (llm_engine.CPU_STEP_TOKENS) splits a burst of prompts into steps whose first
-    prompts decode while the later ones prefill; a long prompt's chunks beside a stream keep the work cap of a
-    2048-token step; a given budget is the budget."""
+    prompts decode while the later ones prefill, and beside decodes prompts after a step's first share
+    CPU_PROMPTS_BESIDE_DECODES tokens; a long prompt's chunks beside a stream keep the work cap of a 2048-token step;
+    a given budget is the budget, prompts beside decodes sharing its work cap."""
     from slipstream.config import EngineConfig
-    from slipstream.engine.llm_engine import CPU_STEP_TOKENS, LLMEngine
+    from slipstream.engine.llm_engine import CPU_PROMPTS_BESIDE_DECODES, CPU_STEP_TOKENS, LLMEngine
 
     sched = llm_fp32.engine.scheduler
-    assert (sched.max_num_batched_tokens, sched.prefill_beside_decodes) == (CPU_STEP_TOKENS, 1024) == (512, 1024)
-    explicit = LLMEngine(EngineConfig(max_num_batched_tokens=4096, kv_cache_memory=16 << 20))
-    assert (explicit.scheduler.max_num_batched_tokens, explicit.scheduler.prefill_beside_decodes) == (4096, 2048)
+    assert (sched.max_num_batched_tokens, sched.prefill_beside_decodes, sched.more_prompts_beside_decodes) == (
+        CPU_STEP_TOKENS, 1024, CPU_PROMPTS_BESIDE_DECODES) == (512, 1024, 128)
+    explicit = LLMEngine(EngineConfig(max_num_batched_tokens=4096, kv_cache_memory=16 << 20)).scheduler
+    assert (explicit.max_num_batched_tokens, explicit.prefill_beside_decodes) == (4096, 2048)
+    assert explicit.more_prompts_beside_decodes is None

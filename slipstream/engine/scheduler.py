@@ -55,6 +55,7 @@ class Scheduler:
         can_sample: Callable[[Sequence], bool] = lambda seq: True,
         prefill_beside_decodes: int | None = None,  # None: prompts take what budget the decodes leave
         context_cost: float = float("inf"),
+        more_prompts_beside_decodes: int | None = None,  # None: other prompts share prefill_beside_decodes
     ) -> None:
         self.block_manager = block_manager
         # False while a sequence may not sample yet (its grammar still compiling): it runs every
@@ -65,6 +66,9 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.prefill_beside_decodes = prefill_beside_decodes
         self.context_cost = context_cost
+        # Beside decodes, the prompt tokens a step takes once one prompt's chunk is in: prompts that arrive together
+        # then reach their first tokens one short step after another instead of all at the end of one long step.
+        self.more_prompts_beside_decodes = more_prompts_beside_decodes
         self._prefill_work: float | None = None  # this step's, while sequences decode in it
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -115,12 +119,16 @@ class Scheduler:
 
     def _prompt_chunk(self, seq: Sequence, start: int, num_new: int, scheduled: list[ScheduledSeq]) -> int:
         """`num_new` tokens of a prompt from `start` cut to what is left of this step's prefill work (at least a
-        block for the step's first chunk, so that every prompt gets on)."""
+        block for the step's first chunk, so that every prompt gets on), and for a later chunk to what is left of
+        more_prompts_beside_decodes."""
         if self._prefill_work is None:
             return num_new
         affordable = int(self._prefill_work / (1 + start / self.context_cost))
-        if not any(self._prefilling(s.seq) for s in scheduled):
+        prompt_tokens = [s.num_new_tokens for s in scheduled if self._prefilling(s.seq)]
+        if not prompt_tokens:
             affordable = max(affordable, self.block_manager.block_size)
+        elif self.more_prompts_beside_decodes is not None:
+            affordable = min(affordable, self.more_prompts_beside_decodes - sum(prompt_tokens))
         return min(num_new, affordable)
 
     def _spend_prefill_work(self, start: int, num_new: int) -> None:
