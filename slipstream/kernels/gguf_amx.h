@@ -251,17 +251,21 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
   });
 }
 
-// Activation rows go in chunks of this many tiles (128 rows), split into their parts just before use: a chunk's parts
-// (384 KiB to 1.2 MiB for K = 576 to 1536) stay in L2 while every weight tile passes them, where a whole prompt's
-// would stream from memory once per weight tile.
-constexpr int64_t CHUNK_TILES = 8;
+// Activation rows go in chunks of at most this many tiles (160 rows), split into their parts just before use: a
+// chunk's parts (540 KiB to 1.4 MiB for K = 576 to 1536) stay in L2 while every weight tile passes them, where a whole
+// prompt's would stream from memory once per weight tile. The chunks of a call are as even as they can be: each
+// expands every weight again, and a step of 32 decodes and a 128-token prompt chunk in one chunk, not 128 + 32 rows,
+// ran its matmuls 1.07-1.19x faster (AMX Xeon, 2 threads, two runs; 512 rows, four chunks of 128, the same).
+constexpr int64_t CHUNK_TILES = 10;
 
 // Parts 3: exact mode; 1: x rounded to bf16 (from MIN_ROWS rows; below, the exact row kernel serves either).
 template <QType T, Layout L, int Parts>
 void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   if (M < MIN_ROWS) return avx512::linear_impl<T, L>(x, w, y, M, K, N);
-  for (int64_t m0 = 0; m0 < M; m0 += 16 * CHUNK_TILES)
-    chunk_linear<T, L, Parts>(x + m0 * K, w, y + m0 * N, std::min(M - m0, 16 * CHUNK_TILES), K, N);
+  const int64_t tiles = (M + 15) / 16, chunks = (tiles + CHUNK_TILES - 1) / CHUNK_TILES;
+  const int64_t chunk = 16 * ((tiles + chunks - 1) / chunks);
+  for (int64_t m0 = 0; m0 < M; m0 += chunk)
+    chunk_linear<T, L, Parts>(x + m0 * K, w, y + m0 * N, std::min(M - m0, chunk), K, N);
 }
 
 // The tiles' kernel for type T in layout L: x exactly (three parts), or `rounded` to bf16 (one).
