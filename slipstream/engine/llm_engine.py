@@ -89,9 +89,10 @@ GPU_STEP_TOKENS = 2048
 # Beside decodes, a CPU step takes one prompt's chunk (up to half a GPU step's work: a long prompt beside a stream) and
 # other prompts' only up to this many tokens in all: a burst's prompts then prefill about one to a step, each step
 # short, where 512-token steps held four or five prompts to the end of one long step (and their clients, in step, came
-# back together). Exact mode, the closed loop above (AMX Xeon, 2 cores), two runs each, budget 512 / 128 for all: TTFT
-# p50 at 16 clients 385, 468 / 245, 245 ms, at 32 559, 656 / 307, 368 ms; output tok/s 503, 469 / 471, 472 and 573,
-# 535 / 563, 511.
+# back together). Exact mode, the closed loop above (AMX Xeon, 2 cores), two runs each alternated, before / after: TTFT
+# p50 at 16 clients 478, 474 / 227, 299 ms, at 32 596, 572 / 352, 253 ms; output tok/s 479, 490 / 466, 453 and 554,
+# 559 / 558, 544. (A budget of 128 tokens for every step did as well for a burst, but cut a long prompt into chunks
+# as small.)
 CPU_PROMPTS_BESIDE_DECODES = 128
 
 # Prompt rows' attention does this share of the arithmetic a second per core that their matmuls do (CPU kernels, AMD

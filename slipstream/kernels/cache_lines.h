@@ -1,9 +1,11 @@
 // Buffers whose rows start on a cache line. A matrix tile's row of 64 bytes that straddles two lines loads ~6x slower
 // (this VM, Intel Xeon with AMX: a 1 KiB tile from L1 15 ns against 2.3 ns aligned), and malloc aligns to 16 bytes
-// only: every buffer the AMX tiles read is a CacheLineVector.
+// only: every buffer a kernel allocates for the AMX tiles to read is a CacheLineVector. (Weights lie in torch's
+// tensors, which torch aligns to 64 bytes.)
 #pragma once
 #include <cstddef>
 #include <new>
+#include <utility>
 #include <vector>
 
 namespace slipstream {
