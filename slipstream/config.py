@@ -85,6 +85,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's trained context
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None  # a step's token budget; None: 512 on a CPU, 2048 on CUDA
+    # With the CPU's default budget, beside decodes prompts after a step's first share 128 tokens (llm_engine.py's
+    # CPU_PROMPTS_BESIDE_DECODES): the server's choice, for first tokens sooner; an offline batch fills whole steps.
+    split_prompt_bursts: bool = False
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: a fraction of free memory
     kv_cache_fraction: float = 0.25

@@ -234,15 +234,21 @@ def test_prefix_cache_hit_gives_the_same_greedy_output(tiny_llm):
 
 def test_a_cpu_engine_steps_512_tokens_unless_told_and_holds_prompts_beside_decodes_as_before(llm_fp32):
     """The default budget on a CPU (llm_engine.CPU_STEP_TOKENS) splits a burst of prompts into steps whose first
-    prompts decode while the later ones prefill, and beside decodes prompts after a step's first share
-    CPU_PROMPTS_BESIDE_DECODES tokens; a long prompt's chunks beside a stream keep the work cap of a 2048-token step;
-    a given budget is the budget, prompts beside decodes sharing its work cap."""
-    from slipstream.config import EngineConfig
+    prompts decode while the later ones prefill; a long prompt's chunks beside a stream keep the work cap of a
+    2048-token step; the server's engine (its EngineConfig) also holds prompts after a step's first to
+    CPU_PROMPTS_BESIDE_DECODES tokens beside decodes, an offline one does not; a given budget is the budget, prompts
+    beside decodes sharing its work cap."""
     from slipstream.engine.llm_engine import CPU_PROMPTS_BESIDE_DECODES, CPU_STEP_TOKENS, LLMEngine
+    from slipstream.entrypoints.openai.args import engine_config, make_arg_parser
 
     sched = llm_fp32.engine.scheduler
     assert (sched.max_num_batched_tokens, sched.prefill_beside_decodes, sched.more_prompts_beside_decodes) == (
-        CPU_STEP_TOKENS, 1024, CPU_PROMPTS_BESIDE_DECODES) == (512, 1024, 128)
-    explicit = LLMEngine(EngineConfig(max_num_batched_tokens=4096, kv_cache_memory=16 << 20)).scheduler
+        CPU_STEP_TOKENS, 1024, None) == (512, 1024, None)
+    served = engine_config(make_arg_parser().parse_args(["--kv-cache-memory", str(16 << 20)]))
+    assert served.split_prompt_bursts and served.max_num_batched_tokens is None
+    assert LLMEngine(served).scheduler.more_prompts_beside_decodes == CPU_PROMPTS_BESIDE_DECODES == 128
+    explicit = engine_config(make_arg_parser().parse_args(["--max-num-batched-tokens", "4096",
+                                                       "--kv-cache-memory", str(16 << 20)]))
+    explicit = LLMEngine(explicit).scheduler
     assert (explicit.max_num_batched_tokens, explicit.prefill_beside_decodes) == (4096, 2048)
     assert explicit.more_prompts_beside_decodes is None

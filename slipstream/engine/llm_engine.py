@@ -92,7 +92,10 @@ GPU_STEP_TOKENS = 2048
 # back together). Exact mode, the closed loop above (AMX Xeon, 2 cores), two runs each alternated, before / after: TTFT
 # p50 at 16 clients 478, 474 / 227, 299 ms, at 32 596, 572 / 352, 253 ms; output tok/s 479, 490 / 466, 453 and 554,
 # 559 / 558, 544. (A budget of 128 tokens for every step did as well for a burst, but cut a long prompt into chunks
-# as small.)
+# as small.) The server's choice only (EngineConfig.split_prompt_bursts): an offline batch of 64 prompts ramps up its
+# decode batch that much slower, 13.5-13.9 -> 14.6-14.7 s (`slipstream bench throughput --num-prompts 64
+# --max-num-seqs 64`); holding the cap to a backlog that fits one step kept that, but lost most of the TTFT gain
+# (the closed loop's clients come back in groups of more than a step's tokens).
 CPU_PROMPTS_BESIDE_DECODES = 128
 
 # Prompt rows' attention does this share of the arithmetic a second per core that their matmuls do (CPU kernels, AMD
@@ -155,7 +158,8 @@ class LLMEngine:
                                    # steps split a burst of prompts, not a long prompt's chunks beside a stream)
                                    prefill_beside_decodes=max(budget, GPU_STEP_TOKENS) // 2,
                                    context_cost=attention_context_cost(self.hf_config),
-                                   more_prompts_beside_decodes=CPU_PROMPTS_BESIDE_DECODES if cpu_default else None)
+                                   more_prompts_beside_decodes=CPU_PROMPTS_BESIDE_DECODES
+                                   if cpu_default and config.split_prompt_bursts else None)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.speculation = config.speculative_config
         if self.speculation == "auto":
