@@ -5,7 +5,6 @@
 #pragma once
 #include <cstddef>
 #include <new>
-#include <utility>
 #include <vector>
 
 namespace slipstream {
@@ -25,12 +24,8 @@ struct CacheLineAllocator {
   }
   void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t{CACHE_LINE}); }
   template <class U>
-  void construct(U* p) noexcept {
+  void construct(U* p) noexcept {  // (with a value, allocator_traits constructs from it as std::allocator does)
     ::new (static_cast<void*>(p)) U;
-  }
-  template <class U, class... Args>
-  void construct(U* p, Args&&... args) {
-    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
   }
   template <class U>
   bool operator==(const CacheLineAllocator<U>&) const noexcept {
