@@ -7,33 +7,38 @@
 // float32's accuracy in another summation order, as the tiles' matmuls are (gguf_amx.h). A row's result differs in
 // the last bits from the FMA kernel's (paged_attention.cpp), which decode rows and short tiles keep.
 // Scores: keys are A (16 keys x 32 dims a tile, as the cache holds them), query vectors B (pairs of dims x 16
-// vectors, transposed once a task), C = 16 keys x 16 vectors, transposed into the scores' rows. Values: the
-// probabilities are A (16 vectors x 32 tokens, as the scores lie), values B (pairs of tokens x 16 dims,
-// interleaved), C = 16 vectors x 16 dims, summed over every token in the tiles. Keys and values are split once a call
-// (split_step), the probabilities VALUE_CHUNK tokens at a time.
+// vectors, transposed once a task), C = 16 keys x 16 vectors. Values: the probabilities are A (16 vectors x 32
+// tokens), values B (pairs of tokens x 16 dims, interleaved), C = 16 vectors x 16 dims, summed over every token in the
+// tiles. Keys and values are split once a call (split_step); a group of 16 query vectors takes them VALUE_CHUNK tokens
+// at a time, an online softmax between (tile_attention): its scores never leave L1.
+// Against scores of whole rows written out, softmaxed and read back (a 48-vector task's 1.4 MB at 7500 tokens), with
+// a 512-bit exp: a 512-row chunk's attention from token 0 / 2048 / 7000 1.38x / 1.18x / 1.17x (Xeon, AMX, 2 threads;
+// one thread at 7000 1.22x). Of the rest, the tiles' loads and products alone are ~60 %, at 2.3x what the products
+// take with their operands in L1: the keys' and values' parts come from L2 / L3.
 #pragma once
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
+#include <limits>
 #include <vector>
 
 #include "amx_tiles.h"
+#include "vec.h"
 
 namespace slipstream::amx {
 
 // Tiles of fewer prompt rows (a decode row, a speculative step's, a chunk's last few) stay on the FMA kernel.
 constexpr int64_t ATTENTION_MIN_ROWS = 8;
-// Tokens whose probabilities are split at once (48 KiB of parts for 48 vectors, in L2); the C tiles of sums are
-// loaded and stored once a chunk.
+// Tokens a group of query vectors takes between its online softmax's rescalings (its scores, 8 KiB, and its
+// probabilities' parts, 12 KiB, stay in L1); the C tiles of its sums are loaded and stored once a chunk.
 constexpr int64_t VALUE_CHUNK = 128;
 constexpr int64_t TILE_WORDS = 512;  // a tile of 16 rows of 64 bytes, in bf16 words
 
 // A thread's buffers for the tiles' operands, kept between tasks.
 struct AttentionScratch {
   CacheLineVector<uint16_t> queries, probabilities;
-  CacheLineVector<float> sums;
+  CacheLineVector<float> sums, scores;
 };
 
 // The task's query vectors (vector v: row v / P's head v % P) as B tiles: for group g of 16 vectors, chunk h of 32
@@ -120,139 +125,181 @@ inline void split_step(const float* keys, const float* values, const int64_t* ro
   value_tiles(values, rows, n, D, out + 2 * key_set);
 }
 
-// Six products of parts a.b (hi.hi, mid.hi, lo.hi, hi.mid, mid.mid, hi.lo: pb = 0, 1, 2 with the a parts that keep
-// their sum's significance within float32's), each A tile loaded once for the products of it with several B tiles
-// into several C tiles. (On this VM a product takes ~4.8 ns chained or not: the order is not latency-bound.) GCC's
-// tile intrinsics take tile numbers as literals, hence the macros.
-// Scores: C 0-2 one group of 16 query vectors each (B 5-7, at b + the group's offset), A 3 a part of the keys (at a).
-#define SLIPSTREAM_KEY_PART(a, pa)                                  \
-  do {                                                              \
-    _tile_loadd(3, (a) + (pa) * TILE_WORDS, 64);                    \
-    _tile_dpbf16ps(0, 3, 5);                                        \
-    if (groups > 1) _tile_dpbf16ps(1, 3, 6);                        \
-    if (groups > 2) _tile_dpbf16ps(2, 3, 7);                        \
+// Six products of parts a.b (hi.hi, mid.hi, lo.hi, hi.mid, mid.mid, hi.lo: the pairs that keep their sum's
+// significance within float32's), each part of one operand loaded once for its products with the other's parts that
+// stay on tiles. GCC's tile intrinsics take tile numbers as literals, hence the macros.
+// Scores: C 0 (16 keys x 16 query vectors) += the keys' parts of 32 dims at k (A 1 in turn, TILE_WORDS apart) . the
+// query parts b0-b2 of those dims.
+#define SLIPSTREAM_KEY_DIMS(k, b0, b1, b2)    \
+  do {                                        \
+    _tile_loadd(1, (k), 64);                  \
+    _tile_dpbf16ps(0, 1, b0);                 \
+    _tile_dpbf16ps(0, 1, b1);                 \
+    _tile_dpbf16ps(0, 1, b2);                 \
+    _tile_loadd(1, (k) + TILE_WORDS, 64);     \
+    _tile_dpbf16ps(0, 1, b0);                 \
+    _tile_dpbf16ps(0, 1, b1);                 \
+    _tile_loadd(1, (k) + 2 * TILE_WORDS, 64); \
+    _tile_dpbf16ps(0, 1, b0);                 \
   } while (0)
-#define SLIPSTREAM_QUERY_PARTS(pb, b, group_words)                                   \
-  do {                                                                               \
-    _tile_loadd(5, (b) + (pb) * TILE_WORDS, 64);                                     \
-    if (groups > 1) _tile_loadd(6, (b) + (group_words) + (pb) * TILE_WORDS, 64);     \
-    if (groups > 2) _tile_loadd(7, (b) + 2 * (group_words) + (pb) * TILE_WORDS, 64); \
-  } while (0)
-// Values: C 0-3 four tiles of 16 dims (B 5-7 then 5 again, their parts at b, 3 tiles apart), A 4 the
-// probabilities' part (at a, rows `lda` bytes apart).
-#define SLIPSTREAM_VALUE_PART(a, lda, pa, b, pb)                          \
-  do {                                                                    \
-    _tile_loadd(4, (a) + (pa) * 16 * VALUE_CHUNK, lda);                   \
-    _tile_loadd(5, (b) + (pb) * TILE_WORDS, 64);                          \
-    _tile_dpbf16ps(0, 4, 5);                                              \
-    if (tiles > 1) {                                                      \
-      _tile_loadd(6, (b) + (3 + (pb)) * TILE_WORDS, 64);                  \
-      _tile_dpbf16ps(1, 4, 6);                                            \
-    }                                                                     \
-    if (tiles > 2) {                                                      \
-      _tile_loadd(7, (b) + (6 + (pb)) * TILE_WORDS, 64);                  \
-      _tile_dpbf16ps(2, 4, 7);                                            \
-    }                                                                     \
-    if (tiles > 3) {                                                      \
-      _tile_loadd(5, (b) + (9 + (pb)) * TILE_WORDS, 64);                  \
-      _tile_dpbf16ps(3, 4, 5);                                            \
-    }                                                                     \
+// Values: C `c` (16 vectors x 16 dims) += the probabilities' parts (A 4-6) . the 16 dims' value parts at v (B 7 in
+// turn, TILE_WORDS apart).
+#define SLIPSTREAM_VALUE_DIMS(c, v)            \
+  do {                                         \
+    _tile_loadd(7, (v), 64);                   \
+    _tile_dpbf16ps(c, 4, 7);                   \
+    _tile_dpbf16ps(c, 5, 7);                   \
+    _tile_dpbf16ps(c, 6, 7);                   \
+    _tile_loadd(7, (v) + TILE_WORDS, 64);      \
+    _tile_dpbf16ps(c, 4, 7);                   \
+    _tile_dpbf16ps(c, 5, 7);                   \
+    _tile_loadd(7, (v) + 2 * TILE_WORDS, 64);  \
+    _tile_dpbf16ps(c, 4, 7);                   \
   } while (0)
 
-// scores[v][t] = scale * q_v . k_t for the task's V = n x P query vectors and every token t < L (the longest row's
-// length; a shorter row's scores past its length are left for the caller to mask). Tiles: C 0-2 a group of 16
-// vectors each, A 3-5 the keys' parts, B 6-7 the queries'.
+// scores + 256 b (b < blocks) = the 16 keys from c0 + 16 b (rows) . the 16 query vectors whose parts are at
+// `queries` (columns), unscaled. The query parts of two 32-dim chunks stay on tiles (B 2-7) for all the blocks; with
+// more dims than 64 the blocks' sums wait in `scores` between pairs of chunks.
+inline void key_scores(const uint16_t* parts, const uint16_t* queries, int64_t c0, int64_t blocks, int64_t D,
+                       float* scores) {
+  const int64_t KH = D / 32, key_set = KH * 3 * TILE_WORDS;
+  for (int64_t h = 0; h < KH; h += 2) {
+    const bool pair = h + 1 < KH;
+    const uint16_t* q = queries + h * 3 * TILE_WORDS;
+    _tile_loadd(2, q, 64);
+    _tile_loadd(3, q + TILE_WORDS, 64);
+    _tile_loadd(4, q + 2 * TILE_WORDS, 64);
+    if (pair) {
+      _tile_loadd(5, q + 3 * TILE_WORDS, 64);
+      _tile_loadd(6, q + 4 * TILE_WORDS, 64);
+      _tile_loadd(7, q + 5 * TILE_WORDS, 64);
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t t0 = c0 + 16 * b;
+      const uint16_t* k = parts + t0 / 32 * step_words(D) + (t0 / 16) % 2 * key_set + h * 3 * TILE_WORDS;
+      if (h == 0) _tile_zero(0);
+      else _tile_loadd(0, scores + 256 * b, 64);
+      SLIPSTREAM_KEY_DIMS(k, 2, 3, 4);
+      if (pair) SLIPSTREAM_KEY_DIMS(k + 3 * TILE_WORDS, 5, 6, 7);
+      _tile_stored(0, scores + 256 * b, 64);
+    }
+  }
+}
+
+// Each query vector's softmax(scale * q . k) . values over its row's tokens, for the task's V = n x P vectors (vector
+// v: row v / P's head v % P) in groups of 16, against the keys' and values' parts from split_step: an online softmax
+// over chunks of VALUE_CHUNK tokens. A chunk's scores stay in L1 (from the tiles to the probabilities' parts), its
+// probabilities are taken against each vector's greatest score so far, and the sums of the chunks before are scaled
+// down where that grew. A vector's arithmetic depends on its own row alone (its scores and length; chunks from token
+// 0), never on the task's other rows.
 template <class Rows>
-void tile_key_scores(const Rows& task, int64_t P, const uint16_t* parts, int64_t D, float scale,
-                     float* const* scores, AttentionScratch& scratch) {
-  const int64_t V = task.n * P, groups = (V + 15) / 16, KH = D / 32, L = task.longest();
-  const int64_t group_words = KH * 3 * TILE_WORDS;
+void tile_attention(const Rows& task, int64_t P, const uint16_t* parts, int64_t D, float scale,
+                    AttentionScratch& scratch) {
+  const int64_t V = task.n * P, groups = (V + 15) / 16, KH = D / 32, DT = D / 16, L = task.longest();
+  const int64_t group_words = KH * 3 * TILE_WORDS, stride = D * 4;
   scratch.queries.resize(groups * group_words);
   query_tiles(task, P, D, scratch.queries.data());
-  const __m512 sv = _mm512_set1_ps(scale);
-  alignas(64) float c[3][256];
-  for (int64_t t0 = 0; t0 < L; t0 += 16) {
-    const uint16_t* keys = parts + t0 / 32 * step_words(D) + (t0 / 16) % 2 * group_words;
-    _tile_zero(0);
-    if (groups > 1) _tile_zero(1);
-    if (groups > 2) _tile_zero(2);
-    for (int64_t h = 0; h < KH; ++h) {
-      const uint16_t* a = keys + h * 3 * TILE_WORDS;
-      const uint16_t* b = scratch.queries.data() + h * 3 * TILE_WORDS;
-      for (int pb = 0; pb < 3; ++pb) {
-        SLIPSTREAM_QUERY_PARTS(pb, b, group_words);
-        for (int pa = 0; pa < 3 - pb; ++pa) SLIPSTREAM_KEY_PART(a, pa);
-      }
-    }
-    _tile_stored(0, c[0], 64);
-    if (groups > 1) _tile_stored(1, c[1], 64);
-    if (groups > 2) _tile_stored(2, c[2], 64);
-    const __mmask16 valid = static_cast<__mmask16>(L - t0 >= 16 ? 0xFFFF : (1u << (L - t0)) - 1);
-    for (int64_t g = 0; g < groups; ++g) {  // c[g] row i (key t0 + i), dword j (vector 16 g + j): transposed
-      __m512i m[16];
-      for (int i = 0; i < 16; ++i) m[i] = _mm512_load_si512(c[g] + 16 * i);
-      transpose16(m);
-      for (int64_t j = 0; j < 16 && 16 * g + j < V; ++j)
-        _mm512_mask_storeu_ps(scores[16 * g + j] + t0, valid, _mm512_mul_ps(_mm512_castsi512_ps(m[j]), sv));
-    }
-  }
-}
-
-// The probabilities of tokens c0 .. c0 + 32 x steps as A tiles (a row's tokens past its length 0): for group g of 16
-// vectors and part p, row c holds vector 16 g + c's VALUE_CHUNK tokens; at (g * 3 + p) x 16 x VALUE_CHUNK words.
-template <class Rows>
-void probability_tiles(const Rows& task, int64_t P, float* const* p, int64_t c0, int64_t steps, uint16_t* out) {
-  const int64_t V = task.n * P, groups = (V + 15) / 16;
-  for (int64_t v = 0; v < 16 * groups; ++v) {
-    const int64_t len = v < V ? task.len[v / P] : 0;
-    const float* probabilities = p[std::min(v, V - 1)];  // (a vector past V loads nothing: len 0)
-    uint16_t* row = out + ((v / 16) * 3 * 16 + v % 16) * VALUE_CHUNK;
-    for (int64_t s = 0; s < steps; ++s) {
-      const int64_t t = c0 + 32 * s;
-      auto first = [](int64_t n) { return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, 16)) - 1); };
-      __m512 x0 = _mm512_maskz_loadu_ps(first(len - t), probabilities + t);
-      __m512 x1 = _mm512_maskz_loadu_ps(first(len - t - 16), probabilities + t + 16);
-      __m512i words[3];
-      split_parts(x0, x1, words);
-      for (int q = 0; q < 3; ++q) _mm512_storeu_si512(row + q * 16 * VALUE_CHUNK + 32 * s, words[q]);
-    }
-  }
-}
-
-// Each vector's out = sum_t p[v][t] * values[t] (its row's tokens), for the task's V query vectors, the values' parts
-// from split_step. Tiles: C 0-3 four tiles of 16 dims of a group's sums, A 4 a part of the probabilities, B 5-7.
-template <class Rows>
-void tile_weighted_values(const Rows& task, int64_t P, float* const* p, const uint16_t* parts, int64_t D,
-                          AttentionScratch& scratch) {
-  const int64_t V = task.n * P, groups = (V + 15) / 16, DT = D / 16, L = task.longest();
   scratch.sums.assign(groups * 16 * D, 0.0f);
-  scratch.probabilities.resize(groups * 3 * 16 * VALUE_CHUNK);
-  const int64_t stride = D * 4;
+  scratch.probabilities.resize(3 * 16 * VALUE_CHUNK);
+  scratch.scores.resize(VALUE_CHUNK / 16 * 256);
+  float* const scores = scratch.scores.data();  // block b: scores + 256 b, row = key, lane = vector
+  uint16_t* const probabilities = scratch.probabilities.data();  // part p, vector j: + (16 p + j) * VALUE_CHUNK
+  // Per group, lane by lane (vector by vector): its length, greatest scaled score so far and the sum of its
+  // probabilities against that.
+  std::vector<__m512i> lens(groups);
+  std::vector<__m512> top(groups, _mm512_set1_ps(std::numeric_limits<float>::lowest())),
+      total(groups, _mm512_setzero_ps());
+  for (int64_t g = 0; g < groups; ++g) {
+    alignas(64) int32_t lanes[16];
+    for (int64_t j = 0; j < 16; ++j) lanes[j] = 16 * g + j < V ? static_cast<int32_t>(task.len[(16 * g + j) / P]) : 0;
+    lens[g] = _mm512_load_si512(lanes);
+  }
+  const __m512 sv = _mm512_set1_ps(scale);
+  auto keys_reached = [&](int64_t g, int64_t t) {  // the lanes whose vectors attend to token t
+    return _mm512_cmpgt_epi32_mask(lens[g], _mm512_set1_epi32(static_cast<int>(t)));
+  };
   for (int64_t c0 = 0; c0 < L; c0 += VALUE_CHUNK) {
-    const int64_t steps = (std::min(VALUE_CHUNK, L - c0) + 31) / 32;
-    probability_tiles(task, P, p, c0, steps, scratch.probabilities.data());
-    for (int64_t g = 0; g < groups; ++g)
+    const int64_t steps = (std::min(VALUE_CHUNK, L - c0) + 31) / 32, blocks = 2 * steps;
+    for (int64_t g = 0; g < groups; ++g) {
+      key_scores(parts, scratch.queries.data() + g * group_words, c0, blocks, D, scores);
+      __m512 chunk_top = _mm512_set1_ps(std::numeric_limits<float>::lowest());
+      for (int64_t t = c0; t < c0 + 16 * blocks; ++t) {
+        const __m512 row = _mm512_load_ps(scores + 16 * (t - c0));
+        chunk_top = _mm512_mask_max_ps(chunk_top, keys_reached(g, t), chunk_top, row);
+      }
+      const __m512 grown = _mm512_max_ps(top[g], _mm512_mul_ps(chunk_top, sv));
+      const __m512 shrink = exp16(_mm512_sub_ps(top[g], grown));  // 1 where the greatest score stays
+      top[g] = grown;
+      float* sums = scratch.sums.data() + 16 * g * D;
+      // (Only where a greatest score grew: the sums' tiles load from these rows next, and a tile load waits for
+      // vector stores before it to reach the cache.)
+      if (_mm512_cmp_ps_mask(shrink, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ)) {
+        alignas(64) float factor[16];
+        _mm512_store_ps(factor, shrink);
+        for (int64_t j = 0; j < 16; ++j)
+          for (int64_t d = 0; d < D; d += 16)
+            _mm512_store_ps(sums + j * D + d,
+                            _mm512_mul_ps(_mm512_load_ps(sums + j * D + d), _mm512_set1_ps(factor[j])));
+      }
+      // The probabilities, 32 tokens at a time transposed to the vectors' rows and split into parts.
+      __m512 chunk_total = _mm512_setzero_ps();  // (summed apart from the chunks before: a shorter chain of adds)
+      for (int64_t s = 0; s < steps; ++s) {
+        __m512i rows[2][16];
+        for (int half = 0; half < 2; ++half) {
+          const int64_t t0 = c0 + 32 * s + 16 * half;
+          for (int64_t k = 0; k < 16; ++k) {
+            const __m512 e = _mm512_maskz_mov_ps(
+                keys_reached(g, t0 + k),
+                exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(scores + 16 * (t0 + k - c0)), sv), grown)));
+            chunk_total = _mm512_add_ps(chunk_total, e);
+            rows[half][k] = _mm512_castps_si512(e);
+          }
+          transpose16(rows[half]);  // row j: vector j's 16 tokens
+        }
+        for (int64_t j = 0; j < 16; ++j) {
+          __m512 x0 = _mm512_castsi512_ps(rows[0][j]), x1 = _mm512_castsi512_ps(rows[1][j]);
+          __m512i words[3];
+          split_parts(x0, x1, words);
+          for (int q = 0; q < 3; ++q)
+            _mm512_store_si512(probabilities + (q * 16 + j) * VALUE_CHUNK + 32 * s, words[q]);
+        }
+      }
+      total[g] = _mm512_fmadd_ps(total[g], shrink, chunk_total);
+      // The value sums: C 0-3 four tiles of 16 dims, A 4-6 the probabilities' parts, B 7 the values'.
       for (int64_t dt = 0; dt < DT; dt += 4) {
         const int64_t tiles = std::min<int64_t>(4, DT - dt);
-        float* sums = scratch.sums.data() + 16 * g * D + 16 * dt;
-        _tile_loadd(0, sums, stride);
-        if (tiles > 1) _tile_loadd(1, sums + 16, stride);
-        if (tiles > 2) _tile_loadd(2, sums + 32, stride);
-        if (tiles > 3) _tile_loadd(3, sums + 48, stride);
+        _tile_loadd(0, sums + 16 * dt, stride);
+        if (tiles > 1) _tile_loadd(1, sums + 16 * dt + 16, stride);
+        if (tiles > 2) _tile_loadd(2, sums + 16 * dt + 32, stride);
+        if (tiles > 3) _tile_loadd(3, sums + 16 * dt + 48, stride);
         for (int64_t s = 0; s < steps; ++s) {
-          const uint16_t* a = scratch.probabilities.data() + g * 3 * 16 * VALUE_CHUNK + 32 * s;
-          const uint16_t* b = parts + (c0 / 32 + s) * step_words(D) + (2 * (D / 32) + dt) * 3 * TILE_WORDS;
-          for (int pa = 0; pa < 3; ++pa)
-            for (int pb = 0; pb < 3 - pa; ++pb) SLIPSTREAM_VALUE_PART(a, VALUE_CHUNK * 2, pa, b, pb);
+          _tile_loadd(4, probabilities + 32 * s, VALUE_CHUNK * 2);
+          _tile_loadd(5, probabilities + 16 * VALUE_CHUNK + 32 * s, VALUE_CHUNK * 2);
+          _tile_loadd(6, probabilities + 32 * VALUE_CHUNK + 32 * s, VALUE_CHUNK * 2);
+          const uint16_t* v = parts + (c0 / 32 + s) * step_words(D) + (2 * KH + dt) * 3 * TILE_WORDS;
+          SLIPSTREAM_VALUE_DIMS(0, v);
+          if (tiles > 1) SLIPSTREAM_VALUE_DIMS(1, v + 3 * TILE_WORDS);
+          if (tiles > 2) SLIPSTREAM_VALUE_DIMS(2, v + 6 * TILE_WORDS);
+          if (tiles > 3) SLIPSTREAM_VALUE_DIMS(3, v + 9 * TILE_WORDS);
         }
-        _tile_stored(0, sums, stride);
-        if (tiles > 1) _tile_stored(1, sums + 16, stride);
-        if (tiles > 2) _tile_stored(2, sums + 32, stride);
-        if (tiles > 3) _tile_stored(3, sums + 48, stride);
+        _tile_stored(0, sums + 16 * dt, stride);
+        if (tiles > 1) _tile_stored(1, sums + 16 * dt + 16, stride);
+        if (tiles > 2) _tile_stored(2, sums + 16 * dt + 32, stride);
+        if (tiles > 3) _tile_stored(3, sums + 16 * dt + 48, stride);
       }
+    }
   }
-  for (int64_t v = 0; v < V; ++v)
-    std::memcpy(task.out[v / P] + (v % P) * D, scratch.sums.data() + v * D, D * sizeof(float));
+  for (int64_t g = 0; g < groups; ++g) {
+    alignas(64) float sum[16];
+    _mm512_store_ps(sum, total[g]);
+    for (int64_t j = 0; j < 16 && 16 * g + j < V; ++j) {
+      const int64_t v = 16 * g + j;
+      const __m512 inv = _mm512_set1_ps(1.0f / sum[j]);
+      float* out = task.out[v / P] + (v % P) * D;
+      for (int64_t d = 0; d < D; d += 16)
+        _mm512_storeu_ps(out + d, _mm512_mul_ps(_mm512_load_ps(scratch.sums.data() + v * D + d), inv));
+    }
+  }
 }
 
 }  // namespace slipstream::amx

@@ -347,20 +347,18 @@ template <int P, typename C>
 void attend(const TaskRows& task, const C* keys, const C* values, const int64_t* rows, int64_t D, float scale,
             std::vector<float>& scores, std::vector<int8_t>& scratch, [[maybe_unused]] TileScratch& tile_scratch,
             AheadStream<C>& ahead) {
-  const int64_t padded = (task.longest() + 7) / 8 * 8;
-  scores.resize(task.n * P * padded);
-  float* s[TILE_ROWS * P];
-  for (int64_t i = 0; i < task.n * P; ++i) s[i] = scores.data() + i * padded;
 #ifdef __AMX_BF16__
   if (task.parts) {
     slipstream::amx::configure_tiles();
-    slipstream::amx::tile_key_scores(task, P, task.parts, D, scale, s, tile_scratch);
-    probabilities<P>(task, s, values, rows, D);
-    slipstream::amx::tile_weighted_values(task, P, s, task.parts, D, tile_scratch);
+    slipstream::amx::tile_attention(task, P, task.parts, D, scale, tile_scratch);
     _tile_release();
     return;
   }
 #endif
+  const int64_t padded = (task.longest() + 7) / 8 * 8;
+  scores.resize(task.n * P * padded);
+  float* s[TILE_ROWS * P];
+  for (int64_t i = 0; i < task.n * P; ++i) s[i] = scores.data() + i * padded;
   if constexpr (SCALED<C>) int8_key_scores<P>(task, keys, rows, D, scale, s, ahead, scratch);
   else key_scores<P>(task, keys, rows, D, scale, s, ahead);
   probabilities<P>(task, s, values, rows, D);

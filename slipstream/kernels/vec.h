@@ -56,20 +56,38 @@ inline __m128 hsum4(const __m256 v[4]) {
   return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));  // low halves' sums + high halves'
 }
 
-// exp(x) for 8 floats within ~2 ulp: 2^n * e^r with r = x - n ln2 (ln2 split in two for
-// accuracy) and a degree-6 polynomial for e^r on |r| <= ln2/2 (Cephes' coefficients).
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));  // 2^n stays finite
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+// exp(x) within ~2 ulp: 2^n * e^r with r = x - n ln2 (ln2 split in two for accuracy) and a degree-6 polynomial for
+// e^r on |r| <= ln2/2 (Cephes' coefficients), the bounds keeping 2^n finite.
+constexpr float EXP_LOWEST = -87.3f, EXP_HIGHEST = 88.3f, LOG2E = 1.44269504088896341f, LN2_HIGH = 0.693359375f,
+                LN2_LOW = -2.12194440e-4f;
+constexpr float EXP_POLYNOMIAL[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                    4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+inline __m256 exp8(__m256 x) {  // 8 floats
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(EXP_LOWEST)), _mm256_set1_ps(EXP_HIGHEST));
+  const __m256 n =
+      _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HIGH), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LOW), r);
+  __m256 p = _mm256_set1_ps(EXP_POLYNOMIAL[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_POLYNOMIAL[i]));
   p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
+
+#ifdef __AVX512F__
+inline __m512 exp16(__m512 x) {  // 16 floats, the same arithmetic lane by lane
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_LOWEST)), _mm512_set1_ps(EXP_HIGHEST));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HIGH), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LOW), r);
+  __m512 p = _mm512_set1_ps(EXP_POLYNOMIAL[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_POLYNOMIAL[i]));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
 
 }  // namespace slipstream
