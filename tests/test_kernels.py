@@ -293,6 +293,27 @@ def test_a_query_rows_attention_is_the_same_in_any_batch(ops, cache_dtype, start
     torch.testing.assert_close(chunk, want.transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("dim", "heads", "kv_heads"), [(64, 9, 3), (128, 8, 2), (32, 4, 4)])
+def test_a_prompt_chunks_attention_over_a_long_context_matches_float64(ops, dim, heads, kv_heads):
+    """A prompt chunk's rows 400-450 tokens into a float32 cache (exact mode's), the keys scaled up so a row's
+    greatest score moves from chunk to chunk of the AMX tiles' online softmax (128 tokens a chunk; with more than 64
+    dims the query parts go to the tiles in pairs of 32-dim chunks): each row within float32's error of float64."""
+    torch.manual_seed(dim)
+    block_size, start, n = 16, 400, 51
+    blocks = -(-(start + n) // block_size)
+    k_cache = torch.randn(blocks + 2, kv_heads, block_size, dim) * 3
+    v_cache = torch.randn(blocks + 2, kv_heads, block_size, dim)
+    table = torch.randperm(blocks + 2)[:blocks]
+    q = torch.randn(n, heads, dim)
+    lens = torch.arange(start + 1, start + n + 1)
+    got = ops.paged_attention(q, k_cache, v_cache, table.unsqueeze(0).expand(n, -1), lens, dim**-0.5)
+    k = kv_cache.gather(k_cache, table, torch.float64)[:, : start + n]
+    v = kv_cache.gather(v_cache, table, torch.float64)[:, : start + n]
+    causal = torch.arange(start + n) < lens.unsqueeze(1)
+    want = F.scaled_dot_product_attention(q.double().transpose(0, 1), k, v, attn_mask=causal, enable_gqa=True)
+    torch.testing.assert_close(got.double(), want.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("width", [64, 45])  # a multiple of the vector width, and one with a tail
 def test_norm_and_activation_kernels_match_pytorch(ops, width):
     torch.manual_seed(width)
