@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -78,6 +79,28 @@ def test_closing_a_stream_early_aborts_the_rest(engine):
     outs = run(go, engine, on_output=seen.append)
     assert outs[-1].finished and not engine.has_unfinished()
     assert [o.finish_reason for o in seen if o.request_id == "long" and o.finished] == ["abort"]
+
+
+def test_a_requests_first_token_time_counts_its_wait_for_the_step_in_progress(engine):
+    """A request that arrives while the engine thread runs another's long prompt waits for that step before it is
+    scheduled: its TTFT (the outputs' arrival_times, what /metrics and the streamed chunks report) counts that wait,
+    as its client sees it, not only from when the engine thread took it."""
+
+    async def go(llm):
+        busy = await llm.generate([("long", [1000] * 1500, GREEDY)])  # steps of hundreds of ms on a CPU
+        first = asyncio.create_task(anext(busy))
+        await asyncio.sleep(0.05)  # (its first step under way)
+        sent = time.monotonic()
+        out = await anext(await llm.generate([("short", prompt(engine, "Hi"), GREEDY)]))
+        seen = time.monotonic() - sent
+        await first
+        async for _ in busy:
+            pass
+        return out, seen
+
+    out, seen = run(go, engine)
+    assert out.arrival_times[0] <= seen
+    assert out.arrival_times[0] >= seen - 0.05, (out.arrival_times[0], seen)
 
 
 def test_a_refused_request_raises_before_any_output_and_leaves_nothing(engine):

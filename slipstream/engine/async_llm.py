@@ -16,6 +16,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import NamedTuple
@@ -130,8 +131,11 @@ class AsyncLLM:
         ids = [r[0] for r in requests]
         for rid in ids:
             self._queues[rid] = out_queue
+        # (Their arrival: now, not when the engine thread takes them between steps, so that the time they wait for
+        # the step in progress counts in their queue time and TTFT, as a client sees it.)
+        arrival = time.monotonic()
         try:
-            await self._call(partial(self._add_all, requests))
+            await self._call(partial(self._add_all, requests, arrival))
         except BaseException as exc:
             for rid in ids:
                 self._queues.pop(rid, None)
@@ -200,12 +204,13 @@ class AsyncLLM:
 
     # ---- engine thread ----
 
-    def _add_all(self, requests: list[EngineRequest]) -> None:
+    def _add_all(self, requests: list[EngineRequest], arrival: float) -> None:
         added = []
         try:
             for request in requests:
                 rid, prompt_token_ids, params, reasoning, tags, group = EngineRequest(*request)
-                self._engine.add_request(rid, prompt_token_ids, params, reasoning=reasoning, tags=tags, group=group)
+                self._engine.add_request(rid, prompt_token_ids, params, arrival_time=arrival, reasoning=reasoning,
+                                         tags=tags, group=group)
                 added.append(rid)
         except Exception:
             for rid in added:
