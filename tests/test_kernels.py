@@ -254,8 +254,8 @@ def test_a_query_rows_attention_is_the_same_in_any_batch(ops, cache_dtype, start
     as each row alone or among other sequences' rows: the kernel's arithmetic for a row does not depend on its batch.
     (The kernel takes such rows in tiles that share each key and value: 37 rows are tiles of 16, 16 and 5, and rows
     past 64 tokens hold their value sums between spans of tokens.) On AMX a float32 cache's (exact mode's) tiles of 8
-    rows or more (up to 64) go to the matrix tiles, whose sums are float32's in another order: there a row is the same
-    as alone within float32's error, bitwise in any tile of 8 rows or more."""
+    rows or more (up to 64 from 1024 tokens) go to the matrix tiles, whose sums are float32's in another order: there a
+    row is the same as alone within float32's error, bitwise in any tile of 8 rows or more."""
     torch.manual_seed(7)
     block_size, num_blocks, heads, kv_heads, dim = 4, 64, 9, 3, 64
     k_cache = kv_cache.encode(torch.randn(num_blocks, kv_heads, block_size, dim), cache_dtype)
@@ -283,8 +283,8 @@ def test_a_query_rows_attention_is_the_same_in_any_batch(ops, cache_dtype, start
                                 torch.cat([others[:8], others[8:].expand(20, -1), table.expand(20, -1)]),
                                 torch.cat([other_lens, lens[10:30]]), dim**-0.5)
     same(mixed[28:], chunk[10:30])
-    if on_matrix_tiles:  # the chunk's 37 rows one tile, these 20 another: no row's sums depend on its tile's others
-        assert torch.equal(mixed[28:], chunk[10:30])
+    if on_matrix_tiles:  # rows 10-25 are a tile of 16 there as in the chunk (tiles of 16 from row 0, then from 16)
+        assert torch.equal(mixed[28:44], chunk[10:26])
     k = kv_cache.gather(k_cache, table, torch.float32)[:, : start + n]
     v = kv_cache.gather(v_cache, table, torch.float32)[:, : start + n]
     queries = kv_cache.round_queries(q) if cache_dtype == torch.int8 else q
@@ -295,11 +295,12 @@ def test_a_query_rows_attention_is_the_same_in_any_batch(ops, cache_dtype, start
 
 @pytest.mark.parametrize(("dim", "heads", "kv_heads"), [(64, 9, 3), (128, 8, 2), (32, 4, 4)])
 def test_a_prompt_chunks_attention_over_a_long_context_matches_float64(ops, dim, heads, kv_heads):
-    """A prompt chunk's rows 400-450 tokens into a float32 cache (exact mode's), the keys scaled up so a row's
+    """A prompt chunk's rows 1100-1180 tokens into a float32 cache (exact mode's), the keys scaled up so a row's
     greatest score moves from chunk to chunk of the AMX tiles' online softmax (128 tokens a chunk; with more than 64
-    dims the query parts go to the tiles in pairs of 32-dim chunks): each row within float32's error of float64."""
+    dims the query parts go to the tiles in pairs of 32-dim chunks; past 1024 tokens tiles of up to 64 rows): each row
+    within float32's error of float64."""
     torch.manual_seed(dim)
-    block_size, start, n = 16, 400, 51
+    block_size, start, n = 16, 1100, 80
     blocks = -(-(start + n) // block_size)
     k_cache = torch.randn(blocks + 2, kv_heads, block_size, dim) * 3
     v_cache = torch.randn(blocks + 2, kv_heads, block_size, dim)

@@ -101,10 +101,12 @@ constexpr int MAX_PACK = 3;  // heads a task takes together
 // a tile of any size (the same tiles of keys from token 0, each lane's sum over tokens in order): results stay
 // independent of the batch.
 constexpr int64_t TILE_ROWS = 16;
-// Where the AMX tiles serve a prompt's tiles (attention_amx.h), up to this many rows a tile: each 128-token chunk of
-// its keys and values, split for the tiles, is read from L3 once for 64 rows and from L2 by the rest. (Against 16, a
-// 512-row chunk's attention from token 2048 / 7000 1.12x / 1.04x, a 6000-token prompt's prefill 1.07x: AMX Xeon.)
-constexpr int64_t MATRIX_TILE_ROWS = 64;
+// Where the AMX tiles serve a prompt's tiles (attention_amx.h) and its rows attend to MATRIX_TILE_CONTEXT tokens or
+// more, up to this many rows a tile: each 128-token chunk of its keys and values, split for the tiles, is read from L3
+// once for 64 rows and from L2 by the rest. (Against 16, a 512-row chunk's attention from token 2048 / 7000 1.12x /
+// 1.04x, a 6000-token prompt's prefill 1.07x; but from token 0 0.95x and a 300-row prompt's beside 32 decodes 0.92x,
+// fewer tasks for the threads to share where the keys and values stay in L2 anyway: AMX Xeon.)
+constexpr int64_t MATRIX_TILE_ROWS = 64, MATRIX_TILE_CONTEXT = 1024;
 constexpr int64_t MAX_TILE_ROWS = std::max(TILE_ROWS, MATRIX_TILE_ROWS);
 // A row's value sums take this many tokens before the tile's next row takes them (the rows' accumulators wait in
 // `out`; a lone row takes all its tokens at once).
@@ -458,11 +460,12 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
             int64_t B, int64_t H, int64_t D, int64_t bs, int64_t Hkv, int64_t W, float scale) {
   // Tiles: (first row, rows), a row joining the last tile where it attends through the same table one token further.
   std::vector<std::pair<int64_t, int64_t>> tiles;
-  const int64_t tile_rows = matrix_tiles_serve<C>(D) ? MATRIX_TILE_ROWS : TILE_ROWS;
+  const bool matrix = matrix_tiles_serve<C>(D);
   for (int64_t b = 0; b < B; ++b) {
     if (!tiles.empty()) {
       auto& [first, n] = tiles.back();
       const int64_t last = first + n - 1;
+      const int64_t tile_rows = matrix && lens[b] >= MATRIX_TILE_CONTEXT ? MATRIX_TILE_ROWS : TILE_ROWS;
       if (n < tile_rows && lens[b] == lens[last] + 1 &&
           (W == 0 || std::equal(bt + b * W, bt + b * W + (lens[b] + bs - 1) / bs, bt + last * W))) {
         ++n;
