@@ -160,8 +160,8 @@ inline void split_step(const float* keys, const float* values, const int64_t* ro
 // scores + 256 b (b < blocks) = the 16 keys from c0 + 16 b (rows) . the 16 query vectors whose parts are at
 // `queries` (columns), unscaled. The query parts of two 32-dim chunks stay on tiles (B 2-7) for all the blocks; with
 // more dims than 64 the blocks' sums wait in `scores` between pairs of chunks.
-inline void key_scores(const uint16_t* parts, const uint16_t* queries, int64_t c0, int64_t blocks, int64_t D,
-                       float* scores) {
+inline void chunk_key_scores(const uint16_t* parts, const uint16_t* queries, int64_t c0, int64_t blocks, int64_t D,
+                             float* scores) {
   const int64_t KH = D / 32, key_set = KH * 3 * TILE_WORDS;
   for (int64_t h = 0; h < KH; h += 2) {
     const bool pair = h + 1 < KH;
@@ -221,7 +221,7 @@ void tile_attention(const Rows& task, int64_t P, const uint16_t* parts, int64_t 
   for (int64_t c0 = 0; c0 < L; c0 += VALUE_CHUNK) {
     const int64_t steps = (std::min(VALUE_CHUNK, L - c0) + 31) / 32, blocks = 2 * steps;
     for (int64_t g = 0; g < groups; ++g) {
-      key_scores(parts, scratch.queries.data() + g * group_words, c0, blocks, D, scores);
+      chunk_key_scores(parts, scratch.queries.data() + g * group_words, c0, blocks, D, scores);
       __m512 chunk_top = _mm512_set1_ps(std::numeric_limits<float>::lowest());
       for (int64_t t = c0; t < c0 + 16 * blocks; ++t) {
         const __m512 row = _mm512_load_ps(scores + 16 * (t - c0));
