@@ -117,6 +117,7 @@ void expand_weights(const Weights& w, int64_t K, int64_t n0, int64_t rows, uint1
     const int64_t n = n0 + r;
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t at = n * nb + b;
+      avx512::prefetch_ahead<T, L>(w, at);
       __m512i words;
       if constexpr (T == QType::Q8_0) {
         const int8_t* q = reinterpret_cast<const int8_t*>(w.qs) + at * 32;

@@ -57,7 +57,7 @@ class Sampler:
         """Each row's logit processors applied (before temperature) to a copy of `logits`, or `logits` itself when
         no row has any (a batch of 32 rows is 6 MB to copy). Rows in `constrained` follow a grammar, which alone
         decides when they may end."""
-        rows = [i for i, seq in enumerate(seqs) if _processes(seq)]
+        rows = [i for i, seq in enumerate(seqs) if seq.params.logit_bias or self.reads_the_output(seq)]
         if not rows:
             return logits
         unprocessed, logits = logits, logits.clone()
@@ -232,11 +232,6 @@ def _keep_drawable(row: torch.Tensor, unprocessed: torch.Tensor) -> None:
     if not bool(row.max() > NEG_INF):
         row.copy_(unprocessed)
 
-
-def _processes(seq: Sequence) -> bool:
-    """Whether any of Sampler.process_logits's processors applies to this sequence's row."""
-    p = seq.params
-    return bool(p.logit_bias) or _bans_words(p) or seq.num_output_tokens < p.min_tokens or _penalizes(p)
 
 
 def _bans_words(p: SamplingParams) -> bool:
