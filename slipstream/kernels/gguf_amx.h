@@ -27,6 +27,7 @@
 #include "amx_tiles.h"
 #include "gguf_blocks.h"
 #include "gguf_rows_avx512.h"
+#include "stolen_items.h"
 
 namespace slipstream::amx {
 
@@ -203,12 +204,12 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
   constexpr bool scaled = T != QType::BF16;
   const int64_t nb = K / QK, tiles = (M + 15) / 16;
   const SplitX s = split_x<mins, Parts>(x, M, K);
-  at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t t0, int64_t t1) {
+  for_items_stealing(even_runs((N + 31) / 32), [&](const auto& claim, int64_t) {
     configure_tiles();
     CacheLineVector<uint16_t> a(32 * K);
     std::vector<float> d(nb * 32), mn(nb * 32);
     alignas(64) float c[4][256], acc[4][256];  // [weight tile * 2 + activation tile]
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t; (t = claim()) >= 0;) {
       const int64_t n0 = 32 * t, rows = std::min<int64_t>(32, N - n0);
       const uint16_t* rows_a = a.data();
       if (!scaled && rows == 32) rows_a = reinterpret_cast<const uint16_t*>(w.qs) + n0 * K;

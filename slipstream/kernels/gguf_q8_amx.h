@@ -24,6 +24,7 @@
 #include "amx_tiles.h"
 #include "gguf_blocks.h"
 #include "gguf_q8_avx512.h"
+#include "stolen_items.h"
 
 namespace slipstream::amx {
 
@@ -123,14 +124,14 @@ template <QType T, Layout L>
 void int8_groups_linear(const Int8Rows& x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   constexpr bool nibbles = L == Layout::NibbleGroups;
   const int64_t nb = K / QK;
-  at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
-    TileConfig config;
-    config.tile(0, 16, 64).tile(1, 16, 64).tile(2, 16, QK).tile(3, 16, QK).tile(4, QK / 4, 64).tile(5, QK / 4, 64);
-    config.load();
-    CacheLineVector<uint8_t> unpacked(nibbles ? nb * 512 : 0);  // the group's blocks: 8 quads x 64 bytes each
-    for (int64_t mc = 0; mc < M; mc += INT8_CHUNK_ROWS) {
-      const int64_t rows = std::min(INT8_CHUNK_ROWS, M - mc);
-      for (int64_t g = g0; g < g1; ++g) {
+  for (int64_t mc = 0; mc < M; mc += INT8_CHUNK_ROWS) {
+    const int64_t rows = std::min(INT8_CHUNK_ROWS, M - mc);
+    for_items_stealing(even_runs(N / 16), [&](const auto& claim, int64_t) {
+      TileConfig config;
+      config.tile(0, 16, 64).tile(1, 16, 64).tile(2, 16, QK).tile(3, 16, QK).tile(4, QK / 4, 64).tile(5, QK / 4, 64);
+      config.load();
+      CacheLineVector<uint8_t> unpacked(nibbles ? nb * 512 : 0);  // the group's blocks: 8 quads x 64 bytes each
+      for (int64_t g; (g = claim()) >= 0;) {
         if constexpr (nibbles) {
           for (int64_t b = 0; b < nb; ++b) {
             __m512i lo[4], hi[4];
@@ -147,9 +148,9 @@ void int8_groups_linear(const Int8Rows& x, Weights w, float* y, int64_t M, int64
             else return static_cast<const uint8_t*>(w.qs + (g * nb + b) * (512 + 32));
           });
       }
-    }
-    _tile_release();
-  });
+      _tile_release();
+    });
+  }
 }
 
 }  // namespace slipstream::amx

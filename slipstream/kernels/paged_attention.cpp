@@ -22,6 +22,7 @@
 
 #include "kernels.h"
 #include "kv_rows.h"
+#include "stolen_items.h"
 #include "vec.h"
 #ifdef __AMX_BF16__
 #include "attention_amx.h"
@@ -486,22 +487,21 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
       split_for_tiles<C>(tiles, lens, bt, W, bs, Hkv, D, kp, vp, token_rows);
   const int64_t packs = num_tiles * Hkv >= 2 * at::get_num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
   const int64_t pack_size = (G + packs - 1) / packs, tasks = num_tiles * Hkv * packs;
-  // Each thread takes a run of tasks with its share of the work (a task costs its rows' context lengths and a fixed
-  // part), not of the tasks: a prompt's rows attend to 1, 2, ... n tokens, and an even split of them left one thread
-  // 3/4 of the work.
+  // Each thread's run of tasks holds its share of the work (a task costs its rows' context lengths and a fixed part),
+  // not of the tasks: a prompt's rows attend to 1, 2, ... n tokens, and an even split of them left one thread 3/4 of
+  // the work. A thread done with its run takes the others' last tasks (stolen_items.h).
   std::vector<int64_t> work_before(tasks + 1, 0);  // the cost of tasks [0, i)
   for (int64_t task = 0; task < tasks; ++task) {
     const auto [first, n] = tiles[task / packs / Hkv];
     work_before[task + 1] = work_before[task] + std::accumulate(lens + first, lens + first + n, int64_t{0}) + 16 * n;
   }
+  if (tasks == 0) return;
   const int64_t shares = std::min<int64_t>(at::get_num_threads(), tasks);
-  auto share_start = [&](int64_t i) {
-    return std::lower_bound(work_before.begin(), work_before.end(), work_before[tasks] * i / shares) -
-           work_before.begin();
-  };
-  at::parallel_for(0, shares, 1, [&](int64_t share_begin, int64_t share_end) {
-    const int64_t begin = share_start(share_begin), end = share_start(share_end);
-    if (begin >= end) return;
+  std::vector<int64_t> bounds(shares + 1);
+  for (int64_t i = 0; i <= shares; ++i)
+    bounds[i] = std::lower_bound(work_before.begin(), work_before.end(), work_before[tasks] * i / shares) -
+                work_before.begin();
+  slipstream::for_items_stealing(bounds, [&](const auto& claim, int64_t me) {
     std::vector<float> scores;
     std::vector<int8_t> scratch;
     TileScratch tile_scratch;
@@ -514,12 +514,15 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
       token_rows(b, group % Hkv, 0, lens[b], out.data());
     };
     AheadStream<C> ahead{kp, vp, width};
-    for (int64_t task = begin; task < end; ++task) {
+    int64_t held = -1, next_held = -1;  // the groups whose rows `rows` and `ahead.rows` hold
+    for (int64_t task; (task = claim()) >= 0;) {
       const int64_t group = task / packs, pack = task % packs;
-      if (task == begin || pack == 0) {  // a group's first task here: its rows, and the next group's
-        if (task == begin) group_rows(group, rows);
-        else rows.swap(ahead.rows);
-        if ((group + 1) * packs < end) group_rows(group + 1, ahead.rows);
+      if (group != held) {  // its rows, and those of the next group of this thread's run (not of a stolen task's)
+        if (group == next_held) rows.swap(ahead.rows);
+        else group_rows(group, rows);
+        held = group;
+        next_held = task >= bounds[me] && (group + 1) * packs < bounds[me + 1] ? group + 1 : -1;
+        if (next_held >= 0) group_rows(next_held, ahead.rows);
         else ahead.rows.clear();
       }
       const auto [first, n] = tiles[group / Hkv];
