@@ -4,6 +4,7 @@ the tiling handles (8/4/2/1 pieces) and output sizes that are not a multiple of 
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -514,6 +515,48 @@ def test_w4a8_group_kernels_give_each_row_the_same_bits_at_any_row_count(ops, qt
     torch.testing.assert_close(alone[:8], q8_reference(x[:8], dense), rtol=1e-5, atol=3e-4)
     for rows in (2, 15, 16, 17, 40, 300):
         assert torch.equal(ops.gguf_linear_q8(x[:rows], *weights, qtype), alone[:rows]), f"{rows} rows"
+
+
+def test_kernels_give_the_same_bits_while_a_busy_process_holds_back_a_thread(ops):
+    """The matmuls' column groups and the attention's tasks are shared among the threads in runs, a thread done with
+    its own taking the others' last items (stolen_items.h). With two busy processes on the same cores the threads fall
+    behind each other at random, so items change hands: every call must still compute each item once, in the bits
+    one thread computes alone."""
+    torch.manual_seed(11)
+    blocks, _ = random_gguf_weight(3, 1024, 576, seed=11)  # Q4_1, 32 groups of 32 rows (64 of 16)
+    split = split_gguf_blocks(blocks, 3)
+    grouped = interleave_q4_rows(*split, ops.q4_group_rows())
+    x = torch.randn(160, 576)
+    block_size, heads, kv_heads, dim = 16, 9, 3, 64
+    caches = [torch.randn(400, kv_heads, block_size, dim) for _ in "kv"]
+    tables = torch.stack([torch.randperm(400)[:11] for _ in range(32)])
+    lens = torch.randint(100, 170, (32,))
+    q = torch.randn(32, heads, dim)
+    calls = {
+        "exact matmul": lambda: ops.gguf_linear(x, *split, 3),
+        "w4a8 matmul": lambda: ops.gguf_linear_q8(x, *grouped, 3),
+        "attention": lambda: ops.paged_attention(q, *caches, tables, lens, dim**-0.5),
+    }
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = {name: call() for name, call in calls.items()}
+        torch.set_num_threads(2)
+        busy = [subprocess.Popen([sys.executable, "-c", "print(flush=True)\nwhile True: pass"], stdout=subprocess.PIPE)
+                for _ in range(2)]
+        try:
+            for p in busy:
+                p.stdout.readline()  # (spinning from here)
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                for name, call in calls.items():
+                    assert torch.equal(call(), alone[name]), name
+        finally:
+            for p in busy:
+                p.kill()
+                p.wait()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("qtype", sorted(Q4_TYPES | HIGH_BIT_TYPES))
