@@ -17,8 +17,9 @@
 
 namespace slipstream {
 
-// body(claim, i) runs once on each thread i (its set-up before its loop); claim() returns its next item, or -1 when none
-// is left anywhere. Thread i's own run is [bounds[i], bounds[i + 1]); bounds has a thread count + 1 entries, ascending.
+// body(claim, i) runs once on each thread i (its set-up before its loop); claim() returns its next item, or -1 when
+// none is left anywhere. Thread i's own run is [bounds[i], bounds[i + 1]); bounds has a thread count + 1 entries,
+// ascending.
 template <typename Body>
 void for_items_stealing(const std::vector<int64_t>& bounds, const Body& body) {
   const int64_t runs = static_cast<int64_t>(bounds.size()) - 1;
