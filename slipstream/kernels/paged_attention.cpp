@@ -487,6 +487,7 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
       split_for_tiles<C>(tiles, lens, bt, W, bs, Hkv, D, kp, vp, token_rows);
   const int64_t packs = num_tiles * Hkv >= 2 * at::get_num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
   const int64_t pack_size = (G + packs - 1) / packs, tasks = num_tiles * Hkv * packs;
+  if (tasks == 0) return;
   // Each thread's run of tasks holds its share of the work (a task costs its rows' context lengths and a fixed part),
   // not of the tasks: a prompt's rows attend to 1, 2, ... n tokens, and an even split of them left one thread 3/4 of
   // the work. A thread done with its run takes the others' last tasks (stolen_items.h).
@@ -495,7 +496,6 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
     const auto [first, n] = tiles[task / packs / Hkv];
     work_before[task + 1] = work_before[task] + std::accumulate(lens + first, lens + first + n, int64_t{0}) + 16 * n;
   }
-  if (tasks == 0) return;
   const int64_t shares = std::min<int64_t>(at::get_num_threads(), tasks);
   std::vector<int64_t> bounds(shares + 1);
   for (int64_t i = 0; i <= shares; ++i)

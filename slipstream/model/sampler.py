@@ -233,7 +233,6 @@ def _keep_drawable(row: torch.Tensor, unprocessed: torch.Tensor) -> None:
         row.copy_(unprocessed)
 
 
-
 def _bans_words(p: SamplingParams) -> bool:
     return bool(p.bad_words or p.bad_words_token_ids)
 
