@@ -3,17 +3,18 @@
 // prompts, bitwise as the AVX-512 VNNI group kernels (gguf_q8_avx512.h) compute them.
 //
 // A block's dot products are integers, exact in int32 however they are summed. One tile product per block, 16
-// activation rows and group: A is 16 activation rows of x's int8 quants (the block's 32 bytes of each, where quantize_rows put
-// them), B the block's weights for a group of 16 weight rows (8 quads x 16 rows: the nibble groups' own order once
+// activation rows and group: A is 16 activation rows of x's int8 quants (the block's 32 bytes of each, where
+// quantize_rows put them), B the block's weights for a group of 16 weight rows (8 quads x 16 rows: the nibble groups' own order once
 // unpacked to bytes; Q8_0's byte groups as they lie), so C's row m is the vector of 16 sums the VNNI kernel builds
 // with eight vpdpbusd for activation row m. Each C row then meets the scales through the VNNI kernel's instructions
 // in its order (block after block, from zero): a row's outputs do not depend on which kernel served it, and w4a8's
 // batch invariance holds across the switch between them. (TDPBSUD: x signed, the nibbles unsigned; Q8_0 TDPBSSD.)
 //
 // What bounds it: every block's C tile is stored (1 KB per 8192 products at K = 32, a scale per 32) and its rows
-// scaled with four float instructions each, the VNNI kernel's; the tiles only take the eight vpdpbusd a row. Measured
-// apart (gate_up, 512 rows): the tile work alone 1.35 ms, the scaling alone 1.64, together 2.2 against VNNI's 2.8-3.0.
-// The embedded model's w4a8 matmuls in a step, 32 / 128 / 512 rows: 1.15x / 1.16x / 1.15x VNNI's.
+// scaled with four float instructions each, the VNNI kernel's; the tiles only take the eight vpdpbusd a row. One
+// thread, K = 1536, a block of 16 x 16 (a probe of this loop): 26 ns, of which the tile loads, product and store
+// alone 12.6 and the scaling alone 9 (near its 64 float instructions on two ports). The embedded model's w4a8 matmuls
+// in a step, 32 / 128 / 512 rows: 1.32x / 1.35x / 1.29x VNNI's (AMX Xeon, 2 threads).
 #pragma once
 #include <immintrin.h>
 
@@ -65,32 +66,35 @@ struct Int8Rows {
   } while (0)
 
 // y's rows [m0, m0 + 16) x group g (16 columns) for x's int8 rows times the group's blocks in layout L (`weights(b)`:
-// block b's 8 quads x 16 rows as B takes them). The sums stay in registers, a row each; each block's product runs
-// on the tiles while the one before is stored and scaled (C tiles 0 and 1 in turn).
+// block b's 8 quads x 16 rows as B takes them; `xd` / `xs`: x's block scales and sums as [block][row]). The sums stay
+// in registers, a row each, named: GCC kept an array of them in memory (a load and a store a row and block), and
+// 16 row pointers for the scales' broadcasts spilled its integer registers (both: 1.15x at 16-512 rows). Each
+// block's product runs on the tiles while the one before is stored and scaled (C tiles 0 and 1 in turn; scaling a
+// block one later, or three C tiles, ran 0.93x).
 template <QType T, Layout L, typename BlockWeights>
-[[gnu::always_inline]] inline void int8_group_tile(const Int8Rows& x, const Weights& w, float* y, int64_t m0,
-                                                   int64_t valid, int64_t K, int64_t N, int64_t g,
+[[gnu::always_inline]] inline void int8_group_tile(const int8_t* xq, const float* xd, const float* xs, const Weights& w,
+                                                   float* y, int64_t valid, int64_t K, int64_t N, int64_t g,
                                                    BlockWeights weights) {
   constexpr bool nibbles = L == Layout::NibbleGroups;
-  const int64_t nb = K / QK, stride = x.stride;
-  const int8_t* xq = x.q + m0 * K;
-  const float* xd = x.scale + m0 * stride;
-  const float* xs = x.sum + m0 * stride;
+  const int64_t nb = K / QK;
   alignas(64) int32_t c[2][256];
-  __m512 acc[16];
-  for (auto& a : acc) a = _mm512_setzero_ps();
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
+         a10 = a0, a11 = a0, a12 = a0, a13 = a0, a14 = a0, a15 = a0;
   auto scale = [&](const int32_t* sums, int64_t b) {  // (the VNNI kernels' instructions, in their order)
     const int64_t gb = g * nb + b;
     const __m512 d = avx512::load_scales16<T, L>(w.scales, w.fscales, gb * 16);
     [[maybe_unused]] __m512 offset;
     if constexpr (has_mins(T)) offset = avx512::load_scales16<T, L>(w.mins, w.fmins, gb * 16);
     else if constexpr (nibbles) offset = _mm512_mul_ps(d, _mm512_set1_ps(-quant_offset(T)));
-#pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) {
+    const float* bd = xd + 16 * b;
+    const float* bs = xs + 16 * b;
+    auto row = [&](__m512& a, int r) {
       const __m512 sum = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * r));
-      acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(xd[r * stride + b])), acc[r]);
-      if constexpr (nibbles) acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xs[r * stride + b]), acc[r]);
-    }
+      a = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(bd[r])), a);
+      if constexpr (nibbles) a = _mm512_fmadd_ps(offset, _mm512_set1_ps(bs[r]), a);
+    };
+    row(a0, 0); row(a1, 1); row(a2, 2); row(a3, 3); row(a4, 4); row(a5, 5); row(a6, 6); row(a7, 7);
+    row(a8, 8); row(a9, 9); row(a10, 10); row(a11, 11); row(a12, 12); row(a13, 13); row(a14, 14); row(a15, 15);
   };
   auto product = [](const int8_t* xb, int64_t ldx, const uint8_t* wb, int tile) {
     if constexpr (nibbles) {
@@ -112,9 +116,8 @@ template <QType T, Layout L, typename BlockWeights>
       scale(c[1], b + 1);
     }
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < 16; ++r)  // (constant indices: acc stays in registers)
-    if (r < valid) _mm512_storeu_ps(y + (m0 + r) * N + 16 * g, acc[r]);
+  const __m512 acc[16] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15};
+  for (int r = 0; r < valid; ++r) _mm512_storeu_ps(y + r * N + 16 * g, acc[r]);
 }
 
 #undef SLIPSTREAM_INT8_PRODUCT
@@ -123,7 +126,15 @@ template <QType T, Layout L, typename BlockWeights>
 template <QType T, Layout L>
 void int8_groups_linear(const Int8Rows& x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
   constexpr bool nibbles = L == Layout::NibbleGroups;
-  const int64_t nb = K / QK;
+  const int64_t nb = K / QK, tiles = (M + 15) / 16;
+  // Each tile's block scales and sums as [block][row]: one pointer serves the 16 rows' broadcasts.
+  CacheLineVector<float> xd(tiles * nb * 16), xs(nibbles ? tiles * nb * 16 : 0);
+  for (int64_t m = 0; m < tiles * 16; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t at = ((m / 16) * nb + b) * 16 + m % 16;
+      xd[at] = x.scale[m * x.stride + b];
+      if constexpr (nibbles) xs[at] = x.sum[m * x.stride + b];
+    }
   for (int64_t mc = 0; mc < M; mc += INT8_CHUNK_ROWS) {
     const int64_t rows = std::min(INT8_CHUNK_ROWS, M - mc);
     for_items_stealing(even_runs(N / 16), [&](const auto& claim, int64_t) {
@@ -143,7 +154,8 @@ void int8_groups_linear(const Int8Rows& x, Weights w, float* y, int64_t M, int64
           }
         }
         for (int64_t m0 = mc; m0 < mc + rows; m0 += 16)
-          int8_group_tile<T, L>(x, w, y, m0, std::min<int64_t>(16, mc + rows - m0), K, N, g, [&](int64_t b) {
+          int8_group_tile<T, L>(x.q + m0 * K, xd.data() + m0 * nb, nibbles ? xs.data() + m0 * nb : nullptr, w,
+                                y + m0 * N, std::min<int64_t>(16, mc + rows - m0), K, N, g, [&](int64_t b) {
             if constexpr (nibbles) return static_cast<const uint8_t*>(unpacked.data() + b * 512);
             else return static_cast<const uint8_t*>(w.qs + (g * nb + b) * (512 + 32));
           });
