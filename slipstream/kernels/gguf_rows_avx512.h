@@ -72,9 +72,11 @@ template <QType T, Layout L>
   constexpr int64_t bytes = five_bits ? nibble_group_row_bytes(T) : is_q4(T) ? 16 : is_half(T) ? 64 : 32;
   constexpr int64_t scale_bytes = is_half(T) ? 0 : half_scales(T, L) ? 2 : is_k16(T) && !five_bits ? 8 : 4;
   constexpr int64_t ahead = PREFETCH_AHEAD_BYTES / bytes;  // (blocks)
-  if ((at * bytes) % 64 < bytes) prefetch_l2(w.qs + (at + ahead) * bytes);
+  // (unsigned: a remainder is then one AND; signed, five instructions more a block: matmuls at one row 1.11x)
+  const uint64_t block = static_cast<uint64_t>(at);
+  if ((block * bytes) % 64 < bytes) prefetch_l2(w.qs + (at + ahead) * bytes);
   if constexpr (scale_bytes > 0) {
-    if ((at * scale_bytes) % 64 >= scale_bytes) return;
+    if ((block * scale_bytes) % 64 >= scale_bytes) return;
     const int64_t i = (at + ahead) * scale_bytes;  // (bytes into the scales and mins)
     if constexpr (half_scales(T, L)) {
       prefetch_l2(w.scales + i / 2);
