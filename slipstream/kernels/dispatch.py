@@ -110,7 +110,7 @@ _AVX512_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx5
 VARIANTS = (  # best first; AVX2 sources shared, the VNNI builds take vpdpbusd for int8 dot products (vec.h), the
     # AVX-512 builds their own float32 block kernels (gguf_rows_avx512.h), the AMX build bf16 tiles for exact mode's
     # Q4, Q5, Q8_0 and BF16 types at 12 rows or more (gguf_amx.h; the types it serves so: `KernelTable.tile_types`)
-    # and int8 tiles for w4a8's 16-row groups at 16 rows or more (gguf_q8_amx.h)
+    # and int8 tiles for w4a8's 16-row groups at 12 rows or more (gguf_q8_amx.h)
     CpuVariant("amx", frozenset({*_AVX512, "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}),
                (*_AVX512_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8"), block_kernel_max_rows=64,
                onednn_gemm=True),
@@ -324,7 +324,7 @@ class KernelTable:
         if bf16 and self.tile_types:
             bf16 += f" (up to {ROUNDED_TILES_MAX_ROWS} rows, and GGUF blocks at any: x rounded on AMX tiles from 12)"
         tiles = "/".join({**GGUF_KERNEL_TYPES, **HALF_TYPES}[t] for t in sorted(self.tile_types))
-        tiles = f", {tiles} at any rows on AMX tiles (w4a8's groups from 16 rows on int8 tiles)" if tiles else ""
+        tiles = f", {tiles} at any rows on AMX tiles (w4a8's groups from 12 rows on int8 tiles)" if tiles else ""
         return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())} up to " \
                f"{self.variant.block_kernel_max_rows} rows{tiles}, F16/BF16 rows, paged attention (float32 / float16 " \
                f"/ int8 caches), norm/rotary/SwiGLU, layer stack; dense float32 GEMM: {gemm}{bf16}){off}"

@@ -37,9 +37,9 @@ constexpr bool int8_takes() {
 }
 
 // Fewer activation rows than this go to the VNNI kernel: a tile of 16 rows would compute mostly padding. (This Xeon,
-// 2 threads, tiles / VNNI at 8 / 12 / 16 / 32 rows: gate_up (3072 x 576 Q4_1) 0.67x / 0.89x / 1.16x / 1.26x, down
-// (576 x 1536) 0.55x / 0.80x / 0.97x / 1.18x, the 49152 x 576 Q8_0 LM head 0.84x / 1.24x / 1.43x / 1.35x.)
-constexpr int64_t INT8_MIN_ROWS = 16;
+// 2 threads, the embedded model's w4a8 matmuls in a step on the tiles / on VNNI at 8 / 10 / 11 / 12 / 13 / 15 rows:
+// 0.86x / 0.95x / 0.97x / 1.02-1.03x / 1.08x / 1.17x.)
+constexpr int64_t INT8_MIN_ROWS = 12;
 
 // Activation rows a thread takes through all its weight groups before the next ones: their quants stay in L2, and
 // y's rows written for a group (N apart: one L1 set at N = 3072) are few. (gate_up, 1600 rows: 7.6 / 9.0 ms in chunks

@@ -110,7 +110,7 @@ def _gguf_dequantize(ops, perturb: Callable) -> str | None:
 
 
 def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
-    # 5 rows and 18: a few activation rows and a batch (the AMX build's int8 tiles take 16 or more)
+    # 5 rows and 18: a few activation rows and a batch (the AMX build's int8 tiles take 12 or more)
     xs = [torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)) for rows in (5, 18)]
     for qtype, name in GGUF_KERNEL_TYPES.items():
         blocks, dense = random_gguf_weight(qtype, 48, 512, qtype)
