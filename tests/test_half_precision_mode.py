@@ -94,7 +94,7 @@ def test_half_precision_mode_stays_within_its_bound_of_transformers_bf16(safeten
 
 
 def test_bfloat16_mode_on_amx_tiles_stays_within_its_bound(safetensors_model, bf16_reference, monkeypatch):
-    """Where the build multiplies BF16 rows on AMX tiles, the rounded mode takes them from 12 to 64 rows
+    """Where the build multiplies BF16 rows on AMX tiles, the rounded mode takes them from 9 to 64 rows
     (dispatch.ROUNDED_TILES_MAX_ROWS: batches); here for every prefill too, so that the bound above holds them."""
     if 30 not in kernels().tile_types:
         pytest.skip("this build has no BF16 tiles (AMX)")

@@ -109,9 +109,9 @@ def test_the_tile_types_are_served_at_any_row_count(ops):
 
 
 @pytest.mark.parametrize("qtype", [30, 2, 3, 6, 8, 12, 14])
-@pytest.mark.parametrize("rows", [1, 11, 12, 17, 300])
+@pytest.mark.parametrize("rows", [1, 8, 9, 17, 300])
 def test_rounded_matmuls_are_x_rounded_to_bf16_times_the_weights(ops, qtype, rows):
-    """gguf_linear_rounded (--dtype bfloat16): on AMX tiles, from 12 rows, x rounded to bf16 times the weights (BF16
+    """gguf_linear_rounded (--dtype bfloat16): on AMX tiles, from 9 rows, x rounded to bf16 times the weights (BF16
     rows; GGUF blocks, Q5_0 at 5 bits a weight), float32 sums, one tile product a block; elsewhere (fewer rows, the
     types the tiles do not take, builds without tiles) exact mode's gguf_linear, bitwise."""
     if qtype == 30:
@@ -124,7 +124,7 @@ def test_rounded_matmuls_are_x_rounded_to_bf16_times_the_weights(ops, qtype, row
             split = high_bit_rows(split, qtype)
     x = torch.randn(rows, dense.shape[1], generator=torch.Generator().manual_seed(rows))
     got, exact = ops.gguf_linear_rounded(x, *split, qtype), ops.gguf_linear(x, *split, qtype)
-    if qtype in ops.tile_types() and rows >= 12:
+    if qtype in ops.tile_types() and rows >= 9:
         rounded = x.to(torch.bfloat16).double()
         want, magnitude = F.linear(rounded, dense.double()), F.linear(rounded.abs(), dense.double().abs())
         assert ((got - want).abs() <= 4e-7 * magnitude + 1e-6).all()
@@ -135,7 +135,7 @@ def test_rounded_matmuls_are_x_rounded_to_bf16_times_the_weights(ops, qtype, row
 
 def test_the_rounded_mode_takes_the_tiles_where_they_beat_the_gemm(ops):
     """--dtype bfloat16 where the build has tiles: gguf_linear_rounded for GGUF blocks at any rows, for BF16 rows up
-    to 64 (the tiles from 12, the exact row kernel below), oneDNN's packed GEMM beyond; without tiles the GEMM from 8
+    to 64 (the tiles from 9, the exact row kernel below), oneDNN's packed GEMM beyond; without tiles the GEMM from 8
     rows, the exact kernels below."""
     table = kernel_table(ops)
     tiles = bool(table.tile_types)

@@ -165,7 +165,7 @@ class LLMEngine:
         if self.speculation == "auto":
             # Guessing changes no output where each row's products are summed as a lone row's are: one rank's CPU
             # block kernels, for a step's up to 4 rows (a dense GEMM may sum 4 rows in another order than 1, and so do
-            # exact mode's tiles from 8 rows). One sequence only: exact mode's rows cost more than w4a8's (alternated
+            # exact mode's tiles from 9 rows). One sequence only: exact mode's rows cost more than w4a8's (alternated
             # in-process on the benchmark's chat prompts, AMD EPYC Zen 3, AVX2: 1.16x at batch 1, 4 of 4 rounds; 0.93x
             # at batch 2).
             matmuls = [m for m in self.runner.model.modules() if isinstance(m, LinearBase | ParallelLMHead)]

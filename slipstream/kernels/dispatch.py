@@ -67,7 +67,7 @@ ROUNDED_GEMM_MIN_ROWS = 8
 ROUNDED_GEMM_MIN_ROWS_SMALL = 32
 ROUNDED_GEMM_MIN_WEIGHTS = 512 * 1024
 # Where the build multiplies on AMX tiles, it does so for the rounded mode too, x rounded to bf16 (one tile product a
-# block where exact mode has three: `gguf_linear_rounded`, from 12 rows; fewer take the exact row kernel): GGUF blocks
+# block where exact mode has three: `gguf_linear_rounded`, from 9 rows; fewer take the exact row kernel): GGUF blocks
 # at any rows, BF16 rows (packed for oneDNN too) up to ROUNDED_TILES_MAX_ROWS, faster than oneDNN's packed GEMM there
 # (this Xeon, 2 cores, rounded tiles / oneDNN at 12 / 32 / 64 / 128 / 512 rows: gate_up 1.70x / 1.65x / 1.09x / 0.89x
 # / 0.75x, down 1.51x / 0.83-1.87x / 1.51x / 1.48x, q/k/v 2.16x / 1.96x / 1.38x / 1.46x, o 2.49x / 2.01x / 1.94x,
@@ -109,7 +109,7 @@ _AVX512 = (*_AVX2, "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 _AVX512_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 VARIANTS = (  # best first; AVX2 sources shared, the VNNI builds take vpdpbusd for int8 dot products (vec.h), the
     # AVX-512 builds their own float32 block kernels (gguf_rows_avx512.h), the AMX build bf16 tiles for exact mode's
-    # Q4, Q5, Q8_0 and BF16 types at 12 rows or more (gguf_amx.h; the types it serves so: `KernelTable.tile_types`)
+    # Q4, Q5, Q8_0 and BF16 types at 9 rows or more (gguf_amx.h; the types it serves so: `KernelTable.tile_types`)
     # and int8 tiles for w4a8's 16-row groups at 12 rows or more (gguf_q8_amx.h)
     CpuVariant("amx", frozenset({*_AVX512, "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}),
                (*_AVX512_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8"), block_kernel_max_rows=64,
@@ -322,7 +322,7 @@ class KernelTable:
         gemm = "oneDNN" if self.uses_onednn_gemm() else "MKL"
         bf16 = ", --dtype bfloat16 from 8 rows: oneDNN bf16 GEMM on packed weights" if native_bf16_gemm() else ""
         if bf16 and self.tile_types:
-            bf16 += f" (up to {ROUNDED_TILES_MAX_ROWS} rows, and GGUF blocks at any: x rounded on AMX tiles from 12)"
+            bf16 += f" (up to {ROUNDED_TILES_MAX_ROWS} rows, and GGUF blocks at any: x rounded on AMX tiles from 9)"
         tiles = "/".join({**GGUF_KERNEL_TYPES, **HALF_TYPES}[t] for t in sorted(self.tile_types))
         tiles = f", {tiles} at any rows on AMX tiles (w4a8's groups from 12 rows on int8 tiles)" if tiles else ""
         return f"{self.variant.name} (gguf blocks {'/'.join(GGUF_KERNEL_TYPES.values())} up to " \

@@ -40,10 +40,10 @@ constexpr bool takes() {
 }
 
 // Fewer activation rows than this go to the AVX-512 row kernel: a tile of 16 activation rows then computes mostly
-// padding, and expanding every weight to bf16 costs more than it saves. (This Xeon, 2 threads, tiles / row kernel at
-// 8 / 12 / 16 rows: gate_up 0.59x / 0.99x / 1.19x, down 0.75x / 1.06x / 1.44x, the Q8_0 LM head 0.74x / 1.18x /
-// 1.50x; at 32 rows the embedded model's matmuls in a step 1.74x, in isolation 2.2-2.7x.)
-constexpr int64_t MIN_ROWS = 12;
+// padding, and expanding every weight to bf16 costs more than it saves. (This Xeon, 2 threads, the embedded model's
+// exact matmuls in a step on the tiles / on the row kernel at 8 / 9 / 10 / 11 / 12 / 15 rows: 0.87-0.89x / 1.17-1.20x
+// / 1.20-1.24x / 1.31x / 1.35x / 1.69x; the row kernel takes 8 rows in one pass and a ninth in another.)
+constexpr int64_t MIN_ROWS = 9;
 
 // x's activation rows as the B tiles take them: for tile j of 16 rows and block b, Parts parts of 16 rows (pairs of
 // k) x 16 activation rows' dwords, at ((j * nb + b) * Parts + part) * 512 words; rows beyond M are zero. Three parts
