@@ -4,18 +4,24 @@ the kernel that serves it at that row count, layer after layer as a step runs th
 not a cache), summed by projection.
 
     .venv/bin/python benchmarks/matmul_rows.py [--quantization w4a8] [--rows 1 2 3 4 8] [--repeats 20]
+    .venv/bin/python benchmarks/matmul_rows.py --kernels DIR_A DIR_B [--rows 8 9 12] [--quantization w4a8]
 
 At batch 1 a decode step reads every weight once; what each extra row (a batched sequence, an n-gram guess) adds is
 the arithmetic the kernel does per row. The first pass is a warm-up (page faults, the kernels' first calls).
+`--kernels`: the A/B of a kernel change, two directories of kernel sources (e.g. a `git worktree` of an older
+commit's slipstream/kernels) built as this machine's variant, their whole steps' matmuls alternated in one process
+(this VM's speed drifts within minutes), each build's median and whether their outputs are bitwise equal.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import time
 
 import torch
+from engine_ab import kernel_table
 
 from slipstream import LLM
 from slipstream.kernels import kernels
@@ -26,6 +32,7 @@ def main() -> None:
     parser.add_argument("--quantization", default=None, help="w4a8 (default: none, exact)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8])
     parser.add_argument("--repeats", type=int, default=20, help="passes over all layers per row count (default: 20)")
+    parser.add_argument("--kernels", nargs=2, metavar="DIR", help="A/B two directories of kernel sources")
     args = parser.parse_args()
     llm = LLM(None, quantization=args.quantization, kv_cache_memory=64 << 20)
     table = kernels()
@@ -34,6 +41,9 @@ def main() -> None:
     layers = [(name.rsplit(".", 1)[-1], module) for name, module in model.named_modules()
               if getattr(module, "gguf_parts", None) is not None and not name.endswith("embed_tokens")]
     print(f"{len(layers)} block-served layers, CPU kernels {table.variant.name if table.variant else 'none'}")
+    if args.kernels:
+        compare_builds([kernel_table(d) for d in args.kernels], layers, hidden, intermediate, args)
+        return
     for rows in [args.rows[0], *args.rows]:  # (the first: warm-up)
         calls = []
         for kind, module in layers:
@@ -51,6 +61,28 @@ def main() -> None:
                 spent[kind] += time.perf_counter() - start
         ms = {kind: seconds / args.repeats * 1e3 for kind, seconds in spent.items()}
         print(f"{rows} rows: {sum(ms.values()):.2f} ms (" + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + ")")
+
+
+def compare_builds(tables, layers, hidden: int, intermediate: int, args) -> None:
+    """Each row count: both builds' steps of matmuls in turn, `repeats` times, the first pair a warm-up."""
+    for rows in args.rows:
+        calls = [(module.gguf_parts, torch.randn(rows, intermediate if kind == "down_proj" else hidden))
+                 for kind, module in layers]
+        kernels_of = [table.gguf_matmul(layers[0][1], rows).__name__ for table in tables]  # (the op each build serves)
+        ops = [getattr(table.ops, name) for table, name in zip(tables, kernels_of, strict=True)]
+        times: list[list[float]] = [[], []]
+        for repeat in range(args.repeats + 1):
+            for i, op in enumerate(ops):
+                start = time.perf_counter()
+                for parts, x in calls:
+                    for split, qtype in parts:
+                        op(x, *split, qtype)
+                if repeat:
+                    times[i].append((time.perf_counter() - start) * 1e3)
+        parts, x = calls[0]
+        same = all(torch.equal(ops[0](x, *split, qtype), ops[1](x, *split, qtype)) for split, qtype in parts)
+        a, b = (statistics.median(t) for t in times)
+        print(f"{rows} rows: A {a:.2f} ms, B {b:.2f} ms (B {a / b:.3f}x A's speed), outputs bitwise equal: {same}")
 
 
 if __name__ == "__main__":
