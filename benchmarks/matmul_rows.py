@@ -45,13 +45,7 @@ def main() -> None:
         compare_builds([kernel_table(d) for d in args.kernels], layers, hidden, intermediate, args)
         return
     for rows in [args.rows[0], *args.rows]:  # (the first: warm-up)
-        calls = []
-        for kind, module in layers:
-            kernel = table.gguf_matmul(module, rows)
-            if kernel is None:
-                raise SystemExit(f"no block kernel serves {kind} at {rows} rows here")
-            in_features = intermediate if kind == "down_proj" else hidden
-            calls.append((kind, kernel, module.gguf_parts, torch.randn(rows, in_features)))
+        calls = step_calls(table, layers, rows, hidden, intermediate)
         spent: dict[str, float] = collections.defaultdict(float)
         for _ in range(args.repeats):
             for kind, kernel, parts, x in calls:
@@ -63,24 +57,35 @@ def main() -> None:
         print(f"{rows} rows: {sum(ms.values()):.2f} ms (" + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()) + ")")
 
 
+def step_calls(table, layers, rows: int, hidden: int, intermediate: int, xs: list | None = None) -> list:
+    """(kind, kernel, parts, x) for each layer: the kernel `table` serves it with at `rows` rows, and x (`xs`'s, or
+    random)."""
+    calls = []
+    for i, (kind, module) in enumerate(layers):
+        kernel = table.gguf_matmul(module, rows)
+        if kernel is None:
+            raise SystemExit(f"no block kernel serves {kind} at {rows} rows here")
+        x = xs[i] if xs else torch.randn(rows, intermediate if kind == "down_proj" else hidden)
+        calls.append((kind, kernel, module.gguf_parts, x))
+    return calls
+
+
 def compare_builds(tables, layers, hidden: int, intermediate: int, args) -> None:
-    """Each row count: both builds' steps of matmuls in turn, `repeats` times, the first pair a warm-up."""
+    """Each row count: both builds' steps of matmuls in turn on the same x, `repeats` times after a warm-up pair."""
     for rows in args.rows:
-        calls = [(module.gguf_parts, torch.randn(rows, intermediate if kind == "down_proj" else hidden))
-                 for kind, module in layers]
-        kernels_of = [table.gguf_matmul(layers[0][1], rows).__name__ for table in tables]  # (the op each build serves)
-        ops = [getattr(table.ops, name) for table, name in zip(tables, kernels_of, strict=True)]
+        first = step_calls(tables[0], layers, rows, hidden, intermediate)
+        builds = [first, step_calls(tables[1], layers, rows, hidden, intermediate, [x for *_, x in first])]
         times: list[list[float]] = [[], []]
         for repeat in range(args.repeats + 1):
-            for i, op in enumerate(ops):
+            for calls, spent in zip(builds, times, strict=True):
                 start = time.perf_counter()
-                for parts, x in calls:
+                for _, kernel, parts, x in calls:
                     for split, qtype in parts:
-                        op(x, *split, qtype)
+                        kernel(x, *split, qtype)
                 if repeat:
-                    times[i].append((time.perf_counter() - start) * 1e3)
-        parts, x = calls[0]
-        same = all(torch.equal(ops[0](x, *split, qtype), ops[1](x, *split, qtype)) for split, qtype in parts)
+                    spent.append((time.perf_counter() - start) * 1e3)
+        (_, kernel_a, parts, x), (_, kernel_b, _, _) = builds[0][0], builds[1][0]
+        same = all(torch.equal(kernel_a(x, *split, qtype), kernel_b(x, *split, qtype)) for split, qtype in parts)
         a, b = (statistics.median(t) for t in times)
         print(f"{rows} rows: A {a:.2f} ms, B {b:.2f} ms (B {a / b:.3f}x A's speed), outputs bitwise equal: {same}")
 
