@@ -15,7 +15,7 @@ from server_utils import free_port
 
 from slipstream.config import EngineConfig
 from slipstream.entrypoints.openai.args import API_KEY_ENV, engine_config, ignored_flags, memory_size, parse_args
-from slipstream.model.worker import cpu_threads, threads_per_rank
+from slipstream.model.worker import THREAD_BINDING_ENV, cpu_threads, thread_binding_warning, threads_per_rank
 
 SERVER = [sys.executable, "-m", "slipstream.entrypoints.openai.api_server"]
 CLI = [str(Path(sys.executable).parent / "slipstream")]  # the console script
@@ -59,6 +59,22 @@ def test_cpu_threads_come_from_the_flag_then_omp_num_threads_then_the_affinity_m
     assert cpu_threads(EngineConfig()) == 1
     assert cpu_threads(EngineConfig(cpu_threads=5)) == 5
     assert threads_per_rank(EngineConfig(cpu_threads=5, tensor_parallel_size=2)) == 2
+
+
+def test_thread_binding_in_the_environment_is_warned_about(monkeypatch):
+    for name in THREAD_BINDING_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert thread_binding_warning() is None
+    monkeypatch.setenv("OMP_PROC_BIND", "close")
+    monkeypatch.setenv("OMP_PLACES", "cores")
+    warning = thread_binding_warning()
+    assert warning is not None and "OMP_PROC_BIND=close OMP_PLACES=cores" in warning and "unset" in warning
+    monkeypatch.setenv("OMP_PROC_BIND", "FALSE")  # binds nothing, whatever the places
+    assert thread_binding_warning() is None
+    monkeypatch.delenv("OMP_PROC_BIND")
+    monkeypatch.delenv("OMP_PLACES")
+    monkeypatch.setenv("GOMP_CPU_AFFINITY", "0-1")
+    assert "GOMP_CPU_AFFINITY=0-1" in thread_binding_warning()
 
 
 def test_defaults():
@@ -181,7 +197,8 @@ def test_cli_without_a_command_prints_usage():
 
 
 def test_collect_env_reports_this_machine():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_PROC_BIND": "close"}
+    env.pop("OMP_PLACES", None)
     r = subprocess.run([*CLI, "collect-env", "--json"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
@@ -192,6 +209,7 @@ def test_collect_env_reports_this_machine():
         info = f.read()
     assert report["cpu"] in info and all(f in info for f in report["cpu features"])
     assert report["engine threads"] == 1 and report["OMP_NUM_THREADS"] == "1"  # the environment is honoured
+    assert report["OMP_PROC_BIND"] == "close" and report["OMP_PLACES"] == "unset"
     assert report["dtype (auto)"] == "float32" and report["device (auto)"] == "cpu"
     from slipstream.kernels import dispatch
 

@@ -26,7 +26,7 @@ from slipstream.model.parallel import init_distributed
 from slipstream.model.registry import check_supported
 from slipstream.model.runner import ModelRunner, resolve_device, trained_context
 from slipstream.model.sampler import Sampler
-from slipstream.model.worker import WorkerGroup, free_port, threads_per_rank
+from slipstream.model.worker import WorkerGroup, free_port, thread_binding_warning, threads_per_rank
 from slipstream.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -145,6 +145,8 @@ class LLMEngine:
                                                          self.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids, self._bad_word_variants, self.structured_output)
         torch.set_num_threads(threads_per_rank(config))
+        if (binding := thread_binding_warning()) and resolve_device(config.device).type == "cpu":
+            logger.warning(binding)
         self.workers = self._start_tensor_parallel() if config.tensor_parallel_size > 1 else None
         self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.max_model_len, self.sampler)
         bs = config.block_size

@@ -56,7 +56,7 @@ def collect() -> dict[str, object]:
     from slipstream.config import EngineConfig
     from slipstream.kernels import dispatch
     from slipstream.model.runner import resolve_device, resolve_dtype
-    from slipstream.model.worker import cpu_threads
+    from slipstream.model.worker import THREAD_BINDING_ENV, cpu_threads
 
     cpu, flags = _cpuinfo()
     device = resolve_device("auto")
@@ -70,6 +70,7 @@ def collect() -> dict[str, object]:
         "engine threads": cpu_threads(EngineConfig()),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
         "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "unset"),
+        **{name: os.environ.get(name, "unset") for name in THREAD_BINDING_ENV},
         "device (auto)": str(device),
         "dtype (auto)": str(resolve_dtype("auto", device)).removeprefix("torch."),
         "cpu kernel variants": [f"{v.name}" + (f" (lacks {'+'.join(m)})" if (m := dispatch.missing_features(v))
