@@ -11,9 +11,13 @@
 // (16 rows of x, pairs of k in the dword layout TDPBF16PS takes), C = 16 weight rows x 16 activation rows, stored
 // after every block to be scaled into float32 sums. Three products a block where a float32 kernel has one FMA a
 // weight and row, at 16x an FMA's work each: on 2 cores of an AMX Xeon 2.2-2.7x the AVX-512 kernel's speed at 32
-// rows and more (~200 GMAC/s). Without the stores and scaling the products alone ran ~1.4x faster, in L1 ~1.8x; but
-// scaling a block's stored sums after the next block's products went to the tiles changed nothing (0.92-1.09x): the
-// tile unit's own work (products, tile loads and stores) is the bound, not the vector code beside it.
+// rows and more (~200 GMAC/s). Where the time goes, a one-thread probe of this loop (K = 576, 32 x 32 outputs a block,
+// the operands in L2): 160 ns a block, of which the 12 products and 8 tile loads 80-85 (TDPBF16PS alone: 5.4 ns), the
+// 4 C stores 35 and the scaling 45. The three add up: the vector code does not run beside the tile unit's. Scaling a
+// block after the next block's products (0.92-1.09x), or a run of blocks' C tiles at once into sums in registers
+// (1.0x for 3 blocks, 0.8x for 6-48), with the weights as B and x as A (the scales then a vector: 1.0x), with x's
+// parts prefetched into L1 (0.90-0.99x in place) gained nothing. Every block's C tiles must be stored and scaled (a
+// scale per 32 weights), three products a tile: ~2x the products' own time is this layout's floor.
 // --dtype bfloat16 takes one part, x rounded to bf16 (`gguf_linear_rounded`): one product a block.
 #pragma once
 #include <immintrin.h>
