@@ -199,6 +199,28 @@ template <bool Mins>
   }
 }
 
+// A weight tile pair's blocks times activation tiles j (parts, xsum at j's) and j + 1 when Two, into acc (C tiles
+// zeroed first when not Scaled: the whole row's sums then stay in the tiles).
+template <bool Two, bool Mins, bool Scaled, int Parts>
+[[gnu::always_inline]] inline void block_pass(const uint16_t* rows_a, int64_t K, int64_t nb, const uint16_t* parts,
+                                              const float* d, const float* mn, const float* xsum, float (*c)[256],
+                                              float (*acc)[256]) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint16_t* parts0 = parts + b * Parts * 512;
+    if (Scaled) SLIPSTREAM_ZERO_C_TILES(Two);
+    SLIPSTREAM_TILE_PRODUCTS(rows_a + b * QK, K * 2, parts0, parts0 + nb * Parts * 512, Two, Parts);
+    if (!Scaled) continue;
+    SLIPSTREAM_STORE_C_TILES(c, Two);
+    #pragma GCC unroll 4
+    for (int i = 0; i < (Two ? 4 : 2); ++i) {
+      const int wt = Two ? i / 2 : i, at = Two ? i % 2 : 0;
+      const int ci = Two ? i : 2 * i;
+      scale_block<Mins>(c[ci], d + wt * nb * 16 + b * 16, mn + wt * nb * 16 + b * 16, xsum + (at * nb + b) * 16,
+                        acc[ci]);
+    }
+  }
+}
+
 // y [M, N] for up to CHUNK_TILES tiles of activation rows, x in Parts bf16 parts (split_x).
 template <QType T, Layout L, int Parts>
 void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
@@ -225,19 +247,10 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
         const bool two = j + 1 < tiles;
         std::memset(acc, 0, sizeof(acc));
         if (!scaled) SLIPSTREAM_ZERO_C_TILES(two);
-        for (int64_t b = 0; b < nb; ++b) {
-          const uint16_t* parts0 = s.parts.data() + (j * nb + b) * Parts * 512;
-          if (scaled) SLIPSTREAM_ZERO_C_TILES(two);
-          SLIPSTREAM_TILE_PRODUCTS(rows_a + b * QK, K * 2, parts0, parts0 + nb * Parts * 512, two, Parts);
-          if (!scaled) continue;
-          SLIPSTREAM_STORE_C_TILES(c, two);
-          for (int i = 0; i < 4; ++i) {
-            const int wt = i / 2, at = i % 2;
-            if (at == 1 && !two) continue;
-            scale_block<mins>(c[i], d.data() + wt * nb * 16 + b * 16, mn.data() + wt * nb * 16 + b * 16,
-                              s.xsum.data() + ((j + at) * nb + b) * 16, acc[i]);
-          }
-        }
+        const uint16_t* parts = s.parts.data() + j * nb * Parts * 512;
+        const float* xsum = s.xsum.data() + j * nb * 16;
+        if (two) block_pass<true, mins, scaled, Parts>(rows_a, K, nb, parts, d.data(), mn.data(), xsum, c, acc);
+        else block_pass<false, mins, scaled, Parts>(rows_a, K, nb, parts, d.data(), mn.data(), xsum, c, acc);
         if (!scaled) SLIPSTREAM_STORE_C_TILES(acc, two);
         // acc[i] row r, lane l is y[16 (j + at) + l, n0 + 16 wt + r]: transposed, row l is y's
         for (int i = 0; i < 4; ++i) {
