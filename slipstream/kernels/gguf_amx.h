@@ -199,12 +199,13 @@ template <bool Mins>
   }
 }
 
-// A weight tile pair's blocks times activation tiles j (parts, xsum at j's) and j + 1 when Two, into acc (C tiles
-// zeroed first when not Scaled: the whole row's sums then stay in the tiles).
+// A weight tile pair's blocks times activation tiles j (parts, xsum at j's) and j + 1 when Two, into acc: each block's
+// C tiles scaled into it, or (not Scaled: BF16 rows) the whole row summed in the tiles and stored once.
 template <bool Two, bool Mins, bool Scaled, int Parts>
 [[gnu::always_inline]] inline void block_pass(const uint16_t* rows_a, int64_t K, int64_t nb, const uint16_t* parts,
                                               const float* d, const float* mn, const float* xsum, float (*c)[256],
                                               float (*acc)[256]) {
+  if (!Scaled) SLIPSTREAM_ZERO_C_TILES(Two);
   for (int64_t b = 0; b < nb; ++b) {
     const uint16_t* parts0 = parts + b * Parts * 512;
     if (Scaled) SLIPSTREAM_ZERO_C_TILES(Two);
@@ -219,6 +220,7 @@ template <bool Two, bool Mins, bool Scaled, int Parts>
                         acc[ci]);
     }
   }
+  if (!Scaled) SLIPSTREAM_STORE_C_TILES(acc, Two);
 }
 
 // y [M, N] for up to CHUNK_TILES tiles of activation rows, x in Parts bf16 parts (split_x).
@@ -246,12 +248,10 @@ void chunk_linear(const float* x, Weights w, float* y, int64_t M, int64_t K, int
       for (int64_t j = 0; j < tiles; j += 2) {
         const bool two = j + 1 < tiles;
         std::memset(acc, 0, sizeof(acc));
-        if (!scaled) SLIPSTREAM_ZERO_C_TILES(two);
         const uint16_t* parts = s.parts.data() + j * nb * Parts * 512;
         const float* xsum = s.xsum.data() + j * nb * 16;
         if (two) block_pass<true, mins, scaled, Parts>(rows_a, K, nb, parts, d.data(), mn.data(), xsum, c, acc);
         else block_pass<false, mins, scaled, Parts>(rows_a, K, nb, parts, d.data(), mn.data(), xsum, c, acc);
-        if (!scaled) SLIPSTREAM_STORE_C_TILES(acc, two);
         // acc[i] row r, lane l is y[16 (j + at) + l, n0 + 16 wt + r]: transposed, row l is y's
         for (int i = 0; i < 4; ++i) {
           const int wt = i / 2, at = i % 2;
