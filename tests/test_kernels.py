@@ -333,7 +333,7 @@ def test_norm_and_activation_kernels_match_pytorch(ops, width):
     torch.testing.assert_close(ops.silu_and_mul(gate_up), F.silu(gate) * up)
 
 
-@pytest.mark.parametrize("width", [1, 5, 8, 45, 49152])  # under, at and over the vector width; a vocabulary
+@pytest.mark.parametrize("width", [1, 5, 8, 32, 45, 77, 49152])  # under, at and over 32 (4 chains of 8); a vocabulary
 def test_argmax_kernel_matches_torch_argmax(ops, width):
     torch.manual_seed(width)
     x = torch.randn(6, width)
