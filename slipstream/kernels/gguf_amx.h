@@ -93,19 +93,6 @@ SplitX split_x(const float* x, int64_t M, int64_t K) {
   return s;
 }
 
-// Sixteen blocks' scales and mins of a weight row from block `at` (count of them valid; zero beyond) as floats.
-template <QType T, Layout L>
-[[gnu::always_inline]] inline void row_scales16(const Weights& w, int64_t at, int64_t count, __m512& d, __m512& mn) {
-  const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
-  if constexpr (half_scales(T, L)) {
-    d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, w.scales + at));
-    if constexpr (has_mins(T)) mn = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, w.mins + at));
-  } else {
-    d = _mm512_maskz_loadu_ps(valid, w.fscales + at);
-    if constexpr (has_mins(T)) mn = _mm512_maskz_loadu_ps(valid, w.fmins + at);
-  }
-}
-
 // Weight rows [n0, n0 + rows) expanded to bf16 quants (Q4_0's less 8, HighBitRows' Q5_0 less 16), 16 rows of K;
 // scales (and the types' with mins, mins) per block and row (d[b * 16 + r]), zero for rows beyond. A row's scales are
 // read 16 blocks at a time and 16 rows' transposed at once, a Q4 row's quants 4 blocks a load: with a scalar scale
@@ -125,7 +112,7 @@ void expand_weights(const Weights& w, int64_t K, int64_t n0, int64_t rows, uint1
     __m512i ds[16], mns[16];
     for (int r = 0; r < 16; ++r) {
       __m512 dr = _mm512_setzero_ps(), mr = _mm512_setzero_ps();
-      if (r < rows) row_scales16<T, L>(w, (n0 + r) * nb + b0, count, dr, mr);
+      if (r < rows) avx512::row_scales16<T, L>(w, (n0 + r) * nb + b0, count, dr, mr);
       ds[r] = _mm512_castps_si512(dr);
       mns[r] = _mm512_castps_si512(mr);
     }

@@ -52,14 +52,28 @@ inline __m512 load_bytes16(const void* q) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(q))));
 }
 
-// Sixteen blocks' fp16 scales and mins from block `at` (count <= 16 of them) as floats.
+// Sixteen blocks' scales and (the types with them) stored mins from block `at` (count <= 16 of them; zero beyond) as
+// floats, fp16 or float32 as the layout keeps them.
+template <QType T, Layout L>
+[[gnu::always_inline]] inline void row_scales16(const Weights& w, int64_t at, int64_t count, __m512& d, __m512& mn) {
+  const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
+  if constexpr (half_scales(T, L)) {
+    d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, w.scales + at));
+    if constexpr (has_mins(T)) mn = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, w.mins + at));
+  } else {
+    d = _mm512_maskz_loadu_ps(valid, w.fscales + at);
+    if constexpr (has_mins(T)) mn = _mm512_maskz_loadu_ps(valid, w.fmins + at);
+  }
+}
+
+// Sixteen blocks' scales and mins (an offset type's from its scale) from block `at` (count <= 16) into d and mn.
 template <QType T, Layout L>
 inline void half_scales16(const Weights& w, int64_t at, int64_t count, float* d, float* mn) {
-  const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
-  const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, w.scales + at));
+  __m512 s, m = _mm512_setzero_ps();
+  row_scales16<T, L>(w, at, count, s, m);
   _mm512_store_ps(d, s);
   if constexpr (offset_quants<T, L>()) _mm512_store_ps(mn, _mm512_mul_ps(s, _mm512_set1_ps(-quant_offset(T))));
-  else if constexpr (has_mins(T)) _mm512_store_ps(mn, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, w.mins + at)));
+  else if constexpr (has_mins(T)) _mm512_store_ps(mn, m);
 }
 
 // The rows' stream PREFETCH_AHEAD_BYTES ahead of block `at`, a line at a time, and their scales' (and mins') lines: the
