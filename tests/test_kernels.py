@@ -476,18 +476,20 @@ def test_gguf_linear_q8_interleaved_high_bits_match_rounded_activations(ops, qty
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 70])
-def test_gguf_linear_q8_interleaved_q8_0_matches_rounded_activations(ops, rows):
-    """Q8_0 rows by 16 on AVX-512 VNNI (an LM head): x offset to unsigned, the offset taken back off as 128 x each
-    row's sum of quants; and a tied embedding's lookups in the layout: the gguf package's values, bitwise."""
+@pytest.mark.parametrize("group", [8, 16])
+def test_gguf_linear_q8_interleaved_q8_0_matches_rounded_activations(ops, rows, group):
+    """Q8_0 rows (an LM head) by 16 on AVX-512 VNNI: x offset to unsigned, the offset taken back off as 128 x each
+    row's sum of quants; by 8 elsewhere: the weights' magnitudes, their signs moved onto x (random quants: -128 too).
+    And a tied embedding's lookups in the layout: the gguf package's values, bitwise."""
     qtype = 8
-    blocks, dense = random_gguf_weight(qtype, 48, 352, seed=800 + rows)  # 3 groups of 16 rows, 11 blocks
-    interleaved = interleave_byte_rows(*split_gguf_blocks(blocks, qtype), 16)
-    assert interleaved[0].shape == (3, 11, 512 + 32)
+    blocks, dense = random_gguf_weight(qtype, 48, 352, seed=800 + rows)  # 3 groups of 16 rows (6 of 8), 11 blocks
+    interleaved = interleave_byte_rows(*split_gguf_blocks(blocks, qtype), group)
+    assert interleaved[0].shape == (48 // group, 11, 32 * group + (2 * group if group == 16 else 0))
     ids = torch.tensor([0, 15, 16, 47, 3, 3])
     assert torch.equal(dequantized(row_blocks(interleaved, qtype, ids), qtype), dense[ids])
     x = 3 * torch.randn(rows, 352, generator=torch.Generator().manual_seed(rows))
     x[0, 32:64] = 0
-    if not ops.q8_group_rows():  # a layout this build does not take
+    if ops.q8_group_rows() != group:  # a layout this build does not take
         with pytest.raises(RuntimeError, match="bad interleaved"):
             ops.gguf_linear_q8(x, *interleaved, qtype)
         return
@@ -499,17 +501,17 @@ def test_gguf_linear_q8_interleaved_q8_0_matches_rounded_activations(ops, rows):
 def test_w4a8_group_kernels_give_each_row_the_same_bits_at_any_row_count(ops, qtype):
     """w4a8's batch invariance within the group kernels: a row's outputs are bitwise the same whether it is multiplied
     alone, in a batch or in a prompt, whichever kernel serves that many rows (the AMX build's int8 tiles from 12
-    rows, the VNNI kernels below; partial tiles, an odd number of groups, chunks of 128 rows and a last partial one)."""
-    skip_unless_the_build_takes(ops, 16)
+    rows, the VNNI kernels by 16 or AVX2's by 8 below; partial tiles, an odd number of groups, chunks of 128 rows and a
+    last partial one)."""
     in_features = 512
-    blocks, dense = random_gguf_weight(qtype, 112, in_features, seed=900 + qtype)  # 7 groups of 16 rows
+    blocks, dense = random_gguf_weight(qtype, 112, in_features, seed=900 + qtype)  # 7 groups of 16 rows (14 of 8)
     split = split_gguf_blocks(blocks, qtype)
     if qtype == 8:
-        weights = interleave_byte_rows(*split, 16)
+        weights = interleave_byte_rows(*split, ops.q8_group_rows())
     elif qtype in Q4_TYPES:
-        weights = interleave_q4_rows(*split, 16)
+        weights = interleave_q4_rows(*split, ops.q4_group_rows())
     else:
-        weights = interleave_high_bit_rows(split, qtype, 16)
+        weights = interleave_high_bit_rows(split, qtype, ops.q4_group_rows())
     x = 3 * torch.randn(300, in_features, generator=torch.Generator().manual_seed(qtype))
     alone = torch.cat([ops.gguf_linear_q8(row[None], *weights, qtype) for row in x])
     torch.testing.assert_close(alone[:8], q8_reference(x[:8], dense), rtol=1e-5, atol=3e-4)

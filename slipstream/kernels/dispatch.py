@@ -304,8 +304,8 @@ class KernelTable:
         return self.ops.q4_group_rows() if self.has("gguf_linear_q8") else 8
 
     def q8_group_rows(self) -> int | None:
-        """Rows per group of the interleaved Q8_0 rows (`interleave_byte_rows`) that this
-        build's int8 kernel takes: 16 with AVX-512 VNNI, else None (byte rows stay as they are)."""
+        """Rows per group of the interleaved Q8_0 rows (`interleave_byte_rows`) that this build's int8 kernel takes:
+        16 with AVX-512 VNNI, else 8; None without the kernel (byte rows stay as they are)."""
         return (self.ops.q8_group_rows() or None) if self.has("gguf_linear_q8") else None
 
     def layer_stack_usable(self, int8: bool) -> bool:

@@ -48,12 +48,19 @@ constexpr bool has_mins(QType t) {
 //   to quad 4p+k's byte j). Q5_0's and Q6_K's quants, 0..31 / 0..63, are offset by 16 / 32 as Q4_0's by 8. Scales
 //   (and mins) fp16 (Q4_0, Q4_1, Q5_0, Q5_1) or float32 (Q4_K, Q5_K, Q6_K), one a row and block (Q6_K: one per 16
 //   weights, two).
-// - ByteGroups (`interleave_byte_rows`), 16 rows, AVX-512 VNNI: Q8_0: per group and block, 512 bytes of quants
-//   (vector k's lane i: row i's weights 4k..4k+3), then each row's sum of quants (int16); fp16 scales.
+// - ByteGroups (`interleave_byte_rows`), Q8_GROUP rows: Q8_0: per group and block, 32 Q8_GROUP bytes of quants (vector
+//   k's lane i: row i's weights 4k..4k+3), then, by 16 (AVX-512 VNNI), each row's sum of quants (int16); fp16 scales.
 // - HighBitRows (`high_bit_rows`), gguf_linear's on AVX-512: the 5-bit types (Q5_0, Q5_1, Q5_K) row after row at
 //   their own 5 bits a weight: per row and block 16 bytes of nibbles in Q4_1's order, then 4 bytes whose bit i is
 //   weight i's fifth; quants 0..31 (Q5_0's offset by 16); scales (and mins) per 32 weights, fp16 for Q5_0 / Q5_1.
 enum class Layout { Rows, NibbleGroups, ByteGroups, HighBitRows };
+// Q8_0's ByteGroups: 16 rows with AVX-512 VNNI, whose vpdpbusd takes x + 128 as unsigned bytes and the rows' sums
+// take the 128 back; else 8, for AVX2's maddubs (the weights' magnitudes, their signs moved onto x: no sums).
+#if defined(__AVX512VNNI__)
+constexpr int64_t Q8_GROUP = 16, Q8_GROUP_SUM_BYTES = 2;
+#else
+constexpr int64_t Q8_GROUP = 8, Q8_GROUP_SUM_BYTES = 0;
+#endif
 // Planes of bits beyond the nibbles in the nibble groups.
 constexpr int high_bit_planes(QType t) {
   return t == QType::Q6_K ? 2 : t == QType::Q5_0 || t == QType::Q5_1 || t == QType::Q5_K ? 1 : 0;
@@ -208,7 +215,7 @@ inline Weights check_weights(const at::Tensor& qs, const at::Tensor& scales, con
   const int64_t per_block = bytes ? 2 : nibble_group_scales(type);  // scales
   int64_t q_bytes = nb * (type == QType::Q8_0 ? 32 : nibble_group_row_bytes(type));  // (5-6 bits: nibble groups)
   if (is_half(type)) q_bytes = 2 * K;
-  else if (layout == Layout::ByteGroups) q_bytes = nb * (32 + 2);  // (quants and their sums)
+  else if (layout == Layout::ByteGroups) q_bytes = nb * (32 + Q8_GROUP_SUM_BYTES);  // (quants, sums by 16)
   else if (bytes) q_bytes = K;
   TORCH_CHECK(layout != Layout::ByteGroups || type == QType::Q8_0, "bad interleaved bytes");
   TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.dim() == 2 && qs.size(1) == q_bytes,

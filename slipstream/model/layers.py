@@ -67,8 +67,8 @@ def kernel_layout(blocks: torch.Tensor, qtype: int, int8_activations: bool
 def int8_layout(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split blocks (row layout) in the layout this CPU's int8 kernel (gguf_linear_q8) multiplies fastest, where
-    their row count allows: Q4_0 / Q4_1 / Q4_K interleaved by 8 or 16 rows (`interleave_q4_rows`), and on AVX-512
-    VNNI Q8_0 by 16 (`interleave_byte_rows`). (The 5- and 6-bit types take nibble groups: kernel_layout.)"""
+    their row count allows: Q4_0 / Q4_1 / Q4_K interleaved by 8 or 16 rows (`interleave_q4_rows`), Q8_0 by 8 or 16
+    (`interleave_byte_rows`). (The 5- and 6-bit types take nibble groups: kernel_layout.)"""
     table, out = kernels(), split[0].shape[0]
     if qtype in Q4_TYPES and out % table.q4_group_rows() == 0:
         return interleave_q4_rows(*split, table.q4_group_rows())
@@ -372,18 +372,21 @@ def interleave_high_bit_rows(split: tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def interleave_byte_rows(quants: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int = 16
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split Q8_0 blocks -> the layout gguf_linear_q8 multiplies 16 rows at a time on AVX-512 VNNI: quants [out / 16,
-    blocks, 512 + 32]: for each group of rows and block, vector k (64 bytes) holds quad k (weights 4k..4k+3) of each of
-    the 16 rows, lane i being row 16g + i, and then each row's sum of quants (int16 [16]), which the kernel's offset x
-    takes back; fp16 scales [out / 16, blocks, 16], row-minor."""
+    """Split Q8_0 blocks -> the layout gguf_linear_q8 multiplies `group` rows at a time: quants [out / group, blocks,
+    32 group (+ 2 group)]: for each group of rows and block, vector k (4 group bytes) holds quad k (weights 4k..4k+3) of
+    each of its rows, lane i being row group x g + i; by 16 (AVX-512 VNNI) then each row's sum of quants (int16), which
+    that kernel's offset x takes back (AVX2's, by 8, moves the weights' signs onto x instead); fp16 scales
+    [out / group, blocks, group], row-minor."""
     out, nb = quants.shape[0], quants.shape[1] // 32
     q = quants.view(torch.int8).view(out // group, group, nb, 8, 4)
     packed = q.permute(0, 2, 3, 1, 4).reshape(out // group, nb, 32 * group).view(torch.uint8)
-    sums = q.sum((-2, -1), dtype=torch.int32).to(torch.int16).transpose(1, 2)  # [out / 16, nb, 16]
 
-    def by_group(t: torch.Tensor) -> torch.Tensor:  # [out, nb] -> [out / 16, nb, 16]
+    def by_group(t: torch.Tensor) -> torch.Tensor:  # [out, nb] -> [out / group, nb, group]
         return t.view(out // group, group, nb).transpose(1, 2).contiguous()
 
+    if group != 16:
+        return packed, by_group(scales), mins
+    sums = q.sum((-2, -1), dtype=torch.int32).to(torch.int16).transpose(1, 2)  # [out / 16, nb, 16]
     return torch.cat([packed, sums.contiguous().view(torch.uint8)], dim=-1), by_group(scales), mins
 
 
@@ -395,9 +398,10 @@ def row_blocks(split: tuple[torch.Tensor, torch.Tensor, torch.Tensor], qtype: in
     if quants.dim() == 2:
         return tuple(t[ids] if t.numel() else t for t in split)
     groups, nb = quants.shape[:2]
-    if GGUF_KERNEL_TYPES[qtype] == "Q8_0":  # rows by 16 (interleave_byte_rows)
-        g, lane = ids // 16, ids % 16
-        rows = quants[..., :512].reshape(groups, nb, 8, 16, 4)[g, :, :, lane]  # [ids, blocks, quad, 4]
+    if GGUF_KERNEL_TYPES[qtype] == "Q8_0":  # rows by 8 or 16 (interleave_byte_rows)
+        group = scales.shape[-1]
+        g, lane = ids // group, ids % group
+        rows = quants[..., : 32 * group].reshape(groups, nb, 8, group, 4)[g, :, :, lane]  # [ids, blocks, quad, 4]
         return rows.reshape(len(ids), nb * 32), scales[g, :, lane], mins
     name = GGUF_KERNEL_TYPES[qtype]
     bits = 2 if name == "Q6_K" else 1 if qtype in HIGH_BIT_TYPES else 0  # planes beyond the nibbles
