@@ -18,7 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tile_types", &tile_types, "GGML types gguf_linear multiplies on AMX tiles at any row count");
   m.def("gguf_linear_q8", &gguf_linear_q8, "gguf_linear with x rounded to int8 blocks (Q8 activations)", nogil);
   m.def("q4_group_rows", &q4_group_rows, "rows per group of the interleaved Q4 layout this build does best (8, 16)");
-  m.def("q8_group_rows", &q8_group_rows, "rows per group of the interleaved Q8_0 layout this build takes (0: none)");
+  m.def("q8_group_rows", &q8_group_rows, "rows per group of the interleaved Q8_0 layout this build takes");
   m.def("paged_attention", &paged_attention,
         "attention of query rows (a block table and a context length each) over the paged KV cache", nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm of each row");

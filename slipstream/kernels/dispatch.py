@@ -306,7 +306,7 @@ class KernelTable:
     def q8_group_rows(self) -> int | None:
         """Rows per group of the interleaved Q8_0 rows (`interleave_byte_rows`) that this build's int8 kernel takes:
         16 with AVX-512 VNNI, else 8; None without the kernel (byte rows stay as they are)."""
-        return (self.ops.q8_group_rows() or None) if self.has("gguf_linear_q8") else None
+        return self.ops.q8_group_rows() if self.has("gguf_linear_q8") else None
 
     def layer_stack_usable(self, int8: bool) -> bool:
         """Whether LayerStack may run a step whose matmuls take int8 activations (w4a8) or float32 ones."""

@@ -21,7 +21,7 @@ bool takes_high_bit_rows();  // whether this build's gguf_linear takes the 5-bit
 at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);
 at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);
 int64_t q4_group_rows();  // rows per group of the interleaved Q4 layout this build's gguf_linear_q8 does best
-int64_t q8_group_rows();  // rows per group of the interleaved Q8_0 layout this build's gguf_linear_q8 takes (0: none)
+int64_t q8_group_rows();  // rows per group of the interleaved Q8_0 layout this build's gguf_linear_q8 takes
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
                            at::Tensor context_lens, double scale);
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);

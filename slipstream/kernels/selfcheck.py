@@ -117,7 +117,7 @@ def _gguf_linear_q8(ops, perturb: Callable) -> str | None:
         split = split_gguf_blocks(blocks, qtype)
         groups = sorted({8, ops.q4_group_rows()})
         layouts = [split] + [interleave_q4_rows(*split, group) for group in groups if qtype in Q4_TYPES]
-        if ops.q8_group_rows() and name == "Q8_0":
+        if name == "Q8_0":
             layouts.append(interleave_byte_rows(*split, ops.q8_group_rows()))
         if qtype in HIGH_BIT_TYPES:
             layouts += [interleave_high_bit_rows(split, qtype, group) for group in groups]
