@@ -3,7 +3,7 @@
 the kernel that serves it at that row count, layer after layer as a step runs them (so the weights come from DRAM,
 not a cache), summed by projection.
 
-    .venv/bin/python benchmarks/matmul_rows.py [--quantization w4a8] [--rows 1 2 3 4 8] [--repeats 20]
+    .venv/bin/python benchmarks/matmul_rows.py [--model FILE.gguf] [--quantization w4a8] [--rows 1 2 3 4 8]
     .venv/bin/python benchmarks/matmul_rows.py --kernels DIR_A DIR_B [--rows 8 9 12] [--quantization w4a8]
 
 At batch 1 a decode step reads every weight once; what each extra row (a batched sequence, an n-gram guess) adds is
@@ -29,12 +29,13 @@ from slipstream.kernels import kernels
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a GGUF file (default: the embedded SmolLM2)")
     parser.add_argument("--quantization", default=None, help="w4a8 (default: none, exact)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8])
     parser.add_argument("--repeats", type=int, default=20, help="passes over all layers per row count (default: 20)")
     parser.add_argument("--kernels", nargs=2, metavar="DIR", help="A/B two directories of kernel sources")
     args = parser.parse_args()
-    llm = LLM(None, quantization=args.quantization, kv_cache_memory=64 << 20)
+    llm = LLM(args.model, quantization=args.quantization, kv_cache_memory=64 << 20)
     table = kernels()
     model = llm.engine.runner.model
     hidden, intermediate = model.args.hidden_size, model.args.intermediate_size  # (a Llama-family model)
