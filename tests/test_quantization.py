@@ -16,7 +16,7 @@ from scoring import agreement_and_error, scores
 from slipstream import LLM, SamplingParams
 from slipstream.kernels import GGUF_KERNEL_TYPES, kernels
 from slipstream.kernels.selfcheck import random_gguf_weight
-from slipstream.model.layers import byte_form, dequantize_blocks, split_gguf_blocks
+from slipstream.model.layers import byte_form, dequantize_blocks, served_blocks, split_gguf_blocks
 from slipstream.model.runner import WEIGHT_ONLY_TYPES
 
 # w4a8 runs only on the int8 block kernel; everything else here (wint, the block forms) runs without kernels too.
@@ -136,3 +136,15 @@ def test_the_byte_form_of_every_type_has_the_same_values(qtype: int):
     blocks, dense = random_gguf_weight(qtype, 8, 512, seed=qtype)
     q, d, m = byte_form(split_gguf_blocks(blocks, qtype), qtype)
     assert torch.equal(dequantize_blocks((q, d, m), 7 if m.numel() else 6), dense)  # Q5_1's / Q5_0's form
+
+
+@pytest.mark.parametrize("qtype", sorted(GGUF_KERNEL_TYPES))
+def test_blocks_keep_their_values_in_the_type_they_are_served_as(qtype: int):
+    """served_blocks may rewrite a file's blocks as another type the exact kernel multiplies faster here (Q5_0's as
+    Q8_0 on AVX2): the weights stay the gguf package's values, and a type it keeps keeps its bytes."""
+    blocks, dense = random_gguf_weight(qtype, 8, 512, seed=qtype)
+    rows, served = served_blocks(blocks, qtype, int8_activations=False)
+    assert served == kernels().exact_block_type(qtype)
+    assert torch.equal(dequantize_blocks(split_gguf_blocks(rows, served), served), dense)
+    assert served != qtype or rows is blocks
+    assert served_blocks(blocks, qtype, int8_activations=True) == (blocks, qtype)  # (w4a8 keeps its own layouts)

@@ -41,6 +41,7 @@ ISA_ENV = "SLIPSTREAM_CPU_ISA"
 # GGML type ids the block kernels understand (gguf.GGMLQuantizationType values), both gguf_linear (float32
 # activations) and gguf_linear_q8 (int8 activations, w4a8).
 GGUF_KERNEL_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+GGUF_TYPE_IDS = {name: qtype for qtype, name in GGUF_KERNEL_TYPES.items()}
 # Nibble types, which gguf_linear_q8 also takes interleaved by 8 or 16 rows (`interleave_q4_rows`), and the 5- and 6-bit
 # types (Q5_0, Q5_1, Q5_K, Q6_K), which it takes so with planes of their high bits (`interleave_high_bit_rows`).
 Q4_TYPES = frozenset({2, 3, 12})
@@ -297,6 +298,15 @@ class KernelTable:
         """Whether gguf_linear takes the 5-bit types (FIVE_BIT_TYPES) at their own 5 bits a weight (`high_bit_rows`:
         the AVX-512 builds) rather than a byte a weight."""
         return self.has("gguf_linear") and self.ops.takes_high_bit_rows()
+
+    def exact_block_type(self, qtype: int) -> int:
+        """The GGUF type whose blocks gguf_linear multiplies qtype's as (float32 activations): Q5_0's as Q8_0 where it
+        takes them a byte a weight (not `serves_high_bit_rows`), else qtype's own. The same weights (d x (q - 16), the
+        quant a byte, d the file's fp16): 34 bytes a block where the byte form takes 40, and a Q4_K_M file's q/k/v
+        (Q5_0 beside a Q8_0 v) one kernel call, not three. 30 layers of the embedded model's Q4_K_M copy at one / two
+        / four rows 1.05x / 1.08x / 1.05x (AMD EPYC Zen 3, 2 threads, `benchmarks/matmul_rows.py --model`)."""
+        bytes_only = self.has("gguf_linear") and not self.ops.takes_high_bit_rows()
+        return GGUF_TYPE_IDS["Q8_0"] if GGUF_KERNEL_TYPES.get(qtype) == "Q5_0" and bytes_only else qtype
 
     def q4_group_rows(self) -> int:
         """Rows per group of the nibble groups (`interleave_q4_rows`, `interleave_high_bit_rows`) that

@@ -31,22 +31,43 @@ class GgufPart(NamedTuple):
 
 
 def attach_gguf_blocks(layers: nn.Module | list[nn.Module], blocks: torch.Tensor, qtype: int,
-                       int8_activations: bool) -> None:
+                       int8_activations: bool, label: str | None = None) -> None:
     """Give `layers` (one, or a tied embedding and LM head: modules sharing one weight) the GGUF block form of
     their weights, split into the kernel's layout (`kernel_layout`). The blocks are then the weights: no float32 copy
     is kept, what no block kernel serves (a matmul of many rows, an embedding lookup) takes their values dequantized
-    for the call; an embedding's lookups read whichever layout its blocks have (`row_blocks`)."""
+    for the call; an embedding's lookups read whichever layout its blocks have (`row_blocks`). `label`: what the load
+    report calls them (default: qtype's name)."""
     part = GgufPart(kernel_layout(blocks, qtype, int8_activations), qtype)
-    _attach(layers, (part,), int8_activations, GGUF_KERNEL_TYPES[qtype])
+    _attach(layers, (part,), int8_activations, label or GGUF_KERNEL_TYPES[qtype])
 
 
-def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, int]], int8_activations: bool
-                             ) -> None:
+def served_blocks(blocks: torch.Tensor, qtype: int, int8_activations: bool) -> tuple[torch.Tensor, int]:
+    """GGUF rows of blocks as the kernels take them, with their type: in exact mode, Q5_0's rewritten as the Q8_0
+    blocks of the same weights where the kernel table says so (KernelTable.exact_block_type); else as they are."""
+    served = qtype if int8_activations else kernels().exact_block_type(qtype)
+    if served == qtype:
+        return blocks, qtype
+    assert GGUF_KERNEL_TYPES[qtype] == "Q5_0" and GGUF_KERNEL_TYPES[served] == "Q8_0"
+    out = blocks.shape[0]
+    quants = _split_q5(blocks, "Q5_0")[0].view(out, -1, 32)  # q - 16, a byte each
+    return torch.cat([blocks.view(out, -1, 22)[..., :2], quants], dim=-1).reshape(out, -1), served
+
+
+def blocks_label(file_types: list[int], served: int) -> str:
+    """What the load report calls a layer's blocks: the file's types ("Q5_0", or a fused layer's "Q4_1+Q4_1+Q8_0"),
+    and the type they are served as where that differs ("Q5_0 as Q8_0")."""
+    names = [GGUF_KERNEL_TYPES[t] for t in file_types]
+    label = names[0] if len(set(names)) == 1 else "+".join(names)
+    return label if set(file_types) == {served} else f"{label} as {GGUF_KERNEL_TYPES[served]}"
+
+
+def attach_mixed_gguf_blocks(layer: nn.Module, parts: list[tuple[torch.Tensor, int]], int8_activations: bool,
+                             label: str) -> None:
     """attach_gguf_blocks for a fused layer (q/k/v, gate/up) whose parts have different types (a Q4_K_M file's
     Q5_0 q/k with a Q8_0 v, or Q4_K q/k with a Q6_K v): each part keeps its type, in its own kernel layout, and the
     layer's output is theirs side by side."""
     kept = tuple(GgufPart(kernel_layout(rows, qtype, int8_activations), qtype) for rows, qtype in parts)
-    _attach(layer, kept, int8_activations, "+".join(GGUF_KERNEL_TYPES[qtype] for _, qtype in parts))
+    _attach(layer, kept, int8_activations, label)
 
 
 def kernel_layout(blocks: torch.Tensor, qtype: int, int8_activations: bool

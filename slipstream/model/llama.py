@@ -22,6 +22,8 @@ from slipstream.model.layers import (
     VocabParallelEmbedding,
     attach_gguf_blocks,
     attach_mixed_gguf_blocks,
+    blocks_label,
+    served_blocks,
 )
 from slipstream.model.parallel import tp_size
 
@@ -245,32 +247,38 @@ class CausalLM(nn.Module):
         modules = dict(self.named_modules())
         parts: dict[str, dict[str | int, tuple[str, torch.Tensor, int]]] = {}
         served: set[str] = set()
-        for ckpt_name, rows, qtype in blocks:
+        for ckpt_name, file_rows, file_type in blocks:
             name = ckpt_name.removeprefix("model.").removesuffix(".weight")
+            rows, qtype = served_blocks(file_rows, file_type, int8_activations)
+            label = blocks_label([file_type], qtype)
             if name == "embed_tokens":
                 tied = [self.lm_head] if self.args.tie_word_embeddings else []
-                attach_gguf_blocks([self.embed_tokens, *tied], rows, qtype, int8_activations)
+                attach_gguf_blocks([self.embed_tokens, *tied], rows, qtype, int8_activations, label)
                 served.add(ckpt_name)
                 continue
             for packed_name, (ours, shard_id) in self.packed.items():
                 if name.endswith(f".{packed_name}"):
-                    parts.setdefault(name.replace(packed_name, ours), {})[shard_id] = (ckpt_name, rows, qtype)
+                    shard = (ckpt_name, rows, qtype, file_type)
+                    parts.setdefault(name.replace(packed_name, ours), {})[shard_id] = shard
                     break
             else:
                 if name in modules:
-                    attach_gguf_blocks(modules[name], rows, qtype, int8_activations)
+                    attach_gguf_blocks(modules[name], rows, qtype, int8_activations, label)
                     served.add(ckpt_name)
         for name, shards in parts.items():
             order = ("q", "k", "v") if name.endswith("qkv_proj") else (0, 1)
             if len(shards) != len(order):
                 continue
-            pieces = [shards[s][1:] for s in order]
+            pieces = [shards[s][1:3] for s in order]
             types = {qtype for _, qtype in pieces}
+            file_types = [shards[s][3] for s in order]
             if len(types) == 1:
-                attach_gguf_blocks(modules[name], torch.cat([rows for rows, _ in pieces]), types.pop(),
-                                   int8_activations)
+                qtype = types.pop()
+                attach_gguf_blocks(modules[name], torch.cat([rows for rows, _ in pieces]), qtype, int8_activations,
+                                   blocks_label(file_types, qtype))
             else:
-                attach_mixed_gguf_blocks(modules[name], pieces, int8_activations)
+                label = "+".join(blocks_label([f], q) for f, (_, q) in zip(file_types, pieces, strict=True))
+                attach_mixed_gguf_blocks(modules[name], pieces, int8_activations, label)
             served.update(shards[s][0] for s in order)
         return served
 
