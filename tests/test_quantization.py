@@ -147,4 +147,5 @@ def test_blocks_keep_their_values_in_the_type_they_are_served_as(qtype: int):
     assert served == kernels().exact_block_type(qtype)
     assert torch.equal(dequantize_blocks(split_gguf_blocks(rows, served), served), dense)
     assert served != qtype or rows is blocks
-    assert served_blocks(blocks, qtype, int8_activations=True) == (blocks, qtype)  # (w4a8 keeps its own layouts)
+    rows, served = served_blocks(blocks, qtype, int8_activations=True)
+    assert rows is blocks and served == qtype  # (w4a8 keeps its own layouts)

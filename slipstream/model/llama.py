@@ -245,7 +245,7 @@ class CausalLM(nn.Module):
         whose parts differ in type keeps each part's); a tied embedding and LM head share one set. Returns the
         checkpoint names the blocks now serve, which `load_weights` need not read."""
         modules = dict(self.named_modules())
-        parts: dict[str, dict[str | int, tuple[str, torch.Tensor, int]]] = {}
+        parts: dict[str, dict[str | int, tuple[str, torch.Tensor, int, int]]] = {}  # (name, rows, type, file's type)
         served: set[str] = set()
         for ckpt_name, file_rows, file_type in blocks:
             name = ckpt_name.removeprefix("model.").removesuffix(".weight")
