@@ -304,7 +304,7 @@ class KernelTable:
         takes them a byte a weight (not `serves_high_bit_rows`), else qtype's own. The same weights (d x (q - 16), the
         quant a byte, d the file's fp16): 34 bytes a block where the byte form takes 40, and a Q4_K_M file's q/k/v
         (Q5_0 beside a Q8_0 v) one kernel call, not three. The matmuls of a step on the embedded model's Q4_K_M copy at
-        one / two / four rows 1.05x / 1.08x / 1.05x, served at C = 1 1.37-1.42x -> 1.48-1.52x llama-server on that
+        one / two / four rows 1.05x / 1.08x / 1.05x, served at C = 1 1.37-1.42x -> 1.46-1.52x llama-server on that
         file (AMD EPYC Zen 3, 2 threads; benchmarks/results/README.md)."""
         bytes_only = self.has("gguf_linear") and not self.ops.takes_high_bit_rows()
         return GGUF_TYPE_IDS["Q8_0"] if GGUF_KERNEL_TYPES.get(qtype) == "Q5_0" and bytes_only else qtype
