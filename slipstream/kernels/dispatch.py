@@ -306,7 +306,7 @@ class KernelTable:
         (Q5_0 beside a Q8_0 v) one kernel call, not three. The matmuls of a step on the embedded model's Q4_K_M copy at
         one / two / four rows 1.05x / 1.08x / 1.05x, served at C = 1 1.37-1.42x -> 1.46-1.52x llama-server on that
         file (AMD EPYC Zen 3, 2 threads; benchmarks/results/README.md)."""
-        bytes_only = self.has("gguf_linear") and not self.ops.takes_high_bit_rows()
+        bytes_only = self.has("gguf_linear") and not self.serves_high_bit_rows()
         return GGUF_TYPE_IDS["Q8_0"] if GGUF_KERNEL_TYPES.get(qtype) == "Q5_0" and bytes_only else qtype
 
     def q4_group_rows(self) -> int:

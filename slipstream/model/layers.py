@@ -53,10 +53,13 @@ def served_blocks(blocks: torch.Tensor, qtype: int, int8_activations: bool) -> t
     return torch.cat([blocks.view(out, -1, 22)[..., :2], quants], dim=-1).reshape(out, -1), served
 
 
-def blocks_label(file_types: list[int], served: int) -> str:
-    """What the load report calls a layer's blocks: the file's types ("Q5_0", or a fused layer's "Q4_1+Q4_1+Q8_0"),
-    and the type they are served as where that differs ("Q5_0 as Q8_0")."""
-    names = [GGUF_KERNEL_TYPES[t] for t in file_types]
+def blocks_label(file_types: list[int], served_types: list[int]) -> str:
+    """What the load report calls a layer's blocks, part by part (one, or a fused layer's): the file's types ("Q5_0",
+    "Q4_1+Q4_1+Q8_0") and the type they are served as where that differs ("Q5_0 as Q8_0", parts served as one type
+    "Q5_0+Q5_0+Q8_0 as Q8_0", parts served as several "Q5_0 as Q8_0+Q6_K")."""
+    if len(set(served_types)) > 1:
+        return "+".join(blocks_label([f], [s]) for f, s in zip(file_types, served_types, strict=True))
+    names, served = [GGUF_KERNEL_TYPES[t] for t in file_types], served_types[0]
     label = names[0] if len(set(names)) == 1 else "+".join(names)
     return label if set(file_types) == {served} else f"{label} as {GGUF_KERNEL_TYPES[served]}"
 

@@ -250,7 +250,7 @@ class CausalLM(nn.Module):
         for ckpt_name, file_rows, file_type in blocks:
             name = ckpt_name.removeprefix("model.").removesuffix(".weight")
             rows, qtype = served_blocks(file_rows, file_type, int8_activations)
-            label = blocks_label([file_type], qtype)
+            label = blocks_label([file_type], [qtype])
             if name == "embed_tokens":
                 tied = [self.lm_head] if self.args.tie_word_embeddings else []
                 attach_gguf_blocks([self.embed_tokens, *tied], rows, qtype, int8_activations, label)
@@ -270,14 +270,12 @@ class CausalLM(nn.Module):
             if len(shards) != len(order):
                 continue
             pieces = [shards[s][1:3] for s in order]
-            types = {qtype for _, qtype in pieces}
-            file_types = [shards[s][3] for s in order]
-            if len(types) == 1:
-                qtype = types.pop()
-                attach_gguf_blocks(modules[name], torch.cat([rows for rows, _ in pieces]), qtype, int8_activations,
-                                   blocks_label(file_types, qtype))
+            types = [qtype for _, qtype in pieces]
+            label = blocks_label([shards[s][3] for s in order], types)
+            if len(set(types)) == 1:
+                attach_gguf_blocks(modules[name], torch.cat([rows for rows, _ in pieces]), types[0], int8_activations,
+                                   label)
             else:
-                label = "+".join(blocks_label([f], q) for f, (_, q) in zip(file_types, pieces, strict=True))
                 attach_mixed_gguf_blocks(modules[name], pieces, int8_activations, label)
             served.update(shards[s][0] for s in order)
         return served
