@@ -177,6 +177,9 @@ def main() -> int:
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args()
+    # llama-server's slots hold this many tokens each (its default 512 is for ~100 prompt + 128 output tokens; the
+    # chat template adds a few dozen)
+    os.environ.setdefault("SLOT_TOKENS", str(max(512, -(-(args.input_len + args.output_len + 128) // 256) * 256)))
 
     url = f"http://127.0.0.1:{args.port}"
     commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,

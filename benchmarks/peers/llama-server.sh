@@ -12,6 +12,7 @@ DIR=$PEERS_HOME/llama-server
 VENV=$DIR/venv  # only the build tools (cmake, ninja) and pip's download of the sdist
 BIN=$DIR/build/bin/llama-server
 PARALLEL=32
+SLOT_TOKENS=${SLOT_TOKENS:-512}  # each slot's context (compare.py sets it for longer prompts)
 
 build() {  # build [CMAKE OPTIONS...]
   local src
@@ -68,7 +69,38 @@ serve() {
   echo "llama-server build: $(cat "$DIR/variant" 2>/dev/null || echo unknown)" >&2
   # The context is split evenly between the slots: 512 tokens each holds ~100 prompt + 128 output tokens.
   exec "$BIN" --model "$(default_gguf)" --alias "$MODEL_NAME" --host 127.0.0.1 --port "$port" \
-    --threads 2 --parallel "$PARALLEL" --ctx-size $((PARALLEL * 512)) --jinja "$@"
+    --threads 2 --parallel "$PARALLEL" --ctx-size $((PARALLEL * SLOT_TOKENS)) --jinja "$@"
 }
 
+# A Q4_K_M file of the layout users download (hidden sizes that are multiples of 256, so the K-quants serve every
+# matmul: Q4_K, with Q6_K for the output layer and half of down / v), where the embedded model's 576 columns make
+# most of its Q4_K_M copy Q5_0: a random-weight Llama of ~740M parameters (hidden 2048, 12 layers, GQA 16 / 4,
+# SmolLM2's tokenizer) written by transformers, converted by llama.cpp's convert_hf_to_gguf.py and quantized by
+# llama-quantize (~2 minutes). Its output is noise; what it measures is how fast each server reads such a file.
+k_quant_model() {
+  local out=${1:?usage: $0 k-quant-model OUT.gguf} work src
+  work=$(mktemp -d)
+  src=$(echo "$DIR"/llama*cpp*python-"$VERSION"/vendor/llama.cpp)
+  "$REPO/.venv/bin/python" - "$work/hf" <<'PY'
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from slipstream.model.loader import hf_directory, load_tokenizer
+out = sys.argv[1]
+config = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
+                     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=8192,
+                     rope_theta=100000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+torch.manual_seed(0)
+LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+load_tokenizer(hf_directory(None)).save_pretrained(out)  # (the embedded model's, as slipstream converts it)
+PY
+  PYTHONPATH="$src/gguf-py" "$REPO/.venv/bin/python" "$src/convert_hf_to_gguf.py" "$work/hf" --outtype f16 \
+    --outfile "$work/f16.gguf"
+  LD_LIBRARY_PATH="$(dirname "$(find "$DIR/build" -name 'libllama.so*' | head -1)"):$(dirname \
+    "$(find "$DIR/build" -name 'libggml.so*' | head -1)")" "$DIR/build/bin/llama-quantize" "$work/f16.gguf" "$out" Q4_K_M
+  rm -rf "$work"
+}
+
+case "${1:-}" in
+  k-quant-model) shift; k_quant_model "$@"; exit ;;
+esac
 dispatch "$@"
