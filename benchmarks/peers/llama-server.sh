@@ -5,6 +5,7 @@
 # The build is for the CPU it is on: first native (-DGGML_NATIVE=ON), whose server is then tried once on one
 # request; where it crashes (as its AMX Q4_1 kernel does with SIGILL on some Xeons) it is rebuilt without native
 # tuning, with each AVX-512 / VNNI / BF16 option this CPU's flags have. $DIR/variant says which build it is.
+# `k-quant-model OUT.gguf` writes a Q4_K_M file whose matmuls are all K-quants (k_quant_model below), for compare.py.
 source "$(dirname "$0")/common.sh"
 
 VERSION=0.3.36
@@ -76,7 +77,7 @@ serve() {
 # matmul: Q4_K, with Q6_K for the output layer and half of down / v), where the embedded model's 576 columns make
 # most of its Q4_K_M copy Q5_0: a random-weight Llama of ~740M parameters (hidden 2048, 12 layers, GQA 16 / 4,
 # SmolLM2's tokenizer) written by transformers, converted by llama.cpp's convert_hf_to_gguf.py and quantized by
-# llama-quantize (~2 minutes). Its output is noise; what it measures is how fast each server reads such a file.
+# llama-quantize (~1 minute). Its output is noise; what it measures is how fast each server reads such a file.
 k_quant_model() {
   local out=${1:?usage: $0 k-quant-model OUT.gguf} work src
   work=$(mktemp -d)
