@@ -249,7 +249,9 @@ def test_paged_attention_matches_sdpa(ops, dim, cache_dtype, heads, kv_heads):
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
-@pytest.mark.parametrize("start", [0, 150])  # a prompt's first chunk, and one after 150 cached tokens
+# a prompt's first chunk, one after 150 cached tokens, and one whose rows pass 512 tokens (from there a row attends in
+# two spans of tokens, each a task of its own, and weighs their results together)
+@pytest.mark.parametrize("start", [0, 150, 500])
 def test_a_query_rows_attention_is_the_same_in_any_batch(ops, cache_dtype, start):
     """A prompt chunk's rows attend through one block table (a stride-0 view, lengths start + 1 .. start + n), bitwise
     as each row alone or among other sequences' rows: the kernel's arithmetic for a row does not depend on its batch.
@@ -258,7 +260,7 @@ def test_a_query_rows_attention_is_the_same_in_any_batch(ops, cache_dtype, start
     rows or more (up to 64 from 1024 tokens) go to the matrix tiles, whose sums are float32's in another order: there a
     row is the same as alone within float32's error, bitwise in any tile of 8 rows or more."""
     torch.manual_seed(7)
-    block_size, num_blocks, heads, kv_heads, dim = 4, 64, 9, 3, 64
+    block_size, num_blocks, heads, kv_heads, dim = 4, 160, 9, 3, 64
     k_cache = kv_cache.encode(torch.randn(num_blocks, kv_heads, block_size, dim), cache_dtype)
     v_cache = kv_cache.encode(torch.randn(num_blocks, kv_heads, block_size, dim), cache_dtype)
     n = 37

@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -113,11 +112,24 @@ constexpr int64_t MAX_TILE_ROWS = std::max(TILE_ROWS, MATRIX_TILE_ROWS);
 // `out`; a lone row takes all its tokens at once).
 constexpr int64_t VALUE_SPAN = 64;
 
-// A task's query rows: lengths ascending, one apart (the last row the longest).
+// A row of 2 x SPAN tokens or more attends to them in spans, each a task of its own: SPAN tokens each from token 0,
+// the last taking the rest (up to 2 x SPAN - 1). The threads then share a long row's keys and values, and a task reads
+// each key and value row once for a pack of heads, where batch 1's three KV groups had left one head a task for two
+// threads (each row read three times, from DRAM or L3 at these lengths, one thread given twice the other's work). A
+// span's softmax is its own (its probabilities times its values; its maximum and sum beside them), and the spans'
+// results are weighed together after. A row's spans follow from its own length, so its arithmetic is the same in any
+// batch; a row of one span is computed as before spans were. (A decode step alternated against the kernel without
+// spans, `benchmarks/engine_ab.py`, AMD EPYC Zen 3: 1.24x / 1.06x / 1.12x at batch 1 / 2 / 8 with 2000-token contexts
+// in exact mode, 1.28x at batch 1 under w4a8, 1.07x at batch 1 and 4 at 600 tokens. Spans of 256 from token 0 with a
+// short last one cost up to 0.82x at batch 32 from 300 tokens.)
+constexpr int64_t SPAN = 256;
+
+// A task's query rows for the span of tokens it takes: lengths (within the span) ascending, the last the longest.
 struct TaskRows {
   int64_t n = 0;
   const float* q[MAX_TILE_ROWS];  // P rows of D each
   float* out[MAX_TILE_ROWS];
+  float* stats[MAX_TILE_ROWS];  // the span's softmax maximum and sum for each of P heads; null for a row of one span
   int64_t len[MAX_TILE_ROWS];
   const uint16_t* parts = nullptr;  // its keys and values split for the AMX tiles (attention_amx.h), if they serve it
   int64_t longest() const { return len[n - 1]; }
@@ -254,8 +266,13 @@ void int8_key_scores(const TaskRows& task, const int8_t* keys, const int64_t* ro
   });
 }
 
-// scores -> softmax probabilities in place (padding -> 0); returns nothing, L >= 1.
-void softmax(float* s, int64_t L) {
+struct SoftmaxStats {
+  float max, sum;
+};
+
+// scores -> softmax probabilities in place (padding -> 0); returns the scores' maximum and the sum of their
+// exponentials less it. L >= 1.
+SoftmaxStats softmax(float* s, int64_t L) {
   const int64_t padded = (L + 7) / 8 * 8;
   __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t t = 0; t < padded; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + t));
@@ -272,6 +289,7 @@ void softmax(float* s, int64_t L) {
   for (int64_t t = L / 8 * 8; t < L; ++t) total += s[t];
   const __m256 inv = _mm256_set1_ps(1.0f / total);
   for (int64_t t = 0; t < padded; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), inv));
+  return {_mm256_cvtss_f32(m), total};
 }
 
 // out[g * D + d0 : ... + 8 * NV] = sum_t p[g][t] * values[rows[t] + d0 : ...] for each row's P heads (p[r * P + g]),
@@ -335,7 +353,10 @@ template <int P, typename C>
 void probabilities(const TaskRows& task, float* const* s, const C* values, const int64_t* rows, int64_t D) {
   for (int64_t r = 0; r < task.n; ++r) {
     pad_scores<P>(s + r * P, task.len[r]);  // (the scores of a row's last tile past its length)
-    for (int g = 0; g < P; ++g) softmax(s[r * P + g], task.len[r]);
+    for (int g = 0; g < P; ++g) {
+      const SoftmaxStats stats = softmax(s[r * P + g], task.len[r]);
+      if (task.stats[r]) task.stats[r][2 * g] = stats.max, task.stats[r][2 * g + 1] = stats.sum;
+    }
     if constexpr (SCALED<C>)
       for (int64_t t = 0; t < task.len[r]; ++t) {
         const float scale_t = slipstream::int8_row_scale(values + rows[t], D);
@@ -452,14 +473,16 @@ std::vector<const uint16_t*> split_for_tiles(Args&&...) {
 #endif
 
 // Cache element C: float, at::Half or int8_t. Rows go in tiles (TILE_ROWS); a task is a pack of up to MAX_PACK heads
-// of a (tile, KV head) group when there are two groups or more a thread, one head otherwise (batch 1: 3 groups for 2
-// threads). (From four a thread before: two query rows, 6 groups for 2 threads, then took one head a task and
-// converted each key and value row three times; in packs, 16-21 % faster hot at 300 tokens, a w4a8 step at batch 2
-// 1.04x, AMD EPYC Zen 4. A head's arithmetic is the same in a pack as alone.)
+// of a (tile, KV head, span) group when there are two groups or more a thread, one head otherwise (batch 1 below
+// 2 x SPAN tokens: 3 groups for 2 threads). (From four a thread before: two query rows, 6 groups for 2 threads, then
+// took one head a task and converted each key and value row three times; in packs, 16-21 % faster hot at 300
+// tokens, a w4a8 step at batch 2 1.04x, AMD EPYC Zen 4. A head's arithmetic is the same in a pack as alone.)
 template <typename C>
 void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_t* bt, const int64_t* lens, float* op,
             int64_t B, int64_t H, int64_t D, int64_t bs, int64_t Hkv, int64_t W, float scale) {
-  // Tiles: (first row, rows), a row joining the last tile where it attends through the same table one token further.
+  const auto spans_of = [&](int64_t b) { return std::max<int64_t>(1, lens[b] / SPAN); };
+  // Tiles: (first row, rows), a row joining the last tile where it attends through the same table one token further
+  // (and in as many spans).
   std::vector<std::pair<int64_t, int64_t>> tiles;
   const bool matrix = matrix_tiles_serve<C>(D);
   for (int64_t b = 0; b < B; ++b) {
@@ -467,7 +490,7 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
       auto& [first, n] = tiles.back();
       const int64_t last = first + n - 1;
       const int64_t tile_rows = matrix && lens[b] >= MATRIX_TILE_CONTEXT ? MATRIX_TILE_ROWS : TILE_ROWS;
-      if (n < tile_rows && lens[b] == lens[last] + 1 &&
+      if (n < tile_rows && lens[b] == lens[last] + 1 && spans_of(b) == spans_of(last) &&
           (W == 0 || std::equal(bt + b * W, bt + b * W + (lens[b] + bs - 1) / bs, bt + last * W))) {
         ++n;
         continue;
@@ -485,16 +508,38 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
   };
   const std::vector<const uint16_t*> tile_parts =
       split_for_tiles<C>(tiles, lens, bt, W, bs, Hkv, D, kp, vp, token_rows);
-  const int64_t packs = num_tiles * Hkv >= 2 * at::get_num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
-  const int64_t pack_size = (G + packs - 1) / packs, tasks = num_tiles * Hkv * packs;
+  // Groups: a (tile, KV head)'s span of tokens [t0, t1) (a tile on the AMX tiles takes its tokens in one).
+  struct Group {
+    int64_t tile, kvh, t0, t1;
+  };
+  // The results of rows of several spans, before they are weighed together: for row b's span s and head h, D values
+  // at slot (slot_of[b] + s * H + h) of `spans_out`, its softmax maximum and sum at that slot of `spans_stats`.
+  std::vector<Group> groups;
+  std::vector<int64_t> slot_of(B, -1);
+  int64_t slots = 0;
+  for (int64_t i = 0; i < num_tiles; ++i) {
+    const auto [first, n] = tiles[i];
+    const int64_t L = lens[first + n - 1];
+    const int64_t spans = !tile_parts.empty() && tile_parts[i * Hkv] ? 1 : spans_of(first);  // (a tile's rows: alike)
+    for (int64_t kvh = 0; kvh < Hkv; ++kvh)
+      for (int64_t s = 0; s < spans; ++s) groups.push_back({i, kvh, s * SPAN, s + 1 < spans ? (s + 1) * SPAN : L});
+    for (int64_t b = first; spans > 1 && b < first + n; ++b) slot_of[b] = slots, slots += spans * H;
+  }
+  std::vector<float> spans_out(slots * D), spans_stats(slots * 2);
+  const int64_t num_groups = static_cast<int64_t>(groups.size());
+  const int64_t packs = num_groups >= 2 * at::get_num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
+  const int64_t pack_size = (G + packs - 1) / packs, tasks = num_groups * packs;
   if (tasks == 0) return;
-  // Each thread's run of tasks holds its share of the work (a task costs its rows' context lengths and a fixed part),
-  // not of the tasks: a prompt's rows attend to 1, 2, ... n tokens, and an even split of them left one thread 3/4 of
-  // the work. A thread done with its run takes the others' last tasks (stolen_items.h).
+  // Each thread's run of tasks holds its share of the work (a task costs its rows' tokens in its span and a fixed
+  // part), not of the tasks: a prompt's rows attend to 1, 2, ... n tokens, and an even split of them left one thread
+  // 3/4 of the work. A thread done with its run takes the others' last tasks (stolen_items.h).
   std::vector<int64_t> work_before(tasks + 1, 0);  // the cost of tasks [0, i)
   for (int64_t task = 0; task < tasks; ++task) {
-    const auto [first, n] = tiles[task / packs / Hkv];
-    work_before[task + 1] = work_before[task] + std::accumulate(lens + first, lens + first + n, int64_t{0}) + 16 * n;
+    const Group& group = groups[task / packs];
+    const auto [first, n] = tiles[group.tile];
+    int64_t work = 16 * n;
+    for (int64_t b = first; b < first + n; ++b) work += std::min(lens[b], group.t1) - group.t0;
+    work_before[task + 1] = work_before[task] + work;
   }
   const int64_t shares = std::min<int64_t>(at::get_num_threads(), tasks);
   std::vector<int64_t> bounds(shares + 1);
@@ -506,12 +551,11 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
     std::vector<int8_t> scratch;
     TileScratch tile_scratch;
     std::vector<int64_t> rows;
-    // The row offsets of (tile, KV head) `group`'s tokens (its longest row's).
+    // The row offsets of `group`'s tokens (its tile's longest row's).
     auto group_rows = [&](int64_t group, std::vector<int64_t>& out) {
-      const auto [first, n] = tiles[group / Hkv];
-      const int64_t b = first + n - 1;
-      out.resize(lens[b]);
-      token_rows(b, group % Hkv, 0, lens[b], out.data());
+      const Group& g = groups[group];
+      out.resize(g.t1 - g.t0);
+      token_rows(tiles[g.tile].first + tiles[g.tile].second - 1, g.kvh, g.t0, g.t1 - g.t0, out.data());
     };
     AheadStream<C> ahead{kp, vp, width};
     int64_t held = -1, next_held = -1;  // the groups whose rows `rows` and `ahead.rows` hold
@@ -525,21 +569,47 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
         if (next_held >= 0) group_rows(next_held, ahead.rows);
         else ahead.rows.clear();
       }
-      const auto [first, n] = tiles[group / Hkv];
-      const int64_t h0 = (group % Hkv) * G + pack * pack_size;
+      const Group& g = groups[group];
+      const auto [first, n] = tiles[g.tile];
+      const int64_t h0 = g.kvh * G + pack * pack_size, span = g.t0 / SPAN;
       TaskRows rows_of_task;
       rows_of_task.n = n;
-      for (int64_t r = 0; r < n; ++r) {
-        rows_of_task.q[r] = qp + (first + r) * ldq + h0 * D;
-        rows_of_task.out[r] = op + ((first + r) * H + h0) * D;
-        rows_of_task.len[r] = lens[first + r];
+      for (int64_t r = 0, b = first; r < n; ++r, ++b) {
+        rows_of_task.q[r] = qp + b * ldq + h0 * D;
+        rows_of_task.len[r] = std::min(lens[b], g.t1) - g.t0;
+        const int64_t slot = slot_of[b] < 0 ? -1 : slot_of[b] + span * H + h0;
+        rows_of_task.out[r] = slot < 0 ? op + (b * H + h0) * D : spans_out.data() + slot * D;
+        rows_of_task.stats[r] = slot < 0 ? nullptr : spans_stats.data() + slot * 2;
       }
-      if (!tile_parts.empty()) rows_of_task.parts = tile_parts[group];
+      if (!tile_parts.empty()) rows_of_task.parts = tile_parts[g.tile * Hkv + g.kvh];
       ahead.start_task(pack, packs, rows_of_task.longest());
       switch (std::min(pack_size, G - pack * pack_size)) {
         case 1: attend<1>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, tile_scratch, ahead); break;
         case 2: attend<2>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, tile_scratch, ahead); break;
         default: attend<3>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, tile_scratch, ahead); break;
+      }
+    }
+  });
+  // Rows of several spans: each span's result weighed by its share of the row's softmax sum.
+  if (slots == 0) return;
+  at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> weight;
+    for (int64_t b = begin; b < end; ++b) {
+      if (slot_of[b] < 0) continue;
+      weight.resize(spans_of(b));
+      for (int64_t h = 0; h < H; ++h) {
+        const float* stats = spans_stats.data() + 2 * (slot_of[b] + h);  // (span s's at 2 * s * H after)
+        float top = -std::numeric_limits<float>::infinity(), total = 0.0f;
+        for (size_t s = 0; s < weight.size(); ++s) top = std::max(top, stats[2 * s * H]);
+        for (size_t s = 0; s < weight.size(); ++s)
+          total += weight[s] = std::exp(stats[2 * s * H] - top) * stats[2 * s * H + 1];
+        for (int64_t d = 0; d < D; d += 8) {
+          __m256 sum = _mm256_setzero_ps();
+          for (size_t s = 0; s < weight.size(); ++s)
+            sum = _mm256_fmadd_ps(_mm256_set1_ps(weight[s] / total),
+                                  _mm256_loadu_ps(spans_out.data() + (slot_of[b] + s * H + h) * D + d), sum);
+          _mm256_storeu_ps(op + (b * H + h) * D + d, sum);
+        }
       }
     }
   });
