@@ -14,11 +14,14 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
+#include "cache_lines.h"
 #include "kernels.h"
 #include "kv_rows.h"
 #include "stolen_items.h"
@@ -481,8 +484,7 @@ template <typename C>
 void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_t* bt, const int64_t* lens, float* op,
             int64_t B, int64_t H, int64_t D, int64_t bs, int64_t Hkv, int64_t W, float scale) {
   const auto spans_of = [&](int64_t b) { return std::max<int64_t>(1, lens[b] / SPAN); };
-  // Tiles: (first row, rows), a row joining the last tile where it attends through the same table one token further
-  // (and in as many spans).
+  // Tiles: (first row, rows), a row joining the last tile where it attends through the same table one token further.
   std::vector<std::pair<int64_t, int64_t>> tiles;
   const bool matrix = matrix_tiles_serve<C>(D);
   for (int64_t b = 0; b < B; ++b) {
@@ -490,7 +492,7 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
       auto& [first, n] = tiles.back();
       const int64_t last = first + n - 1;
       const int64_t tile_rows = matrix && lens[b] >= MATRIX_TILE_CONTEXT ? MATRIX_TILE_ROWS : TILE_ROWS;
-      if (n < tile_rows && lens[b] == lens[last] + 1 && spans_of(b) == spans_of(last) &&
+      if (n < tile_rows && lens[b] == lens[last] + 1 &&
           (W == 0 || std::equal(bt + b * W, bt + b * W + (lens[b] + bs - 1) / bs, bt + last * W))) {
         ++n;
         continue;
@@ -508,37 +510,81 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
   };
   const std::vector<const uint16_t*> tile_parts =
       split_for_tiles<C>(tiles, lens, bt, W, bs, Hkv, D, kp, vp, token_rows);
-  // Groups: a (tile, KV head)'s span of tokens [t0, t1) (a tile on the AMX tiles takes its tokens in one).
+  // Groups: a run of a tile's rows, a KV head and a span of tokens. A tile on the AMX tiles is one run and takes its
+  // tokens in one span; a tile the FMA kernel serves splits into runs of rows with as many spans (two at most: its
+  // rows' lengths are one apart).
   struct Group {
-    int64_t tile, kvh, t0, t1;
+    int64_t first, n, kvh, t0, t1;  // rows [first, first + n), KV head kvh, tokens [t0, t1)
+    const uint16_t* parts;  // its keys and values split for the AMX tiles, if they serve it
+    int64_t unit;  // for a run of several spans, its (run, KV head)'s index in `unit_spans`; else -1
   };
   // The results of rows of several spans, before they are weighed together: for row b's span s and head h, D values
   // at slot (slot_of[b] + s * H + h) of `spans_out`, its softmax maximum and sum at that slot of `spans_stats`.
   std::vector<Group> groups;
-  std::vector<int64_t> slot_of(B, -1);
+  std::vector<int64_t> slot_of(B, -1), unit_spans;
   int64_t slots = 0;
   for (int64_t i = 0; i < num_tiles; ++i) {
     const auto [first, n] = tiles[i];
-    const int64_t L = lens[first + n - 1];
-    const int64_t spans = !tile_parts.empty() && tile_parts[i * Hkv] ? 1 : spans_of(first);  // (a tile's rows: alike)
-    for (int64_t kvh = 0; kvh < Hkv; ++kvh)
-      for (int64_t s = 0; s < spans; ++s) groups.push_back({i, kvh, s * SPAN, s + 1 < spans ? (s + 1) * SPAN : L});
-    for (int64_t b = first; spans > 1 && b < first + n; ++b) slot_of[b] = slots, slots += spans * H;
+    const bool matrix_tiles = !tile_parts.empty() && tile_parts[i * Hkv];
+    for (int64_t b = first, end; b < first + n; b = end) {
+      const int64_t spans = matrix_tiles ? 1 : spans_of(b);
+      for (end = b + 1; end < first + n && (matrix_tiles || spans_of(end) == spans); ++end) {}
+      const int64_t L = lens[end - 1];
+      for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+        const int64_t unit = spans > 1 ? static_cast<int64_t>(unit_spans.size()) : -1;
+        if (spans > 1) unit_spans.push_back(spans);
+        for (int64_t s = 0; s < spans; ++s)
+          groups.push_back({b, end - b, kvh, s * SPAN, s + 1 < spans ? (s + 1) * SPAN : L,
+                            matrix_tiles ? tile_parts[i * Hkv + kvh] : nullptr, unit});
+      }
+      for (int64_t r = b; spans > 1 && r < end; ++r) slot_of[r] = slots, slots += spans * H;
+    }
   }
-  std::vector<float> spans_out(slots * D), spans_stats(slots * 2);
+  // (Kept from call to call and not zeroed: each value is written before it is read. Allocated and zeroed each call,
+  // a 512-row chunk's 9 MiB at 1536 tokens cost ~3 % of its attention in page faults. The threads below reach them
+  // through the pointers: a thread_local's name is each thread's own.)
+  thread_local slipstream::CacheLineVector<float> spans_out_buffer, spans_stats_buffer;
+  spans_out_buffer.resize(slots * D);
+  spans_stats_buffer.resize(slots * 2);
+  float* const spans_out = spans_out_buffer.data();
+  float* const spans_stats = spans_stats_buffer.data();
   const int64_t num_groups = static_cast<int64_t>(groups.size());
   const int64_t packs = num_groups >= 2 * at::get_num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
   const int64_t pack_size = (G + packs - 1) / packs, tasks = num_groups * packs;
   if (tasks == 0) return;
+  // For each (run, KV head) of several spans and pack of heads, its span tasks not yet done: the thread that does
+  // the last weighs them together, while their results are still in the caches, and no second fork / join of the
+  // threads is needed for it.
+  const std::unique_ptr<std::atomic<int64_t>[]> spans_left(new std::atomic<int64_t>[unit_spans.size() * packs]);
+  for (size_t i = 0; i < unit_spans.size() * packs; ++i) spans_left[i].store(unit_spans[i / packs]);
+  // Rows [first, first + n)'s heads [h0, h0 + heads): each span's result weighed by its share of the row's softmax sum.
+  const auto weigh_spans = [&](int64_t first, int64_t n, int64_t h0, int64_t heads) {
+    std::vector<float> weight;
+    for (int64_t b = first; b < first + n; ++b)
+      for (int64_t h = h0, spans = spans_of(b); h < h0 + heads; ++h) {
+        weight.resize(spans);
+        const float* stats = spans_stats + 2 * (slot_of[b] + h);  // (span s's at 2 * s * H after)
+        float top = -std::numeric_limits<float>::infinity(), total = 0.0f;
+        for (int64_t s = 0; s < spans; ++s) top = std::max(top, stats[2 * s * H]);
+        for (int64_t s = 0; s < spans; ++s)
+          total += weight[s] = std::exp(stats[2 * s * H] - top) * stats[2 * s * H + 1];
+        for (int64_t d = 0; d < D; d += 8) {
+          __m256 sum = _mm256_setzero_ps();
+          for (int64_t s = 0; s < spans; ++s)
+            sum = _mm256_fmadd_ps(_mm256_set1_ps(weight[s] / total),
+                                  _mm256_loadu_ps(spans_out + (slot_of[b] + s * H + h) * D + d), sum);
+          _mm256_storeu_ps(op + (b * H + h) * D + d, sum);
+        }
+      }
+  };
   // Each thread's run of tasks holds its share of the work (a task costs its rows' tokens in its span and a fixed
   // part), not of the tasks: a prompt's rows attend to 1, 2, ... n tokens, and an even split of them left one thread
   // 3/4 of the work. A thread done with its run takes the others' last tasks (stolen_items.h).
   std::vector<int64_t> work_before(tasks + 1, 0);  // the cost of tasks [0, i)
   for (int64_t task = 0; task < tasks; ++task) {
     const Group& group = groups[task / packs];
-    const auto [first, n] = tiles[group.tile];
-    int64_t work = 16 * n;
-    for (int64_t b = first; b < first + n; ++b) work += std::min(lens[b], group.t1) - group.t0;
+    int64_t work = 16 * group.n;
+    for (int64_t b = group.first; b < group.first + group.n; ++b) work += std::min(lens[b], group.t1) - group.t0;
     work_before[task + 1] = work_before[task] + work;
   }
   const int64_t shares = std::min<int64_t>(at::get_num_threads(), tasks);
@@ -551,11 +597,11 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
     std::vector<int8_t> scratch;
     TileScratch tile_scratch;
     std::vector<int64_t> rows;
-    // The row offsets of `group`'s tokens (its tile's longest row's).
+    // The row offsets of `group`'s tokens (its longest row's).
     auto group_rows = [&](int64_t group, std::vector<int64_t>& out) {
       const Group& g = groups[group];
       out.resize(g.t1 - g.t0);
-      token_rows(tiles[g.tile].first + tiles[g.tile].second - 1, g.kvh, g.t0, g.t1 - g.t0, out.data());
+      token_rows(g.first + g.n - 1, g.kvh, g.t0, g.t1 - g.t0, out.data());
     };
     AheadStream<C> ahead{kp, vp, width};
     int64_t held = -1, next_held = -1;  // the groups whose rows `rows` and `ahead.rows` hold
@@ -570,47 +616,26 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
         else ahead.rows.clear();
       }
       const Group& g = groups[group];
-      const auto [first, n] = tiles[g.tile];
       const int64_t h0 = g.kvh * G + pack * pack_size, span = g.t0 / SPAN;
       TaskRows rows_of_task;
-      rows_of_task.n = n;
-      for (int64_t r = 0, b = first; r < n; ++r, ++b) {
+      rows_of_task.n = g.n;
+      for (int64_t r = 0, b = g.first; r < g.n; ++r, ++b) {
         rows_of_task.q[r] = qp + b * ldq + h0 * D;
         rows_of_task.len[r] = std::min(lens[b], g.t1) - g.t0;
         const int64_t slot = slot_of[b] < 0 ? -1 : slot_of[b] + span * H + h0;
-        rows_of_task.out[r] = slot < 0 ? op + (b * H + h0) * D : spans_out.data() + slot * D;
-        rows_of_task.stats[r] = slot < 0 ? nullptr : spans_stats.data() + slot * 2;
+        rows_of_task.out[r] = slot < 0 ? op + (b * H + h0) * D : spans_out + slot * D;
+        rows_of_task.stats[r] = slot < 0 ? nullptr : spans_stats + slot * 2;
       }
-      if (!tile_parts.empty()) rows_of_task.parts = tile_parts[g.tile * Hkv + g.kvh];
+      rows_of_task.parts = g.parts;
       ahead.start_task(pack, packs, rows_of_task.longest());
-      switch (std::min(pack_size, G - pack * pack_size)) {
+      const int64_t heads = std::min(pack_size, G - pack * pack_size);
+      switch (heads) {
         case 1: attend<1>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, tile_scratch, ahead); break;
         case 2: attend<2>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, tile_scratch, ahead); break;
         default: attend<3>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, tile_scratch, ahead); break;
       }
-    }
-  });
-  // Rows of several spans: each span's result weighed by its share of the row's softmax sum.
-  if (slots == 0) return;
-  at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> weight;
-    for (int64_t b = begin; b < end; ++b) {
-      if (slot_of[b] < 0) continue;
-      weight.resize(spans_of(b));
-      for (int64_t h = 0; h < H; ++h) {
-        const float* stats = spans_stats.data() + 2 * (slot_of[b] + h);  // (span s's at 2 * s * H after)
-        float top = -std::numeric_limits<float>::infinity(), total = 0.0f;
-        for (size_t s = 0; s < weight.size(); ++s) top = std::max(top, stats[2 * s * H]);
-        for (size_t s = 0; s < weight.size(); ++s)
-          total += weight[s] = std::exp(stats[2 * s * H] - top) * stats[2 * s * H + 1];
-        for (int64_t d = 0; d < D; d += 8) {
-          __m256 sum = _mm256_setzero_ps();
-          for (size_t s = 0; s < weight.size(); ++s)
-            sum = _mm256_fmadd_ps(_mm256_set1_ps(weight[s] / total),
-                                  _mm256_loadu_ps(spans_out.data() + (slot_of[b] + s * H + h) * D + d), sum);
-          _mm256_storeu_ps(op + (b * H + h) * D + d, sum);
-        }
-      }
+      if (g.unit >= 0 && spans_left[g.unit * packs + pack].fetch_sub(1, std::memory_order_acq_rel) == 1)
+        weigh_spans(g.first, g.n, h0, heads);
     }
   });
 }
