@@ -115,24 +115,31 @@ constexpr int64_t MAX_TILE_ROWS = std::max(TILE_ROWS, MATRIX_TILE_ROWS);
 // `out`; a lone row takes all its tokens at once).
 constexpr int64_t VALUE_SPAN = 64;
 
-// A row of 2 x SPAN tokens or more attends to them in spans, each a task of its own: SPAN tokens each from token 0,
-// the last taking the rest (up to 2 x SPAN - 1). The threads then share a long row's keys and values, and a task reads
-// each key and value row once for a pack of heads, where batch 1's three KV groups had left one head a task for two
-// threads (each row read three times, from DRAM or L3 at these lengths, one thread given twice the other's work). A
-// span's softmax is its own (its probabilities times its values; its maximum and sum beside them), and the spans'
-// results are weighed together after. A row's spans follow from its own length, so its arithmetic is the same in any
-// batch; a row of one span is computed as before spans were. (A decode step alternated against the kernel without
-// spans, `benchmarks/engine_ab.py`, AMD EPYC Zen 3: 1.24x / 1.06x / 1.12x at batch 1 / 2 / 8 with 2000-token contexts
-// in exact mode, 1.28x at batch 1 under w4a8, 1.07x at batch 1 and 4 at 600 tokens. Spans of 256 from token 0 with a
-// short last one cost up to 0.82x at batch 32 from 300 tokens.)
-constexpr int64_t SPAN = 256;
+// A row of 2 x SPAN tokens or more attends to them in spans: SPAN tokens each from token 0, the last taking the rest
+// (up to 2 x SPAN - 1). A span's softmax is its own (its probabilities times its values; its maximum and sum beside
+// them), and the row's result folds the spans' in together, in order (fold_span). A row's spans follow from its own
+// length and its arithmetic from them, so it is the same in any batch; a row of one span is computed as before spans
+// were. Rows of up to SPAN_TASK_ROWS a run (a decode row, with its guesses) take a task a span: the threads then share
+// a long row's keys and values, and a task reads each key and value row once for a pack of heads, where batch 1's
+// three KV groups had left one head a task for two threads (each row read three times, from DRAM or L3 at these
+// lengths, and one thread given twice the other's work); the task that ends a run's last span folds them. A prompt's
+// runs of more rows take their spans one after another in one task, folding each in as it ends (their results a
+// span each would outweigh the keys and values they attend to). (A decode step alternated against the kernel
+// without spans, `benchmarks/engine_ab.py`, AMD EPYC Zen 3: 1.24x / 1.06x / 1.12x at batch 1 / 2 / 8 with
+// 2000-token contexts in exact mode, 1.28x at batch 1 under w4a8, 1.07x at 600 tokens. Spans of 256 from token 0
+// with a short last one cost up to 0.82x at batch 32 from 300 tokens.)
+constexpr int64_t SPAN = 256, SPAN_TASK_ROWS = 4;
+
+struct SoftmaxStats {
+  float max, sum;
+};
 
 // A task's query rows for the span of tokens it takes: lengths (within the span) ascending, the last the longest.
 struct TaskRows {
   int64_t n = 0;
   const float* q[MAX_TILE_ROWS];  // P rows of D each
   float* out[MAX_TILE_ROWS];
-  float* stats[MAX_TILE_ROWS];  // the span's softmax maximum and sum for each of P heads; null for a row of one span
+  SoftmaxStats* stats[MAX_TILE_ROWS];  // the span's softmax maximum and sum for each of P heads; null for one span
   int64_t len[MAX_TILE_ROWS];
   const uint16_t* parts = nullptr;  // its keys and values split for the AMX tiles (attention_amx.h), if they serve it
   int64_t longest() const { return len[n - 1]; }
@@ -269,10 +276,6 @@ void int8_key_scores(const TaskRows& task, const int8_t* keys, const int64_t* ro
   });
 }
 
-struct SoftmaxStats {
-  float max, sum;
-};
-
 // scores -> softmax probabilities in place (padding -> 0); returns the scores' maximum and the sum of their
 // exponentials less it. L >= 1.
 SoftmaxStats softmax(float* s, int64_t L) {
@@ -293,6 +296,25 @@ SoftmaxStats softmax(float* s, int64_t L) {
   const __m256 inv = _mm256_set1_ps(1.0f / total);
   for (int64_t t = 0; t < padded; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), inv));
   return {_mm256_cvtss_f32(m), total};
+}
+
+// Span s of a row's head (D values `part`: its probabilities times its values; its softmax maximum and sum) folded
+// into the head's running result: `acc` (D values: each span's weighed by exp(its maximum - top) times its sum), the
+// greatest maximum so far and the weights' total. Span 0 starts it; after the last, acc / total is the result.
+inline void fold_span(int64_t s, const float* part, SoftmaxStats span, float* acc, SoftmaxStats& run, int64_t D) {
+  const float top = s ? std::max(run.max, span.max) : span.max;
+  const float kept = s ? std::exp(run.max - top) : 0.0f, weight = std::exp(span.max - top) * span.sum;
+  run = {top, (s ? run.sum * kept : 0.0f) + weight};
+  const __m256 k = _mm256_set1_ps(kept), w = _mm256_set1_ps(weight);
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 weighed = _mm256_mul_ps(_mm256_loadu_ps(part + d), w);
+    _mm256_storeu_ps(acc + d, s ? _mm256_fmadd_ps(_mm256_loadu_ps(acc + d), k, weighed) : weighed);
+  }
+}
+
+inline void finish_spans(float* acc, SoftmaxStats run, int64_t D) {
+  const __m256 inv = _mm256_set1_ps(1.0f / run.sum);
+  for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(acc + d, _mm256_mul_ps(_mm256_loadu_ps(acc + d), inv));
 }
 
 // out[g * D + d0 : ... + 8 * NV] = sum_t p[g][t] * values[rows[t] + d0 : ...] for each row's P heads (p[r * P + g]),
@@ -358,7 +380,7 @@ void probabilities(const TaskRows& task, float* const* s, const C* values, const
     pad_scores<P>(s + r * P, task.len[r]);  // (the scores of a row's last tile past its length)
     for (int g = 0; g < P; ++g) {
       const SoftmaxStats stats = softmax(s[r * P + g], task.len[r]);
-      if (task.stats[r]) task.stats[r][2 * g] = stats.max, task.stats[r][2 * g + 1] = stats.sum;
+      if (task.stats[r]) task.stats[r][g] = stats;
     }
     if constexpr (SCALED<C>)
       for (int64_t t = 0; t < task.len[r]; ++t) {
@@ -510,16 +532,20 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
   };
   const std::vector<const uint16_t*> tile_parts =
       split_for_tiles<C>(tiles, lens, bt, W, bs, Hkv, D, kp, vp, token_rows);
-  // Groups: a run of a tile's rows, a KV head and a span of tokens. A tile on the AMX tiles is one run and takes its
+  // Groups: a run of a tile's rows, a KV head and spans of tokens. A tile on the AMX tiles is one run and takes its
   // tokens in one span; a tile the FMA kernel serves splits into runs of rows with as many spans (two at most: its
   // rows' lengths are one apart).
   struct Group {
-    int64_t first, n, kvh, t0, t1;  // rows [first, first + n), KV head kvh, tokens [t0, t1)
+    int64_t first, n, kvh, spans;  // rows [first, first + n), each of `spans` spans; KV head kvh
+    int64_t s0, s1;  // the spans it takes
     const uint16_t* parts;  // its keys and values split for the AMX tiles, if they serve it
-    int64_t unit;  // for a run of several spans, its (run, KV head)'s index in `unit_spans`; else -1
+    int64_t unit;  // for a span of a run that takes a task a span: its (run, KV head)'s index in `unit_spans`; else -1
+    int64_t t0(int64_t s) const { return s * SPAN; }
+    int64_t t1(int64_t s, const int64_t* lens) const { return s + 1 < spans ? (s + 1) * SPAN : lens[first + n - 1]; }
   };
-  // The results of rows of several spans, before they are weighed together: for row b's span s and head h, D values
-  // at slot (slot_of[b] + s * H + h) of `spans_out`, its softmax maximum and sum at that slot of `spans_stats`.
+  // The results of the spans of runs that take a task a span, until the last is done: for row b's span s and head h,
+  // D values at slot (slot_of[b] + s * H + h) of `spans_out`, its softmax maximum and sum at that slot of
+  // `spans_stats`.
   std::vector<Group> groups;
   std::vector<int64_t> slot_of(B, -1), unit_spans;
   int64_t slots = 0;
@@ -529,62 +555,44 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
     for (int64_t b = first, end; b < first + n; b = end) {
       const int64_t spans = matrix_tiles ? 1 : spans_of(b);
       for (end = b + 1; end < first + n && (matrix_tiles || spans_of(end) == spans); ++end) {}
-      const int64_t L = lens[end - 1];
+      const bool span_tasks = spans > 1 && end - b <= SPAN_TASK_ROWS;
       for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
-        const int64_t unit = spans > 1 ? static_cast<int64_t>(unit_spans.size()) : -1;
-        if (spans > 1) unit_spans.push_back(spans);
+        const uint16_t* parts = matrix_tiles ? tile_parts[i * Hkv + kvh] : nullptr;
+        if (!span_tasks) {
+          groups.push_back({b, end - b, kvh, spans, 0, spans, parts, -1});
+          continue;
+        }
         for (int64_t s = 0; s < spans; ++s)
-          groups.push_back({b, end - b, kvh, s * SPAN, s + 1 < spans ? (s + 1) * SPAN : L,
-                            matrix_tiles ? tile_parts[i * Hkv + kvh] : nullptr, unit});
+          groups.push_back({b, end - b, kvh, spans, s, s + 1, parts, static_cast<int64_t>(unit_spans.size())});
+        unit_spans.push_back(spans);
       }
-      for (int64_t r = b; spans > 1 && r < end; ++r) slot_of[r] = slots, slots += spans * H;
+      for (int64_t r = b; span_tasks && r < end; ++r) slot_of[r] = slots, slots += spans * H;
     }
   }
-  // (Kept from call to call and not zeroed: each value is written before it is read. Allocated and zeroed each call,
-  // a 512-row chunk's 9 MiB at 1536 tokens cost ~3 % of its attention in page faults. The threads below reach them
+  // (Kept from call to call and not zeroed: each value is written before it is read. The threads below reach them
   // through the pointers: a thread_local's name is each thread's own.)
-  thread_local slipstream::CacheLineVector<float> spans_out_buffer, spans_stats_buffer;
+  thread_local slipstream::CacheLineVector<float> spans_out_buffer;
+  thread_local std::vector<SoftmaxStats> spans_stats_buffer;
   spans_out_buffer.resize(slots * D);
-  spans_stats_buffer.resize(slots * 2);
+  spans_stats_buffer.resize(slots);
   float* const spans_out = spans_out_buffer.data();
-  float* const spans_stats = spans_stats_buffer.data();
+  SoftmaxStats* const spans_stats = spans_stats_buffer.data();
   const int64_t num_groups = static_cast<int64_t>(groups.size());
   const int64_t packs = num_groups >= 2 * at::get_num_threads() ? (G + MAX_PACK - 1) / MAX_PACK : G;
   const int64_t pack_size = (G + packs - 1) / packs, tasks = num_groups * packs;
   if (tasks == 0) return;
-  // For each (run, KV head) of several spans and pack of heads, its span tasks not yet done: the thread that does
-  // the last weighs them together, while their results are still in the caches, and no second fork / join of the
-  // threads is needed for it.
+  // For each (run, KV head) that takes a task a span and pack of heads, its span tasks not yet done: the thread that
+  // does the last folds them, while their results are still in the caches, and no second fork / join is needed.
   const std::unique_ptr<std::atomic<int64_t>[]> spans_left(new std::atomic<int64_t>[unit_spans.size() * packs]);
   for (size_t i = 0; i < unit_spans.size() * packs; ++i) spans_left[i].store(unit_spans[i / packs]);
-  // Rows [first, first + n)'s heads [h0, h0 + heads): each span's result weighed by its share of the row's softmax sum.
-  const auto weigh_spans = [&](int64_t first, int64_t n, int64_t h0, int64_t heads) {
-    std::vector<float> weight;
-    for (int64_t b = first; b < first + n; ++b)
-      for (int64_t h = h0, spans = spans_of(b); h < h0 + heads; ++h) {
-        weight.resize(spans);
-        const float* stats = spans_stats + 2 * (slot_of[b] + h);  // (span s's at 2 * s * H after)
-        float top = -std::numeric_limits<float>::infinity(), total = 0.0f;
-        for (int64_t s = 0; s < spans; ++s) top = std::max(top, stats[2 * s * H]);
-        for (int64_t s = 0; s < spans; ++s)
-          total += weight[s] = std::exp(stats[2 * s * H] - top) * stats[2 * s * H + 1];
-        for (int64_t d = 0; d < D; d += 8) {
-          __m256 sum = _mm256_setzero_ps();
-          for (int64_t s = 0; s < spans; ++s)
-            sum = _mm256_fmadd_ps(_mm256_set1_ps(weight[s] / total),
-                                  _mm256_loadu_ps(spans_out + (slot_of[b] + s * H + h) * D + d), sum);
-          _mm256_storeu_ps(op + (b * H + h) * D + d, sum);
-        }
-      }
-  };
-  // Each thread's run of tasks holds its share of the work (a task costs its rows' tokens in its span and a fixed
+  // Each thread's run of tasks holds its share of the work (a task costs its rows' tokens in its spans and a fixed
   // part), not of the tasks: a prompt's rows attend to 1, 2, ... n tokens, and an even split of them left one thread
   // 3/4 of the work. A thread done with its run takes the others' last tasks (stolen_items.h).
   std::vector<int64_t> work_before(tasks + 1, 0);  // the cost of tasks [0, i)
   for (int64_t task = 0; task < tasks; ++task) {
-    const Group& group = groups[task / packs];
-    int64_t work = 16 * group.n;
-    for (int64_t b = group.first; b < group.first + group.n; ++b) work += std::min(lens[b], group.t1) - group.t0;
+    const Group& g = groups[task / packs];
+    int64_t work = 16 * g.n * (g.s1 - g.s0);
+    for (int64_t b = g.first; b < g.first + g.n; ++b) work += std::min(lens[b], g.t1(g.s1 - 1, lens)) - g.t0(g.s0);
     work_before[task + 1] = work_before[task] + work;
   }
   const int64_t shares = std::min<int64_t>(at::get_num_threads(), tasks);
@@ -597,11 +605,14 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
     std::vector<int8_t> scratch;
     TileScratch tile_scratch;
     std::vector<int64_t> rows;
+    std::vector<float> span_out;  // a run's span's results, before they are folded in (its spans in one task)
+    SoftmaxStats span_stats[MAX_TILE_ROWS * MAX_PACK], run_stats[MAX_TILE_ROWS * MAX_PACK];
     // The row offsets of `group`'s tokens (its longest row's).
     auto group_rows = [&](int64_t group, std::vector<int64_t>& out) {
       const Group& g = groups[group];
-      out.resize(g.t1 - g.t0);
-      token_rows(g.first + g.n - 1, g.kvh, g.t0, g.t1 - g.t0, out.data());
+      const int64_t t0 = g.t0(g.s0), t1 = g.t1(g.s1 - 1, lens);
+      out.resize(t1 - t0);
+      token_rows(g.first + g.n - 1, g.kvh, t0, t1 - t0, out.data());
     };
     AheadStream<C> ahead{kp, vp, width};
     int64_t held = -1, next_held = -1;  // the groups whose rows `rows` and `ahead.rows` hold
@@ -616,26 +627,56 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
         else ahead.rows.clear();
       }
       const Group& g = groups[group];
-      const int64_t h0 = g.kvh * G + pack * pack_size, span = g.t0 / SPAN;
-      TaskRows rows_of_task;
-      rows_of_task.n = g.n;
-      for (int64_t r = 0, b = g.first; r < g.n; ++r, ++b) {
-        rows_of_task.q[r] = qp + b * ldq + h0 * D;
-        rows_of_task.len[r] = std::min(lens[b], g.t1) - g.t0;
-        const int64_t slot = slot_of[b] < 0 ? -1 : slot_of[b] + span * H + h0;
-        rows_of_task.out[r] = slot < 0 ? op + (b * H + h0) * D : spans_out + slot * D;
-        rows_of_task.stats[r] = slot < 0 ? nullptr : spans_stats + slot * 2;
+      const int64_t h0 = g.kvh * G + pack * pack_size, heads = std::min(pack_size, G - pack * pack_size);
+      const bool folded_here = g.spans > 1 && g.unit < 0;
+      if (folded_here) span_out.resize(g.n * heads * D);
+      ahead.start_task(pack, packs, std::min(lens[g.first + g.n - 1], g.t1(g.s1 - 1, lens)) - g.t0(g.s0));
+      for (int64_t s = g.s0; s < g.s1; ++s) {
+        const int64_t t0 = g.t0(s), t1 = g.t1(s, lens);
+        TaskRows rows_of_task;
+        rows_of_task.n = g.n;
+        for (int64_t r = 0, b = g.first; r < g.n; ++r, ++b) {
+          rows_of_task.q[r] = qp + b * ldq + h0 * D;
+          rows_of_task.len[r] = std::min(lens[b], t1) - t0;
+          if (g.spans == 1) {
+            rows_of_task.out[r] = op + (b * H + h0) * D;
+            rows_of_task.stats[r] = nullptr;
+          } else if (folded_here) {
+            rows_of_task.out[r] = span_out.data() + r * heads * D;
+            rows_of_task.stats[r] = span_stats + r * heads;
+          } else {
+            const int64_t slot = slot_of[b] + s * H + h0;
+            rows_of_task.out[r] = spans_out + slot * D;
+            rows_of_task.stats[r] = spans_stats + slot;
+          }
+        }
+        rows_of_task.parts = g.parts;
+        const int64_t* span_rows = rows.data() + (t0 - g.t0(g.s0));
+        switch (heads) {
+          case 1: attend<1>(rows_of_task, kp, vp, span_rows, D, scale, scores, scratch, tile_scratch, ahead); break;
+          case 2: attend<2>(rows_of_task, kp, vp, span_rows, D, scale, scores, scratch, tile_scratch, ahead); break;
+          default: attend<3>(rows_of_task, kp, vp, span_rows, D, scale, scores, scratch, tile_scratch, ahead); break;
+        }
+        for (int64_t r = 0, b = g.first; folded_here && r < g.n; ++r, ++b)
+          for (int64_t h = 0; h < heads; ++h)
+            fold_span(s, span_out.data() + (r * heads + h) * D, span_stats[r * heads + h],
+                      op + (b * H + h0 + h) * D, run_stats[r * heads + h], D);
       }
-      rows_of_task.parts = g.parts;
-      ahead.start_task(pack, packs, rows_of_task.longest());
-      const int64_t heads = std::min(pack_size, G - pack * pack_size);
-      switch (heads) {
-        case 1: attend<1>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, tile_scratch, ahead); break;
-        case 2: attend<2>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, tile_scratch, ahead); break;
-        default: attend<3>(rows_of_task, kp, vp, rows.data(), D, scale, scores, scratch, tile_scratch, ahead); break;
+      if (folded_here) {
+        for (int64_t r = 0, b = g.first; r < g.n; ++r, ++b)
+          for (int64_t h = 0; h < heads; ++h) finish_spans(op + (b * H + h0 + h) * D, run_stats[r * heads + h], D);
+      } else if (g.unit >= 0 && spans_left[g.unit * packs + pack].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        for (int64_t b = g.first; b < g.first + g.n; ++b)  // the run's last span task: it folds them all
+          for (int64_t h = h0; h < h0 + heads; ++h) {
+            SoftmaxStats run;
+            float* acc = op + (b * H + h) * D;
+            for (int64_t s = 0; s < g.spans; ++s) {
+              const int64_t slot = slot_of[b] + s * H + h;
+              fold_span(s, spans_out + slot * D, spans_stats[slot], acc, run, D);
+            }
+            finish_spans(acc, run, D);
+          }
       }
-      if (g.unit >= 0 && spans_left[g.unit * packs + pack].fetch_sub(1, std::memory_order_acq_rel) == 1)
-        weigh_spans(g.first, g.n, h0, heads);
     }
   });
 }
