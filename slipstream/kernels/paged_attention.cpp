@@ -125,9 +125,10 @@ constexpr int64_t VALUE_SPAN = 64;
 // lengths, and one thread given twice the other's work); the task that ends a run's last span folds them. A prompt's
 // runs of more rows take their spans one after another in one task, folding each in as it ends (their results a
 // span each would outweigh the keys and values they attend to). (A decode step alternated against the kernel
-// without spans, `benchmarks/engine_ab.py`, AMD EPYC Zen 3: 1.24x / 1.06x / 1.12x at batch 1 / 2 / 8 with
-// 2000-token contexts in exact mode, 1.28x at batch 1 under w4a8, 1.07x at 600 tokens. Spans of 256 from token 0
-// with a short last one cost up to 0.82x at batch 32 from 300 tokens.)
+// without spans, `benchmarks/engine_ab.py`, AMD EPYC Zen 3: 1.25x / 1.06x / 1.13x at batch 1 / 2 / 8 with
+// 2000-token contexts in exact mode, 1.63x at batch 1 with 8000, 1.43x at batch 1 with 2000 under w4a8; a prompt
+// chunk's attention 1.00-1.03x. Spans of 256 from token 0 with a short last one cost up to 0.82x at batch 32 from
+// 300 tokens.)
 constexpr int64_t SPAN = 256, SPAN_TASK_ROWS = 4;
 
 struct SoftmaxStats {
