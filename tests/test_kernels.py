@@ -250,7 +250,7 @@ def test_paged_attention_matches_sdpa(ops, dim, cache_dtype, heads, kv_heads):
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
 # a prompt's first chunk, one after 150 cached tokens, and one whose rows pass 512 tokens (from there a row attends in
-# two spans of tokens, each a task of its own, and weighs their results together)
+# two spans of tokens and folds their results together: alone, a task a span; in runs of more than 4 rows, in one task)
 @pytest.mark.parametrize("start", [0, 150, 500])
 def test_a_query_rows_attention_is_the_same_in_any_batch(ops, cache_dtype, start):
     """A prompt chunk's rows attend through one block table (a stride-0 view, lengths start + 1 .. start + n), bitwise

@@ -631,7 +631,7 @@ void decode(const float* qp, int64_t ldq, const C* kp, const C* vp, const int64_
       const int64_t h0 = g.kvh * G + pack * pack_size, heads = std::min(pack_size, G - pack * pack_size);
       const bool folded_here = g.spans > 1 && g.unit < 0;
       if (folded_here) span_out.resize(g.n * heads * D);
-      ahead.start_task(pack, packs, std::min(lens[g.first + g.n - 1], g.t1(g.s1 - 1, lens)) - g.t0(g.s0));
+      ahead.start_task(pack, packs, g.t1(g.s1 - 1, lens) - g.t0(g.s0));
       for (int64_t s = g.s0; s < g.s1; ++s) {
         const int64_t t0 = g.t0(s), t1 = g.t1(s, lens);
         TaskRows rows_of_task;
