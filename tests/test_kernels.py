@@ -57,7 +57,8 @@ def ops(request):
 
 
 @pytest.mark.parametrize("qtype", sorted({**GGUF_KERNEL_TYPES, **HALF_TYPES}))
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 15, 18, 40])  # (from 8 / 16 rows: tiles of 4 rows, and the rest)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 15, 18, 40])  # (tiles: AVX2 from 8 rows, AVX-512 from 16:
+# 18 = 12 + 6 rows, 40 = 3 x 12 + 4; 37 weight rows = 32 + 5)
 def test_gguf_linear_matches_dequantized_matmul(ops, qtype, rows):
     # 16 blocks of 32 per row (2 super-blocks of 256 for K-quants): whole and partial groups of 8 blocks for
     # the classic types at 320 inputs, K-quants at 512. K-quant blocks are random bytes with valid scales.
@@ -76,7 +77,8 @@ def test_gguf_linear_of_batches_and_prompts(ops, qtype, blocks_a_row, rows):
     gives them; BF16 rows, summed over the whole row before one store) at any row count: 16 activation rows to a tile
     and the rest, in chunks of 128 and the rest (300), 16 weight rows to a tile and the rest (37), blocks in pairs
     and an odd one (9), K = 1536 (down_proj). Float32 accuracy: each activation meets the quants as three bf16
-    parts, every product exact."""
+    parts, every product exact. (The AVX2 and AVX-512 builds take such batches as tiles of float32 weights, within
+    the same bound.)"""
     in_features = 32 * blocks_a_row * (8 if qtype in (12, 13) else 1)  # (K-quants: super-blocks of 256)
     blocks, dense = random_gguf_weight(qtype, 37, in_features, seed=qtype * 100 + rows)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)) * 3

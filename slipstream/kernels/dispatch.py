@@ -95,9 +95,10 @@ class CpuVariant:
     # beyond, MKL's GEMM on the blocks' values expanded for the call (gguf_dequantize, ~0.25 ns a weight). The AVX2
     # kernel multiplies 8 rows or more as tiles of expanded weights (gguf_linear.cpp's tiled_linear_impl): on 2 cores
     # of AMD EPYC Zen 3, the embedded model's layers 1.1-3x faster than dequantize + MKL at 32-128 rows, even at 256,
-    # 0.9x at 512-1024. The AVX-512 kernel is 2.0x / 1.4x faster than MKL at 32 rows (gate_up 3072x576 / down
-    # 576x1536, AMD EPYC Zen 4), 1.6x / 1.1x at 64, 0.96x for down at 128. The int8 kernel (w4a8) serves every row
-    # count.
+    # 0.9x at 512-1024. The AVX-512 kernel does likewise from 16 rows (k-major tiles of 32 weight rows, x broadcast: a
+    # GEMM's register tile): on 2 cores of an Intel Xeon without AMX, the embedded model's layers 1.07-1.5x faster
+    # than dequantize + oneDNN's GEMM at 64-256 rows (the Q8_0 LM head 1.5-2.7x), 0.92-1.08x at 512. The int8
+    # kernel (w4a8) serves every row count.
     block_kernel_max_rows: int = 256
     # Whether a dense float32 matmul (a prompt's rows, dense checkpoints) takes oneDNN's GEMM rather than F.linear's
     # MKL. Measured on 2 cores of AMD EPYC Zen 4, where MKL runs its AVX2 code and oneDNN its AVX-512 code: oneDNN
@@ -115,7 +116,7 @@ VARIANTS = (  # best first; AVX2 sources shared, the VNNI builds take vpdpbusd f
     CpuVariant("amx", frozenset({*_AVX512, "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}),
                (*_AVX512_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8"), block_kernel_max_rows=64,
                onednn_gemm=True),
-    CpuVariant("avx512_vnni", frozenset(_AVX512), _AVX512_FLAGS, block_kernel_max_rows=64, onednn_gemm=True),
+    CpuVariant("avx512_vnni", frozenset(_AVX512), _AVX512_FLAGS, onednn_gemm=True),
     CpuVariant("avx_vnni", frozenset({*_AVX2, "avx_vnni"}), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
     CpuVariant("avx2", frozenset(_AVX2), ("-mavx2", "-mfma", "-mf16c")),
 )

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cache_lines.h"
 #include "gguf_blocks.h"
 
 namespace slipstream::avx512 {
@@ -102,13 +103,59 @@ template <QType T, Layout L>
   }
 }
 
+// Block b of weight row n as the gguf package dequantizes it: weights 32b..32b+15 in w0, 32b+16..32b+31 in w1.
+// A Q4 or 5-bit block takes its scale d and min from the caller (block_rows reads sixteen blocks' at once).
+template <QType T, Layout L>
+[[gnu::always_inline]] inline void block_values(const Weights& w, int64_t n, int64_t b, int64_t K, float d, float min,
+                                                __m512& w0, __m512& w1) {
+  constexpr bool five_bits = L == Layout::HighBitRows;
+  const int64_t nb = K / QK;
+  if constexpr (is_q4(T) || five_bits) {
+    // Low nibbles are weights 0..15, high nibbles 16..31.
+    const uint8_t* block = w.qs + (n * nb + b) * (five_bits ? nibble_group_row_bytes(T) : 16);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
+    if constexpr (five_bits) {
+      // Each weight's fifth bit ORed in from the block's word of them (in mask registers), its value then
+      // converted: one FMA rounds d * q + min as the table's does (as fast as a lookup in a table of 32 through
+      // permutex2var at 1-8 rows, 5-10 % faster at 32-64, AMD EPYC Zen 4).
+      __mmask16 fifth0, fifth1;
+      std::memcpy(&fifth0, block + 16, 2);
+      std::memcpy(&fifth1, block + 18, 2);
+      const __m512i sixteen = _mm512_set1_epi32(16);
+      const __m512i low = _mm512_and_si512(q, _mm512_set1_epi32(0x0F)), high = _mm512_srli_epi32(q, 4);
+      const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(min);
+      w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mask_or_epi32(low, fifth0, low, sixteen)), dv, mv);
+      w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mask_or_epi32(high, fifth1, high, sixteen)), dv, mv);
+    } else {  // a table of the 16 values, looked up by nibble (permutexvar reads an index's low 4 bits only)
+      const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(min));
+      w0 = _mm512_permutexvar_ps(q, table);
+      w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
+    }
+  } else if constexpr (T == QType::Q8_0) {
+    const uint8_t* q = w.qs + (n * nb + b) * 32;
+    const __m512 scale = _mm512_set1_ps(scale_at<T>(w, n * nb + b));
+    w0 = _mm512_mul_ps(load_bytes16(q), scale);
+    w1 = _mm512_mul_ps(load_bytes16(q + 16), scale);
+  } else if constexpr (is_k16(T)) {  // a byte per weight, a scale (and min) per 16
+    const int8_t* q = reinterpret_cast<const int8_t*>(w.qs) + n * K + 32 * b;
+    const int64_t g = n * (K / 16) + 2 * b;
+    w0 = _mm512_fmadd_ps(load_bytes16(q), _mm512_set1_ps(w.fscales[g]), _mm512_set1_ps(min_at<T>(w, g, 0.0f)));
+    w1 = _mm512_fmadd_ps(load_bytes16(q + 16), _mm512_set1_ps(w.fscales[g + 1]),
+                         _mm512_set1_ps(min_at<T>(w, g + 1, 0.0f)));
+  } else {  // F16 / BF16 rows
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(w.qs) + n * K + 32 * b;
+    w0 = load_half16<T>(h);
+    w1 = load_half16<T>(h + 16);
+  }
+}
+
 // y[m, n] for weight rows [n0, n1) and MM activation rows: each 32 weights (two vectors) are dequantized once and
 // meet the MM rows of x in two accumulator chains per row. Layout L: Rows, or a 5-bit type's HighBitRows.
 template <QType T, int MM, Layout L = Layout::Rows>
 void block_rows(const float* x, Weights w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   constexpr bool five_bits = L == Layout::HighBitRows;
   const int64_t nb = K / QK;
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   // At one or two rows a Q4 block's work is its lookup, and converting its fp16 scale and min there took six
   // instructions, on the pipes the lookup needs: sixteen blocks' are converted at once and broadcast from memory
   // (30 layers of SmolLM2's matmuls at one row 10 % faster, AMD EPYC Zen 4). So too Q5_0's and Q5_1's at any count.
@@ -119,50 +166,16 @@ void block_rows(const float* x, Weights w, float* y, int64_t K, int64_t N, int64
     for (int m = 0; m < MM; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       prefetch_ahead<T, L>(w, n * nb + b);
-      __m512 w0, w1;  // weights 32b..32b+15, 32b+16..32b+31
+      float d = 0.0f, min = 0.0f;
       if constexpr (is_q4(T) || five_bits) {
-        // Low nibbles are weights 0..15, high nibbles 16..31.
         const int64_t at = n * nb + b;
         if (scales_in_memory && b % 16 == 0)
           half_scales16<T, L>(w, at, std::min<int64_t>(16, nb - b), scales16, mins16);
-        const float d = scales_in_memory ? scales16[b % 16] : scale_at<T, L>(w, at);
-        const float min = scales_in_memory ? mins16[b % 16] : min_at<T, L>(w, at, d);
-        const uint8_t* block = w.qs + at * (five_bits ? nibble_group_row_bytes(T) : 16);
-        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
-        if constexpr (five_bits) {
-          // Each weight's fifth bit ORed in from the block's word of them (in mask registers), its value then
-          // converted: one FMA rounds d * q + min as the table's does (as fast as a lookup in a table of 32 through
-          // permutex2var at 1-8 rows, 5-10 % faster at 32-64, AMD EPYC Zen 4).
-          __mmask16 fifth0, fifth1;
-          std::memcpy(&fifth0, block + 16, 2);
-          std::memcpy(&fifth1, block + 18, 2);
-          const __m512i sixteen = _mm512_set1_epi32(16);
-          const __m512i low = _mm512_and_si512(q, _mm512_set1_epi32(0x0F)), high = _mm512_srli_epi32(q, 4);
-          const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(min);
-          w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mask_or_epi32(low, fifth0, low, sixteen)), dv, mv);
-          w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mask_or_epi32(high, fifth1, high, sixteen)), dv, mv);
-        } else {  // a table of the 16 values, looked up by nibble (permutexvar reads an index's low 4 bits only)
-          const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(min));
-          w0 = _mm512_permutexvar_ps(q, table);
-          w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
-        }
-      } else if constexpr (T == QType::Q8_0) {
-        const uint8_t* q = w.qs + (n * nb + b) * 32;
-        const __m512 d = _mm512_set1_ps(scale_at<T>(w, n * nb + b));
-        w0 = _mm512_mul_ps(load_bytes16(q), d);
-        w1 = _mm512_mul_ps(load_bytes16(q + 16), d);
-      } else if constexpr (is_k16(T)) {  // a byte per weight, a scale (and min) per 16
-        const int8_t* q = reinterpret_cast<const int8_t*>(w.qs) + n * K + 32 * b;
-        const int64_t g = n * (K / 16) + 2 * b;
-        w0 = _mm512_fmadd_ps(load_bytes16(q), _mm512_set1_ps(w.fscales[g]),
-                             _mm512_set1_ps(min_at<T>(w, g, 0.0f)));
-        w1 = _mm512_fmadd_ps(load_bytes16(q + 16), _mm512_set1_ps(w.fscales[g + 1]),
-                             _mm512_set1_ps(min_at<T>(w, g + 1, 0.0f)));
-      } else {  // F16 / BF16 rows
-        const uint16_t* h = reinterpret_cast<const uint16_t*>(w.qs) + n * K + 32 * b;
-        w0 = load_half16<T>(h);
-        w1 = load_half16<T>(h + 16);
+        d = scales_in_memory ? scales16[b % 16] : scale_at<T, L>(w, at);
+        min = scales_in_memory ? mins16[b % 16] : min_at<T, L>(w, at, d);
       }
+      __m512 w0, w1;
+      block_values<T, L>(w, n, b, K, d, min, w0, w1);
       for (int m = 0; m < MM; ++m) {
         acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + 32 * b), acc[m][0]);
         acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + 32 * b + 16), acc[m][1]);
@@ -172,11 +185,121 @@ void block_rows(const float* x, Weights w, float* y, int64_t K, int64_t N, int64
   }
 }
 
-// y [M, N] = x @ dequantize(W)^T over tiles of 16 weight rows, in pieces of up to 8 activation rows (16
-// accumulators) while the piece's rows of x fit in L1 beside the weights (24 KiB), else of up to 4: for the down
-// projection (K = 1536) pieces of 8 read x from L2 for every weight row and measured 1.3x slower than pieces of 4.
+// Batches (TILED_MIN_ROWS or more): as a GEMM does. TILE_N weight rows at a time are dequantized to float32 once (the
+// gguf package's values, block_values) and laid out k-major, [K][TILE_N], in a buffer that stays in L2; x is laid out
+// k-major too, by pieces of TILE_M rows; then a register tile of TILE_M x TILE_N sums (24 vectors) takes, for each k,
+// two weight vectors and one broadcast x value a row: one FMA per 16 products, and the sums are y's own rows, with
+// no scale per block and no horizontal sums. Still x @ dequantize(W)^T up to summation order.
+constexpr int64_t TILED_MIN_ROWS = 16;
+constexpr int64_t TILE_N = 32;
+constexpr int TILE_M = 12;
+
+// dst[j][i] = src[i][j] for a 16 x 16 block of floats (rows `ss` and `ds` floats apart).
+inline void transpose16(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ds, r[i]);
+}
+
+// y[r, 0..TILE_N) for MR rows of x (xt: [K][MR]) and a tile of weights (wt: [K][TILE_N]); `valid`: which of the
+// TILE_N columns y has (two masks of 16).
+template <int MR>
+void tile_product(const float* xt, const float* wt, float* y, int64_t K, int64_t N, const __mmask16 valid[2]) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w0 = _mm512_load_ps(wt + k * TILE_N), w1 = _mm512_load_ps(wt + k * TILE_N + 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xv = _mm512_set1_ps(xt[k * MR + r]);
+      acc[r][0] = _mm512_fmadd_ps(w0, xv, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(w1, xv, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(y + r * N, valid[0], acc[r][0]);
+    _mm512_mask_storeu_ps(y + r * N + 16, valid[1], acc[r][1]);
+  }
+}
+
+// tile_product<rows> for 1 <= rows <= MR.
+template <int MR>
+inline void tile_product_rows(int64_t rows, const float* xt, const float* wt, float* y, int64_t K, int64_t N,
+                              const __mmask16 valid[2]) {
+  if constexpr (MR > 1)
+    if (rows < MR) return tile_product_rows<MR - 1>(rows, xt, wt, y, K, N, valid);
+  tile_product<MR>(xt, wt, y, K, N, valid);
+}
+
+template <QType T, Layout L>
+void tiled_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
+  constexpr bool five_bits = L == Layout::HighBitRows;
+  const int64_t nb = K / QK;
+  CacheLineVector<float> xt(M * K);  // piece by piece of TILE_M rows, each [K][its rows]
+  for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
+    const int64_t rows = std::min<int64_t>(TILE_M, M - m0);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t r = 0; r < rows; ++r) xt[m0 * K + k * rows + r] = x[(m0 + r) * K + k];
+  }
+  at::parallel_for(0, (N + TILE_N - 1) / TILE_N, 1, [&](int64_t t0, int64_t t1) {
+    CacheLineVector<float> expanded(TILE_N * K), wt(K * TILE_N);  // row-major, then k-major
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * TILE_N, count = std::min(TILE_N, N - n0);
+      for (int64_t i = 0; i < TILE_N; ++i) {
+        float* row = expanded.data() + i * K;
+        if (i >= count) {
+          std::fill(row, row + K, 0.0f);
+          continue;
+        }
+        for (int64_t b = 0; b < nb; ++b) {
+          float d = 0.0f, min = 0.0f;
+          if constexpr (is_q4(T) || five_bits) {
+            d = scale_at<T, L>(w, (n0 + i) * nb + b);
+            min = min_at<T, L>(w, (n0 + i) * nb + b, d);
+          }
+          __m512 w0, w1;
+          block_values<T, L>(w, n0 + i, b, K, d, min, w0, w1);
+          _mm512_storeu_ps(row + 32 * b, w0);
+          _mm512_storeu_ps(row + 32 * b + 16, w1);
+        }
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += 16)
+        for (int64_t h = 0; h < TILE_N; h += 16)
+          transpose16(expanded.data() + h * K + k0, K, wt.data() + k0 * TILE_N + h, TILE_N);
+      const auto mask = [](int64_t c) { return static_cast<__mmask16>(c >= 16 ? 0xFFFF : (1u << c) - 1); };
+      const __mmask16 valid[2] = {mask(count), mask(std::max<int64_t>(0, count - 16))};
+      for (int64_t m0 = 0; m0 < M; m0 += TILE_M)
+        tile_product_rows<TILE_M>(std::min<int64_t>(TILE_M, M - m0), xt.data() + m0 * K, wt.data(),
+                                  y + m0 * N + n0, K, N, valid);
+    }
+  });
+}
+
+// y [M, N] = x @ dequantize(W)^T: below TILED_MIN_ROWS, over tiles of 16 weight rows, in pieces of up to 8 activation
+// rows (16 accumulators) while the piece's rows of x fit in L1 beside the weights (24 KiB), else of up to 4: for the
+// down projection (K = 1536) pieces of 8 read x from L2 for every weight row and measured 1.3x slower than pieces of 4.
 template <QType T, Layout L = Layout::Rows>
 void linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
+  if (M >= TILED_MIN_ROWS) return tiled_linear_impl<T, L>(x, w, y, M, K, N);
   auto piece = [&](auto mm, int64_t m0, int64_t n0, int64_t n1) {
     block_rows<T, decltype(mm)::value, L>(x + m0 * K, w, y + m0 * N, K, N, n0, n1);
   };
