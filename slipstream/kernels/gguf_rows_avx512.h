@@ -150,6 +150,19 @@ template <QType T, Layout L>
   }
 }
 
+// The same, a Q4 or 5-bit block's scale and min read here.
+template <QType T, Layout L>
+[[gnu::always_inline]] inline void block_values(const Weights& w, int64_t n, int64_t b, int64_t K, __m512& w0,
+                                                __m512& w1) {
+  float d = 0.0f, min = 0.0f;
+  if constexpr (is_q4(T) || L == Layout::HighBitRows) {
+    const int64_t at = n * (K / QK) + b;
+    d = scale_at<T, L>(w, at);
+    min = min_at<T, L>(w, at, d);
+  }
+  block_values<T, L>(w, n, b, K, d, min, w0, w1);
+}
+
 // y[m, n] for weight rows [n0, n1) and MM activation rows: each 32 weights (two vectors) are dequantized once and
 // meet the MM rows of x in two accumulator chains per row. Layout L: Rows, or a 5-bit type's HighBitRows.
 template <QType T, int MM, Layout L = Layout::Rows>
@@ -254,7 +267,6 @@ inline void tile_product_rows(int64_t rows, const float* xt, const float* wt, fl
 
 template <QType T, Layout L>
 void tiled_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K, int64_t N) {
-  constexpr bool five_bits = L == Layout::HighBitRows;
   const int64_t nb = K / QK;
   CacheLineVector<float> xt(M * K);  // piece by piece of TILE_M rows, each [K][its rows]
   for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
@@ -273,13 +285,8 @@ void tiled_linear_impl(const float* x, Weights w, float* y, int64_t M, int64_t K
           continue;
         }
         for (int64_t b = 0; b < nb; ++b) {
-          float d = 0.0f, min = 0.0f;
-          if constexpr (is_q4(T) || five_bits) {
-            d = scale_at<T, L>(w, (n0 + i) * nb + b);
-            min = min_at<T, L>(w, (n0 + i) * nb + b, d);
-          }
           __m512 w0, w1;
-          block_values<T, L>(w, n0 + i, b, K, d, min, w0, w1);
+          block_values<T, L>(w, n0 + i, b, K, w0, w1);
           _mm512_storeu_ps(row + 32 * b, w0);
           _mm512_storeu_ps(row + 32 * b + 16, w1);
         }
