@@ -1,11 +1,11 @@
-"""`--dtype bfloat16` / `float16` on a CPU with the compiled kernels: the checkpoint's weights are rounded to that
-type at load and kept in it (BF16 / F16 rows, half float32's bytes), activations stay float32 through the kernels
-and the KV cache is float16; on a CPU with native bf16 dot products (AVX512-BF16, AMX) a prompt's rows beyond the
-kernels' go through oneDNN's bf16 GEMM, activations rounded to bf16 too (with AMX, a batch's through the BF16
-tiles). This rounds what a bf16 model rounds in its weights, and not all of what it rounds in its activations, so
-it has its own fidelity bound against transformers computing in bfloat16 on the same checkpoint, teacher-forced
-over transformers' own greedy continuations (scoring.py). Without the kernels (another CPU, CUDA), it is the plain
-PyTorch model in that dtype, held to the same bound."""
+"""`--dtype bfloat16` / `float16` on a CPU with the compiled kernels: the checkpoint's weights are rounded to that type
+at load and kept in it (BF16 / F16 rows, half float32's bytes), activations stay float32 through the kernels and the
+KV cache is float16; on a CPU whose bf16 dot products outrun float32's (AMX; AVX512-BF16 where the probe says so) a
+prompt's rows beyond the kernels' go through oneDNN's bf16 GEMM, activations rounded to bf16 too (with AMX, a batch's
+through the BF16 tiles). This rounds what a bf16 model rounds in its weights, and not all of what it rounds in its
+activations, so it has its own fidelity bound against transformers computing in bfloat16 on the same checkpoint,
+teacher-forced over transformers' own greedy continuations (scoring.py). Without the kernels (another CPU, CUDA), it
+is the plain PyTorch model in that dtype, held to the same bound."""
 
 from __future__ import annotations
 

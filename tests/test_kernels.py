@@ -110,6 +110,17 @@ def test_the_tile_types_are_served_at_any_row_count(ops):
     assert table.tile_types == (tiled if table.variant.name == "amx" else frozenset())
 
 
+def test_the_bf16_dot_probe_measures_where_the_cpu_has_the_instruction(ops):
+    """cpu_probe.cpp (which dispatch.native_bf16_gemm asks once whether oneDNN's bf16 GEMM may serve --dtype bfloat16):
+    a ratio of products a second wherever the CPU has AVX512-BF16 and the build is an AVX-512 one, else 0."""
+    gain = ops.bf16_dot_gain()
+    print(f"bf16 dot products a second over float32 FMAs': {gain:.2f}")
+    if "avx512_bf16" in dispatch.cpu_flags() and "avx512f" in kernel_table(ops).variant.features:
+        assert 0.1 < gain < 10
+    else:
+        assert gain == 0
+
+
 @pytest.mark.parametrize("qtype", [30, 2, 3, 6, 8, 12, 14])
 @pytest.mark.parametrize("rows", [1, 8, 9, 17, 300])
 def test_rounded_matmuls_are_x_rounded_to_bf16_times_the_weights(ops, qtype, rows):

@@ -16,6 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         nogil);
   m.def("takes_high_bit_rows", &takes_high_bit_rows, "whether gguf_linear takes Q5_0 / Q5_1 / Q5_K at 5 bits a weight");
   m.def("tile_types", &tile_types, "GGML types gguf_linear multiplies on AMX tiles at any row count");
+  m.def("bf16_dot_gain", &bf16_dot_gain, "bf16 dot products a second over float32 FMAs' on this core (0: none)");
   m.def("gguf_linear_q8", &gguf_linear_q8, "gguf_linear with x rounded to int8 blocks (Q8 activations)", nogil);
   m.def("q4_group_rows", &q4_group_rows, "rows per group of the interleaved Q4 layout this build does best (8, 16)");
   m.def("q8_group_rows", &q8_group_rows, "rows per group of the interleaved Q8_0 layout this build takes");

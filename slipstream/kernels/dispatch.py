@@ -57,14 +57,17 @@ HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # their torch dtypes; bflo
 # (AMD EPYC, 2 cores, AVX2 and AVX-512 alike: the kernel is faster than even a resident float32 GEMM up to ~128
 # rows, the conversion costs ~1 ns a weight).
 HALF_KERNEL_MAX_ROWS = 128
-# --dtype bfloat16 (weights rounded to bf16, `KernelTable.rounded_half_linear`): where the CPU multiplies bf16
-# natively, oneDNN's bf16 GEMM on weights packed for it at load (x rounded to bf16 too, as a bf16 model computes)
-# overtakes the half kernel from ROUNDED_GEMM_MIN_ROWS rows for a weight of ROUNDED_GEMM_MIN_WEIGHTS values or
-# more, from ROUNDED_GEMM_MIN_ROWS_SMALL for any. AMD EPYC Zen 4, 2 cores, packed GEMM (with the casts) / half
-# kernel at 8 / 100 rows: gate_up (3072x576) 1.61x / 2.65x, down (576x1536) 1.12x / 2.59x, q/k/v (960x576)
-# 1.08x / 2.24x, the 49152x576 LM head 1.61x / 2.42x; o (576x576) 0.63x at 8, 2.0x at 100; 0.3-0.9x at 1-2 rows.
+# --dtype bfloat16 (weights rounded to bf16, `KernelTable.rounded_half_linear`): where the CPU multiplies bf16 faster
+# than float32 (native_bf16_gemm), oneDNN's bf16 GEMM on weights packed for it at load (x rounded to bf16 too, as a bf16
+# model computes) overtakes the half kernel from ROUNDED_GEMM_MIN_ROWS rows for a weight of ROUNDED_GEMM_MIN_WEIGHTS
+# values or more, from ROUNDED_GEMM_MIN_ROWS_SMALL for any. AMD EPYC Zen 4, 2 cores, packed GEMM (with the casts) / half
+# kernel at 8 / 100 rows: gate_up (3072x576) 1.61x / 2.65x, down (576x1536) 1.12x / 2.59x, q/k/v (960x576) 1.08x /
+# 2.24x, the 49152x576 LM head 1.61x / 2.42x; o (576x576) 0.63x at 8, 2.0x at 100; 0.3-0.9x at 1-2 rows.
 # (Unpacked, through F.linear, the GEMM was 1.2-2.4x slower.)
 ROUNDED_GEMM_MIN_ROWS = 8
+# ... where the bf16 dot product does at least this many times float32 FMAs' products a second (native_bf16_gemm);
+# elsewhere the mode's x stays float32 and the float32 kernels take its BF16 rows at any row count.
+BF16_DOT_MIN_GAIN = 1.2
 ROUNDED_GEMM_MIN_ROWS_SMALL = 32
 ROUNDED_GEMM_MIN_WEIGHTS = 512 * 1024
 # Where the build multiplies on AMX tiles, it does so for the rounded mode too, x rounded to bf16 (one tile product a
@@ -260,9 +263,9 @@ class KernelTable:
 
     def rounded_half_linear(self, layer: nn.Module, rows: int) -> Callable | None:
         """For `--dtype bfloat16` (weights rounded to it, kept as BF16 rows, and packed for oneDNN where the CPU
-        multiplies bf16 natively: `layer.bf16_packed`, `pack_rounded_bf16`), a matmul of as many rows as oneDNN's bf16
-        GEMM does faster than the half kernel (ROUNDED_GEMM_MIN_ROWS): x rounded to bf16 too, as a bf16 model
-        computes. The call takes (packed, x, bias). None elsewhere (exact mode included)."""
+        multiplies bf16 faster than float32: `layer.bf16_packed`, `pack_rounded_bf16`), a matmul of as many rows as
+        oneDNN's bf16 GEMM does faster than the half kernel (ROUNDED_GEMM_MIN_ROWS): x rounded to bf16 too, as a bf16
+        model computes. The call takes (packed, x, bias). None elsewhere (exact mode included)."""
         return packed_bf16_linear if self._rounded_gemm_serves(layer, rows) else None
 
     def _rounded_gemm_serves(self, layer: nn.Module, rows: int) -> bool:
@@ -333,6 +336,8 @@ class KernelTable:
         off = f"; disabled after their self-check: {', '.join(sorted(self.disabled))}" if self.disabled else ""
         gemm = "oneDNN" if self.uses_onednn_gemm() else "MKL"
         bf16 = ", --dtype bfloat16 from 8 rows: oneDNN bf16 GEMM on packed weights" if native_bf16_gemm() else ""
+        if not bf16 and bf16_dot_gain():
+            bf16 = f", --dtype bfloat16 on the float32 kernels (bf16 dot products {bf16_dot_gain():.2f}x FMAs' here)"
         if bf16 and self.tile_types:
             bf16 += f" (up to {ROUNDED_TILES_MAX_ROWS} rows, and GGUF blocks at any: x rounded on AMX tiles from 9)"
         tiles = "/".join({**GGUF_KERNEL_TYPES, **HALF_TYPES}[t] for t in sorted(self.tile_types))
@@ -349,13 +354,25 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 @functools.cache
 def native_bf16_gemm() -> bool:
-    """Whether this CPU multiplies bf16 natively (oneDNN's bf16 GEMM then beats its float32 one)."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
+    """Whether this CPU multiplies bf16 faster than float32, so that oneDNN's bf16 GEMM beats the float32 kernels:
+    with AMX, or with AVX512-BF16 whose dot product does more products a second than float32 FMAs (the build's probe,
+    cpu_probe.cpp: AMD Zen 4 yes; an Intel Xeon without AMX half as many)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return "amx_bf16" in cpu_flags() or bf16_dot_gain() >= BF16_DOT_MIN_GAIN
+
+
+@functools.cache
+def bf16_dot_gain() -> float:
+    """Products a second of this core's bf16 dot product over float32 FMAs' (measured once; 0: it has none)."""
+    ops = kernels().ops
+    return ops.bf16_dot_gain() if "avx512_bf16" in cpu_flags() and ops is not None else 0.0
 
 
 def pack_rounded_bf16(rows: torch.Tensor) -> torch.Tensor | None:
     """BF16 rows (uint8 [N, 2K]) of a `--dtype bfloat16` matmul packed for oneDNN's bf16 GEMM (`packed_bf16_linear`)
-    where the CPU multiplies bf16 natively; None elsewhere. A second copy of the weight, in oneDNN's layout."""
+    where the CPU multiplies bf16 faster than float32 (native_bf16_gemm); None elsewhere. A second copy of the
+    weight, in oneDNN's layout."""
     if not native_bf16_gemm():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(rows.view(torch.bfloat16), 32)  # (a batch hint; any serves)
