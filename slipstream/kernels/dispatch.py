@@ -53,10 +53,6 @@ FIVE_BIT_TYPES = frozenset({6, 7, 13})
 HALF_TYPES = {1: "F16", 30: "BF16"}
 HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # their torch dtypes; bfloat16 first: any float32's range
 
-# F16 / BF16 rows: beyond this many rows, converting the weight to float32 for the dense GEMM (`dense_linear`) pays
-# (AMD EPYC, 2 cores, AVX2 and AVX-512 alike: the kernel is faster than even a resident float32 GEMM up to ~128
-# rows, the conversion costs ~1 ns a weight).
-HALF_KERNEL_MAX_ROWS = 128
 # --dtype bfloat16 (weights rounded to bf16, `KernelTable.rounded_half_linear`): where the CPU multiplies bf16 faster
 # than float32 (native_bf16_gemm), oneDNN's bf16 GEMM on weights packed for it at load (x rounded to bf16 too, as a bf16
 # model computes) overtakes the half kernel from ROUNDED_GEMM_MIN_ROWS rows for a weight of ROUNDED_GEMM_MIN_WEIGHTS
@@ -103,6 +99,12 @@ class CpuVariant:
     # than dequantize + oneDNN's GEMM at 64-256 rows (the Q8_0 LM head 1.5-2.7x), 0.92-1.08x at 512. The int8
     # kernel (w4a8) serves every row count.
     block_kernel_max_rows: int = 256
+    # F16 / BF16 rows: beyond this many rows, converting the weight to float32 for the dense GEMM (`dense_linear`)
+    # pays (AMD EPYC, 2 cores: the AVX2 kernel is faster than even a resident float32 GEMM up to ~128 rows, the
+    # conversion costs ~1 ns a weight). The AVX-512 tiles take them to 256 (an Intel Xeon without AMX, 2 cores, BF16
+    # rows of the embedded model's shapes against conversion + oneDNN: 1.14-1.65x at 192 rows, 1.05-1.26x at 256,
+    # 0.97-1.46x at 384).
+    half_kernel_max_rows: int = 128
     # Whether a dense float32 matmul (a prompt's rows, dense checkpoints) takes oneDNN's GEMM rather than F.linear's
     # MKL. Measured on 2 cores of AMD EPYC Zen 4, where MKL runs its AVX2 code and oneDNN its AVX-512 code: oneDNN
     # 1.1-1.5x at 8-1024 rows for the embedded model's shapes; with both held to AVX2, mixed (0.85-1.4x): MKL stays.
@@ -119,7 +121,7 @@ VARIANTS = (  # best first; AVX2 sources shared, the VNNI builds take vpdpbusd f
     CpuVariant("amx", frozenset({*_AVX512, "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}),
                (*_AVX512_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8"), block_kernel_max_rows=64,
                onednn_gemm=True),
-    CpuVariant("avx512_vnni", frozenset(_AVX512), _AVX512_FLAGS, onednn_gemm=True),
+    CpuVariant("avx512_vnni", frozenset(_AVX512), _AVX512_FLAGS, half_kernel_max_rows=256, onednn_gemm=True),
     CpuVariant("avx_vnni", frozenset({*_AVX2, "avx_vnni"}), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
     CpuVariant("avx2", frozenset(_AVX2), ("-mavx2", "-mfma", "-mf16c")),
 )
@@ -248,7 +250,8 @@ class KernelTable:
         qtypes = [qtype for _, qtype in layer.gguf_parts]
         if all(qtype in self.tile_types for qtype in qtypes):
             return kernel  # (matrix tiles: faster than expanding the blocks for a GEMM at any rows)
-        limit = HALF_KERNEL_MAX_ROWS if any(q in HALF_TYPES for q in qtypes) else self.variant.block_kernel_max_rows
+        variant = self.variant
+        limit = variant.half_kernel_max_rows if any(q in HALF_TYPES for q in qtypes) else variant.block_kernel_max_rows
         return kernel if rows <= limit else None
 
     def uses_onednn_gemm(self) -> bool:
