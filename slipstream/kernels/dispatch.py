@@ -61,11 +61,11 @@ HALF_DTYPES = {30: torch.bfloat16, 1: torch.float16}  # their torch dtypes; bflo
 # 2.24x, the 49152x576 LM head 1.61x / 2.42x; o (576x576) 0.63x at 8, 2.0x at 100; 0.3-0.9x at 1-2 rows.
 # (Unpacked, through F.linear, the GEMM was 1.2-2.4x slower.)
 ROUNDED_GEMM_MIN_ROWS = 8
-# ... where the bf16 dot product does at least this many times float32 FMAs' products a second (native_bf16_gemm);
-# elsewhere the mode's x stays float32 and the float32 kernels take its BF16 rows at any row count.
-BF16_DOT_MIN_GAIN = 1.2
 ROUNDED_GEMM_MIN_ROWS_SMALL = 32
 ROUNDED_GEMM_MIN_WEIGHTS = 512 * 1024
+# The CPU multiplies bf16 faster than float32 where its bf16 dot product does at least this many times float32 FMAs'
+# products a second (native_bf16_gemm); elsewhere the mode's x stays float32 on the float32 kernels at any row count.
+BF16_DOT_MIN_GAIN = 1.2
 # Where the build multiplies on AMX tiles, it does so for the rounded mode too, x rounded to bf16 (one tile product a
 # block where exact mode has three: `gguf_linear_rounded`, from 9 rows; fewer take the exact row kernel): GGUF blocks
 # at any rows, BF16 rows (packed for oneDNN too) up to ROUNDED_TILES_MAX_ROWS, faster than oneDNN's packed GEMM there
@@ -369,7 +369,7 @@ def native_bf16_gemm() -> bool:
 def bf16_dot_gain() -> float:
     """Products a second of this core's bf16 dot product over float32 FMAs' (measured once; 0: it has none)."""
     ops = kernels().ops
-    return ops.bf16_dot_gain() if "avx512_bf16" in cpu_flags() and ops is not None else 0.0
+    return ops.bf16_dot_gain() if ops is not None else 0.0
 
 
 def pack_rounded_bf16(rows: torch.Tensor) -> torch.Tensor | None:

@@ -17,9 +17,9 @@ slipstream::BlockLinear gguf_linear_q8_kernel(const at::Tensor& qs, const at::Te
                                               int64_t qtype, int64_t K);
 // GGML types this build's gguf_linear multiplies on matrix tiles (AMX), at any row count; empty where it has none.
 std::vector<int64_t> tile_types();
-bool takes_high_bit_rows();
+bool takes_high_bit_rows();  // whether this build's gguf_linear takes the 5-bit types in HighBitRows (gguf_blocks.h)
 // Products a second of this core's bf16 dot product (vdpbf16ps) over float32 FMAs'; 0 where it has none to measure.
-double bf16_dot_gain();  // whether this build's gguf_linear takes the 5-bit types in HighBitRows (gguf_blocks.h)
+double bf16_dot_gain();
 at::Tensor gguf_dequantize(at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);
 at::Tensor gguf_linear_q8(at::Tensor x, at::Tensor qs, at::Tensor scales, at::Tensor mins, int64_t qtype);
 int64_t q4_group_rows();  // rows per group of the interleaved Q4 layout this build's gguf_linear_q8 does best
